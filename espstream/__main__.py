@@ -1,0 +1,3 @@
+from espstream.cli import main
+
+main()

@@ -1,0 +1,141 @@
+"""The `espstream` command line: one thin command per stage; option parsing and IO only.
+
+Every stage reads INPUT (default '-', stdin) and writes -o OUTPUT (default '-', stdout), so
+stages pipe into each other. User errors print one line `espstream: error: ...` and exit 2;
+failed numerical checks exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from espstream import __version__, log
+from espstream.errors import EspstreamError, UserError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def example(text: str) -> str:
+    """Help epilog with an example, kept verbatim by click."""
+    return "\b\nExample:\n" + "\n".join("  " + line for line in text.strip().splitlines())
+
+
+def stage(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options every stage shares: -o, --json, -q, --debug."""
+
+    @click.option("-o", "--output", default="-", show_default=True, help="Output file, '-' for stdout.")
+    @click.option("--json", "json_path", metavar="PATH", help="Also write a JSON report to PATH.")
+    @click.option("-q", "--quiet", is_flag=True, help="Silence stderr except errors.")
+    @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+    @functools.wraps(f)
+    def wrapper(*args: Any, quiet: bool, debug: bool, **kwargs: Any) -> Any:
+        log.set_quiet(quiet)
+        return f(*args, **kwargs)
+
+    return wrapper
+
+
+def parse_input_shapes(specs: tuple[str, ...]) -> dict[str, list[int]]:
+    """`NAME:D0,D1,...` -> {NAME: [D0, D1, ...]}."""
+    shapes: dict[str, list[int]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
+        try:
+            values = [int(d) for d in dims.split(",")]
+        except ValueError:
+            values = []
+        if not sep or not name or not values or any(v <= 0 for v in values):
+            raise UserError(
+                f"--input-shape {spec!r}: expected NAME:D0,D1,... with positive integers, "
+                "e.g. x:1,16,24"
+            )
+        shapes[name] = values
+    return shapes
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="espstream")
+def cli() -> None:
+    """Streaming int8 conversion of temporal ONNX models for ESP-DL.
+
+    \b
+    espstream optimize m.onnx | espstream calibrate - -d calib.npy \\
+      | espstream streamify - --chunk 3 | espstream export - -o m.espdl
+    """
+
+
+@cli.command(
+    context_settings=CONTEXT,
+    epilog=example(
+        "espstream optimize model.onnx -o model.opt.onnx\n"
+        "espstream optimize model.onnx --input-shape x:1,16,24 --skip fold_scale > opt.onnx"
+    ),
+)
+@click.argument("input", default="-")
+@stage
+@click.option("--input-shape", multiple=True, metavar="NAME:D0,D1,...", help="Fix an input's shape (repeatable).")
+@click.option("--skip", multiple=True, metavar="PASS", help="Skip a pass (repeatable); see --list-passes.")
+@click.option("--list-passes", is_flag=True, help="List the passes and exit.")
+@click.option("--no-check", is_flag=True, help="Skip the onnxruntime equivalence check.")
+def optimize(
+    input: str,
+    output: str,
+    json_path: str | None,
+    input_shape: tuple[str, ...],
+    skip: tuple[str, ...],
+    list_passes: bool,
+    no_check: bool,
+) -> None:
+    """Fold constants, BatchNorm and padding; clean the graph; check it is unchanged."""
+    from espstream import modelio, report
+    from espstream.optimize import PASSES, optimize_model, print_summary
+
+    if list_passes:
+        for p in PASSES:
+            click.echo(f"{p.name:<22} {p.summary}")
+        return
+    modelio.check_output_path(output, input)
+    model = modelio.load_model(input)
+    result = optimize_model(
+        model, input_shapes=parse_input_shapes(input_shape), skip=list(skip), check=not no_check
+    )
+    print_summary(result)
+    modelio.save_model(result.model, output)
+    report.write_json(json_path, result.to_json())
+    result.raise_if_check_failed()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        code = cli.main(args=args, prog_name="espstream", standalone_mode=False)
+    except click.exceptions.Abort:
+        print("espstream: error: aborted", file=sys.stderr)
+        sys.exit(130)
+    except click.ClickException as e:
+        print(f"espstream: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except EspstreamError as e:
+        if debug:
+            raise
+        kind = "check failed" if e.exit_code == 1 else "error"
+        print(f"espstream: {kind}: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except BrokenPipeError:
+        sys.exit(1)
+    except Exception as e:  # a bug of ours: one line, the traceback behind --debug
+        if debug:
+            raise
+        print(
+            f"espstream: error: internal error ({type(e).__name__}: {e}); rerun with --debug "
+            "and report it",
+            file=sys.stderr,
+        )
+        sys.exit(3)
+    sys.exit(code if isinstance(code, int) else 0)

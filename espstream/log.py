@@ -1,0 +1,31 @@
+"""Human-facing messages on stderr, silenced by `-q`; errors are printed by the CLI itself."""
+
+from __future__ import annotations
+
+import sys
+
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+def is_quiet() -> bool:
+    return _quiet
+
+
+def info(msg: str = "") -> None:
+    if not _quiet:
+        print(msg, file=sys.stderr)
+
+
+def warn(msg: str) -> None:
+    if not _quiet:
+        print(f"espstream: warning: {msg}", file=sys.stderr)
+
+
+def progress_enabled() -> bool:
+    """Progress bars only for a person watching: not with -q, not into a file or pipe."""
+    return not _quiet and sys.stderr.isatty()

@@ -1,0 +1,175 @@
+"""Reading and writing models from a path or '-', with every check a user's file deserves.
+
+Writes are atomic (a temporary file in the target folder, then a rename), so an error never
+leaves a partial output behind, and an output that would overwrite the input is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from espstream.errors import UserError
+
+MIN_OPSET = 11
+STDIO = "-"
+
+
+def _label(path: str) -> str:
+    return "<stdin>" if path == STDIO else str(path)
+
+
+def read_bytes(path: str, what: str = "input") -> bytes:
+    """Read a whole file, or stdin for '-'."""
+    if path == STDIO:
+        if sys.stdin.isatty():
+            raise UserError(f"no {what} given: pass a file or pipe one into stdin")
+        data = sys.stdin.buffer.read()
+    else:
+        p = Path(path)
+        if not p.exists():
+            raise UserError(f"{path}: no such file")
+        if p.is_dir():
+            raise UserError(f"{path}: is a folder, expected a file")
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    if not data:
+        raise UserError(f"{_label(path)}: the file is empty")
+    return data
+
+
+def _opset(model: onnx.ModelProto) -> int | None:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return None
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL
+        for t in onnx.external_data_helper._get_all_tensors(model)
+    )
+
+
+def parse_model(data: bytes, label: str, base_dir: str | None = None) -> onnx.ModelProto:
+    """Parse and validate ONNX bytes; every failure is a `UserError` naming `label`."""
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError):
+        raise UserError(
+            f"{label}: not an ONNX model (the protobuf does not parse; truncated or another format?)"
+        ) from None
+    if not model.HasField("graph") or model.ir_version == 0:
+        raise UserError(f"{label}: not an ONNX model (no graph or no IR version)")
+    if _has_external_data(model):
+        if base_dir is None:
+            raise UserError(
+                f"{label}: the model keeps its weights in external data files; "
+                "pass the .onnx path instead of stdin so they can be found beside it"
+            )
+        try:
+            onnx.load_external_data_for_model(model, base_dir)
+        except (OSError, FileNotFoundError) as e:
+            raise UserError(
+                f"{label}: external data file missing or unreadable: {e}; "
+                "keep the data files next to the .onnx file"
+            ) from None
+    opset = _opset(model)
+    if opset is None:
+        raise UserError(f"{label}: the model imports no default ONNX opset")
+    if opset < MIN_OPSET:
+        raise UserError(
+            f"{label}: opset {opset} is older than {MIN_OPSET}; re-export the model with "
+            f"opset >= {MIN_OPSET} (or upgrade it with onnx.version_converter)"
+        )
+    if len(model.graph.node) == 0:
+        raise UserError(f"{label}: the graph is empty (no nodes)")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
+        raise UserError(f"{label}: fails onnx.checker: {first}") from None
+    return model
+
+
+def load_model(path: str) -> onnx.ModelProto:
+    """Load and validate an ONNX model from a path or '-' (stdin)."""
+    data = read_bytes(path, "ONNX model")
+    base = None if path == STDIO else str(Path(path).resolve().parent)
+    return parse_model(data, _label(path), base)
+
+
+def check_output_path(path: str, *inputs: str) -> None:
+    """Refuse an output that would overwrite an input, or land in a missing folder."""
+    if path == STDIO:
+        return
+    out = Path(path)
+    for inp in inputs:
+        if inp and inp != STDIO and Path(inp).exists() and out.exists():
+            if os.path.samefile(inp, out):
+                raise UserError(
+                    f"{path}: the output would overwrite the input; choose another -o path"
+                )
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UserError(f"{path}: the folder {parent} does not exist")
+    if out.is_dir():
+        raise UserError(f"{path}: is a folder; give a file name")
+
+
+def write_bytes(data: bytes, path: str, binary: bool = True) -> None:
+    """Write atomically to `path`, or to stdout for '-' (binary refused on a terminal)."""
+    if path == STDIO:
+        if binary and sys.stdout.isatty():
+            raise UserError(
+                "refusing to write a binary model to the terminal; use -o FILE or pipe the output"
+            )
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    check_output_path(path)
+    target = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write there ({e.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    except OSError as e:
+        _unlink_quietly(tmp)
+        raise UserError(f"{path}: cannot write ({e.strerror})") from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def serialize_model(model: onnx.ModelProto) -> bytes:
+    """Check a model with onnx.checker and return its bytes; a failure here is our bug."""
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def save_model(model: onnx.ModelProto, path: str) -> None:
+    """Check and atomically write an ONNX model to a path or '-'."""
+    write_bytes(serialize_model(model), path)
