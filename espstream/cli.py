@@ -28,7 +28,9 @@ def example(text: str) -> str:
 def stage(f: Callable[..., Any]) -> Callable[..., Any]:
     """Options every stage shares: -o, --json, -q, --debug."""
 
-    @click.option("-o", "--output", default="-", show_default=True, help="Output file, '-' for stdout.")
+    @click.option(
+        "-o", "--output", default="-", show_default=True, help="Output file, '-' for stdout."
+    )
     @click.option("--json", "json_path", metavar="PATH", help="Also write a JSON report to PATH.")
     @click.option("-q", "--quiet", is_flag=True, help="Silence stderr except errors.")
     @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
@@ -78,8 +80,12 @@ def cli() -> None:
 )
 @click.argument("input", default="-")
 @stage
-@click.option("--input-shape", multiple=True, metavar="NAME:D0,D1,...", help="Fix an input's shape (repeatable).")
-@click.option("--skip", multiple=True, metavar="PASS", help="Skip a pass (repeatable); see --list-passes.")
+@click.option(
+    "--input-shape", multiple=True, metavar="NAME:D0,D1,...", help="Fix an input's shape (repeatable)."
+)
+@click.option(
+    "--skip", multiple=True, metavar="PASS", help="Skip a pass (repeatable); see --list-passes."
+)
 @click.option("--list-passes", is_flag=True, help="List the passes and exit.")
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime equivalence check.")
 def optimize(

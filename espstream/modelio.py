@@ -66,7 +66,8 @@ def parse_model(data: bytes, label: str, base_dir: str | None = None) -> onnx.Mo
         model.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError):
         raise UserError(
-            f"{label}: not an ONNX model (the protobuf does not parse; truncated or another format?)"
+            f"{label}: not an ONNX model "
+            "(the protobuf does not parse: truncated or another format?)"
         ) from None
     if not model.HasField("graph") or model.ir_version == 0:
         raise UserError(f"{label}: not an ONNX model (no graph or no IR version)")

@@ -1,0 +1,97 @@
+"""Run two models in onnxruntime on the same random inputs and compare their outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from espstream import log
+from espstream.errors import UserError
+from espstream.graph import input_shapes, np_dtype
+
+RTOL = 1e-4
+ATOL = 1e-5
+DEFAULT_DIM = 32
+
+
+@dataclass
+class Comparison:
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    passed: bool = True
+    per_output: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "rtol": RTOL,
+            "atol": ATOL,
+            "passed": self.passed,
+            "outputs": self.per_output,
+        }
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """A plain CPU session that runs the graph as written (no onnxruntime rewrites)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(
+        model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
+    )
+
+
+def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    """Standard-normal inputs for float inputs, zeros for the rest; unknown dims get a default."""
+    rng = np.random.default_rng(seed)
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.input}
+    feeds = {}
+    for name, dims in input_shapes(model).items():
+        shape = [d if isinstance(d, int) and d > 0 else (1 if i == 0 else DEFAULT_DIM)
+                 for i, d in enumerate(dims)]
+        if shape != dims:
+            log.warn(f"input {name!r} has unknown dimensions {dims}; checking with {shape}")
+        dtype = np_dtype(elem[name])
+        if np.issubdtype(dtype, np.floating):
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[name] = np.zeros(shape, dtype=dtype)
+    return feeds
+
+
+def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 0) -> Comparison:
+    """Outputs of `candidate` against `reference`, matched by name, on one random input."""
+    feeds = random_inputs(reference, seed)
+    try:
+        ref_sess = session(reference)
+    except Exception as e:
+        raise UserError(
+            f"the input model does not run in onnxruntime ({str(e).splitlines()[0]}); "
+            "pass --no-check to skip the equivalence check"
+        ) from None
+    cand_sess = session(candidate)  # failing here is our bug: let it surface
+    names = [o.name for o in ref_sess.get_outputs()]
+    ref_out = dict(zip(names, ref_sess.run(names, feeds), strict=True))
+    cand_feeds = {i.name: feeds[i.name] for i in cand_sess.get_inputs()}
+    cand_names = [o.name for o in cand_sess.get_outputs()]
+    cand_out = dict(zip(cand_names, cand_sess.run(cand_names, cand_feeds), strict=True))
+    result = Comparison()
+    for name in names:
+        a = np.asarray(ref_out[name], dtype=np.float64)
+        b = np.asarray(cand_out[name], dtype=np.float64)
+        if a.shape != b.shape:
+            raise RuntimeError(f"output {name!r} changed shape: {a.shape} -> {b.shape}")
+        diff = np.abs(a - b)
+        max_abs = float(diff.max()) if diff.size else 0.0
+        max_rel = float((diff / np.maximum(np.abs(a), 1e-12)).max()) if diff.size else 0.0
+        ok = bool(np.all(diff <= ATOL + RTOL * np.abs(a)))
+        result.per_output[name] = {"max_abs": max_abs, "max_rel": max_rel, "passed": ok}
+        result.max_abs = max(result.max_abs, max_abs)
+        result.max_rel = max(result.max_rel, max_rel)
+        result.passed &= ok
+    return result

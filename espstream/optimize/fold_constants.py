@@ -1,0 +1,34 @@
+"""Constant folding through onnx-graphsurgeon (which evaluates subgraphs with onnxruntime)."""
+
+from __future__ import annotations
+
+import onnx_graphsurgeon as gs
+
+from espstream import log
+
+
+def fold_constants(graph: gs.Graph) -> bool:
+    """Fold every subgraph whose inputs are constants into a constant.
+
+    Rules:
+    1. Nodes whose inputs are all constants (initializers, Constant nodes, or shapes known
+       statically) are evaluated once and replaced by their values; this turns the
+       Shape / ConstantOfShape / Concat / Reshape / Slice / Transpose / Cast chains that
+       PyTorch emits for `F.pad` into a constant `pads` input.
+    2. Nodes left without consumers are removed.
+    3. Evaluation errors leave the graph as it was (folding is an optimisation, never a
+       reason to fail).
+    """
+    before = _signature(graph)
+    try:
+        graph.fold_constants(fold_shapes=True, error_ok=True)
+    except Exception as e:  # onnx-graphsurgeon raises plain exceptions on exotic graphs
+        log.warn(f"constant folding skipped: {type(e).__name__}: {e}")
+        return False
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return _signature(graph) != before
+
+
+def _signature(graph: gs.Graph) -> tuple[int, int]:
+    constant_inputs = sum(isinstance(t, gs.Constant) for n in graph.nodes for t in n.inputs)
+    return len(graph.nodes), constant_inputs

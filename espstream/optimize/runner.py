@@ -1,0 +1,163 @@
+"""The optimize stage: fix input shapes, run the passes to a fixed point, check the result."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import onnx
+
+from espstream import log
+from espstream.errors import CheckFailed, UserError
+from espstream.graph import count_ops, export_model, import_graph, input_shapes
+from espstream.optimize.base import Pass
+from espstream.optimize.check import Comparison, compare
+from espstream.optimize.eliminate_dead import eliminate_dead
+from espstream.optimize.fold_batchnorm import fold_batchnorm
+from espstream.optimize.fold_constants import fold_constants
+from espstream.optimize.fold_pad import fold_pad
+from espstream.optimize.fold_scale import fold_scale
+from espstream.optimize.remove_identity import remove_identity
+from espstream.optimize.share_initializers import share_initializers
+
+PASSES: tuple[Pass, ...] = (
+    Pass("fold_constants", fold_constants),
+    Pass("remove_identity", remove_identity),
+    Pass("fold_pad", fold_pad),
+    Pass("fold_batchnorm", fold_batchnorm),
+    Pass("fold_scale", fold_scale),
+    Pass("share_initializers", share_initializers),
+    Pass("eliminate_dead", eliminate_dead),
+)
+MAX_ROUNDS = 10
+
+
+@dataclass
+class OptimizeResult:
+    model: onnx.ModelProto
+    ops_before: dict[str, int]
+    ops_after: dict[str, int]
+    applied: dict[str, int] = field(default_factory=dict)
+    rounds: int = 0
+    check: Comparison | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "stage": "optimize",
+            "nodes_before": sum(self.ops_before.values()),
+            "nodes_after": sum(self.ops_after.values()),
+            "ops_before": self.ops_before,
+            "ops_after": self.ops_after,
+            "passes_applied": self.applied,
+            "rounds": self.rounds,
+            "check": self.check.to_json() if self.check else None,
+        }
+
+    def raise_if_check_failed(self) -> None:
+        if self.check is not None and not self.check.passed:
+            raise CheckFailed(
+                f"the optimized model differs from the input: max abs {self.check.max_abs:.3g}, "
+                f"max rel {self.check.max_rel:.3g} (tolerance rtol 1e-4, atol 1e-5); "
+                "rerun with --skip PASS to find the pass at fault"
+            )
+
+
+def fix_input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> None:
+    """Set the dims of the named graph inputs (in place); checks names, ranks and fixed dims."""
+    known = input_shapes(model)
+    for name, dims in shapes.items():
+        if name not in known:
+            raise UserError(
+                f"--input-shape {name}: the model has no input {name!r} "
+                f"(inputs: {', '.join(known) or 'none'})"
+            )
+        current = known[name]
+        if len(current) != len(dims):
+            raise UserError(
+                f"--input-shape {name}: the input has rank {len(current)} {current}, "
+                f"but {len(dims)} dims were given"
+            )
+        for axis, (old, new) in enumerate(zip(current, dims, strict=True)):
+            if isinstance(old, int) and old > 0 and old != new:
+                raise UserError(
+                    f"--input-shape {name}: axis {axis} is fixed to {old} in the model, "
+                    f"cannot set it to {new}"
+                )
+        vi = next(i for i in model.graph.input if i.name == name)
+        for d, value in zip(vi.type.tensor_type.shape.dim, dims, strict=True):
+            d.Clear()
+            d.dim_value = value
+    if shapes:
+        del model.graph.value_info[:]
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as e:
+        raise UserError(f"shape inference failed: {str(e).splitlines()[0]}") from None
+
+
+def run_passes(model: onnx.ModelProto, passes: Sequence[Pass]) -> tuple[onnx.ModelProto, dict, int]:
+    """Run `passes` in order, repeatedly, until a whole round changes nothing."""
+    graph = import_graph(model)
+    applied: dict[str, int] = {}
+    rounds = 0
+    while rounds < MAX_ROUNDS:
+        rounds += 1
+        changed = False
+        for p in passes:
+            if p.run(graph):
+                applied[p.name] = applied.get(p.name, 0) + 1
+                changed = True
+        if not changed:
+            break
+    graph.toposort()
+    return export_model(graph, model), applied, rounds
+
+
+def optimize_model(
+    model: onnx.ModelProto,
+    input_shapes: dict[str, list[int]] | None = None,
+    skip: Iterable[str] = (),
+    check: bool = True,
+    seed: int = 0,
+) -> OptimizeResult:
+    """The `optimize` stage as a function. The input model is not modified."""
+    skip = list(skip)
+    names = [p.name for p in PASSES]
+    unknown = [s for s in skip if s not in names]
+    if unknown:
+        raise UserError(f"--skip {unknown[0]}: no such pass (passes: {', '.join(names)})")
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    fix_input_shapes(work, input_shapes or {})
+    reference = onnx.ModelProto()
+    reference.CopyFrom(work)
+    work = infer_shapes(work)
+    passes = [p for p in PASSES if p.name not in skip]
+    optimized, applied, rounds = run_passes(work, passes)
+    optimized = infer_shapes(optimized)
+    onnx.checker.check_model(optimized)
+    result = OptimizeResult(optimized, count_ops(original), count_ops(optimized), applied, rounds)
+    if check:
+        result.check = compare(reference, optimized, seed)
+    return result
+
+
+def print_summary(result: OptimizeResult) -> None:
+    """Node counts by operator type, before and after, and the check's verdict, on stderr."""
+    from espstream.report import table
+
+    ops = sorted(set(result.ops_before) | set(result.ops_after))
+    rows = [(op, result.ops_before.get(op, 0), result.ops_after.get(op, 0)) for op in ops]
+    rows.append(("total", sum(result.ops_before.values()), sum(result.ops_after.values())))
+    log.info(table(("op", "before", "after"), rows))
+    applied = ", ".join(f"{k} x{v}" for k, v in result.applied.items()) or "none"
+    log.info(f"passes applied: {applied} ({result.rounds} rounds)")
+    c = result.check
+    if c is not None:
+        verdict = "ok" if c.passed else "FAILED"
+        log.info(f"check: max abs diff {c.max_abs:.3g}, max rel diff {c.max_rel:.3g}: {verdict}")
