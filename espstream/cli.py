@@ -81,7 +81,10 @@ def cli() -> None:
 @click.argument("input", default="-")
 @stage
 @click.option(
-    "--input-shape", multiple=True, metavar="NAME:D0,D1,...", help="Fix an input's shape (repeatable)."
+    "--input-shape",
+    multiple=True,
+    metavar="NAME:D0,D1,...",
+    help="Fix an input's shape (repeatable).",
 )
 @click.option(
     "--skip", multiple=True, metavar="PASS", help="Skip a pass (repeatable); see --list-passes."
