@@ -79,9 +79,10 @@ def parse_model(data: bytes, label: str, base_dir: str | None = None) -> onnx.Mo
             )
         try:
             onnx.load_external_data_for_model(model, base_dir)
-        except (OSError, FileNotFoundError) as e:
+        except Exception as e:  # onnx raises OSError or ValidationError depending on the case
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(
-                f"{label}: external data file missing or unreadable: {e}; "
+                f"{label}: external data file missing or unreadable ({reason}); "
                 "keep the data files next to the .onnx file"
             ) from None
     opset = _opset(model)

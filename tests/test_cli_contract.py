@@ -1,0 +1,179 @@
+"""The command-line contract every stage shares, exercised through `optimize`."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+from cli_util import ROOT, assert_user_error, espstream
+from onnx import helper
+
+MODEL = ROOT / "models/kws2d.onnx"
+
+
+def test_version_and_python_m():
+    proc = espstream("--version")
+    assert proc.returncode == 0 and b"espstream, version" in proc.stdout
+    console = Path(sys.executable).parent / "espstream"
+    assert subprocess.run([console, "--version"], capture_output=True).stdout == proc.stdout
+
+
+def test_stage_help_shows_an_example():
+    proc = espstream("optimize", "--help")
+    assert proc.returncode == 0
+    assert b"Example:" in proc.stdout and b"espstream optimize model.onnx" in proc.stdout
+
+
+def test_pipe_stdin_to_stdout_and_report_json(tmp_path):
+    report = tmp_path / "r.json"
+    proc = espstream("optimize", "-", "--json", report, stdin=MODEL.read_bytes())
+    assert proc.returncode == 0, proc.stderr.decode()
+    model = onnx.load_from_string(proc.stdout)
+    onnx.checker.check_model(model)
+    assert "BatchNormalization" not in {n.op_type for n in model.graph.node}
+    data = json.loads(report.read_text())
+    assert data["stage"] == "optimize" and data["check"]["passed"] is True
+    assert data["nodes_after"] < data["nodes_before"]
+    assert b"op" in proc.stderr and b"check:" in proc.stderr  # the human table
+
+
+def test_quiet_silences_stderr(tmp_path):
+    proc = espstream("optimize", MODEL, "-o", tmp_path / "o.onnx", "-q")
+    assert proc.returncode == 0 and proc.stderr == b""
+    assert (tmp_path / "o.onnx").exists()
+
+
+def test_list_passes():
+    proc = espstream("optimize", "--list-passes")
+    names = [line.split()[0] for line in proc.stdout.decode().splitlines()]
+    assert names == [
+        "fold_constants", "remove_identity", "fold_pad", "fold_batchnorm", "fold_scale",
+        "share_initializers", "eliminate_dead",
+    ]
+
+
+def test_refuses_binary_output_to_a_terminal():
+    main, sub = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "espstream", "optimize", str(MODEL), "-q"],
+            stdout=sub, stderr=subprocess.PIPE, timeout=120, cwd=ROOT,
+        )
+    finally:
+        os.close(sub)
+        os.close(main)
+    assert_user_error(proc, "terminal")
+
+
+def test_refuses_to_overwrite_its_input(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(MODEL.read_bytes())
+    proc = espstream("optimize", path, "-o", path)
+    assert_user_error(proc, "overwrite the input")
+    assert path.read_bytes() == MODEL.read_bytes()
+
+
+def _model_bytes(**overrides) -> bytes:
+    nodes = overrides.get("nodes", [helper.make_node("Relu", ["x"], ["y"])])
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", 1, [1, 4])],
+        [helper.make_tensor_value_info("y", 1, [1, 4])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", overrides.get("opset", 13))]
+    )
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _external_data_model(tmp_path: Path) -> Path:
+    model = onnx.load(MODEL)
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.data", size_threshold=0)
+    (tmp_path / "ext.data").unlink()
+    return path
+
+
+BAD = {
+    "not_onnx": (lambda d: d.joinpath("x.onnx").write_bytes(b"hello, not a model\n" * 8),
+                 "not an ONNX model"),
+    "truncated": (lambda d: d.joinpath("x.onnx").write_bytes(MODEL.read_bytes()[:3000]),
+                  "not an ONNX model"),
+    "empty_file": (lambda d: d.joinpath("x.onnx").write_bytes(b""), "empty"),
+    "fails_checker": (lambda d: d.joinpath("x.onnx").write_bytes(
+        _model_bytes(nodes=[helper.make_node("Relu", ["nowhere"], ["y"])])), "onnx.checker"),
+    "old_opset": (lambda d: d.joinpath("x.onnx").write_bytes(_model_bytes(opset=9)),
+                  "opset 9 is older than 11"),
+    "empty_graph": (lambda d: d.joinpath("x.onnx").write_bytes(_model_bytes(nodes=[])),
+                    "graph is empty"),
+    "missing_file": (lambda d: None, "no such file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_models_get_one_clear_line(tmp_path, case):
+    make, fragment = BAD[case]
+    make(tmp_path)
+    src = tmp_path / "x.onnx"
+    before = src.read_bytes() if src.exists() else None
+    out = tmp_path / "out.onnx"
+    proc = espstream("optimize", src, "-o", out)
+    line = assert_user_error(proc, fragment)
+    if case != "missing_file":
+        assert str(src) in line  # names the file at fault
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == ([src] if before is not None else [])  # no temp files
+    if before is not None:
+        assert src.read_bytes() == before
+
+
+def test_missing_external_data(tmp_path):
+    path = _external_data_model(tmp_path)
+    assert_user_error(espstream("optimize", path, "-o", tmp_path / "o.onnx"), "external data")
+    proc = espstream("optimize", "-", stdin=path.read_bytes())
+    assert_user_error(proc, "external data")
+
+
+def test_external_data_beside_the_file_is_loaded(tmp_path):
+    model = onnx.load(MODEL)
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, path, save_as_external_data=True, location="ext.data", size_threshold=0)
+    proc = espstream("optimize", path, "-o", tmp_path / "o.onnx", "-q")
+    assert proc.returncode == 0, proc.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--input-shape", "y:1,1,32,10"], "no input 'y'"),
+        (["--input-shape", "x:1,1,32"], "rank 4"),
+        (["--input-shape", "x:1,a"], "NAME:D0,D1"),
+        (["--skip", "nope"], "no such pass"),
+        (["--no-such-option"], "No such option"),
+    ],
+)
+def test_bad_options(tmp_path, args, fragment):
+    out = tmp_path / "o.onnx"
+    proc = espstream("optimize", MODEL, "-o", out, *args)
+    assert_user_error(proc, fragment)
+    assert not out.exists()
+
+
+def test_output_folder_missing(tmp_path):
+    proc = espstream("optimize", MODEL, "-o", tmp_path / "nope" / "o.onnx")
+    assert_user_error(proc, "does not exist")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    bad = tmp_path / "x.onnx"
+    bad.write_bytes(b"garbage")
+    proc = espstream("optimize", bad, "--debug")
+    assert proc.returncode != 0 and b"Traceback" in proc.stderr
