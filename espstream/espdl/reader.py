@@ -1,0 +1,292 @@
+"""`.espdl` bytes -> IntGraph.
+
+Steps: check the 16-byte EDL2 header against the file, verify the FlatBuffers payload
+(`verifier.verify`: every offset bounds-checked before the generated accessors touch it), read
+it with the accessors generated from schema.fbs, then undo the per-target filter blocking
+(`layout.unpack`) so initializers come out in the IntGraph's logical layout. Anything wrong
+with the file is a one-line UserError.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+
+from espstream.errors import UserError
+from espstream.espdl import layout
+from espstream.espdl.fbs.Attribute import Attribute
+from espstream.espdl.fbs.Model import Model
+from espstream.espdl.fbs.Tensor import Tensor as FbTensor
+from espstream.espdl.fbs.TensorTypeAndShape import TensorTypeAndShape
+from espstream.espdl.verifier import verify
+from espstream.intgraph import (
+    CODE_NAMES,
+    CODE_TO_DTYPE,
+    IntGraph,
+    Node,
+    Tensor,
+    ValueInfo,
+    unique_by_name,
+)
+
+MAGIC = b"EDL2"
+HEADER = struct.Struct("<4sIII")  # magic, mode, payload length, reserved
+
+# vtable offset of Tensor.raw_data (slot 8): 4 + 2 * 8
+_RAW_DATA_VT = 20
+
+
+def read(data: bytes) -> IntGraph:
+    """Parse a `.espdl` file's bytes into an IntGraph (filters unblocked, target inferred)."""
+    buf = payload(data)
+    verify(buf)
+    try:
+        return _Reader(buf).model(Model.GetRootAs(buf, 0))
+    except (struct.error, IndexError, OverflowError, UnicodeDecodeError) as e:
+        # The verifier should make these impossible; never let one reach the user as a trace.
+        raise UserError(f"corrupt .espdl payload: {type(e).__name__}: {e}") from None
+
+
+def payload(data: bytes) -> bytes:
+    """Check the EDL2 header against the file and return the FlatBuffers payload."""
+    data = bytes(data)
+    if len(data) < HEADER.size:
+        raise UserError(f"not an .espdl file: {len(data)} bytes is shorter than its 16-byte header")
+    magic, mode, length, _ = HEADER.unpack_from(data, 0)
+    if magic != MAGIC:
+        if magic == b"EDL1":
+            raise UserError("old EDL1 .espdl files are not supported; re-export as EDL2")
+        if magic[:3] == b"PDL":
+            raise UserError("packed multi-model .espdl files (PDL) are not supported; "
+                            "export each model to its own file")
+        raise UserError(f"not an .espdl file: magic {magic!r}, expected b'EDL2'")
+    if mode == 1:
+        raise UserError("encrypted .espdl files (mode 1, AES) are not supported; "
+                        "export the model without encryption")
+    if mode != 0:
+        raise UserError(f"unknown .espdl mode {mode} (0 is plain, 1 encrypted)")
+    body = len(data) - HEADER.size
+    padded = length + (-length % 16)
+    if length > body:
+        raise UserError(f"truncated .espdl file: the header announces a {length}-byte payload, "
+                        f"the file holds {body} bytes after the header")
+    if body > padded:
+        raise UserError(f"the .espdl header announces a {length}-byte payload but the file has "
+                        f"{body - length} bytes after it (more than its 16-byte padding)")
+    return data[HEADER.size:HEADER.size + length]
+
+
+def _s(b: bytes | None, what: str) -> str | None:
+    if b is None:
+        return None
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"corrupt .espdl payload: {what} is not UTF-8 text") from None
+
+
+def _ints(fn_is_none, fn_as_numpy) -> list[int]:
+    return [] if fn_is_none() else [int(x) for x in fn_as_numpy()]
+
+
+class _Reader:
+    def __init__(self, buf: bytes) -> None:
+        self.buf = buf
+
+    def model(self, m: Model) -> IntGraph:
+        if m.FunctionsLength():
+            raise UserError("the .espdl model defines functions, which are not supported")
+        g = m.Graph()
+        if g is None:
+            raise UserError("the .espdl model has no graph")
+        if g.QuantizationAnnotationLength():
+            raise UserError("the .espdl graph has quantization_annotation entries, which are "
+                            "not supported (ESP-DL keeps exponents on tensors)")
+        gname = _s(g.Name(), "the graph name") or ""
+        where = f"graph '{gname}'"
+
+        inits = unique_by_name(
+            (self.tensor(g.Initializer(i), "initializer") for i in range(g.InitializerLength())),
+            "initializer", where)
+        nodes = [self.node(g.Node(i)) for i in range(g.NodeLength())]
+        target = self.unblock(nodes, inits)
+
+        meta: dict[str, str] = {}
+        for i in range(m.MetadataPropsLength()):
+            e = m.MetadataProps(i)
+            key = _s(e.Key(), "a metadata key") or ""
+            if key in meta:
+                raise UserError(f"the .espdl metadata_props repeat the key '{key}'")
+            meta[key] = _s(e.Value(), f"metadata '{key}'") or ""
+
+        return IntGraph(
+            name=gname,
+            nodes=nodes,
+            initializers=inits,
+            inputs=[self.value_info(g.Input(i)) for i in range(g.InputLength())],
+            outputs=[self.value_info(g.Output(i)) for i in range(g.OutputLength())],
+            value_infos=unique_by_name(
+                (self.value_info(g.ValueInfo(i)) for i in range(g.ValueInfoLength())),
+                "value info", where),
+            test_inputs=unique_by_name(
+                (self.tensor(g.TestInputsValue(i), "test input")
+                 for i in range(g.TestInputsValueLength())), "test input", where),
+            test_outputs=unique_by_name(
+                (self.tensor(g.TestOutputsValue(i), "test output")
+                 for i in range(g.TestOutputsValueLength())), "test output", where),
+            metadata=meta,
+            target=target,
+            ir_version=m.IrVersion(),
+            opset_import=[
+                (_s(m.OpsetImport(i).Domain(), "an opset domain"), m.OpsetImport(i).Version())
+                for i in range(m.OpsetImportLength())
+            ],
+            producer_name=_s(m.ProducerName(), "producer_name"),
+            producer_version=_s(m.ProducerVersion(), "producer_version"),
+            domain=_s(m.Domain(), "the model domain"),
+            model_version=m.ModelVersion(),
+            doc_string=_s(m.DocString(), "the model doc_string"),
+            graph_doc_string=_s(g.DocString(), "the graph doc_string"),
+        )
+
+    def tensor(self, t: FbTensor, kind: str) -> Tensor:
+        name = _s(t.Name(), f"a {kind} name")
+        if not name:
+            raise UserError(f"the .espdl file has a {kind} without a name")
+        where = f"{kind} '{name}'"
+        code = t.DataType()
+        dtype = CODE_TO_DTYPE.get(code)
+        if dtype is None:
+            raise UserError(f"{where}: data type {CODE_NAMES.get(code, code)} is not supported")
+        if t.DataLocation() != 0:
+            raise UserError(f"{where}: external data is not supported")
+        for field, n in (("float_data", t.FloatDataLength()), ("int32_data", t.Int32DataLength()),
+                         ("int64_data", t.Int64DataLength()), ("string_data", t.StringDataLength()),
+                         ("double_data", t.DoubleDataLength()),
+                         ("uint64_data", t.Uint64DataLength())):
+            if n:
+                raise UserError(f"{where}: values stored in {field}; only raw_data is supported")
+        dims = _ints(t.DimsIsNone, t.DimsAsNumpy)
+        if any(d < 0 for d in dims):
+            raise UserError(f"{where}: negative dimension in dims {dims}")
+        count = math.prod(dims)
+        o = t._tab.Offset(_RAW_DATA_VT)
+        start, nbytes = (t._tab.Vector(o), t._tab.VectorLen(o) * 16) if o else (0, 0)
+        if count * dtype.itemsize > nbytes:
+            raise UserError(f"{where}: dims {dims} need {count * dtype.itemsize} bytes of "
+                            f"{dtype}, raw_data holds {nbytes}")
+        flat = np.frombuffer(self.buf, dtype=dtype.newbyteorder("<"), count=count, offset=start)
+        return Tensor(
+            name=name,
+            data=flat.astype(dtype).reshape(dims),  # a native-order copy, independent of buf
+            exponents=_ints(t.ExponentsIsNone, t.ExponentsAsNumpy),
+            doc_string=_s(t.DocString(), f"{where} doc_string"),
+        )
+
+    def node(self, n) -> Node:
+        name = _s(n.Name(), "a node name") or ""
+        where = f"node '{name}'"
+        attrs = {}
+        for i in range(n.AttributeLength()):
+            a = n.Attribute(i)
+            aname = _s(a.Name(), f"{where} attribute name") or ""
+            if aname in attrs:
+                raise UserError(f"{where}: attribute '{aname}' appears twice")
+            attrs[aname] = self.attribute(a, f"{where} attribute '{aname}'")
+        return Node(
+            op_type=_s(n.OpType(), f"{where} op_type") or "",
+            name=name,
+            inputs=[_s(n.Input(i), f"{where} input") for i in range(n.InputLength())],
+            outputs=[_s(n.Output(i), f"{where} output") for i in range(n.OutputLength())],
+            attrs=attrs,
+            domain=_s(n.Domain(), f"{where} domain"),
+            doc_string=_s(n.DocString(), f"{where} doc_string"),
+        )
+
+    def attribute(self, a: Attribute, where: str):
+        kind = a.AttrType()
+        if kind == 1:  # FLOAT (32-bit)
+            f = a.F()
+            if f is None:
+                raise UserError(f"{where}: FLOAT attribute without a value")
+            return float(f.F())
+        if kind == 2:  # INT
+            i = a.I()
+            if i is None:
+                raise UserError(f"{where}: INT attribute without a value")
+            return int(i.I())
+        if kind == 3:  # STRING
+            raw = b"" if a.SIsNone() else a.SAsNumpy().tobytes()
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return raw
+        if kind == 4:  # TENSOR
+            if a.T() is None:
+                raise UserError(f"{where}: TENSOR attribute without a tensor")
+            return self.tensor(a.T(), "attribute tensor")
+        if kind == 6:  # FLOATS
+            return [] if a.FloatsIsNone() else [float(x) for x in a.FloatsAsNumpy()]
+        if kind == 7:  # INTS
+            return _ints(a.IntsIsNone, a.IntsAsNumpy)
+        if kind == 8:  # STRINGS
+            return [_s(a.Strings(i), where) for i in range(a.StringsLength())]
+        names = {0: "UNDEFINED", 5: "GRAPH", 9: "TENSORS", 10: "GRAPHS", 11: "TYPE_PROTO",
+                 12: "TYPE_PROTOS"}
+        raise UserError(f"{where}: attribute type {names.get(kind, kind)} is not supported")
+
+    def value_info(self, v) -> ValueInfo:
+        name = _s(v.Name(), "a value info name")
+        if not name:
+            raise UserError("the .espdl file has a value info without a name")
+        where = f"value info '{name}'"
+        dtype, shape = None, None
+        ti = v.ValueInfoType()
+        if ti is not None and ti.ValueType() != 0:
+            if ti.ValueType() != 1:
+                raise UserError(f"{where}: only tensor types are supported")
+            tt = TensorTypeAndShape()
+            table = ti.Value()
+            tt.Init(table.Bytes, table.Pos)
+            code = tt.ElemType()
+            if code != 0:
+                dtype = CODE_TO_DTYPE.get(code)
+                if dtype is None:
+                    raise UserError(f"{where}: element type {CODE_NAMES.get(code, code)} "
+                                    "is not supported")
+            sh = tt.Shape()
+            if sh is not None:
+                shape = []
+                for i in range(sh.DimLength()):
+                    dv = sh.Dim(i).Value()
+                    kind = 0 if dv is None else dv.DimType()
+                    if kind == 1:
+                        shape.append(int(dv.DimValue()))
+                    elif kind == 2:
+                        shape.append(_s(dv.DimParam(), f"{where} dim_param") or "")
+                    else:
+                        shape.append(None)
+        return ValueInfo(
+            name=name, dtype=dtype, shape=shape,
+            exponents=_ints(v.ExponentsIsNone, v.ExponentsAsNumpy),
+            doc_string=_s(v.DocString(), f"{where} doc_string"),
+        )
+
+    def unblock(self, nodes: list[Node], inits: dict[str, Tensor]) -> str | None:
+        """Undo the filters' per-target byte order in place; return the inferred target."""
+        uses = layout.filter_uses(nodes, inits)
+        seen = []
+        for name, t in inits.items():
+            fl = layout.layout_of(t.doc_string)
+            if fl is None:
+                continue
+            use = uses.get(name)
+            if use is None:
+                raise UserError(f"initializer '{name}' has filter layout '{fl.name}' but no "
+                                "Conv, Gemm or MatMul reads it as a filter")
+            layout.check_dims(name, t.dims, use, fl)
+            t.data = layout.unpack(t.data.reshape(-1), t.dims, fl, use)
+            seen.append((name, fl, len(t.exponents)))
+        return layout.infer_target(seen)
