@@ -16,6 +16,7 @@ import click
 
 from espstream import __version__, log
 from espstream.errors import EspstreamError, UserError
+from espstream.modelio import real_stdout, stdout_reserved_for_output
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -37,7 +38,8 @@ def stage(f: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(f)
     def wrapper(*args: Any, quiet: bool, debug: bool, **kwargs: Any) -> Any:
         log.set_quiet(quiet)
-        return f(*args, **kwargs)
+        with stdout_reserved_for_output():
+            return f(*args, **kwargs)
 
     return wrapper
 
@@ -106,7 +108,7 @@ def optimize(
 
     if list_passes:
         for p in PASSES:
-            click.echo(f"{p.name:<22} {p.summary}")
+            click.echo(f"{p.name:<22} {p.summary}", file=real_stdout())
         return
     modelio.check_output_path(output, input)
     model = modelio.load_model(input)
@@ -119,9 +121,21 @@ def optimize(
     result.raise_if_check_failed()
 
 
+def _quiet_libraries(debug: bool) -> None:
+    """onnx-graphsurgeon and onnxruntime log chatty warnings; keep them for --debug."""
+    if debug:
+        return
+    import onnx_graphsurgeon as gs
+    import onnxruntime as ort
+
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+    ort.set_default_logger_severity(3)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    _quiet_libraries(debug)
     try:
         code = cli.main(args=args, prog_name="espstream", standalone_mode=False)
     except click.exceptions.Abort:

@@ -16,7 +16,9 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export `graph`, keeping the IR version, opsets, functions and metadata of `like`."""
     model = gs.export_onnx(graph, do_type_check=False)
-    model.ir_version = like.ir_version
+    # IR < 4 wants initializers listed as inputs; an upgraded opset may need a newer IR anyway
+    needed = onnx.helper.find_min_ir_version_for(list(like.opset_import), ignore_unknown=True)
+    model.ir_version = max(like.ir_version, needed, 4)
     del model.opset_import[:]
     model.opset_import.extend(like.opset_import)
     exported = {(f.domain, f.name) for f in model.functions}

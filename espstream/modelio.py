@@ -6,6 +6,7 @@ leaves a partial output behind, and an output that would overwrite the input is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -18,6 +19,26 @@ from espstream.errors import UserError
 
 MIN_OPSET = 11
 STDIO = "-"
+
+# While a CLI command runs, sys.stdout points at stderr so that no library's print can corrupt
+# a model piped to the next stage; the real stdout is kept here for the model itself.
+_real_stdout = None
+
+
+@contextlib.contextmanager
+def stdout_reserved_for_output():
+    """Send stray prints to stderr; `write_bytes(..., '-')` still reaches the real stdout."""
+    global _real_stdout
+    saved, _real_stdout = _real_stdout, sys.stdout
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout, _real_stdout = _real_stdout, saved
+
+
+def real_stdout():
+    return _real_stdout if _real_stdout is not None else sys.stdout
 
 
 def _label(path: str) -> str:
@@ -131,12 +152,13 @@ def check_output_path(path: str, *inputs: str) -> None:
 def write_bytes(data: bytes, path: str, binary: bool = True) -> None:
     """Write atomically to `path`, or to stdout for '-' (binary refused on a terminal)."""
     if path == STDIO:
-        if binary and sys.stdout.isatty():
+        out = real_stdout()
+        if binary and out.isatty():
             raise UserError(
                 "refusing to write a binary model to the terminal; use -o FILE or pipe the output"
             )
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
+        out.buffer.write(data)
+        out.buffer.flush()
         return
     check_output_path(path)
     target = Path(path)

@@ -177,3 +177,18 @@ def test_debug_shows_the_traceback(tmp_path):
     bad.write_bytes(b"garbage")
     proc = espstream("optimize", bad, "--debug")
     assert proc.returncode != 0 and b"Traceback" in proc.stderr
+
+
+def test_library_prints_cannot_corrupt_a_piped_model():
+    """Anything printed while a stage runs goes to stderr; only the model reaches stdout."""
+    script = (
+        "import sys\n"
+        "from espstream import modelio\n"
+        "with modelio.stdout_reserved_for_output():\n"
+        "    print('chatty library warning')\n"
+        "    modelio.write_bytes(b'MODEL', '-')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"MODEL"
+    assert b"chatty library warning" in proc.stderr
