@@ -121,6 +121,81 @@ def optimize(
     result.raise_if_check_failed()
 
 
+@cli.command(
+    context_settings=CONTEXT,
+    epilog=example(
+        "espstream calibrate model.opt.onnx -d calib.npy -o model.qdq.onnx --json q.json\n"
+        "espstream calibrate model.opt.onnx --random 64 --target esp32s3 --bits 16 > q.onnx"
+    ),
+)
+@click.argument("input", default="-")
+@stage
+@click.option("-d", "--data", metavar="PATH", help="Calibration data: .npy, .npz or a folder.")
+@click.option("--random", "random_n", type=int, metavar="N", help="Use N standard-normal samples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
+@click.option("--target", type=click.Choice(["esp32p4", "esp32s3", "c"]), default="esp32p4",
+              show_default=True)
+@click.option("--bits", type=click.Choice(["8", "16"]), default="8", show_default=True)
+@click.option("--method", type=click.Choice(["minmax", "percentile", "kl", "mse"]), default=None,
+              help="Activation exponent choice [default: mse].")
+@click.option("--percentile", type=float, default=99.99, show_default=True,
+              help="Percentile of |x| for --method percentile.")
+@click.option("--per-channel/--per-tensor", "per_channel", default=None,
+              help="Weight exponents [default: per channel on esp32p4, per tensor otherwise].")
+@click.option("--samples", type=int, metavar="N", help="Use only the first N samples.")
+@click.option("--batch", type=int, default=64, show_default=True, help="Samples per run.")
+@click.option("--report-samples", type=int, default=32, show_default=True,
+              help="Samples for the per-layer SQNR report (0: no report).")
+def calibrate(
+    input: str,
+    output: str,
+    json_path: str | None,
+    data: str | None,
+    random_n: int | None,
+    seed: int,
+    target: str,
+    bits: str,
+    method: str | None,
+    percentile: float,
+    per_channel: bool | None,
+    samples: int | None,
+    batch: int,
+    report_samples: int,
+) -> None:
+    """Choose power-of-two exponents on calibration data; write the QDQ model."""
+    from espstream import modelio, report
+    from espstream.quant import (
+        DEFAULT_METHOD,
+        calibrate_model,
+        model_inputs,
+        print_summary,
+        random_data,
+        read_calibration_data,
+    )
+    from espstream.quant.data import warn_random
+
+    if (data is None) == (random_n is None):
+        raise UserError("give calibration data with -d/--data PATH, or --random N (not both)")
+    modelio.check_output_path(output, input)
+    if data:
+        modelio.check_output_path(output, data)
+    model = modelio.load_model(input)
+    inputs = model_inputs(model)
+    if data:
+        calib = read_calibration_data(data, inputs, limit=samples)
+    else:
+        warn_random()
+        calib = random_data(inputs, random_n if samples is None else min(random_n, samples), seed)
+    result = calibrate_model(
+        model, calib, target=target, bits=int(bits), method=method or DEFAULT_METHOD,
+        percentile=percentile, per_channel=per_channel, batch=batch,
+        report_samples=max(report_samples, 0),
+    )
+    print_summary(result)
+    modelio.save_model(result.model, output)
+    report.write_json(json_path, result.to_json())
+
+
 def _quiet_libraries(debug: bool) -> None:
     """onnx-graphsurgeon and onnxruntime log chatty warnings; keep them for --debug."""
     if debug:

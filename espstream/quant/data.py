@@ -1,0 +1,249 @@
+"""Calibration data: `.npy`, `.npz`, a folder of them, or standard-normal noise.
+
+Rules (S is a model input's shape, `?` a symbolic dimension matching any size):
+1. A `.npy` feeds a one-input model. Shaped `[N, *S]` it holds N samples; shaped like S
+   where S[0] is 1 or symbolic (`[N, *S[1:]]`), it holds N samples of batch 1; shaped
+   exactly S (S[0] fixed above 1), it is one sample.
+2. A `.npz` is keyed by input name and holds every input, each array read as in rule 1; all
+   arrays of one file hold the same number of samples.
+3. A folder is read as its `.npy` / `.npz` files in name order (other files are ignored).
+4. Errors, each naming the file and input: a shape that fits none of rule 1 (both shapes
+   given), NaN or Inf (with the sample index), an unknown `.npz` key, a missing input, a `.npy`
+   for a model with several inputs, an empty folder, an unreadable file.
+5. Data is cast to the input's element type; `.npy` files are memory-mapped and samples are
+   read one at a time, so a large file is never copied whole into memory.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from espstream import log
+from espstream.errors import UserError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: tuple[int | None, ...]  # None for a symbolic or missing dimension
+    dtype: np.dtype
+
+    def shape_text(self) -> str:
+        return "[" + ", ".join("?" if d is None else str(d) for d in self.shape) + "]"
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The graph inputs that are not initializers."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in tt.shape.dim
+        )
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        specs.append(InputSpec(vi.name, shape, dtype))
+    return specs
+
+
+def _fits(actual: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
+    return len(actual) == len(expected) and all(
+        e is None or a == e for a, e in zip(actual, expected, strict=True)
+    )
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+class _Array:
+    """One input's samples inside one file: sample i is `take(i)`, shaped like the input."""
+
+    def __init__(self, label: str, spec: InputSpec, arr: np.ndarray) -> None:
+        self.label, self.spec, self.arr = label, spec, arr
+        s, a = spec.shape, tuple(arr.shape)
+        if arr.dtype.kind not in "fiub":
+            raise UserError(
+                f"{label}: input {spec.name!r} has element type {arr.dtype}, expected numbers"
+            )
+        if len(s) and _fits(a[1:], s) and len(a) == len(s) + 1:
+            self.n, self.mode = a[0], "stacked"
+        elif len(s) and len(a) == len(s) and _fits(a[1:], s[1:]) and s[0] in (1, None):
+            self.n, self.mode = a[0], "batch1"
+        elif _fits(a, s):
+            self.n, self.mode = 1, "single"
+        else:
+            hint = f"[N, {', '.join('?' if d is None else str(d) for d in s[1:])}]" if s else "[]"
+            raise UserError(
+                f"{label}: input {spec.name!r} has shape {_fmt(a)}, but the model's input "
+                f"{spec.name!r} is {spec.shape_text()}; give {hint} or {spec.shape_text()}"
+            )
+        if self.n == 0:
+            raise UserError(f"{label}: input {spec.name!r} holds no samples (shape {_fmt(a)})")
+
+    def take(self, i: int) -> np.ndarray:
+        if self.mode == "stacked":
+            x = self.arr[i]
+        elif self.mode == "batch1":
+            x = self.arr[i : i + 1]
+        else:
+            x = self.arr
+        x = np.asarray(x)
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            bad = "NaN" if np.isnan(x).any() else "Inf"
+            raise UserError(
+                f"{self.label}: input {self.spec.name!r}, sample {i}: contains {bad}; "
+                "calibration data must be finite"
+            )
+        return np.ascontiguousarray(x, dtype=self.spec.dtype)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"{path}: not a readable .npy file ({e})") from None
+
+
+class _NpzFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.npz = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise UserError(f"{path}: not a readable .npz file ({e})") from None
+
+    def get(self, key: str) -> np.ndarray:
+        try:
+            return self.npz[key]
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            raise UserError(f"{self.path}: array {key!r} is unreadable ({e})") from None
+
+
+class CalibrationData:
+    """A re-iterable sequence of samples; each sample maps input name -> array of its shape."""
+
+    def __init__(self, inputs: list[InputSpec]) -> None:
+        self.inputs = inputs
+        self._sources: list[tuple[str, object]] = []  # (label, loader)
+        self._counts: list[int] = []
+        self.limit: int | None = None
+        self.random_seed: int | None = None
+        self.description = ""
+
+    def __len__(self) -> int:
+        total = sum(self._counts)
+        return min(total, self.limit) if self.limit is not None else total
+
+    def _add(self, label: str, arrays: dict[str, _Array]) -> None:
+        counts = {a.n for a in arrays.values()}
+        if len(counts) > 1:
+            detail = ", ".join(f"{k}: {a.n}" for k, a in arrays.items())
+            raise UserError(f"{label}: the inputs hold different numbers of samples ({detail})")
+        self._sources.append((label, arrays))
+        self._counts.append(counts.pop())
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        left = len(self)
+        for (_, src), n in zip(self._sources, self._counts, strict=True):
+            arrays = src() if callable(src) else src
+            for i in range(n):
+                if left <= 0:
+                    return
+                left -= 1
+                yield {name: a.take(i) for name, a in arrays.items()}
+
+
+def _one_file(path: Path, inputs: list[InputSpec]) -> dict[str, _Array]:
+    label = str(path)
+    names = [s.name for s in inputs]
+    if path.suffix == ".npy":
+        if len(inputs) != 1:
+            raise UserError(
+                f"{label}: the model has {len(inputs)} inputs ({', '.join(names)}); a .npy holds "
+                "one array: give a .npz keyed by input name, e.g. np.savez(path, "
+                + ", ".join(f"{n}=..." for n in names) + ")"
+            )
+        return {inputs[0].name: _Array(label, inputs[0], _load_npy(path))}
+    npz = _NpzFile(path)
+    keys = list(npz.npz.files)
+    for k in keys:
+        if k not in names:
+            raise UserError(
+                f"{label}: key {k!r} is not an input of the model (inputs: {', '.join(names)}); "
+                f"save the arrays with np.savez(path, {names[0]}=...)"
+            )
+    for s in inputs:
+        if s.name not in keys:
+            raise UserError(f"{label}: no array for input {s.name!r} (keys: {', '.join(keys)})")
+    return {s.name: _Array(label, s, npz.get(s.name)) for s in inputs}
+
+
+def read_calibration_data(
+    path: str, inputs: list[InputSpec], limit: int | None = None
+) -> CalibrationData:
+    """Open `path` (rules 1-3); shapes are checked now, values while iterating."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{path}: no such file or folder (calibration data)")
+    data = CalibrationData(inputs)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in (".npy", ".npz") and f.is_file())
+        if not files:
+            raise UserError(f"{path}: the folder holds no .npy or .npz files")
+    elif p.suffix in (".npy", ".npz"):
+        files = [p]
+    else:
+        raise UserError(f"{path}: calibration data must be a .npy, a .npz or a folder of them")
+    for f in files:
+        data._add(str(f), _one_file(f, inputs))
+    if limit is not None:
+        if limit <= 0:
+            raise UserError(f"--samples {limit}: give a positive number")
+        data.limit = limit
+    data.description = f"{path} ({len(data)} samples)"
+    if len(data) == 0:
+        raise UserError(f"{path}: holds no samples")
+    return data
+
+
+def random_data(inputs: list[InputSpec], n: int, seed: int = 0) -> CalibrationData:
+    """n standard-normal samples (float inputs only); a fixed shape is required."""
+    if n <= 0:
+        raise UserError(f"--random {n}: give a positive number of samples")
+    arrays = {}
+    rng = np.random.default_rng(seed)
+    for s in inputs:
+        if any(d is None for d in s.shape[1:]) or not s.shape:
+            raise UserError(
+                f"input {s.name!r} has shape {s.shape_text()}: --random needs fixed dimensions; "
+                "fix them with `espstream optimize --input-shape` or give --data"
+            )
+        if s.dtype.kind != "f":
+            raise UserError(
+                f"input {s.name!r} has element type {s.dtype}: --random makes float data only; "
+                "give --data"
+            )
+        shape = (n, *[1 if d is None else d for d in s.shape])
+        arrays[s.name] = _Array("--random", s, rng.standard_normal(shape).astype(s.dtype))
+    data = CalibrationData(inputs)
+    data._add("--random", arrays)
+    data.random_seed = seed
+    data.description = f"--random {n} (standard normal, seed {seed})"
+    return data
+
+
+def warn_random() -> None:
+    log.warn(
+        "--random: calibrating on standard-normal noise; exponents fit noise, not your data, "
+        "so accuracy on real inputs may be poor. Give --data with real samples for a real model."
+    )

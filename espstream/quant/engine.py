@@ -1,0 +1,195 @@
+"""Running the float model in onnxruntime and feeding the observers, in fixed memory.
+
+1. The tensors to observe are added as extra graph outputs of a copy of the model.
+2. Batching: when every input has batch dimension 1 (or a symbolic one), a copy with a symbolic
+   batch dimension is tried on the first two samples and used only if each batched result
+   equals the per-sample runs (shape exactly, values to float rounding). Otherwise one sample
+   per run: correct first.
+3. Each run's outputs go straight into the observers and are dropped; nothing else is kept.
+4. A progress bar goes to stderr while a person watches (`log.progress_enabled()`).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from espstream import log
+from espstream.errors import UserError
+from espstream.quant.data import CalibrationData
+from espstream.quant.observers import HistogramObserver, NonFiniteError
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(
+            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise UserError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
+
+
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of `model` whose graph outputs also include `names` (float, shape unset)."""
+    m = copy.deepcopy(model)
+    have = {o.name for o in m.graph.output}
+    for name in names:
+        if name not in have:
+            m.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+            )
+            have.add(name)
+    return m
+
+
+def dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """A copy with a symbolic batch dimension, or None if an input has no batch of 1."""
+    m = copy.deepcopy(model)
+    inits = {t.name for t in m.graph.initializer}
+    for vi in m.graph.input:
+        if vi.name in inits:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        if not dims or (dims[0].HasField("dim_value") and dims[0].dim_value != 1):
+            return None
+        dims[0].Clear()
+        dims[0].dim_param = "espstream_batch"
+    for vi in m.graph.output:
+        vi.type.tensor_type.ClearField("shape")
+    del m.graph.value_info[:]
+    return m
+
+
+class Progress:
+    """`label [#####.....] n/total` on stderr, redrawn at most ten times a second."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total, self.n = label, total, 0
+        self.enabled = log.progress_enabled() and total > 0
+        self._last = 0.0
+
+    def advance(self, k: int) -> None:
+        self.n += k
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last < 0.1 and self.n < self.total:
+            return
+        self._last = now
+        frac = self.n / self.total
+        bar = "#" * int(frac * 30) + "." * (30 - int(frac * 30))
+        sys.stderr.write(f"\r{self.label} [{bar}] {self.n}/{self.total}")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * (len(self.label) + 50) + "\r")
+            sys.stderr.flush()
+
+
+class Runner:
+    """Runs a model over calibration data, batched when that is verified to be exact."""
+
+    def __init__(self, model: onnx.ModelProto, names: list[str], batch: int) -> None:
+        self.names = names
+        self.model = with_outputs(model, names)
+        self.sess = session(self.model)
+        self.batched: ort.InferenceSession | None = None
+        self.batch = max(1, batch)
+        self.input_names = [i.name for i in self.sess.get_inputs()]
+
+    def _try_batching(self, first: list[dict[str, np.ndarray]]) -> None:
+        if self.batch < 2 or len(first) < 2:
+            return
+        dyn = dynamic_batch(self.model)
+        if dyn is None:
+            return
+        try:
+            sess = ort.InferenceSession(dyn.SerializeToString(), _quiet_opts(),
+                                        providers=["CPUExecutionProvider"])
+            feed = {k: np.concatenate([s[k] for s in first]) for k in self.input_names}
+            together = sess.run(self.names, feed)
+        except Exception:  # a fixed-batch Reshape and the like: fall back to one per run
+            return
+        for i, s in enumerate(first):
+            alone = self.sess.run(self.names, s)
+            for a, t in zip(alone, together, strict=True):
+                if a.ndim == 0 or a.shape[0] != 1 or t.shape != (len(first), *a.shape[1:]):
+                    return
+                tol = 1e-5 * (float(np.abs(a).max()) + 1e-30) + 1e-7
+                if not np.allclose(t[i : i + 1], a, rtol=1e-4, atol=tol):
+                    return
+        self.batched = sess
+
+    def run(
+        self, data: Iterable[dict[str, np.ndarray]]
+    ) -> Iterator[tuple[int, list[np.ndarray]]]:
+        """Yield, per run, (samples in it, values of `names`); batched values stack samples."""
+        it = iter(data)
+        first = [s for _, s in zip(range(2), it, strict=False)]
+        self._try_batching(first)
+        pending = list(first)
+        for s in it:
+            pending.append(s)
+            if len(pending) >= (self.batch if self.batched else 1):
+                yield from self._flush(pending)
+                pending = []
+        if pending:
+            yield from self._flush(pending)
+
+    def _flush(
+        self, samples: list[dict[str, np.ndarray]]
+    ) -> Iterator[tuple[int, list[np.ndarray]]]:
+        if self.batched is not None and len(samples) > 1 and _same_shapes(samples):
+            feed = {k: np.concatenate([s[k] for s in samples]) for k in self.input_names}
+            yield len(samples), self.batched.run(self.names, feed)
+        else:
+            for s in samples:
+                yield 1, self.sess.run(self.names, s)
+
+
+def _quiet_opts() -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return opts
+
+
+def _same_shapes(samples: list[dict[str, np.ndarray]]) -> bool:
+    return all(
+        all(s[k].shape == samples[0][k].shape for k in samples[0]) for s in samples[1:]
+    )
+
+
+def observe(
+    model: onnx.ModelProto,
+    names: list[str],
+    data: CalibrationData,
+    batch: int = 64,
+    bins: int = 4096,
+) -> tuple[dict[str, HistogramObserver], bool]:
+    """Observers of `names` over all of `data`; returns them and whether runs were batched."""
+    observers = {n: HistogramObserver(bins) for n in names}
+    runner = Runner(model, names, batch)
+    progress = Progress("calibrate", len(data))
+    try:
+        for count, values in runner.run(data):
+            for name, v in zip(names, values, strict=True):
+                try:
+                    observers[name].update(v)
+                except NonFiniteError:
+                    raise UserError(
+                        f"tensor {name!r}: the float model produces NaN or Inf on the "
+                        "calibration data; check the model and the data"
+                    ) from None
+            progress.advance(count)
+    finally:
+        progress.close()
+    return observers, runner.batched is not None

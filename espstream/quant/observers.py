@@ -1,0 +1,310 @@
+"""Fixed-memory activation observers and the four ways to pick a power-of-two exponent.
+
+`HistogramObserver` never keeps activations. Its state is a fixed number of integers:
+
+1. Two histograms of |x| with `bins` bins each (a power of two), one for x > 0 and one for x < 0,
+   over [0, R) with R = 2^k the smallest power of two above every |x| seen so far; exact zeros
+   are counted apart (a ReLU output is half zeros, and a zero quantizes without error).
+2. When a batch holds a value >= R, R doubles (as often as needed) and each pair of neighbouring
+   bins merges into one. Because R and `bins` are powers of two the merge is exact: no value
+   changes bin boundaries by interpolation, whatever the order the data arrive in.
+3. The exact minimum, maximum and count are kept beside the histograms.
+
+Exponent choices (e means scale 2^e; `bits` gives the integer range [qmin, qmax]):
+
+1. `minmax`: the smallest e with qmin * 2^e <= min and max <= qmax * 2^e (nothing clips).
+2. `percentile` P: the minmax exponent of the P-th percentile of |x| (interpolated in its bin).
+3. `kl`: among e from the minmax exponent down to 12 below it, the one whose clipped, quantized
+   |x| distribution is closest in KL divergence to the observed one (TensorRT's entropy
+   calibration, with the thresholds restricted to 2^(e + bits - 1)); exact zeros are left out
+   of the distributions. Only thresholds with at
+   least one bin per integer level compete; with 16 bits (32768 levels) there is none below
+   the minmax exponent, so `kl` gives the minmax exponent there.
+4. `mse`: among the same candidates, the e that minimises the expected squared error of
+   quantization, rounding and clipping together, taking the density as uniform inside each bin
+   and integrating the rounding error exactly over it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from espstream.quant.scheme import E_MIN, exponent_for_absmax, exponent_for_range, qrange
+
+METHODS = ("minmax", "percentile", "kl", "mse")
+DEFAULT_BINS = 4096
+CANDIDATES_BELOW = 12  # how far below the minmax exponent kl and mse look
+
+
+class NonFiniteError(ValueError):
+    """An observed tensor held NaN or Inf."""
+
+
+class HistogramObserver:
+    """Statistics of one tensor in fixed memory (see the module docstring)."""
+
+    def __init__(self, bins: int = DEFAULT_BINS) -> None:
+        if bins < 2 or bins & (bins - 1):
+            raise ValueError("bins must be a power of two >= 2")
+        self.bins = bins
+        # [0, bins): x > 0 by |x|; [bins, 2 bins): x < 0 by |x|; [2 bins]: exact zeros.
+        self.hist = np.zeros(2 * bins + 1, dtype=np.int64)
+        self.top: int | None = None  # k with R = 2^k; None until a non-zero value is seen
+        self.min = math.inf
+        self.max = -math.inf
+        self.count = 0
+
+    # ---- state --------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Size of the state: constant, whatever the number of samples observed."""
+        return int(self.hist.nbytes) + 4 * 8
+
+    @property
+    def pos(self) -> np.ndarray:
+        return self.hist[: self.bins]
+
+    @property
+    def neg(self) -> np.ndarray:
+        return self.hist[self.bins : 2 * self.bins]
+
+    @property
+    def zeros(self) -> int:
+        return int(self.hist[2 * self.bins])
+
+    @property
+    def width(self) -> float:
+        """Bin width R / bins."""
+        return math.ldexp(1.0, (self.top if self.top is not None else 0)) / self.bins
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x)
+        if x.dtype != np.float32 and x.dtype != np.float64:
+            x = x.astype(np.float32)
+        x = x.ravel()
+        if x.size == 0:
+            return
+        lo, hi = float(x.min()), float(x.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise NonFiniteError("NaN or Inf in the observed values")
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
+        self.count += int(x.size)
+        a = max(-lo, hi)
+        if a > 0.0:
+            k = math.frexp(a)[1]  # 2^(k-1) <= a < 2^k
+            if self.top is None:
+                self.top = k
+            elif k > self.top:
+                self._grow(k)
+        if self.top is None:  # all zeros so far
+            self.hist[2 * self.bins] += x.size
+            return
+        b = self.bins
+        scale = math.ldexp(float(b), -self.top)  # b / R, a power of two: the product is exact
+        idx = (np.abs(x) * x.dtype.type(scale)).astype(np.int64)
+        np.minimum(idx, b - 1, out=idx)
+        idx += (x < 0) * b
+        idx[x == 0] = 2 * b
+        self.hist += np.bincount(idx, minlength=2 * b + 1)
+
+    def _grow(self, k: int) -> None:
+        f_log = k - self.top
+        b = self.bins
+        for half in (slice(0, b), slice(b, 2 * b)):
+            h = self.hist[half]
+            if f_log >= int(math.log2(b)):
+                total = h.sum()
+                h[:] = 0
+                h[0] = total
+            else:
+                f = 1 << f_log
+                merged = h.reshape(b // f, f).sum(axis=1)
+                h[:] = 0
+                h[: b // f] = merged
+        self.top = k
+
+    # ---- derived statistics ---------------------------------------------------------------
+    def abs_hist(self) -> np.ndarray:
+        """Histogram of |x| over the bins, zeros in bin 0."""
+        h = self.pos + self.neg
+        h = h.copy()
+        h[0] += self.zeros
+        return h
+
+    def percentile_abs(self, p: float) -> float:
+        """The p-th percentile (0..100) of |x|, linear inside its bin."""
+        if self.count == 0 or self.top is None:
+            return 0.0
+        target = self.count * p / 100.0
+        if target <= self.zeros:
+            return 0.0
+        h = (self.pos + self.neg).astype(np.float64)
+        cdf = self.zeros + np.cumsum(h)
+        j = int(np.searchsorted(cdf, target, side="left"))
+        j = min(j, self.bins - 1)
+        before = cdf[j - 1] if j > 0 else self.zeros
+        frac = (target - before) / h[j] if h[j] > 0 else 1.0
+        value = (j + min(max(frac, 0.0), 1.0)) * self.width
+        return float(min(value, max(-self.min, self.max)))
+
+    def expected_sq_error(self, e: int, bits: int) -> float:
+        """Mean squared error of quantizing the observed values with exponent e (rule 4)."""
+        if self.count == 0 or self.top is None:
+            return 0.0
+        qmin, qmax = qrange(bits)
+        s = math.ldexp(1.0, e)
+        w = self.width
+        lo = np.arange(self.bins, dtype=np.float64) * w
+        hi = lo + w
+        total = _bin_error(self.pos, lo, hi, s, qmax * s)
+        total += _bin_error(self.neg, lo, hi, s, -qmin * s)
+        return total / self.count
+
+    def clipped_fraction(self, e: int, bits: int) -> float:
+        """Share of the observed values beyond the range of exponent e (uniform inside a bin)."""
+        if self.count == 0 or self.top is None:
+            return 0.0
+        qmin, qmax = qrange(bits)
+        s = math.ldexp(1.0, e)
+        n = _mass_above(self.pos, self.width, qmax * s)
+        n += _mass_above(self.neg, self.width, -qmin * s)
+        return float(n / self.count)
+
+    # ---- exponent choices -----------------------------------------------------------------
+    def exponent(self, method: str, bits: int, percentile: float = 99.99) -> int:
+        if method == "minmax":
+            return self.minmax_exponent(bits)
+        if method == "percentile":
+            return self.percentile_exponent(bits, percentile)
+        if method == "kl":
+            return self.kl_exponent(bits)
+        if method == "mse":
+            return self.mse_exponent(bits)
+        raise ValueError(f"unknown method {method!r}")
+
+    def minmax_exponent(self, bits: int) -> int:
+        if self.count == 0:
+            return exponent_for_range(0.0, 0.0, bits)
+        return exponent_for_range(min(self.min, 0.0), max(self.max, 0.0), bits)
+
+    def percentile_exponent(self, bits: int, p: float) -> int:
+        return min(exponent_for_absmax(self.percentile_abs(p), bits), self.minmax_exponent(bits))
+
+    def _candidates(self, bits: int) -> list[int]:
+        top = self.minmax_exponent(bits)
+        return list(range(top, max(top - CANDIDATES_BELOW, E_MIN) - 1, -1))
+
+    def mse_exponent(self, bits: int) -> int:
+        if self.top is None:
+            return self.minmax_exponent(bits)
+        errs = [(self.expected_sq_error(e, bits), -e) for e in self._candidates(bits)]
+        return -min(errs)[1]  # ties go to the wider range
+
+    def kl_exponent(self, bits: int) -> int:
+        if self.top is None:
+            return self.minmax_exponent(bits)
+        levels = 1 << (bits - 1)
+        # Exact zeros are left out: they quantize without error, and a ReLU's spike of zeros
+        # in bin 0 would otherwise dominate the divergence.
+        h = (self.pos + self.neg).astype(np.float64)
+        best: tuple[float, int] | None = None
+        for e in self._candidates(bits):
+            n = math.ldexp(1.0, e + bits - 1) / self.width  # bins below the threshold 2^(e+bits-1)
+            if n < levels:  # under one bin per level the comparison means nothing
+                break
+            n = min(int(n), self.bins)
+            kl = _kl_clipped(h, n, levels)
+            if best is None or kl < best[0] - 1e-12:
+                best = (kl, e)
+        return best[1] if best is not None else self.minmax_exponent(bits)
+
+
+def _h_period(y: np.ndarray, s: float) -> np.ndarray:
+    """Integral over [0, y] of (t mod s - s/2)^2 dt."""
+    n = np.floor(y / s)
+    r = y - n * s
+    half = s / 2.0
+    return n * (s**3 / 12.0) + ((r - half) ** 3 + half**3) / 3.0
+
+
+def _round_err_integral(u: np.ndarray, v: np.ndarray, s: float) -> np.ndarray:
+    """Integral over [u, v] of (t - s * round(t / s))^2 dt, for 0 <= u <= v."""
+    half = s / 2.0
+    return _h_period(v + half, s) - _h_period(u + half, s)
+
+
+def _bin_error(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, s: float, clip: float) -> float:
+    """Sum over bins of count * mean squared error, the density uniform inside each bin."""
+    mask = counts > 0
+    if not mask.any():
+        return 0.0
+    c = counts[mask].astype(np.float64)
+    a, b = lo[mask], hi[mask]
+    inner_hi = np.minimum(b, clip)
+    inner = np.where(inner_hi > a, _round_err_integral(a, np.maximum(inner_hi, a), s), 0.0)
+    outer_lo = np.maximum(a, clip)
+    outer = np.where(b > outer_lo, ((b - clip) ** 3 - (outer_lo - clip) ** 3) / 3.0, 0.0)
+    return float(np.sum(c * (inner + outer) / (b - a)))
+
+
+def _mass_above(counts: np.ndarray, width: float, t: float) -> float:
+    pos = t / width
+    j = int(math.floor(pos))
+    if j >= len(counts):
+        return 0.0
+    partial = counts[j] * (1.0 - (pos - j)) if j >= 0 else 0.0
+    return float(counts[j + 1 :].sum() + partial)
+
+
+def _kl_clipped(h: np.ndarray, n: int, levels: int) -> float:
+    """KL(P || Q): P the first n bins with the tail folded into the last, Q those n bins
+    merged into `levels` groups and spread back over each group's non-empty bins."""
+    p = h[:n].copy()
+    p[n - 1] += h[n:].sum()
+    base = h[:n]
+    if n >= levels:
+        g = n // levels
+        grouped = base.reshape(levels, g)
+        nonzero = (grouped > 0).sum(axis=1, keepdims=True)
+        mean = grouped.sum(axis=1, keepdims=True) / np.maximum(nonzero, 1)
+        spread = np.where(grouped > 0, mean, 0.0)
+        q = spread.reshape(n)
+    else:
+        q = base.copy()
+    ps, qs = p.sum(), q.sum()
+    if ps == 0:
+        return 0.0
+    p = p / ps
+    q = q / qs if qs > 0 else q
+    mask = p > 0
+    q = np.where(mask & (q <= 0), 1e-12, q)
+    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+
+
+def weight_exponents(
+    w: np.ndarray, axis: int | None, bits: int, method: str = "minmax"
+) -> np.ndarray:
+    """Exponents of a weight tensor: one per slice along `axis`, or one for all (axis None).
+
+    `minmax` covers each slice's range exactly (rule 1 of scheme); `mse` tries that exponent and
+    the four below it and keeps the one with the smallest squared error on the actual values.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    slices = [w] if axis is None else [np.take(w, i, axis=axis) for i in range(w.shape[axis])]
+    out = []
+    qmin, qmax = qrange(bits)
+    for sl in slices:
+        e0 = exponent_for_range(min(float(sl.min()), 0.0), max(float(sl.max()), 0.0), bits)
+        if method == "mse":
+            best = None
+            for e in range(e0, e0 - 5, -1):
+                s = math.ldexp(1.0, e)
+                err = float(np.sum((np.clip(np.rint(sl / s), qmin, qmax) * s - sl) ** 2))
+                if best is None or err < best[0]:
+                    best = (err, e)
+            e0 = best[1]
+        out.append(e0)
+    return np.asarray(out, dtype=np.int64)
