@@ -160,6 +160,24 @@ def filter_layout(target: str, dims: tuple[int, ...], use: FilterUse) -> str:
     return f"(N/{a}){spatial}C{a}" + ("_UNALIGNED" if n % a else "")
 
 
+def annotate_filters(graph) -> list[str]:
+    """Give every integer filter without a doc string the layout of `graph.target`.
+
+    For `lower`, which builds filters in the logical layout: the writer packs each filter as its
+    doc string says and refuses an integer filter with none. Returns the names it annotated.
+    """
+    uses = filter_uses(graph.nodes, graph.initializers)
+    done = []
+    for name, use in uses.items():
+        t = graph.initializers[name]
+        if t.doc_string is None and t.data.dtype.kind in "iu":
+            if graph.target is None:
+                raise UserError(f"filter '{name}' needs a layout, but the graph has no target")
+            t.doc_string = LAYOUT_PREFIX + filter_layout(graph.target, t.dims, use)
+            done.append(name)
+    return done
+
+
 def _slices(data: np.ndarray, use: FilterUse) -> np.ndarray:
     """The filter as [B, H, W, C, N] (ordinary) or [B, H, W, N] (depthwise)."""
     if use.depthwise:

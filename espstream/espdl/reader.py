@@ -34,6 +34,9 @@ from espstream.intgraph import (
 MAGIC = b"EDL2"
 HEADER = struct.Struct("<4sIII")  # magic, mode, payload length, reserved
 
+MAX_RANK = 16  # ESP-DL tensors have at most 4 or 5 dims; numpy refuses more than 64
+MAX_DIM = 2**31 - 1
+
 # vtable offset of Tensor.raw_data (slot 8): 4 + 2 * 8
 _RAW_DATA_VT = 20
 
@@ -44,7 +47,7 @@ def read(data: bytes) -> IntGraph:
     verify(buf)
     try:
         return _Reader(buf).model(Model.GetRootAs(buf, 0))
-    except (struct.error, IndexError, OverflowError, UnicodeDecodeError) as e:
+    except (struct.error, IndexError, OverflowError, UnicodeDecodeError, ValueError) as e:
         # The verifier should make these impossible; never let one reach the user as a trace.
         raise UserError(f"corrupt .espdl payload: {type(e).__name__}: {e}") from None
 
@@ -152,9 +155,9 @@ class _Reader:
         )
 
     def tensor(self, t: FbTensor, kind: str) -> Tensor:
-        name = _s(t.Name(), f"a {kind} name")
+        name = _s(t.Name(), f"the name of a {kind}")
         if not name:
-            raise UserError(f"the .espdl file has a {kind} without a name")
+            raise UserError(f"the .espdl file has an unnamed {kind}")
         where = f"{kind} '{name}'"
         code = t.DataType()
         dtype = CODE_TO_DTYPE.get(code)
@@ -169,8 +172,10 @@ class _Reader:
             if n:
                 raise UserError(f"{where}: values stored in {field}; only raw_data is supported")
         dims = _ints(t.DimsIsNone, t.DimsAsNumpy)
-        if any(d < 0 for d in dims):
-            raise UserError(f"{where}: negative dimension in dims {dims}")
+        if len(dims) > MAX_RANK:
+            raise UserError(f"{where}: {len(dims)} dimensions, more than the {MAX_RANK} supported")
+        if any(d < 0 or d > MAX_DIM for d in dims):
+            raise UserError(f"{where}: impossible dimension in dims {dims}")
         count = math.prod(dims)
         o = t._tab.Offset(_RAW_DATA_VT)
         start, nbytes = (t._tab.Vector(o), t._tab.VectorLen(o) * 16) if o else (0, 0)

@@ -124,6 +124,10 @@ class _Writer:
         fl = layout.layout_of(t.doc_string)
         use = self.uses[t.name]
         layout.check_dims(t.name, t.dims, use, fl)
+        n = t.dims[-2] if use.depthwise else t.dims[-1]
+        if len(t.exponents) not in (1, n):
+            raise UserError(f"filter '{t.name}' has {len(t.exponents)} exponents; expected one "
+                            f"per tensor or one per output channel ({n})")
         target = self.g.target
         if target is not None and (target == layout.PLAIN_TARGET) != (fl.align == 0):
             raise UserError(f"filter '{t.name}' has layout '{fl.name}', which is not a "
@@ -139,7 +143,7 @@ class _Writer:
                             "Conv, Gemm or MatMul reads it as a filter")
         if fl is None and use is not None and t.data.dtype.kind in "iu" and t.doc_string is None:
             raise UserError(f"filter '{t.name}' of {use.op_type} '{use.node}' has no layout doc "
-                            "string; set it with espdl.layout.filter_layout(target, dims, use)")
+                            "string; set it with espdl.layout.annotate_filters(graph)")
         return self.tensor(t, "initializer", pack=fl is not None)
 
     def attribute(self, key: str, v, where: str) -> int:
