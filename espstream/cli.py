@@ -196,6 +196,31 @@ def calibrate(
     report.write_json(json_path, result.to_json())
 
 
+@cli.command(
+    context_settings=CONTEXT,
+    epilog=example("espstream inspect model.espdl\nespstream inspect qdq.onnx --json info.json"),
+)
+@click.argument("file", default="-")
+@click.option("--json", "json_path", metavar="PATH", help="Write the same as JSON ('-': stdout).")
+@click.option("-q", "--quiet", is_flag=True, help="Silence stderr except errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def inspect(file: str, json_path: str | None, quiet: bool, debug: bool) -> None:
+    """Show what an .onnx or .espdl file holds: operators, exponents, caches, test values."""
+    import json as jsonlib
+
+    from espstream import inspect as inspection
+    from espstream import modelio, report
+
+    log.set_quiet(quiet)
+    label = "<stdin>" if file == "-" else file
+    info = inspection.inspect_bytes(modelio.read_bytes(file), label)
+    inspection.print_summary(info)
+    if json_path == "-":
+        click.echo(jsonlib.dumps(info, indent=2, default=report._jsonable))
+    else:
+        report.write_json(json_path, info)
+
+
 def _quiet_libraries(debug: bool) -> None:
     """onnx-graphsurgeon and onnxruntime log chatty warnings; keep them for --debug."""
     if debug:
