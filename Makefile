@@ -36,5 +36,13 @@ bench: install
 models: install
 	$(PY) models/build.py
 
+# Regenerate the committed FlatBuffers accessors (needs Debian's flatbuffers-compiler).
+schema:
+	command -v flatc >/dev/null || (apt-get update -q && apt-get install -y -q flatbuffers-compiler)
+	T=$$(mktemp -d) && flatc --python -o "$$T" espstream/espdl/schema.fbs \
+	  && rm -rf espstream/espdl/fbs && cp -r "$$T/espstream/espdl/fbs" espstream/espdl/fbs \
+	  && rm -rf "$$T"
+	git diff --stat -- espstream/espdl/fbs
+
 clean:
 	rm -rf $(OUT) build *.egg-info espstream/kernels/_int8.c espstream/kernels/*.so
