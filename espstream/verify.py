@@ -1,0 +1,552 @@
+"""`verify`: prove that a streaming model, run chunk by chunk with its states fed back,
+computes what the offline model computes over the whole sequence.
+
+How outputs are compared:
+- Time outputs frame by frame: offline frame t against the stream's frame t + delay (the
+  delay from the streaming model's `espstream.delay`). Compared frames are those the stream can
+  reproduce from the frames fed: from the first frame after the declared warm-up up to the last
+  frame that depends neither on right padding nor on frames beyond the end of the sequence
+  (found by the time-axis analysis of the offline model at this length), and only frames the
+  stream has produced after `T // chunk` calls.
+- Summary outputs (no time axis: the last M frames, a recurrent final state) after the last
+  chunk, when T is a multiple of the chunk and the window does not lag.
+- Per output: largest absolute error, SQNR (dB), the first offline frame that differs beyond
+  the tolerance, how many frames were compared.
+
+Engines (`ENGINES`, extend with `register_engine`): an engine turns an ONNX model into a runner
+with `run(feeds) -> {name: array}` and states a tolerance per output.
+- `float`: onnxruntime; pass when |err| <= 1e-5 + 1e-4 * |offline|.
+- `fakequant`: onnxruntime on QDQ models; both models compute the same integer grid, but the
+  float arithmetic inside a layer may sum in another order on a chunk than on the whole
+  sequence, which can move a value across a rounding boundary and change it by one
+  quantization step; such a flip can then grow through the layers behind it. Pass when
+  |err| <= one quantization step of the output (the scale of the DequantizeLinear producing it,
+  else the largest activation scale in the model) + 1e-6; the report also gives the fraction of
+  values that are bit-exact, so a growing flip is visible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+
+from espstream import log
+from espstream.errors import CheckFailed, UserError
+
+# ---- engines -----------------------------------------------------------------------------
+
+
+class Runner(Protocol):
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+class Engine(Protocol):
+    name: str
+
+    def load(self, model: onnx.ModelProto, label: str) -> Runner: ...
+
+    def tolerance(self, model: onnx.ModelProto, output: str) -> tuple[float, float]:
+        """(atol, rtol) for one output of the offline model."""
+        ...
+
+
+class OrtRunner:
+    def __init__(self, model: onnx.ModelProto, label: str):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        try:
+            self.sess = ort.InferenceSession(
+                model.SerializeToString(), so, providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # noqa: BLE001
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"{label}: onnxruntime cannot load it: {first}") from None
+        self.outputs = [o.name for o in self.sess.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.sess.run(None, feeds), strict=True))
+
+
+def _has_qdq(model: onnx.ModelProto) -> bool:
+    return any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+
+
+class FloatEngine:
+    name = "float"
+    atol, rtol = 1e-5, 1e-4
+
+    def load(self, model: onnx.ModelProto, label: str) -> Runner:
+        return OrtRunner(model, label)
+
+    def tolerance(self, model: onnx.ModelProto, output: str) -> tuple[float, float]:
+        return self.atol, self.rtol
+
+
+class FakeQuantEngine(FloatEngine):
+    name = "fakequant"
+
+    def load(self, model: onnx.ModelProto, label: str) -> Runner:
+        if not _has_qdq(model):
+            raise UserError(
+                f"{label}: --engine fakequant needs a QDQ model (from `espstream calibrate`); "
+                "use --engine float"
+            )
+        return OrtRunner(model, label)
+
+    def tolerance(self, model: onnx.ModelProto, output: str) -> tuple[float, float]:
+        return quant_step(model, output) + 1e-6, 0.0
+
+
+def quant_step(model: onnx.ModelProto, output: str) -> float:
+    """Scale of the DequantizeLinear that produces `output` (through data movement), else the
+    largest per-tensor activation scale of the model."""
+    prod = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: i for i in model.graph.initializer}
+    consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+
+    def scalar(name: str) -> float | None:
+        if name in inits:
+            v = onnx.numpy_helper.to_array(inits[name])
+        elif name in consts:
+            v = onnx.numpy_helper.to_array(consts[name].attribute[0].t)
+        else:
+            return None
+        return float(v) if v.size == 1 else None
+
+    t = output
+    movers = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Identity",
+              "MaxPool", "Concat", "Gather"}
+    for _ in range(64):
+        n = prod.get(t)
+        if n is None:
+            break
+        if n.op_type == "DequantizeLinear" and n.input[0] not in inits:
+            s = scalar(n.input[1])
+            if s is not None:
+                return s
+        if n.op_type not in movers:
+            break
+        t = n.input[0]
+    scales = [
+        scalar(n.input[1])
+        for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] not in inits
+    ]
+    scales = [s for s in scales if s is not None]
+    if not scales:
+        raise UserError("the model has no per-tensor activation DequantizeLinear: not a QDQ model")
+    return max(scales)
+
+
+ENGINES: dict[str, Callable[[], Engine]] = {"float": FloatEngine, "fakequant": FakeQuantEngine}
+
+
+def register_engine(name: str, factory: Callable[[], Engine]) -> None:
+    """Add an engine (e.g. the integer simulator) under `name`."""
+    ENGINES[name] = factory
+
+
+def get_engine(name: str | None, offline: onnx.ModelProto) -> Engine:
+    if name is None:
+        name = "fakequant" if _has_qdq(offline) else "float"
+    if name not in ENGINES:
+        raise UserError(f"--engine {name}: unknown; choose one of {', '.join(sorted(ENGINES))}")
+    return ENGINES[name]()
+
+
+# ---- the streaming contract ----------------------------------------------------------------
+
+
+@dataclass
+class StreamMeta:
+    chunk: int
+    time_axes: dict[str, int]
+    states: list[tuple[str, str]]
+    delay: dict[str, int]
+    warmup: dict[str, int]
+
+
+def read_meta(model: onnx.ModelProto, label: str = "streaming model") -> StreamMeta:
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "espstream.chunk" not in meta:
+        raise UserError(
+            f"{label}: not a streaming model (no espstream.chunk metadata); make one with "
+            "`espstream streamify`"
+        )
+    try:
+        return StreamMeta(
+            chunk=int(json.loads(meta["espstream.chunk"])),
+            time_axes={k: int(v) for k, v in json.loads(meta["espstream.time_axes"]).items()},
+            states=[tuple(p) for p in json.loads(meta.get("espstream.states", "[]"))],
+            delay={k: int(v) for k, v in json.loads(meta.get("espstream.delay", "{}")).items()},
+            warmup={k: int(v) for k, v in json.loads(meta.get("espstream.warmup", "{}")).items()},
+        )
+    except (KeyError, ValueError, TypeError) as e:
+        raise UserError(f"{label}: malformed espstream metadata ({e})") from None
+
+
+def _input_specs(model: onnx.ModelProto):
+    inits = {i.name for i in model.graph.initializer}
+    out = []
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        t = vi.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        out.append((vi.name, dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)))
+    return out
+
+
+# ---- results ----------------------------------------------------------------------------------
+
+
+@dataclass
+class OutputCheck:
+    name: str
+    kind: str
+    compared: int = 0  # frames (time) or 1 (summary)
+    frames: str = ""
+    max_abs: float = 0.0
+    sqnr_db: float = math.inf
+    first_diff: int | None = None
+    exact: float = 1.0
+    atol: float = 0.0
+    rtol: float = 0.0
+    ok: bool = True
+    skipped: str = ""
+    _sig: float = 0.0
+    _err: float = 0.0
+    _n: int = 0
+    _n_exact: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": self.name,
+            "kind": self.kind,
+            "compared": self.compared,
+            "frames": self.frames,
+            "max_abs_error": self.max_abs,
+            "sqnr_db": None if math.isinf(self.sqnr_db) else self.sqnr_db,
+            "first_differing_frame": self.first_diff,
+            "exact_fraction": self.exact,
+            "atol": self.atol,
+            "rtol": self.rtol,
+            "ok": self.ok,
+            "skipped": self.skipped or None,
+        }
+
+
+@dataclass
+class VerifyResult:
+    engine: str
+    chunk: int
+    frames: int
+    samples: int
+    outputs: list[OutputCheck] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        compared = [o for o in self.outputs if not o.skipped]
+        return bool(compared) and all(o.ok for o in compared)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine,
+            "chunk": self.chunk,
+            "frames": self.frames,
+            "samples": self.samples,
+            "ok": self.ok,
+            "outputs": [o.to_json() for o in self.outputs],
+            "notes": self.notes,
+        }
+
+    def failure(self) -> str:
+        bad = [o for o in self.outputs if not o.skipped and not o.ok]
+        if bad:
+            o = bad[0]
+            return (
+                f"chunk {self.chunk}: output {o.name!r} differs from offline: max |err| "
+                f"{o.max_abs:.3g} (tolerance {o.atol:.3g} + {o.rtol:.3g}*|ref|), first at frame "
+                f"{o.first_diff}"
+            )
+        return f"chunk {self.chunk}: no output could be compared ({'; '.join(self.notes)})"
+
+    def raise_if_failed(self) -> None:
+        if not self.ok:
+            raise CheckFailed(self.failure())
+
+
+# ---- running --------------------------------------------------------------------------------
+
+
+def _take(x: np.ndarray, axis: int, lo: int, hi: int) -> np.ndarray:
+    idx = [slice(None)] * x.ndim
+    idx[axis] = slice(lo, hi)
+    return x[tuple(idx)]
+
+
+def run_stream(runner: Runner, model: onnx.ModelProto, meta: StreamMeta,
+               inputs: dict[str, np.ndarray], n_calls: int) -> dict[str, np.ndarray]:
+    """Feed `n_calls` chunks; time outputs laid end to end, others from the last call."""
+    specs = {n: (d, t) for n, d, t in _input_specs(model)}
+    states = {}
+    for sin, _sout in meta.states:
+        dims, dt = specs[sin]
+        if any(d is None for d in dims):
+            raise UserError(f"streaming model: state {sin!r} has no static shape")
+        states[sin] = np.zeros(dims, dtype=dt)
+    collected: dict[str, list[np.ndarray]] = {}
+    last: dict[str, np.ndarray] = {}
+    c = meta.chunk
+    state_outs = {so for _si, so in meta.states}
+    for k in range(n_calls):
+        feeds = dict(states)
+        for name, x in inputs.items():
+            ax = meta.time_axes[name]
+            feeds[name] = np.ascontiguousarray(_take(x, ax, k * c, (k + 1) * c))
+        res = runner.run(feeds)
+        for sin, sout in meta.states:
+            states[sin] = res[sout]
+        for name, v in res.items():
+            if name in state_outs:
+                continue
+            if name in meta.time_axes:
+                collected.setdefault(name, []).append(v)
+            else:
+                last[name] = v
+    out = {n: np.concatenate(v, axis=meta.time_axes[n]) for n, v in collected.items()}
+    out.update(last)
+    return out
+
+
+def _accumulate(chk: OutputCheck, ref: np.ndarray, got: np.ndarray, axis: int | None,
+                first_frame: int) -> None:
+    ref = ref.astype(np.float64)
+    got = got.astype(np.float64)
+    err = np.abs(got - ref)
+    bad = err > chk.atol + chk.rtol * np.abs(ref)
+    chk.max_abs = max(chk.max_abs, float(err.max(initial=0.0)))
+    chk._sig += float(np.sum(ref * ref))
+    chk._err += float(np.sum(err * err))
+    chk._n += err.size
+    chk._n_exact += int(np.sum(err == 0))
+    if bad.any():
+        chk.ok = False
+        if axis is not None:
+            per_frame = np.moveaxis(bad, axis, 0).reshape(bad.shape[axis], -1).any(axis=1)
+            f = first_frame + int(np.argmax(per_frame))
+            chk.first_diff = f if chk.first_diff is None else min(chk.first_diff, f)
+    chk.sqnr_db = math.inf if chk._err == 0 else 10 * math.log10(max(chk._sig, 1e-300) / chk._err)
+    chk.exact = chk._n_exact / chk._n if chk._n else 1.0
+
+
+def _make_inputs(offline: onnx.ModelProto, meta: StreamMeta, data, random: int | None,
+                 frames: int | None, seed: int) -> tuple[list[dict[str, np.ndarray]], int]:
+    specs = _input_specs(offline)
+    time_inputs = [s for s in specs if s[0] in meta.time_axes]
+    if not time_inputs:
+        raise UserError("the streaming model's metadata names none of the offline inputs")
+    samples: list[dict[str, np.ndarray]] = []
+    if data is not None:
+        if isinstance(data, np.ndarray):
+            if len(specs) != 1:
+                raise UserError(
+                    "--data: the model has several inputs; give an .npz with one array per input"
+                )
+            data = {specs[0][0]: data}
+        n = None
+        for name, dims, dt in specs:
+            if name not in data:
+                raise UserError(f"--data: no array for input {name!r}")
+            arr = np.asarray(data[name])
+            if arr.ndim == len(dims) - 1:
+                arr = arr[None]
+            if arr.ndim != len(dims):
+                raise UserError(
+                    f"--data: input {name!r} expects [N, {', '.join(map(str, dims[1:]))}], "
+                    f"got shape {list(arr.shape)}"
+                )
+            n = arr.shape[0] if n is None else min(n, arr.shape[0])
+            data[name] = arr.astype(dt)
+        for k in range(n):
+            samples.append({name: data[name][k : k + 1] for name, _d, _t in specs})
+    else:
+        rng = np.random.default_rng(seed)
+        for _ in range(random or 4):
+            sample = {}
+            for name, dims, dt in specs:
+                shape = []
+                for i, d in enumerate(dims):
+                    if name in meta.time_axes and i == meta.time_axes[name]:
+                        shape.append(d if d else (frames or max(64, 8 * meta.chunk)))
+                    else:
+                        shape.append(d if d else 1)
+                sample[name] = rng.standard_normal(shape).astype(dt)
+            samples.append(sample)
+    lengths = {s[name].shape[meta.time_axes[name]] for s in samples for name, *_ in time_inputs}
+    if len(lengths) != 1:
+        raise UserError(f"the time inputs have different lengths {sorted(lengths)}")
+    T = lengths.pop()
+    for name, dims, _dt in time_inputs:
+        fixed = dims[meta.time_axes[name]]
+        if fixed and fixed != T:
+            raise UserError(
+                f"input {name!r} of the offline model has a fixed length of {fixed} frames; "
+                f"the data has {T}"
+            )
+    if frames is not None and frames != T:
+        raise UserError(f"--frames {frames}: the offline model / data has {T} frames")
+    return samples, T
+
+
+def verify_models(
+    offline: onnx.ModelProto,
+    streaming: onnx.ModelProto,
+    data: Any = None,
+    random: int | None = None,
+    frames: int | None = None,
+    engine: str | None = None,
+    seed: int = 0,
+    overrides: Any = None,
+) -> VerifyResult:
+    """Run both models and compare (module docstring). Never raises CheckFailed itself."""
+    from espstream.stream.streamify import analyze
+
+    meta = read_meta(streaming)
+    eng = get_engine(engine, offline)
+    samples, T = _make_inputs(offline, meta, data, random, frames, seed)
+    res = VerifyResult(engine=eng.name, chunk=meta.chunk, frames=T, samples=len(samples))
+    names = {s[0] for s in _input_specs(offline)}
+    in_axes = {n: a for n, a in meta.time_axes.items() if n in names}
+    try:
+        an = analyze(offline, axes=in_axes, overrides=overrides, frames=T)
+        infos = an.outputs
+    except UserError as e:
+        infos = None
+        res.notes.append(f"offline analysis failed ({e}); every produced frame is compared")
+    off = eng.load(offline, "offline model")
+    st = eng.load(streaming, "streaming model")
+    C = meta.chunk
+    n_calls = T // C
+    if n_calls == 0:
+        raise UserError(f"{T} frames is less than one chunk of {C}; use --frames >= {C}")
+    from espstream.stream.axes import Summary, Time
+
+    checks: dict[str, OutputCheck] = {}
+    for sample in samples:
+        ref = off.run(sample)
+        got = run_stream(st, streaming, meta, sample, n_calls)
+        for name, r in ref.items():
+            inf = infos.get(name) if infos is not None else None
+            kind = "time" if name in meta.time_axes else "summary"
+            chk = checks.get(name)
+            if chk is None:
+                atol, rtol = eng.tolerance(offline, name)
+                chk = checks[name] = OutputCheck(name, kind, atol=atol, rtol=rtol)
+            if name not in got:
+                chk.skipped = "the streaming model has no such output"
+                continue
+            g = got[name]
+            if kind == "time":
+                ax = meta.time_axes[name]
+                d = meta.delay.get(name, 0)
+                w = meta.warmup.get(name, 0)
+                if isinstance(inf, Time):
+                    if inf.delay != d:
+                        res.notes.append(
+                            f"{name}: metadata delay {d} differs from the analysis ({inf.delay})"
+                        )
+                    w = max(w, inf.warmup)
+                    valid = inf.valid
+                else:
+                    valid = r.shape[ax]
+                lo = w
+                hi = min(valid, r.shape[ax], g.shape[ax] - d)
+                if hi <= lo:
+                    chk.skipped = f"no frame to compare (frames {lo}..{hi - 1}); use more frames"
+                    continue
+                chk.frames = f"{lo}..{hi - 1}"
+                chk.compared = hi - lo
+                _accumulate(chk, _take(r, ax, lo, hi), _take(g, ax, lo + d, hi + d), ax, lo)
+            else:
+                if isinstance(inf, Summary) and not inf.comparable:
+                    chk.skipped = "the window lags the offline one or sees warm-up frames"
+                    continue
+                if T % C:
+                    chk.skipped = f"{T} frames is not a multiple of the chunk {C}"
+                    continue
+                if g.shape != r.shape:
+                    chk.ok = False
+                    chk.skipped = ""
+                    res.notes.append(f"{name}: shape {list(g.shape)} vs offline {list(r.shape)}")
+                    continue
+                chk.compared = 1
+                chk.frames = "after the last chunk"
+                _accumulate(chk, r, g, None, 0)
+    res.outputs = list(checks.values())
+    return res
+
+
+def print_result(res: VerifyResult) -> None:
+    from espstream.report import table
+
+    rows = []
+    for o in res.outputs:
+        if o.skipped:
+            rows.append([o.name, o.kind, "-", "-", "-", "-", "-", f"skipped: {o.skipped}"])
+            continue
+        sq = "inf" if math.isinf(o.sqnr_db) else f"{o.sqnr_db:.1f}"
+        rows.append([
+            o.name, o.kind, o.frames, f"{o.max_abs:.3g}", sq,
+            "-" if o.first_diff is None else o.first_diff, f"{100 * o.exact:.1f}%",
+            "ok" if o.ok else "FAIL",
+        ])
+    log.info(
+        f"verify: engine {res.engine}, chunk {res.chunk}, {res.samples} sequence(s) of "
+        f"{res.frames} frames"
+    )
+    log.info(table(["output", "kind", "frames", "max|err|", "SQNR dB", "first diff", "exact",
+                    "result"], rows))
+    for n in res.notes:
+        log.warn(n)
+
+
+def verify_chunks(
+    offline: onnx.ModelProto,
+    chunks: list[int],
+    axes: dict[str, int] | None = None,
+    overrides: Any = None,
+    **kw: Any,
+) -> list[VerifyResult]:
+    """Streamify `offline` at each chunk size and verify each."""
+    from espstream.stream.streamify import streamify_model
+
+    out = []
+    for c in chunks:
+        sm = streamify_model(offline, c, axes=axes, overrides=overrides)
+        out.append(verify_models(offline, sm.model, overrides=overrides, **kw))
+    return out
+
+
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "Runner",
+    "VerifyResult",
+    "register_engine",
+    "read_meta",
+    "run_stream",
+    "verify_chunks",
+    "verify_models",
+    "Fraction",
+]
