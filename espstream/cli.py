@@ -221,6 +221,100 @@ def inspect(file: str, json_path: str | None, quiet: bool, debug: bool) -> None:
         report.write_json(json_path, info)
 
 
+@cli.command(
+    context_settings=CONTEXT,
+    epilog=example(
+        "espstream streamify model.qdq.onnx --chunk 3 -o model.stream.onnx --json s.json\n"
+        "espstream streamify kws.onnx --chunk 1 --axis x:2 --overrides over.json > s.onnx\n"
+        "over.json: {\"tensors\": {\"/feat\": {\"window\": 16}, \"/aux\": {\"delay\": 2},\n"
+        "                        \"/blk/out\": {\"axis\": 1}}}"
+    ),
+)
+@click.argument("input", default="-")
+@stage
+@click.option("--chunk", type=int, required=True, metavar="N", help="Input frames per call.")
+@click.option("--axis", multiple=True, metavar="INPUT:AXIS",
+              help="Time axis of an input, where it is not found automatically (repeatable).")
+@click.option("--overrides", metavar="FILE.json",
+              help="Per tensor a window, axis or delay, for ops no rule covers.")
+def streamify(
+    input: str, output: str, json_path: str | None, chunk: int, axis: tuple[str, ...],
+    overrides: str | None,
+) -> None:
+    """Make a streaming model: one chunk per call, the past kept as state (StreamingCache)."""
+    from espstream import modelio, report
+    from espstream.stream import overrides as ovr
+    from espstream.stream.streamify import parse_axes, print_summary, streamify_model
+
+    modelio.check_output_path(output, input)
+    model = modelio.load_model(input)
+    ov = ovr.load(overrides) if overrides else None
+    result = streamify_model(model, chunk, axes=parse_axes(axis), overrides=ov)
+    print_summary(result)
+    modelio.save_model(result.model, output)
+    report.write_json(json_path, result.to_json())
+
+
+@cli.command(
+    context_settings=CONTEXT,
+    epilog=example(
+        "espstream verify model.onnx model.stream.onnx --random 8\n"
+        "espstream verify model.qdq.onnx model.stream.onnx -d x.npy --engine fakequant\n"
+        "espstream verify model.onnx --chunks 1,2,4 --json v.json   # streamifies each"
+    ),
+)
+@click.argument("offline")
+@click.argument("streaming", required=False)
+@click.option("-d", "--data", metavar="PATH", help="Input sequences: .npy [N, ...] or .npz.")
+@click.option("--random", "random_n", type=int, metavar="N", help="N random sequences [4].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
+@click.option("--frames", type=int, metavar="T", help="Sequence length for a dynamic time axis.")
+@click.option("--engine", metavar="NAME", help="float | fakequant [default: by the model].")
+@click.option("--chunks", metavar="N,N,...",
+              help="Streamify OFFLINE at each chunk size and check each (no STREAMING then).")
+@click.option("--axis", multiple=True, metavar="INPUT:AXIS", help="With --chunks: as streamify.")
+@click.option("--overrides", metavar="FILE.json", help="As streamify (also used for analysis).")
+@click.option("--json", "json_path", metavar="PATH", help="Write a JSON report to PATH.")
+@click.option("-q", "--quiet", is_flag=True, help="Silence stderr except errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def verify(
+    offline: str, streaming: str | None, data: str | None, random_n: int | None, seed: int,
+    frames: int | None, engine: str | None, chunks: str | None, axis: tuple[str, ...],
+    overrides: str | None, json_path: str | None, quiet: bool, debug: bool,
+) -> None:
+    """Check that STREAMING, run chunk by chunk, equals OFFLINE over whole sequences."""
+    from espstream import modelio, report
+    from espstream import verify as v
+    from espstream.errors import CheckFailed
+    from espstream.stream import overrides as ovr
+    from espstream.stream.streamify import parse_axes
+
+    log.set_quiet(quiet)
+    if data is not None and random_n is not None:
+        raise UserError("give --data PATH or --random N, not both")
+    if (chunks is None) == (streaming is None):
+        raise UserError(
+            "give either STREAMING.onnx (check that model) or --chunks N,N,... (streamify "
+            "OFFLINE at each chunk size and check each), not both"
+        )
+    kw = dict(
+        data=v.load_data(data) if data else None, random=random_n, frames=frames,
+        engine=engine, seed=seed, overrides=ovr.load(overrides) if overrides else None,
+    )
+    off = modelio.load_model(offline)
+    if chunks is not None:
+        results = v.verify_chunks(off, v.parse_chunks(chunks), axes=parse_axes(axis), **kw)
+    else:
+        results = [v.verify_models(off, modelio.load_model(streaming), **kw)]
+    for r in results:
+        v.print_result(r)
+    report.write_json(json_path, {"ok": all(r.ok for r in results),
+                                  "runs": [r.to_json() for r in results]})
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise CheckFailed("; ".join(r.failure() for r in failed))
+
+
 def _quiet_libraries(debug: bool) -> None:
     """onnx-graphsurgeon and onnxruntime log chatty warnings; keep them for --debug."""
     if debug:

@@ -550,3 +550,30 @@ __all__ = [
     "verify_models",
     "Fraction",
 ]
+
+
+def parse_chunks(text: str) -> list[int]:
+    """`--chunks 1,2,4` -> [1, 2, 4]."""
+    try:
+        chunks = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        chunks = []
+    if not chunks or any(c < 1 for c in chunks):
+        raise UserError(f"--chunks {text!r}: expected positive frame counts such as 1,2,4")
+    return chunks
+
+
+def load_data(path: str) -> Any:
+    """--data: an .npy array [N, ...] (one input) or an .npz with one array per input."""
+    import io
+
+    from espstream.modelio import read_bytes
+
+    raw = read_bytes(path, "data file")
+    try:
+        obj = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise UserError(f"{path}: not an .npy/.npz file ({e})") from None
+    if isinstance(obj, np.ndarray):
+        return obj
+    return {k: obj[k] for k in obj.files}

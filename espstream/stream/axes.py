@@ -276,7 +276,7 @@ def _first_user_axis(inp: gs.Variable, consts: Consts, shapes):
                 out = node.outputs[0]
                 frontier.append((out, p))
                 continue
-            if op in ("Conv", "AveragePool", "MaxPool") and node.inputs[0] is t:
+            if op in ("Conv", "ConvTranspose", "AveragePool", "MaxPool") and node.inputs[0] is t:
                 if rank == 3:
                     return (2, f"rank 3 input of {op} {node.name!r}")
                 if rank != 4:

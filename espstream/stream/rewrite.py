@@ -224,7 +224,6 @@ class Rewriter:
 
     def _recurrent(self, rec) -> None:
         node = rec.node
-        hidden = int(node.attrs["hidden_size"])
         for k, (slot, out_slot, shape) in enumerate(rec.slots):
             base = f"{node.name or node.outputs[0].name}.{'hc'[k]}"
             sin = gs.Variable(self.name(f"{base}.state"), dtype=np.float32, shape=shape)
@@ -240,10 +239,9 @@ class Rewriter:
                 gs.Node("Identity", self.name("stream/Identity"), {}, [node.outputs[out_slot]],
                         [sout])
             )
-            pair = StatePair(sin, sout, base, "recurrent", 1, math.prod(shape) // 1)
+            pair = StatePair(sin, sout, base, "recurrent", 1, math.prod(shape))
             pair.consumers.append({"node": node.name, "kind": "recurrent", "frames": 1})
             self.states.append(pair)
-            del hidden
 
 
 def finish_io(ctx: Ctx, chunk: int, states: list[StatePair], input_axes: dict[str, int]) -> None:

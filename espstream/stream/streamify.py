@@ -445,3 +445,18 @@ def print_summary(res: StreamifyResult) -> None:
         )
     for n in res.notes:
         log.warn(n)
+
+
+def parse_axes(specs: tuple[str, ...] | list[str]) -> dict[str, int]:
+    """`--axis INPUT:AXIS` options -> {INPUT: AXIS}."""
+    out: dict[str, int] = {}
+    for spec in specs:
+        name, sep, ax = spec.rpartition(":")
+        try:
+            value = int(ax)
+        except ValueError:
+            value = None
+        if not sep or not name or value is None:
+            raise UserError(f"--axis {spec!r}: expected INPUT:AXIS, e.g. x:2")
+        out[name] = value
+    return out
