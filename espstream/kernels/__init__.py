@@ -1,0 +1,159 @@
+"""ESP-DL integer kernels: fast Cython versions with the signatures of `kernels.reference`.
+
+Each public function here has a NumPy twin of the same name and signature in
+`espstream.kernels.reference` (the oracle; see its docstring for layouts, pads order, shift and
+rounding conventions). A simulator can take either module:
+
+    from espstream import kernels                 # fast
+    from espstream.kernels import reference       # obviously right, slow
+
+- `conv(x, w, bias=None, *, stride, dilation, pads, groups, shift, rounding, relu)`: Conv,
+  int8 (int32 accumulator) or int16 (int64 accumulator);
+- `avgpool(x, kernel, *, stride, dilation, pads, e_in, e_out, rounding)`: AveragePool on the
+  float32 path;
+- `maxpool(x, kernel, *, stride, dilation, pads)`: MaxPool over valid taps;
+- `requantize(x, shift, *, rounding, dtype)`: RequantizeLinear;
+- `add(a, b)`, `mul(a, b, shift, *, rounding, dtype)`: elementwise, NumPy in both modules
+  (the reference functions themselves: vectorised NumPy is already fast for these).
+
+Arguments are checked by the shared helpers in `reference` (a bad shape or parameter raises
+ValueError naming it); the Cython kernels run without the GIL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from espstream.kernels import _int8
+from espstream.kernels.reference import (
+    IntArg,
+    add,
+    check_rounding,
+    conv_spec,
+    from_hwc,
+    int_range,
+    mul,
+    resolve_window,
+    to_hwc,
+)
+
+__all__ = ["conv", "avgpool", "maxpool", "requantize", "add", "mul"]
+
+_MODE = {"half_up": 0, "half_even": 1}
+_RQ_ANY, _RQ_UP, _RQ_EVEN = 0, 1, 2
+
+
+def _requant_plan(bias: np.ndarray, shift: np.ndarray, rounding: str):
+    """Pick the kernel's requantize path: when every shift is a right shift, fold the rounding
+    constant of 'half_up' into the bias so the kernel does one add and one shift per output."""
+    if int(shift.min()) <= 0:
+        return _RQ_ANY, bias, shift
+    if int(shift.max()) > 62:
+        shift = np.minimum(shift, 62)  # as reference.round_shift: no effect on |v| < 2**61
+    if rounding == "half_up":
+        return _RQ_UP, bias + (np.int64(1) << (shift - 1)), shift
+    return _RQ_EVEN, bias, shift
+
+
+def conv(
+    x: np.ndarray,
+    w: np.ndarray,
+    bias: np.ndarray | None = None,
+    *,
+    stride: IntArg = 1,
+    dilation: IntArg = 1,
+    pads: IntArg = 0,
+    groups: int = 1,
+    shift: int | Sequence[int] | np.ndarray = 0,
+    rounding: str = "half_up",
+    relu: bool = False,
+) -> np.ndarray:
+    """ESP-DL Conv (see `reference.conv`): x `[W, C]`/`[1, W, C]` or `[H, W, C]`/`[1, H, W, C]`,
+    w `[C_out, kW, C_in/g]` or `[C_out, kH, kW, C_in/g]`, shift = e_out - e_in - e_w."""
+    sp = conv_spec(x, w, bias, stride, dilation, pads, groups, shift, rounding)
+    win = sp.window
+    c_in, c_out = sp.x.shape[2], sp.w.shape[0]
+    kh, kw = win.kernel
+    depthwise = sp.groups == c_in == c_out and c_in > 1
+    x16 = np.ascontiguousarray(sp.x, dtype=np.int16)
+    if depthwise:  # [C, kH, kW, 1] -> [kH * kW, C]: the channel loop is innermost
+        w16 = np.ascontiguousarray(sp.w.reshape(c_out, kh * kw).T, dtype=np.int16)
+    else:
+        w16 = np.ascontiguousarray(sp.w.reshape(c_out, -1), dtype=np.int16)
+    acc_type = np.int32 if sp.x.dtype == np.int8 else np.int64
+    acc = np.empty(max(c_in, c_out, 4), acc_type)
+    runs = np.empty(6 * kh * kw, np.intp)
+    y = np.empty((*win.out_hw, c_out), sp.x.dtype)
+    kind, add, shift = _requant_plan(sp.bias, sp.shift, rounding)
+    _int8.conv(
+        x16, w16, add, shift, acc, y, kh, kw, sp.groups, *win.stride, *win.dilation,
+        win.pads[0], win.pads[2], kind, _MODE[rounding], bool(relu), depthwise, runs,
+    )  # fmt: skip
+    return from_hwc(y, x, win.nd)
+
+
+def _pool_args(x: np.ndarray, kernel: IntArg, stride: IntArg, dilation: IntArg, pads: IntArg):
+    nd = 1 if np.isscalar(kernel) or len(kernel) == 1 else 2  # type: ignore[arg-type]
+    x3 = to_hwc(x, nd)
+    int_range(x3.dtype)
+    win = resolve_window(x3.shape[:2], kernel, nd, stride, dilation, pads)
+    x3 = np.ascontiguousarray(x3)
+    y = np.empty((*win.out_hw, x3.shape[2]), x3.dtype)
+    geometry = (*win.kernel, *win.stride, *win.dilation, win.pads[0], win.pads[2])
+    return x3, y, win, geometry
+
+
+def avgpool(
+    x: np.ndarray,
+    kernel: IntArg,
+    *,
+    stride: IntArg = 1,
+    dilation: IntArg = 1,
+    pads: IntArg = 0,
+    e_in: int,
+    e_out: int,
+    rounding: str = "half_up",
+) -> np.ndarray:
+    """ESP-DL AveragePool on its float32 path (see `reference.avgpool`)."""
+    check_rounding(rounding)
+    x3, y, win, geometry = _pool_args(x, kernel, stride, dilation, pads)
+    area = win.kernel[0] * win.kernel[1]
+    inv_area = np.float32(1.0) / np.float32(area)
+    acc = np.empty(x3.shape[2], np.float32)
+    _int8.avgpool(
+        x3, y, acc, *geometry, float(np.float32(2.0**e_in)), float(inv_area),
+        float(np.float32(2.0**e_out)), _MODE[rounding],
+    )  # fmt: skip
+    return from_hwc(y, x, win.nd)
+
+
+def maxpool(
+    x: np.ndarray,
+    kernel: IntArg,
+    *,
+    stride: IntArg = 1,
+    dilation: IntArg = 1,
+    pads: IntArg = 0,
+) -> np.ndarray:
+    """ESP-DL MaxPool over valid taps (see `reference.maxpool`)."""
+    x3, y, win, geometry = _pool_args(x, kernel, stride, dilation, pads)
+    _int8.maxpool(x3, y, *geometry)
+    return from_hwc(y, x, win.nd)
+
+
+def requantize(
+    x: np.ndarray, shift: int, *, rounding: str = "half_up", dtype: np.dtype | type | None = None
+) -> np.ndarray:
+    """RequantizeLinear, shift = e_out - e_in (see `reference.requantize`)."""
+    check_rounding(rounding)
+    x = np.asarray(x)
+    if x.dtype.kind != "i" or x.dtype.itemsize > 4:
+        raise ValueError(f"requantize takes int8, int16 or int32 data, got {x.dtype}")
+    out = np.dtype(x.dtype if dtype is None else dtype)
+    int_range(out)
+    flat = np.ascontiguousarray(x).reshape(-1)
+    y = np.empty(flat.shape, out)
+    _int8.requantize(flat, y, int(shift), _MODE[rounding])
+    return y.reshape(x.shape)

@@ -1,2 +1,415 @@
-# cython: language_level=3
-"""ESP-DL integer kernels (NWC / NHWC, batch 1). Twin: espstream/kernels/reference.py."""
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""ESP-DL integer kernels (NWC / NHWC, batch 1). Twin: espstream/kernels/reference.py.
+
+Low-level entry points: arguments arrive checked and resolved by `espstream.kernels` (shapes,
+window geometry, dtypes, C-contiguity); call those public wrappers, not these. All data is
+`[H, W, C]` (1-D uses H = 1). Inner loops run on raw pointers without the GIL.
+
+Conv: data and weights are widened to int16 once per call, so the inner dot products are
+int16 x int16 -> int32 products (what SSE2's pmaddwd does) accumulated in int32 for int8 data
+(the caller guarantees no overflow) and in int64 for int16 data. Weights are
+`[C_out, kH * kW * C_in/g]`; taps that are adjacent in both the input and the weights (the
+whole kernel row when groups == 1 and the horizontal dilation is 1) merge into one contiguous
+run, and four output channels share each pass over the input.
+"""
+
+from libc.math cimport floor, rint
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t
+
+ctypedef fused data_t:
+    int8_t
+    int16_t
+
+ctypedef fused acc_t:
+    int32_t
+    int64_t
+
+ctypedef fused src_t:
+    int8_t
+    int16_t
+    int32_t
+
+cdef enum:
+    HALF_UP = 0
+    HALF_EVEN = 1
+
+cdef enum:  # requantize kinds of the conv kernels (see `rq`)
+    RQ_ANY = 0
+    RQ_UP = 1
+    RQ_EVEN = 2
+
+
+cdef inline int64_t requant(int64_t v, int64_t s, int mode, bint relu,
+                            int64_t lo, int64_t hi) noexcept nogil:
+    """round(v * 2**-s) as ESP-DL does, then ReLU and saturation (reference.round_shift)."""
+    cdef int64_t q, rest, half
+    cdef int64_t lim = (<int64_t>1) << 31
+    if s <= 0:
+        # Beyond +-2**31 the result saturates anyway; the clip keeps the product in int64.
+        if v > lim:
+            v = lim
+        elif v < -lim:
+            v = -lim
+        if s < -31:
+            s = -31
+        v = v * ((<int64_t>1) << (-s))
+    else:
+        if s > 62:
+            s = 62
+        half = (<int64_t>1) << (s - 1)
+        if mode == HALF_UP:
+            v = (v + half) >> s
+        else:
+            q = v >> s
+            rest = v & ((half << 1) - 1)
+            if rest > half or (rest == half and (q & 1)):
+                q += 1
+            v = q
+    if relu and v < 0:
+        v = 0
+    if v < lo:
+        v = lo
+    elif v > hi:
+        v = hi
+    return v
+
+
+cdef inline Py_ssize_t _taps(Py_ssize_t ih0, Py_ssize_t iw0, Py_ssize_t H, Py_ssize_t W,
+                             Py_ssize_t C, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t dh,
+                             Py_ssize_t dw, Py_ssize_t cig, Py_ssize_t* run_x,
+                             Py_ssize_t* run_w, Py_ssize_t* run_n) noexcept nogil:
+    """The taps of one window inside the input, as runs contiguous in both x and w."""
+    cdef Py_ssize_t i, j, ih, iw, xo, wo, nr = 0
+    for i in range(KH):
+        ih = ih0 + i * dh
+        if ih < 0 or ih >= H:
+            continue
+        for j in range(KW):
+            iw = iw0 + j * dw
+            if iw < 0 or iw >= W:
+                continue
+            xo = (ih * W + iw) * C
+            wo = (i * KW + j) * cig
+            if nr > 0 and run_x[nr - 1] + run_n[nr - 1] == xo and run_w[nr - 1] + run_n[nr - 1] == wo:
+                run_n[nr - 1] += cig
+            else:
+                run_x[nr] = xo
+                run_w[nr] = wo
+                run_n[nr] = cig
+                nr += 1
+    return nr
+
+
+cdef inline int64_t rq(int64_t v, int64_t s, int kind, int mode, int64_t lo,
+                       int64_t hi) noexcept nogil:
+    """Requantize an accumulator whose bias (and, for RQ_UP, rounding constant) is already
+    added: RQ_UP is a plain arithmetic shift, RQ_EVEN a branch-free half-even shift, RQ_ANY the
+    general case. ReLU is folded into `lo`."""
+    cdef int64_t q, rest, half
+    if kind == RQ_UP:
+        v = v >> s
+    elif kind == RQ_EVEN:
+        q = v >> s
+        half = (<int64_t>1) << (s - 1)
+        rest = v & ((half << 1) - 1)
+        v = q + ((rest > half) | ((rest == half) & (q & 1)))
+    else:
+        return requant(v, s, mode, False, lo, hi)
+    if v < lo:
+        v = lo
+    if v > hi:
+        v = hi
+    return v
+
+
+cdef inline bint _same_runs(Py_ssize_t nr, Py_ssize_t nr2, Py_ssize_t step, Py_ssize_t* rx,
+                            Py_ssize_t* rw, Py_ssize_t* rn, Py_ssize_t* rx2, Py_ssize_t* rw2,
+                            Py_ssize_t* rn2) noexcept nogil:
+    """Do two windows have the same taps, the second shifted by `step` in the input?"""
+    cdef Py_ssize_t r
+    if nr != nr2:
+        return False
+    for r in range(nr):
+        if rx2[r] != rx[r] + step or rw2[r] != rw[r] or rn2[r] != rn[r]:
+            return False
+    return True
+
+
+cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                        const int16_t* Wt, Py_ssize_t cout, Py_ssize_t KH, Py_ssize_t KW,
+                        Py_ssize_t G, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw,
+                        Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t OH, Py_ssize_t OW,
+                        const int64_t* add, const int64_t* shift, int kind, int mode,
+                        int64_t lo, int64_t hi, Py_ssize_t* runs, acc_t* accbuf,
+                        data_t* Y) noexcept nogil:
+    """Two neighbouring output pixels with the same taps (the interior) share each weight load,
+    four output channels share each input load: 8 dot products per pass."""
+    cdef Py_ssize_t cig = C // G, cog = cout // G, K = KH * KW * cig, T = KH * KW
+    cdef Py_ssize_t oh, ow, g, co, co_end, r, i, n, nr, nr2, npix, step = sw * C
+    cdef Py_ssize_t* rx = runs
+    cdef Py_ssize_t* rw = runs + T
+    cdef Py_ssize_t* rn = runs + 2 * T
+    cdef Py_ssize_t* rx2 = runs + 3 * T
+    cdef Py_ssize_t* rw2 = runs + 4 * T
+    cdef Py_ssize_t* rn2 = runs + 5 * T
+    cdef const int16_t* xp
+    cdef const int16_t* xq
+    cdef const int16_t* w0
+    cdef const int16_t* w1
+    cdef const int16_t* w2
+    cdef const int16_t* w3
+    cdef data_t* yp
+    cdef data_t* yq
+    cdef acc_t a0, a1, a2, a3, b0, b1, b2, b3
+    cdef int32_t xa, xb, v0, v1, v2, v3
+    for oh in range(OH):
+        ow = 0
+        while ow < OW:
+            nr = _taps(oh * sh - pt, ow * sw - pl, H, W, C, KH, KW, dh, dw, cig, rx, rw, rn)
+            npix = 1
+            if ow + 1 < OW:
+                nr2 = _taps(oh * sh - pt, (ow + 1) * sw - pl, H, W, C, KH, KW, dh, dw, cig,
+                            rx2, rw2, rn2)
+                if _same_runs(nr, nr2, step, rx, rw, rn, rx2, rw2, rn2):
+                    npix = 2
+            yp = Y + (oh * OW + ow) * cout
+            yq = yp + cout
+            for g in range(G):
+                co = g * cog
+                co_end = co + cog
+                if npix == 2:
+                    while co + 4 <= co_end:
+                        a0 = 0
+                        a1 = 0
+                        a2 = 0
+                        a3 = 0
+                        b0 = 0
+                        b1 = 0
+                        b2 = 0
+                        b3 = 0
+                        for r in range(nr):
+                            xp = X + g * cig + rx[r]
+                            xq = xp + step
+                            n = rn[r]
+                            w0 = Wt + co * K + rw[r]
+                            w1 = w0 + K
+                            w2 = w1 + K
+                            w3 = w2 + K
+                            for i in range(n):
+                                xa = xp[i]
+                                xb = xq[i]
+                                v0 = w0[i]
+                                v1 = w1[i]
+                                v2 = w2[i]
+                                v3 = w3[i]
+                                a0 += xa * v0
+                                a1 += xa * v1
+                                a2 += xa * v2
+                                a3 += xa * v3
+                                b0 += xb * v0
+                                b1 += xb * v1
+                                b2 += xb * v2
+                                b3 += xb * v3
+                        yp[co] = <data_t>rq(a0 + add[co], shift[co], kind, mode, lo, hi)
+                        yp[co + 1] = <data_t>rq(a1 + add[co + 1], shift[co + 1], kind, mode, lo, hi)
+                        yp[co + 2] = <data_t>rq(a2 + add[co + 2], shift[co + 2], kind, mode, lo, hi)
+                        yp[co + 3] = <data_t>rq(a3 + add[co + 3], shift[co + 3], kind, mode, lo, hi)
+                        yq[co] = <data_t>rq(b0 + add[co], shift[co], kind, mode, lo, hi)
+                        yq[co + 1] = <data_t>rq(b1 + add[co + 1], shift[co + 1], kind, mode, lo, hi)
+                        yq[co + 2] = <data_t>rq(b2 + add[co + 2], shift[co + 2], kind, mode, lo, hi)
+                        yq[co + 3] = <data_t>rq(b3 + add[co + 3], shift[co + 3], kind, mode, lo, hi)
+                        co += 4
+                while co < co_end:  # leftover channels, or a lone pixel
+                    a0 = 0
+                    b0 = 0
+                    for r in range(nr):
+                        xp = X + g * cig + rx[r]
+                        n = rn[r]
+                        w0 = Wt + co * K + rw[r]
+                        for i in range(n):
+                            a0 += <int32_t>xp[i] * w0[i]
+                        if npix == 2:
+                            xq = xp + step
+                            for i in range(n):
+                                b0 += <int32_t>xq[i] * w0[i]
+                    yp[co] = <data_t>rq(a0 + add[co], shift[co], kind, mode, lo, hi)
+                    if npix == 2:
+                        yq[co] = <data_t>rq(b0 + add[co], shift[co], kind, mode, lo, hi)
+                    co += 1
+            ow += npix
+
+
+cdef void _conv_depthwise(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                          const int16_t* Wt, Py_ssize_t KH, Py_ssize_t KW,
+                          Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw,
+                          Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t OH, Py_ssize_t OW,
+                          const int64_t* add, const int64_t* shift, int kind, int mode,
+                          int64_t lo, int64_t hi, Py_ssize_t* runs, acc_t* acc,
+                          data_t* Y) noexcept nogil:
+    """groups == C_in == C_out; weights transposed to [kH * kW, C] so the loops run over C
+    (contiguous in both; the compiler vectorises them)."""
+    cdef Py_ssize_t oh, ow, i, j, ih, iw, c, t, nt
+    cdef Py_ssize_t* xo = runs
+    cdef Py_ssize_t* wo = runs + KH * KW
+    cdef const int16_t* xp
+    cdef const int16_t* wp
+    cdef data_t* yp
+    for oh in range(OH):
+        for ow in range(OW):
+            nt = 0
+            for i in range(KH):
+                ih = oh * sh - pt + i * dh
+                if ih < 0 or ih >= H:
+                    continue
+                for j in range(KW):
+                    iw = ow * sw - pl + j * dw
+                    if iw < 0 or iw >= W:
+                        continue
+                    xo[nt] = (ih * W + iw) * C
+                    wo[nt] = (i * KW + j) * C
+                    nt += 1
+            for c in range(C):
+                acc[c] = 0
+            for t in range(nt):
+                xp = X + xo[t]
+                wp = Wt + wo[t]
+                for c in range(C):
+                    acc[c] += <int32_t>xp[c] * wp[c]
+            yp = Y + (oh * OW + ow) * C
+            for c in range(C):
+                yp[c] = <data_t>rq(acc[c] + add[c], shift[c], kind, mode, lo, hi)
+
+
+def conv(const int16_t[:, :, ::1] x, const int16_t[:, ::1] w, const int64_t[::1] add,
+         const int64_t[::1] shift, acc_t[::1] acc, data_t[:, :, ::1] y,
+         Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t groups, Py_ssize_t sh, Py_ssize_t sw,
+         Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl, int kind, int mode,
+         bint relu, bint depthwise, Py_ssize_t[::1] runs):
+    """Conv on widened data: x [H, W, C] int16, w [C_out, K] int16 (depthwise: [kH*kW, C]),
+    add: bias per output channel, plus 2**(s-1) when kind == RQ_UP; shift per output channel;
+    kind: RQ_UP / RQ_EVEN (every shift > 0) or RQ_ANY; acc: scratch of the accumulator type
+    (int32 for int8 data, int64 for int16; length >= C); y: output [OH, OW, C_out];
+    runs: scratch of 6 * kH * kW."""
+    cdef int64_t lo, hi
+    if data_t is int8_t:
+        lo, hi = -128, 127
+    else:
+        lo, hi = -32768, 32767
+    if relu:
+        lo = 0
+    cdef Py_ssize_t H = x.shape[0], W = x.shape[1], C = x.shape[2]
+    cdef Py_ssize_t OH = y.shape[0], OW = y.shape[1], cout = y.shape[2]
+    if OH == 0 or OW == 0 or cout == 0 or C == 0:
+        return
+    with nogil:
+        if depthwise:
+            _conv_depthwise(&x[0, 0, 0], H, W, C, &w[0, 0], KH, KW, sh, sw, dh, dw, pt, pl,
+                            OH, OW, &add[0], &shift[0], kind, mode, lo, hi, &runs[0], &acc[0],
+                            &y[0, 0, 0])
+        else:
+            _conv_general(&x[0, 0, 0], H, W, C, &w[0, 0], cout, KH, KW, groups, sh, sw, dh, dw,
+                          pt, pl, OH, OW, &add[0], &shift[0], kind, mode, lo, hi,
+                          &runs[0], &acc[0], &y[0, 0, 0])
+
+
+def avgpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, float[::1] acc,
+            Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh,
+            Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl, float scale_in, float inv_area,
+            float scale_out, int mode):
+    """AveragePool in float32: acc += float(q) * scale_in over valid taps in row-major order,
+    y = (acc * inv_area) / scale_out, rounded in double (exact), saturated. acc: scratch [C].
+    Each float step is a separate float32 operation; x * scale_in is exact (a power of two),
+    so even an FMA contraction of the accumulate step could not change a result."""
+    cdef Py_ssize_t H = x.shape[0], W = x.shape[1], C = x.shape[2]
+    cdef Py_ssize_t OH = y.shape[0], OW = y.shape[1]
+    cdef Py_ssize_t oh, ow, i, j, ih, iw, c
+    cdef const data_t* xp
+    cdef data_t* yp
+    cdef float* a
+    cdef float v
+    cdef double r, lo, hi
+    if data_t is int8_t:
+        lo, hi = -128.0, 127.0
+    else:
+        lo, hi = -32768.0, 32767.0
+    if OH == 0 or OW == 0 or C == 0:
+        return
+    a = &acc[0]
+    with nogil:
+        for oh in range(OH):
+            for ow in range(OW):
+                for c in range(C):
+                    a[c] = 0.0
+                for i in range(KH):
+                    ih = oh * sh - pt + i * dh
+                    if ih < 0 or ih >= H:
+                        continue
+                    for j in range(KW):
+                        iw = ow * sw - pl + j * dw
+                        if iw < 0 or iw >= W:
+                            continue
+                        xp = &x[ih, iw, 0]
+                        for c in range(C):
+                            a[c] = a[c] + (<float>xp[c]) * scale_in
+                yp = &y[oh, ow, 0]
+                for c in range(C):
+                    v = a[c] * inv_area
+                    v = v / scale_out
+                    if mode == HALF_UP:
+                        r = floor(<double>v + 0.5)
+                    else:
+                        r = rint(<double>v)
+                    if r < lo:
+                        r = lo
+                    elif r > hi:
+                        r = hi
+                    yp[c] = <data_t>r
+
+
+def maxpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, Py_ssize_t KH, Py_ssize_t KW,
+            Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt,
+            Py_ssize_t pl):
+    """MaxPool over the valid taps; a window with none gives the type's minimum."""
+    cdef Py_ssize_t H = x.shape[0], W = x.shape[1], C = x.shape[2]
+    cdef Py_ssize_t OH = y.shape[0], OW = y.shape[1]
+    cdef Py_ssize_t oh, ow, i, j, ih, iw, c
+    cdef const data_t* xp
+    cdef data_t* yp
+    cdef data_t lo
+    if data_t is int8_t:
+        lo = -128
+    else:
+        lo = -32768
+    if OH == 0 or OW == 0 or C == 0:
+        return
+    with nogil:
+        for oh in range(OH):
+            for ow in range(OW):
+                yp = &y[oh, ow, 0]
+                for c in range(C):
+                    yp[c] = lo
+                for i in range(KH):
+                    ih = oh * sh - pt + i * dh
+                    if ih < 0 or ih >= H:
+                        continue
+                    for j in range(KW):
+                        iw = ow * sw - pl + j * dw
+                        if iw < 0 or iw >= W:
+                            continue
+                        xp = &x[ih, iw, 0]
+                        for c in range(C):
+                            if xp[c] > yp[c]:
+                                yp[c] = xp[c]
+
+
+def requantize(const src_t[::1] x, data_t[::1] y, int64_t shift, int mode):
+    """Elementwise saturate(round(x * 2**-shift)) over flat arrays."""
+    cdef Py_ssize_t i, n = x.shape[0]
+    cdef int64_t lo, hi
+    if data_t is int8_t:
+        lo, hi = -128, 127
+    else:
+        lo, hi = -32768, 32767
+    with nogil:
+        for i in range(n):
+            y[i] = <data_t>requant(<int64_t>x[i], shift, mode, False, lo, hi)

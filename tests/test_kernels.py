@@ -1,0 +1,502 @@
+"""The Cython kernels against their NumPy oracle, and the oracle against hand-worked values and
+onnxruntime's float Conv.
+
+Property tests draw shapes and parameters with hypothesis and the data from a seeded NumPy
+generator in one of three styles: full range, small values, or only the two extremes (which
+saturates most outputs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from espstream import kernels as fast
+from espstream.kernels import reference as ref
+
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SLOW = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DTYPES = (np.int8, np.int16)
+
+
+def _data(rng: np.random.Generator, shape, dtype, style: str) -> np.ndarray:
+    lo, hi = np.iinfo(dtype).min, np.iinfo(dtype).max
+    if style == "small":
+        return rng.integers(-3, 4, shape).astype(dtype)
+    if style == "extreme":
+        return rng.choice(np.array([lo, hi], dtype), shape)
+    return rng.integers(lo, hi + 1, shape, dtype=dtype)
+
+
+def _assert_same(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.dtype == want.dtype
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+# ----------------------------------------------------------------------------- strategies
+
+
+@st.composite
+def conv_cases(draw, big: bool = False):
+    """A conv call: (x, w, bias, keyword arguments)."""
+    nd = draw(st.sampled_from([1, 2]))
+    dtype = draw(st.sampled_from(DTYPES))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["dense", "grouped", "depthwise", "depthwise_multiplier"]))
+    top = 12 if big else 5
+    if kind == "dense":
+        groups, cig, cog = 1, draw(st.integers(1, 3 * top)), draw(st.integers(1, 2 * top))
+    elif kind == "grouped":
+        groups, cig, cog = (
+            draw(st.integers(2, 4)),
+            draw(st.integers(1, top)),
+            draw(st.integers(1, top)),
+        )
+    elif kind == "depthwise":
+        groups, cig, cog = draw(st.integers(1, 4 * top)), 1, 1
+    else:
+        groups, cig, cog = draw(st.integers(1, 2 * top)), 1, draw(st.integers(2, 3))
+    kmax = 5 if big else 4
+    k = (1 if nd == 1 else draw(st.integers(1, kmax)), draw(st.integers(1, kmax)))
+    s = (1 if nd == 1 else draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    d = (1 if nd == 1 else draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    p = (
+        [0, 0] + [draw(st.integers(0, 3)) for _ in range(2)]
+        if nd == 1
+        else [draw(st.integers(0, 3)) for _ in range(4)]
+    )
+    size = []
+    for axis in range(2):
+        extent = d[axis] * (k[axis] - 1) + 1
+        least = max(1, extent - p[2 * axis] - p[2 * axis + 1])
+        size.append(
+            1 if (nd == 1 and axis == 0) else draw(st.integers(least, least + (20 if big else 8)))
+        )
+    c_in, c_out = groups * cig, groups * cog
+    style = draw(st.sampled_from(["full", "small", "extreme"]))
+    x = _data(rng, (size[0], size[1], c_in), dtype, style)
+    w = _data(
+        rng, (c_out, k[0], k[1], cig), dtype, draw(st.sampled_from(["full", "small", "extreme"]))
+    )
+    if nd == 1:
+        x, w = x[0], w[:, 0]
+        if draw(st.booleans()):
+            x = x[None]
+    elif draw(st.booleans()):
+        x = x[None]
+    bias = None
+    if draw(st.booleans()):
+        bmax = 2**31 - 1 if dtype == np.int8 else 2**46
+        bmax = draw(st.sampled_from([100, 2**20, bmax]))
+        bias = rng.integers(-bmax, bmax, c_out).astype(np.int32 if dtype == np.int8 else np.int64)
+    smax = 20 if dtype == np.int8 else 40
+    if draw(st.booleans()):
+        shift = draw(st.integers(-4, smax))
+    else:
+        shift = rng.integers(-4, smax + 1, c_out)
+    kwargs = dict(
+        stride=s if nd == 2 else s[1],
+        dilation=d if nd == 2 else (d[1],),
+        pads=tuple(p) if nd == 2 else tuple(p[2:]),
+        groups=groups,
+        shift=shift,
+        rounding=draw(st.sampled_from(ref.ROUNDINGS)),
+        relu=draw(st.booleans()),
+    )
+    return x, w, bias, kwargs
+
+
+@st.composite
+def pool_cases(draw, big: bool = False):
+    """A pool call: (x, kernel, keyword arguments)."""
+    nd = draw(st.sampled_from([1, 2]))
+    dtype = draw(st.sampled_from(DTYPES))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kmax = 5 if big else 4
+    k = (1 if nd == 1 else draw(st.integers(1, kmax)), draw(st.integers(1, kmax)))
+    s = (1 if nd == 1 else draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    d = (1 if nd == 1 else draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    p = (
+        [0, 0] + [draw(st.integers(0, 3)) for _ in range(2)]
+        if nd == 1
+        else [draw(st.integers(0, 3)) for _ in range(4)]
+    )
+    size = []
+    for axis in range(2):
+        extent = d[axis] * (k[axis] - 1) + 1
+        least = max(1, extent - p[2 * axis] - p[2 * axis + 1])
+        size.append(
+            1 if (nd == 1 and axis == 0) else draw(st.integers(least, least + (20 if big else 8)))
+        )
+    c = draw(st.integers(1, 40 if big else 20))
+    x = _data(
+        rng, (size[0], size[1], c), dtype, draw(st.sampled_from(["full", "small", "extreme"]))
+    )
+    if nd == 1:
+        x = x[0]
+        kernel = k[1] if draw(st.booleans()) else (k[1],)
+        kwargs = dict(stride=s[1], dilation=d[1], pads=tuple(p[2:]))
+    else:
+        kernel = k
+        kwargs = dict(stride=s, dilation=d, pads=tuple(p))
+    if draw(st.booleans()):
+        x = x[None]
+    return x, kernel, kwargs
+
+
+# ----------------------------------------------------------------------------- fast == reference
+
+
+def _check_conv(case) -> None:
+    x, w, bias, kwargs = case
+    _assert_same(fast.conv(x, w, bias, **kwargs), ref.conv(x, w, bias, **kwargs))
+
+
+@FAST
+@given(conv_cases())
+def test_conv_matches_reference(case):
+    _check_conv(case)
+
+
+def _check_avgpool(case, e_in: int, e_out: int, rounding: str) -> None:
+    x, kernel, kwargs = case
+    got = fast.avgpool(x, kernel, e_in=e_in, e_out=e_out, rounding=rounding, **kwargs)
+    want = ref.avgpool(x, kernel, e_in=e_in, e_out=e_out, rounding=rounding, **kwargs)
+    _assert_same(got, want)
+
+
+@FAST
+@given(pool_cases(), st.integers(-12, 3), st.integers(-12, 3), st.sampled_from(ref.ROUNDINGS))
+def test_avgpool_matches_reference(case, e_in, e_out, rounding):
+    _check_avgpool(case, e_in, e_out, rounding)
+
+
+@FAST
+@given(pool_cases())
+def test_maxpool_matches_reference(case):
+    x, kernel, kwargs = case
+    _assert_same(fast.maxpool(x, kernel, **kwargs), ref.maxpool(x, kernel, **kwargs))
+
+
+@FAST
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([np.int8, np.int16, np.int32]),
+    st.sampled_from(DTYPES),
+    st.integers(-40, 70),
+    st.sampled_from(ref.ROUNDINGS),
+    st.sampled_from(["full", "small", "extreme"]),
+)
+def test_requantize_matches_reference(seed, src, dst, shift, rounding, style):
+    rng = np.random.default_rng(seed)
+    shape = tuple(rng.integers(1, 6, rng.integers(1, 4)))
+    x = _data(rng, shape, src, style)
+    got = fast.requantize(x, shift, rounding=rounding, dtype=dst)
+    _assert_same(got, ref.requantize(x, shift, rounding=rounding, dtype=dst))
+
+
+@pytest.mark.slow
+@SLOW
+@given(conv_cases(big=True))
+def test_conv_matches_reference_sweep(case):
+    _check_conv(case)
+
+
+@pytest.mark.slow
+@SLOW
+@given(
+    pool_cases(big=True), st.integers(-12, 3), st.integers(-12, 3), st.sampled_from(ref.ROUNDINGS)
+)
+def test_pools_match_reference_sweep(case, e_in, e_out, rounding):
+    _check_avgpool(case, e_in, e_out, rounding)
+    x, kernel, kwargs = case
+    _assert_same(fast.maxpool(x, kernel, **kwargs), ref.maxpool(x, kernel, **kwargs))
+
+
+def test_conv_benchmark_shapes_match_reference():
+    """The benchmark's three shapes (with padding, per-channel shifts, ReLU), full-range data."""
+    rng = np.random.default_rng(7)
+    cases = [
+        (
+            rng.integers(-128, 128, (1000, 64), np.int8),
+            rng.integers(-128, 128, (64, 3, 64), np.int8),
+            1,
+            1,
+        ),
+        (
+            rng.integers(-128, 128, (49, 10, 64), np.int8),
+            rng.integers(-128, 128, (64, 3, 3, 1), np.int8),
+            64,
+            1,
+        ),
+        (
+            rng.integers(-128, 128, (49, 10, 64), np.int8),
+            rng.integers(-128, 128, (64, 1, 1, 64), np.int8),
+            1,
+            0,
+        ),
+    ]
+    for x, w, groups, pads in cases:
+        shift = rng.integers(6, 16, w.shape[0])
+        bias = rng.integers(-(2**16), 2**16, w.shape[0]).astype(np.int32)
+        for rounding in ref.ROUNDINGS:
+            kw = dict(groups=groups, pads=pads, shift=shift, rounding=rounding, relu=True)
+            _assert_same(fast.conv(x, w, bias, **kw), ref.conv(x, w, bias, **kw))
+
+
+@pytest.mark.parametrize("width", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_kernel_wider_than_input(width, dtype):
+    """Padded windows that cover whole input rows: taps of the last column of one row and the
+    first column of the next are adjacent in memory but not in the weights."""
+    rng = np.random.default_rng(width)
+    x = _data(rng, (4, width, 5), dtype, "full")
+    w = _data(rng, (7, 3, 3, 5), dtype, "full")
+    for pads in [(1, 1, 1, 1), (0, 2, 2, 0), (2, 0, 0, 2)]:
+        kw = dict(pads=pads, shift=17 if dtype == np.int8 else 33)
+        _assert_same(fast.conv(x, w, **kw), ref.conv(x, w, **kw))
+
+
+# ----------------------------------------------------------------------------- the oracle by hand
+
+
+@pytest.mark.parametrize(
+    ("v", "s", "half_up", "half_even"),
+    [
+        (5, 1, 3, 2),  # 2.5
+        (-5, 1, -2, -2),  # -2.5: half up goes toward +inf
+        (7, 1, 4, 4),  # 3.5
+        (-7, 1, -3, -4),  # -3.5
+        (6, 2, 2, 2),  # 1.5
+        (10, 2, 3, 2),  # 2.5
+        (-10, 2, -2, -2),  # -2.5
+        (-11, 2, -3, -3),  # -2.75
+        (9, 2, 2, 2),  # 2.25
+        (3, 0, 3, 3),
+        (3, -2, 12, 12),  # left shift
+        (-3, -4, -48, -48),
+        (1, 40, 0, 0),
+        (2**39, 40, 1, 0),  # 0.5
+        (3 * 2**39, 40, 2, 2),  # 1.5
+    ],
+)
+def test_round_shift_by_hand(v, s, half_up, half_even):
+    assert ref.round_shift(np.array([v]), s, "half_up")[0] == half_up
+    assert ref.round_shift(np.array([v]), s, "half_even")[0] == half_even
+    # and the Cython requantize agrees (int32 input, int16 output, no saturation here)
+    if -(2**31) <= v < 2**31:
+        for rounding, want in (("half_up", half_up), ("half_even", half_even)):
+            got = fast.requantize(np.array([v], np.int32), s, rounding=rounding, dtype=np.int16)
+            assert got[0] == want
+
+
+def test_requantize_saturates_by_hand():
+    x = np.array([1000, -1000, 300, 40], np.int16)
+    np.testing.assert_array_equal(ref.requantize(x, 0, dtype=np.int8), [127, -128, 127, 40])
+    np.testing.assert_array_equal(ref.requantize(x, 3, dtype=np.int8), [125, -125, 38, 5])
+    np.testing.assert_array_equal(
+        ref.requantize(x, -40, dtype=np.int16), [32767, -32768, 32767, 32767]
+    )
+
+
+def test_conv_by_hand():
+    # 1-D, one channel: x = 1 2 3, w = 1 1 -> sums 3, 5
+    x = np.array([[1], [2], [3]], np.int8)
+    w = np.array([[[1], [1]]], np.int8)
+    np.testing.assert_array_equal(ref.conv(x, w, shift=1).ravel(), [2, 3])  # 1.5, 2.5 half up
+    np.testing.assert_array_equal(ref.conv(x, w, shift=1, rounding="half_even").ravel(), [2, 2])
+    # bias at e_in + e_w, then the shift: (3 - 8) / 2 = -2.5 and (5 - 8) / 2 = -1.5
+    b = np.array([-8], np.int32)
+    np.testing.assert_array_equal(ref.conv(x, w, b, shift=1).ravel(), [-2, -1])
+    np.testing.assert_array_equal(
+        ref.conv(x, w, b, shift=1, rounding="half_even").ravel(), [-2, -2]
+    )
+    np.testing.assert_array_equal(ref.conv(x, w, b, shift=1, relu=True).ravel(), [0, 0])
+    # pads (1, 1): the padded taps add nothing -> 1, 3, 5, 3; stride 2 keeps 1, 5
+    np.testing.assert_array_equal(ref.conv(x, w, pads=(1, 1)).ravel(), [1, 3, 5, 3])
+    np.testing.assert_array_equal(ref.conv(x, w, pads=(1, 1), stride=2).ravel(), [1, 5])
+    # dilation 2: x0 + x2 = 4; left shift by 5 saturates 128 -> 127
+    np.testing.assert_array_equal(ref.conv(x, w, dilation=2).ravel(), [4])
+    np.testing.assert_array_equal(ref.conv(x, w, dilation=2, shift=-5).ravel(), [127])
+    # per-channel shifts, two output channels
+    w2 = np.array([[[1], [1]], [[2], [2]]], np.int8)
+    np.testing.assert_array_equal(ref.conv(x, w2, shift=[0, 1]), [[3, 3], [5, 5]])
+    # depthwise 2-D, two channels, 2x2 kernel of ones on a 2x2 input: the per-channel sums
+    x2 = np.array([[[1, 10], [2, 20]], [[3, 30], [4, 40]]], np.int16)
+    w3 = np.ones((2, 2, 2, 1), np.int16)
+    np.testing.assert_array_equal(ref.conv(x2, w3, groups=2), [[[10, 100]]])
+    # int8 grouped: group 0 sees channel 0, group 1 channel 1
+    w4 = np.array([[[[1]]], [[[-1]]]], np.int8)
+    np.testing.assert_array_equal(ref.conv(x2.astype(np.int8), w4, groups=2)[0, 0], [1, -10])
+
+
+def test_avgpool_by_hand():
+    x = np.array([[1], [2], [1], [0], [-1], [0], [-3], [0]], np.int8)
+    # kernel 2 stride 2: sums 3, 1, -1, -3 -> 1.5, 0.5, -0.5, -1.5
+    up = ref.avgpool(x, 2, stride=2, e_in=0, e_out=0)
+    even = ref.avgpool(x, 2, stride=2, e_in=0, e_out=0, rounding="half_even")
+    np.testing.assert_array_equal(up.ravel(), [2, 1, 0, -1])
+    np.testing.assert_array_equal(even.ravel(), [2, 0, 0, -2])
+    # the full area divides even at the border: pads (1, 1), kernel 3 on 3 3 3 -> 6/3, 9/3, 6/3
+    y = np.array([[3], [3], [3]], np.int16)
+    np.testing.assert_array_equal(
+        ref.avgpool(y, 3, pads=(1, 1), e_in=0, e_out=0).ravel(), [2, 3, 2]
+    )
+    # exponents: q * 2^e_in / area * 2^-e_out; 6 * 2^-1 / 3 * 2^1 = 2, then 2^-3 -> 0.25 -> 0
+    np.testing.assert_array_equal(
+        ref.avgpool(y, 3, pads=(1, 1), e_in=-1, e_out=-1).ravel(), [2, 3, 2]
+    )
+    np.testing.assert_array_equal(
+        ref.avgpool(y, 3, pads=(1, 1), e_in=-3, e_out=0).ravel(), [0, 0, 0]
+    )
+    np.testing.assert_array_equal(
+        ref.avgpool(y, 3, pads=(1, 1), e_in=0, e_out=-8).ravel(), [512, 768, 512]
+    )
+    np.testing.assert_array_equal(
+        ref.avgpool(y.astype(np.int8), 3, pads=(1, 1), e_in=0, e_out=-8).ravel(), [127, 127, 127]
+    )
+
+
+def test_maxpool_by_hand():
+    x = np.array([[-5, 1], [-7, 2]], np.int8)  # W = 2, C = 2
+    # padding never wins, even against negative values
+    np.testing.assert_array_equal(ref.maxpool(x, 2, pads=(1, 1)), [[-5, 1], [-5, 2], [-7, 2]])
+    # 2-D, stride 2 over a 2x4 input
+    x2 = np.arange(8, dtype=np.int16).reshape(2, 4, 1) * -1
+    np.testing.assert_array_equal(ref.maxpool(x2, (2, 2), stride=2).ravel(), [0, -2])
+
+
+def test_add_and_mul_by_hand():
+    a = np.array([100, -100, 5], np.int8)
+    b = np.array([100, -100, -7], np.int8)
+    np.testing.assert_array_equal(ref.add(a, b), [127, -128, -2])
+    np.testing.assert_array_equal(fast.add(a, b), [127, -128, -2])
+    # 100*100 = 10000 >> 7 = 78.125 -> 78; -35 >> 1 = -17.5 -> -17 (up) / -18 (even)
+    np.testing.assert_array_equal(ref.mul(a, b, 7), [78, 78, 0])
+    np.testing.assert_array_equal(ref.mul(a[2:], b[2:], 1), [-17])
+    np.testing.assert_array_equal(ref.mul(a[2:], b[2:], 1, rounding="half_even"), [-18])
+    np.testing.assert_array_equal(ref.mul(a, b, 0), [127, 127, -35])
+
+
+# ------------------------------------------------------------------------- oracle vs onnxruntime
+
+
+def _ort_conv(x_nchw, w_oihw, b, attrs: dict, out_shape) -> np.ndarray:
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], **attrs)
+    graph = helper.make_graph(
+        [node],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_nchw.shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        [numpy_helper.from_array(w_oihw, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x_nchw})[0]
+
+
+@settings(max_examples=25, deadline=None)
+@given(conv_cases(), st.integers(0, 6), st.integers(0, 2**32 - 1))
+def test_reference_conv_matches_onnxruntime_float_conv(case, shift, seed):
+    """Small integer data is exact in float32: ORT's float Conv gives the exact sums, which the
+    reference must reproduce with shift 0, and round half up with a right shift."""
+    x, w, _, kwargs = case
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-4, 5, x.shape).astype(np.int16)
+    w = rng.integers(-4, 5, w.shape).astype(np.int16)
+    bias = rng.integers(-50, 51, w.shape[0]).astype(np.int64)
+    nd = w.ndim - 2
+    x3 = ref.to_hwc(x, nd)
+    x_nchw = np.moveaxis(x3, -1, 0)[None].astype(np.float32)  # [1, C, H, W]
+    w_oihw = np.moveaxis(w if nd == 2 else w[:, None], -1, 1).astype(np.float32)
+    win = ref.resolve_window(
+        x3.shape[:2],
+        w.shape[1:3] if nd == 2 else w.shape[1],
+        nd,
+        kwargs["stride"],
+        kwargs["dilation"],
+        kwargs["pads"],
+    )
+    t, b_, l_, r_ = win.pads
+    attrs = dict(
+        group=kwargs["groups"], strides=list(win.stride), dilations=list(win.dilation),
+        pads=[t, l_, b_, r_], kernel_shape=list(win.kernel),
+    )  # fmt: skip
+    out_shape = [1, w.shape[0], *win.out_hw]
+    exact = _ort_conv(x_nchw, w_oihw, bias.astype(np.float32), attrs, out_shape)[
+        0
+    ]  # [C_out, OH, OW]
+    exact = np.moveaxis(exact, 0, -1).astype(np.int64)
+    want0 = ref.from_hwc(np.clip(exact, -32768, 32767).astype(np.int16), x, nd)
+    got0 = ref.conv(
+        x,
+        w,
+        bias,
+        stride=kwargs["stride"],
+        dilation=kwargs["dilation"],
+        pads=kwargs["pads"],
+        groups=kwargs["groups"],
+    )
+    _assert_same(got0, want0)
+    want = ref.from_hwc(
+        np.floor(exact / 2**shift + 0.5).clip(-32768, 32767).astype(np.int16), x, nd
+    )
+    got = ref.conv(
+        x,
+        w,
+        bias,
+        stride=kwargs["stride"],
+        dilation=kwargs["dilation"],
+        pads=kwargs["pads"],
+        groups=kwargs["groups"],
+        shift=shift,
+    )
+    _assert_same(got, want)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+@pytest.mark.parametrize("impl", [fast, ref], ids=["fast", "reference"])
+def test_conv_rejects_bad_arguments(impl):
+    x = np.zeros((5, 4), np.int8)
+    w = np.zeros((6, 3, 4), np.int8)
+    with pytest.raises(ValueError, match="groups"):
+        impl.conv(x, w, groups=3)
+    with pytest.raises(ValueError, match="dtype"):
+        impl.conv(x.astype(np.int16), w)
+    with pytest.raises(ValueError, match="pads"):
+        impl.conv(x, w, pads=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="does not fit"):
+        impl.conv(x, w, dilation=3)
+    with pytest.raises(ValueError, match="shift"):
+        impl.conv(x, w, shift=[1, 2])
+    with pytest.raises(ValueError, match="bias"):
+        impl.conv(x, w, np.zeros(5, np.int32))
+    with pytest.raises(ValueError, match="rounding"):
+        impl.conv(x, w, rounding="nearest")
+    with pytest.raises(ValueError, match="batch 1"):
+        impl.conv(np.zeros((2, 5, 4), np.int8), w)
+    with pytest.raises(ValueError, match="int8 and int16"):
+        impl.conv(x.astype(np.int32), w.astype(np.int32))
+    with pytest.raises(ValueError, match="overflow"):
+        impl.conv(np.zeros((1, 140000), np.int8), np.zeros((1, 1, 140000), np.int8))
+    with pytest.raises(ValueError, match="does not fit"):
+        impl.maxpool(x, 7)
+    with pytest.raises(ValueError, match="stride"):
+        impl.avgpool(x, 2, stride=0, e_in=0, e_out=0)
+
+
+def test_kernels_share_signatures():
+    import inspect
+
+    for name in fast.__all__:
+        assert inspect.signature(getattr(fast, name)) == inspect.signature(getattr(ref, name)), name
