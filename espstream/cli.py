@@ -173,6 +173,7 @@ def calibrate(
         read_calibration_data,
     )
     from espstream.quant.data import warn_random
+    from espstream.quant.plan import check_float_model
 
     if (data is None) == (random_n is None):
         raise UserError("give calibration data with -d/--data PATH, or --random N (not both)")
@@ -180,6 +181,7 @@ def calibrate(
     if data:
         modelio.check_output_path(output, data)
     model = modelio.load_model(input)
+    check_float_model(model)
     inputs = model_inputs(model)
     if data:
         calib = read_calibration_data(data, inputs, limit=samples)

@@ -12,7 +12,9 @@ integer simulator read it by this contract:
    `CalibrateResult.qdq_names` maps each float tensor to the name of its fake-quant value.
 3. Which tensors get which exponent (`espstream.quant.plan`): graph inputs, gemm layers, SiLU,
    Add / Sub / Concat, elementwise and pooling operators get their own exponent from the
-   observer (`--method`). Outputs of Reshape, Transpose, Flatten, Slice, Squeeze, Unsqueeze,
+   observer (`--method`), except that a tensor whose only use is one Add / Sub / Concat
+   (and is no graph output) takes that node's output exponent, so it needs no requantization.
+   Outputs of Reshape, Transpose, Flatten, Slice, Squeeze, Unsqueeze,
    MaxPool, Pad, Split (and Identity, GlobalMaxPool) pass through Q/DQ with exactly their input's
    exponent. A Relu / Clip right after Conv / ConvTranspose / Gemm / MatMul (the gemm output's
    only consumer) is fused: no Q/DQ between them, the Relu / Clip output carries the exponent.
@@ -26,12 +28,15 @@ integer simulator read it by this contract:
    per tensor (scalars, no `axis`) on esp32s3 and c; `--per-channel / --per-tensor` override.
    Weight exponents cover max |w| (per channel) unless `weight_method="mse"`. Offline constants
    round half to even. Gemm's alpha and beta are folded into W and C (both then 1).
-5. Bias, 8-bit: an int32 initializer `B_quantized` = round(b / 2^(e_in + e_w)) behind
-   `DequantizeLinear` with scale 2^(e_in + e_w) (1-D with axis 0 when the weights are per channel),
-   saturated to 20 bits on esp32s3 (32 bits elsewhere). e_in is the exponent of the gemm's input.
-   Bias, 16-bit: ONNX's DequantizeLinear takes no int64 input, so an int64 initializer
-   `B_quantized` (saturated to 40 bits on esp32s3 / esp32p4) goes through `Cast(to=FLOAT)` and a
-   `Mul` by the float32 scale tensor `B_scale` (2^(e_in + e_w), one per channel or a scalar).
+5. Bias: an int32 initializer `B_quantized` behind `DequantizeLinear` (1-D scale with axis 0
+   when the weights are per channel). 8-bit: the value is round(b / 2^(e_in + e_w)), saturated
+   to 20 bits on esp32s3 (32 bits elsewhere), with scale 2^(e_in + e_w); e_in is the exponent of
+   the gemm's input. 16-bit: ESP-DL's bias is int64 (40 bits on esp32s3 / esp32p4), but ONNX's
+   DequantizeLinear takes no int64 (and a float bias, or Cast(int64) * scale, is re-quantized
+   by onnxruntime's own bias-quantization transformer to int32 with saturation, which breaks
+   the fake-quant model). So the stored int32 is the int64 bias shifted right by the smallest
+   k >= 0 that fits int32, with scale 2^(e_in + e_w + k); the lowering reads
+   k = log2(scale) - e_in - e_w and shifts left by k. k is 0 whenever the bias fits int32.
 6. Add / Sub / Concat: an input whose exponent differs from the output's goes through an extra
    Q/DQ pair at the output's exponent (`X_requant_2^e`), an explicit requantization; a constant
    input is stored as an integer initializer at the output's exponent directly. A constant input
@@ -117,6 +122,7 @@ class CalibrateResult:
     weight_exponents: dict[str, list[int]]  # by gemm node name
     bias_exponents: dict[str, list[int]]  # by gemm node name
     bias_clipped: dict[str, int]  # gemm node -> number of saturated bias values
+    bias_shift: dict[str, int]  # gemm node -> k of rule 5 (16-bit int64 bias stored as int32)
     requantized: list[dict[str, Any]]  # the explicit Q/DQ requantizations
     observers: dict[str, HistogramObserver]
     qdq_names: dict[str, str]
@@ -157,7 +163,8 @@ class CalibrateResult:
             "tensors": tensors,
             "shared": shared,
             "weights": {k: {"exponents": v, "bias_exponents": self.bias_exponents.get(k),
-                            "bias_clipped": self.bias_clipped.get(k, 0)}
+                            "bias_clipped": self.bias_clipped.get(k, 0),
+                            "bias_shift": self.bias_shift.get(k, 0)}
                         for k, v in self.weight_exponents.items()},
             "requantized": self.requantized,
         }
@@ -200,6 +207,10 @@ def choose_exponents(plan: Plan, observers: dict[str, HistogramObserver],
     for layer in plan.layers:
         exps[layer.output] = observers[layer.output].exponent(opts.method, opts.bits,
                                                               opts.percentile)
+    # Rule 5 of the plan: last node first, so that a chain of Adds settles from the end.
+    for out, inputs in reversed(plan.adopt):
+        for i in inputs:
+            exps[i] = exps[out]
     for t in plan.share_root:
         exps[t] = exps[plan.root(t)]
     return exps
@@ -235,7 +246,8 @@ def calibrate_model(
     result = CalibrateResult(
         model=qm, float_model=fm, plan=plan, options=opts, exponents=exps,
         weight_exponents=rw.weight_exps, bias_exponents=rw.bias_exps,
-        bias_clipped=rw.bias_clipped, requantized=rw.requantized, observers=observers,
+        bias_clipped=rw.bias_clipped, bias_shift=rw.bias_shift, requantized=rw.requantized,
+        observers=observers,
         qdq_names=rw.qdq_names, samples=len(data), batched=batched,
         seconds=time.perf_counter() - t0,
     )
@@ -289,6 +301,7 @@ class _Rewriter:
         self.weight_exps: dict[str, list[int]] = {}
         self.bias_exps: dict[str, list[int]] = {}
         self.bias_clipped: dict[str, int] = {}
+        self.bias_shift: dict[str, int] = {}
         self.requantized: list[dict[str, Any]] = []
         self.qdq_names: dict[str, str] = {}
 
@@ -329,22 +342,6 @@ class _Rewriter:
         self.graph.nodes.append(gs.Node("DequantizeLinear",
                                         self.names.new(f"{base}_DequantizeLinear"), attrs=attrs,
                                         inputs=[qc, scale, zp], outputs=[out]))
-        return out
-
-    def _int64_bias(self, base: str, q: np.ndarray, exps: np.ndarray) -> gs.Variable:
-        """16-bit bias: int64 initializer -> Cast(FLOAT) -> Mul(2^e) (rule 5)."""
-        qc = gs.Constant(self.names.new(f"{base}_quantized"), q.astype(np.int64))
-        scale = gs.Constant(self.names.new(f"{base}_scale"),
-                            np.ldexp(np.ones(len(exps)), exps).astype(np.float32)
-                            if len(exps) > 1 else np.array(scheme.scale_of(int(exps[0])),
-                                                           np.float32))
-        cast = gs.Variable(self.names.new(f"{base}_cast"), dtype=np.float32)
-        out = gs.Variable(self.names.new(f"{base}_dequantized"), dtype=np.float32)
-        self.graph.nodes.append(gs.Node("Cast", self.names.new(f"{base}_Cast"),
-                                        attrs={"to": onnx.TensorProto.FLOAT},
-                                        inputs=[qc], outputs=[cast]))
-        self.graph.nodes.append(gs.Node("Mul", self.names.new(f"{base}_Scale"),
-                                        inputs=[cast, scale], outputs=[out]))
         return out
 
     # ---- the rewrite --------------------------------------------------------------------
@@ -392,14 +389,21 @@ class _Rewriter:
             b_e = e_in + per_ch
             self.bias_exps[name] = b_e.tolist()
             lo, hi = scheme.bias_range(self.target, self.bits)
-            raw = np.rint(np.ldexp(b.astype(np.float64), -np.broadcast_to(b_e, b.shape)))
+            b64 = b.astype(np.float64)
+            raw = np.rint(np.ldexp(b64, -np.broadcast_to(b_e, b.shape)))
             self.bias_clipped[name] = int(np.sum((raw < lo) | (raw > hi)))
-            bq = np.clip(raw, lo, hi).astype(scheme.bias_dtype(self.bits))
+            # Rule 5: the stored int32 is the int64 bias shifted right by k >= 0 bits, the
+            # smallest k that fits int32 (always 0 for 8-bit models, whose range is 32 bits).
+            k = 0
+            i32 = np.iinfo(np.int32)
+            while np.abs(np.clip(raw, lo, hi)).max(initial=0) / 2.0**k > i32.max:
+                k += 1
+            if k:
+                raw = np.rint(np.ldexp(b64, -np.broadcast_to(b_e + k, b.shape)))
+            bq = np.clip(raw, lo >> k, hi >> k).astype(np.int32)
+            self.bias_shift[name] = k
             base = info.bias or f"{name}_bias"
-            if self.bits == 8:
-                node.inputs[2] = self._int_const(base, bq, b_e, 0 if axis is not None else None)
-            else:
-                node.inputs[2] = self._int64_bias(base, bq, b_e)
+            node.inputs[2] = self._int_const(base, bq, b_e + k, 0 if axis is not None else None)
 
     def _activations(self, tensors: dict[str, gs.Tensor]) -> None:
         inputs = set(self.plan.inputs)

@@ -75,7 +75,7 @@ class _Array:
             raise UserError(
                 f"{label}: input {spec.name!r} has element type {arr.dtype}, expected numbers"
             )
-        if len(s) and _fits(a[1:], s) and len(a) == len(s) + 1:
+        if len(a) == len(s) + 1 and _fits(a[1:], s):
             self.n, self.mode = a[0], "stacked"
         elif len(s) and len(a) == len(s) and _fits(a[1:], s[1:]) and s[0] in (1, None):
             self.n, self.mode = a[0], "batch1"

@@ -94,7 +94,8 @@ class HistogramObserver:
         self.count += int(x.size)
         a = max(-lo, hi)
         if a > 0.0:
-            k = math.frexp(a)[1]  # 2^(k-1) <= a < 2^k
+            # 2^(k-1) <= a < 2^k; below 2^-100 everything is bin 0 (keeps bins / R in float32)
+            k = max(math.frexp(a)[1], -100)
             if self.top is None:
                 self.top = k
             elif k > self.top:

@@ -13,7 +13,10 @@ rules, in this order of precedence:
 4. Data movement (Reshape, Transpose, Flatten, Slice, Squeeze, Unsqueeze, MaxPool, Pad, Split,
    plus Identity and GlobalMaxPool): every float output shares the exponent of input 0.
 5. Add / Sub / Concat: the output gets its own exponent; each input whose exponent differs is
-   requantized to it; a constant input is quantized at the output's exponent directly.
+   requantized to it; a constant input is quantized at the output's exponent directly. An input
+   with an exponent of its own whose only use is this node (not a graph output) adopts the
+   output's exponent instead (`Plan.adopt`): one rounding instead of two, and no requantize
+   operator on the device.
 6. Elementwise and pooling operators (Mul, AveragePool, GlobalAveragePool, ReduceMean,
    Sigmoid, Tanh, HardSigmoid, HardSwish, LeakyRelu, PRelu, Relu, Clip, Elu, Softplus, Exp)
    and MatMul of two activations: output gets its own exponent; a constant input of Mul or
@@ -88,6 +91,9 @@ class Plan:
     # (node, input index, "output" | "own"): float constants to store as integers
     const_inputs: list[tuple[str, int, str]] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
+    # (output, inputs): inputs of an Add / Sub / Concat that take the output's exponent
+    # (rule 5), in graph order
+    adopt: list[tuple[str, list[str]]] = field(default_factory=list)
 
     def observed(self) -> list[str]:
         """Tensors whose exponent comes from an observer."""
@@ -257,6 +263,10 @@ def make_plan(model: onnx.ModelProto) -> Plan:
             _need_inputs(n, ins)
             plan.state[n.output[0]] = OWN
             plan.requant_nodes.append(n.name)
+            own_sole = [i for i in dict.fromkeys(ins) if plan.state[i] == OWN
+                        and only_consumer(i) is n and list(n.input).count(i) == 1]
+            if own_sole:
+                plan.adopt.append((n.output[0], own_sole))
             for k, i in enumerate(n.input):
                 if i and const_float(i):
                     plan.const_inputs.append((n.name, k, "output"))
