@@ -317,6 +317,56 @@ def verify(
         raise CheckFailed("; ".join(r.failure() for r in failed))
 
 
+@cli.command(
+    context_settings=CONTEXT,
+    epilog=example(
+        "espstream export model.qdq.onnx -o model.espdl --test-random\n"
+        "espstream export model.stream.onnx -o model.espdl --test-data x.npy --json e.json\n"
+        "espstream export model.qdq.onnx --format cpp --name kws -o src/"
+    ),
+)
+@click.argument("input", default="-")
+@stage
+@click.option("--target", type=click.Choice(["esp32p4", "esp32s3", "c"]), default=None,
+              help="Must match the target the model was calibrated for [default: that one].")
+@click.option("--test-data", metavar="PATH", help="Embed test values: .npy (or .npz by input).")
+@click.option("--test-random", is_flag=True, help="Embed test values from a random input.")
+@click.option("--format", "fmt", type=click.Choice(["espdl", "cpp"]), default="espdl",
+              show_default=True, help="cpp: NAME_coefficient.cpp/.hpp into -o FOLDER.")
+@click.option("--name", metavar="NAME", help="Model name (graph name; C++ namespace and files).")
+def export(
+    input: str,
+    output: str,
+    json_path: str | None,
+    target: str | None,
+    test_data: str | None,
+    test_random: bool,
+    fmt: str,
+    name: str | None,
+) -> None:
+    """Lower a QDQ model (streaming or not) to an ESP-DL .espdl file or C++ coefficients."""
+    from pathlib import Path
+
+    from espstream import modelio, report
+    from espstream.export import export_model, print_summary, read_test_data, write_files
+
+    if test_data and test_random:
+        raise UserError("give --test-data or --test-random, not both")
+    if fmt == "espdl":
+        modelio.check_output_path(output, input)
+    if test_data:
+        modelio.check_output_path(output, test_data)
+    model = modelio.load_model(input)
+    data = read_test_data(test_data) if test_data else None
+    if fmt == "cpp" and not name:
+        name = Path(input).stem.split(".")[0] if input != "-" else None
+    result = export_model(model, target=target, test_data=data, test_random=test_random,
+                          fmt=fmt, name=name)
+    print_summary(result)
+    write_files(result, output, fmt)
+    report.write_json(json_path, result.to_json())
+
+
 def _quiet_libraries(debug: bool) -> None:
     """onnx-graphsurgeon and onnxruntime log chatty warnings; keep them for --debug."""
     if debug:
