@@ -265,7 +265,6 @@ class _Lowerer:
         self.lut_count: dict[str, int] = {}
         self.used_names: set[str] = set(self.producer) | set(self.consts) | set(self.graph_inputs)
         self.node_names: set[str] = {n.name for n in g.node}
-        self.caches: dict[str, onnx.NodeProto] = {}  # state input -> cache node
 
     # ---- model facts ---------------------------------------------------------------------
 
@@ -501,6 +500,7 @@ class _Lowerer:
 
     def run(self) -> IntGraph:
         g = self.g
+        self._check_states()
         for name in self.graph_inputs:
             if name in self.state_inputs:
                 continue
@@ -515,7 +515,7 @@ class _Lowerer:
             a = _Act(name, e, shape, True, dtype)
             self.out.inputs.append(ValueInfo(name, dtype, a.runtime_shape(), [e]))
             self.value_info(a)
-            for k, q in enumerate(qs):
+            for q in qs:
                 e2, _ = self.q_exp_dtype(q)
                 tgt = a if e2 == e else self.requantize(a, e2, name=(self.dq_outputs(q) or
                                                                     [None])[0])
@@ -544,7 +544,6 @@ class _Lowerer:
             else:
                 self._op(n)
         self._outputs()
-        self._check_states()
         espdl_layout.annotate_filters(self.out)
         self._metadata()
         return self.out
@@ -710,7 +709,7 @@ class _Lowerer:
             x = self.act(n.input[0], n)
             if x.rank != 2:
                 raise UserError(f"Gemm '{n.name}': input of rank {x.rank}, expected 2")
-            attrs, w, b = self._gemm_params(n)
+            attrs, w, b = self._gemm_params(n, x)
             out_cl = False
         else:
             x = self.layout_as(self.act(n.input[0], n), False)
@@ -725,16 +724,12 @@ class _Lowerer:
             qs = self.q_consumers(float_out)
             e, dtype = self.q_exp_dtype(qs[0])
             mid = _Act(n.output[0], e, shape, out_cl, dtype)
-            if b is not None:
-                self._check_bias(n, x, w[0], b)
             self.emit(op, n.name, inputs, [mid.name], attrs)
             self.value_info(mid)
             self._lut("Clip", fused, mid, float_out, clip)
             return
         name, out = self.define_output(float_out, n, shape, out_cl)
         self._need_q(n, out)
-        if b is not None:
-            self._check_bias(n, x, w[0] if w else None, b)
         self.emit(op, n.name, inputs, [name], attrs)
         self.finish_output(out)
 
@@ -747,30 +742,35 @@ class _Lowerer:
                             "constant (DequantizeLinear of an integer initializer)")
         return qc
 
-    def _bias(self, n: onnx.NodeProto, k: int, nout: int) -> str | None:
+    def _bias(self, n: onnx.NodeProto, k: int, nout: int, x: _Act, wexps: list[int],
+              ) -> str | None:
+        """The bias at exponent e_in + e_w: int32 (8-bit) or int64 (16-bit).
+
+        calibrate stores a 16-bit model's int64 bias as int32 shifted right by
+        k = log2(scale) - e_in - e_w (rule 5 of its contract); it is shifted back here.
+        """
         if len(n.input) <= k or not n.input[k]:
             return None
         qc = self._weight(n, k, "bias")
-        data = qc.data.reshape(-1)
+        data = qc.data.reshape(-1).astype(np.int64)
         if data.size != nout:
             raise UserError(f"{n.op_type} '{n.name}': bias has {data.size} values for {nout} "
                             "output channels")
-        if data.dtype not in (np.dtype(np.int32), np.dtype(np.int64)):
-            raise UserError(f"{n.op_type} '{n.name}': bias is {data.dtype}, expected int32 / int64")
-        return self.initializer(_base(n.input[k]), data, qc.exps)
-
-    def _check_bias(self, n: onnx.NodeProto, x: _Act, w: str | None, b: str) -> None:
-        if w is None:
-            return
-        we = self.out.initializers[w].exponents
-        be = self.out.initializers[b].exponents
-        nb = len(be)
-        want = [x.exp + e for e in (we if len(we) > 1 else we * nb)]
-        if len(be) == 1 and len(set(want)) == 1:
-            want = want[:1]
-        if be != want:
-            raise UserError(f"{n.op_type} '{n.name}': bias exponents {be[:4]}... are not input + "
-                            f"weight exponents {want[:4]}...; quantize with espstream calibrate")
+        if qc.data.dtype.kind != "i":
+            raise UserError(f"{n.op_type} '{n.name}': bias is {qc.data.dtype}, expected integers")
+        want = np.asarray([x.exp + e for e in wexps] if len(wexps) > 1 else [x.exp + wexps[0]])
+        have = np.asarray(qc.exps)
+        shift = np.broadcast_to(have, (nout,)) - np.broadcast_to(want, (nout,))
+        sixteen = x.dtype == np.int16
+        if np.any(shift < 0) or (not sixteen and np.any(shift != 0)):
+            raise UserError(f"{n.op_type} '{n.name}': bias exponents {have.tolist()[:4]} do not "
+                            f"match input + weight exponents {want.tolist()[:4]}; quantize the "
+                            "model with espstream calibrate")
+        if sixteen:
+            data = data << shift.astype(np.int64)
+        else:
+            data = data.astype(np.int32)
+        return self.initializer(_base(n.input[k]), data, [int(e) for e in want])
 
     def _conv_params(self, n: onnx.NodeProto, x: _Act) -> tuple[dict, list[str], str | None]:
         qc = self._weight(n, 1, "weight")
@@ -798,7 +798,7 @@ class _Lowerer:
             raise UserError(f"Conv '{n.name}': weights quantized per axis {qc.axis}, expected the "
                             "output-channel axis 0")
         wname = self.initializer(_base(n.input[1]), logical, qc.exps, None)
-        b = self._bias(n, 2, nout)
+        b = self._bias(n, 2, nout, x, qc.exps)
         pads = [int(p) for p in _attr(n, "pads", [0] * (2 * nsp))]
         if auto_pad == "VALID":
             pads = [0] * (2 * nsp)
@@ -813,7 +813,7 @@ class _Lowerer:
         }
         return attrs, [wname], b
 
-    def _gemm_params(self, n: onnx.NodeProto) -> tuple[dict, list[str], str | None]:
+    def _gemm_params(self, n: onnx.NodeProto, x: _Act) -> tuple[dict, list[str], str | None]:
         if int(_attr(n, "transA", 0)):
             raise UserError(f"Gemm '{n.name}': transA = 1 is not supported by ESP-DL")
         for k in ("alpha", "beta"):
@@ -830,7 +830,7 @@ class _Lowerer:
             raise UserError(f"Gemm '{n.name}': weights quantized per axis {qc.axis}, not per "
                             "output channel")
         wname = self.initializer(_base(n.input[1]), kn.reshape(1, 1, *kn.shape), qc.exps, None)
-        b = self._bias(n, 2, kn.shape[1])
+        b = self._bias(n, 2, kn.shape[1], x, qc.exps)
         return {"alpha": 1.0, "beta": 1.0, "transB": 0}, [wname], b
 
     def _matmul_params(self, n: onnx.NodeProto) -> tuple[dict, list[str], str | None]:
@@ -1131,7 +1131,6 @@ class _Lowerer:
         if (state, nxt) not in self.states:
             raise UserError(f"StreamingCache '{n.name}': its state '{state}' -> '{nxt}' is not a "
                             "pair of espstream.states (run espstream streamify)")
-        self.caches[state] = n
         x = self.act(n.input[0], n)
         if x.rank >= 3:
             x = self.layout_as(x, True)
@@ -1152,15 +1151,20 @@ class _Lowerer:
                             f"'{n.name}'")
 
     def _check_states(self) -> None:
+        """Every state pair must be a StreamingCache's (state, next_state) (rule 8)."""
         for a, b in self.states:
-            c = self.caches.get(a)
-            if c is None or c.output[1] != b:
-                users = ", ".join(f"{u.op_type} '{u.name}'" for u in self.consumers.get(a, []))
+            users = self.consumers.get(a, [])
+            ok = (len(users) == 1 and users[0].domain == STREAM_DOMAIN
+                  and users[0].op_type == "StreamingCache" and list(users[0].input[1:]) == [a]
+                  and len(users[0].output) == 2 and users[0].output[1] == b)
+            if not ok:
+                what = ", ".join(f"{u.op_type} '{u.name}'" for u in users) or "nothing"
                 raise UserError(
-                    f"state '{a}' -> '{b}' is not a StreamingCache state (read by "
-                    f"{users or 'nothing'}); ESP-DL keeps only StreamingCache state, not a "
-                    "recurrent hidden state"
+                    f"state '{a}' -> '{b}' is not a StreamingCache state (read by {what}); "
+                    "ESP-DL keeps only StreamingCache state, not a recurrent hidden state"
                 )
+            if a not in self.graph_inputs or b not in self.graph_outputs:
+                raise UserError(f"state '{a}' -> '{b}' is not a graph input / output pair")
 
     # -- graph outputs, metadata --
 
