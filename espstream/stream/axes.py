@@ -258,27 +258,41 @@ def _pads_of(node: gs.Node, rank: int) -> list[int]:
 
 
 def _first_user_axis(inp: gs.Variable, consts: Consts, shapes):
-    """Walk from `inp` to the first op that uses a time axis (see detect_axes, rule 3)."""
+    """Walk from `inp` to the first op that uses a time axis (see detect_axes, rule 3).
+
+    `pos[a]` is where input axis `a` sits in the tensor being walked (Transpose moves it).
+    """
+    rank0 = len(inp.shape or [])
+    frontier = [(inp, [], list(range(rank0)))]
     seen = set()
-    frontier = [(inp, [0] * 0)]
     while frontier:
-        t, extra = frontier.pop(0)
+        t, extra, pos = frontier.pop(0)
         if t.name in seen:
             continue
         seen.add(t.name)
-        rank = len(shapes.get(t.name, inp.shape or []))
+        rank = len(pos)
+
+        def pick(where: int, why: str, pos=pos):
+            hits = [a for a in range(rank0) if pos[a] == where]
+            return (hits[0], why) if len(hits) == 1 else f"{why} does not map to one input axis"
+
         for node in t.outputs:
             op = node.op
-            if op == "Pad" and node.inputs[0] is t:
+            if not node.inputs or node.inputs[0] is not t:
+                continue
+            if op == "Pad":
                 p = consts.ints(node.inputs[1]) if len(node.inputs) > 1 else node.attrs.get("pads")
                 if p is None:
                     return "its Pad has non-constant pads"
-                out = node.outputs[0]
-                frontier.append((out, p))
+                frontier.append((node.outputs[0], p, pos))
                 continue
-            if op in ("Conv", "ConvTranspose", "AveragePool", "MaxPool") and node.inputs[0] is t:
+            if op == "Transpose":
+                perm = list(node.attrs.get("perm") or reversed(range(rank)))
+                frontier.append((node.outputs[0], [], [perm.index(q) for q in pos]))
+                continue
+            if op in ("Conv", "ConvTranspose", "AveragePool", "MaxPool"):
                 if rank == 3:
-                    return (2, f"rank 3 input of {op} {node.name!r}")
+                    return pick(2, f"rank 3 input of {op} {node.name!r}")
                 if rank != 4:
                     return f"{op} {node.name!r} over {rank - 2} spatial axes"
                 own = _pads_of(node, rank)
@@ -288,12 +302,11 @@ def _first_user_axis(inp: gs.Variable, consts: Consts, shapes):
                     after = own[i + 2] + (extra[rank + 2 + i] if len(extra) == 2 * rank else 0)
                     causal.append(before > after)
                 if causal.count(True) == 1:
-                    ax = 2 + causal.index(True)
-                    return (ax, f"the causal padding of {op} {node.name!r}")
+                    return pick(2 + causal.index(True), f"the causal padding of {op} {node.name!r}")
                 return f"{op} {node.name!r} pads both spatial axes alike"
-            if op in ("GRU", "LSTM", "RNN") and node.inputs[0] is t:
-                ax = 1 if int(node.attrs.get("layout", 0)) == 1 else 0
-                return (ax, f"the sequence axis of {op} {node.name!r}")
+            if op in ("GRU", "LSTM", "RNN"):
+                seq = 1 if int(node.attrs.get("layout", 0)) == 1 else 0
+                return pick(seq, f"the sequence axis of {op} {node.name!r}")
             if op in _PASS:
-                frontier.extend((o, extra) for o in node.outputs)
+                frontier.extend((o, extra, pos) for o in node.outputs)
     return None

@@ -162,13 +162,18 @@ class Rewriter:
             return self._masks[key]
         shape = [1] * rank
         shape[inf.axis] = c
-        ones = self.const(f"mask{inf.delay}.ones", np.ones(shape, np.float32))
+        if quant:  # int8 ones at exponent 0, so the cache reads a DequantizeLinear as usual
+            qp = (self.const("mask.scale", np.array(1.0, np.float32)),
+                  self.const("mask.zero_point", np.array(0, np.int8)))
+            q1 = self.const(f"mask{inf.delay}.ones_q", np.ones(shape, np.int8))
+            ones = self.node("DequantizeLinear", [q1, *qp])
+        else:
+            ones = self.const(f"mask{inf.delay}.ones", np.ones(shape, np.float32))
         y, pair = self.cache(ones, inf.delay, inf.axis, shape, f"mask{inf.delay}x{c}", "mask", 1)
         pair.consumers.append({"tensor": name})
         m = self.slice(y, 0, c, inf.axis)
         if quant:
-            m = self.qdq(m, (self.const("mask.scale", np.array(1.0, np.float32)),
-                             self.const("mask.zero_point", np.array(0, np.int8))))
+            m = self.qdq(m, qp)
         self._masks[key] = m
         return m
 

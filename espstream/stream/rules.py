@@ -62,8 +62,15 @@ class Ctx:
     recurrent: list[Recurrent] = field(default_factory=list)
     pending_pad: dict[str, tuple[int, int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    frames: int = 0  # input frames at the analysis length
 
     # -- helpers used by the rules -------------------------------------------------------
+    def ends_aligned(self, xt: Time) -> bool:
+        """After the last chunk of a sequence (a whole number of chunks), the stream's newest
+        frame of this tensor is the offline tensor's last frame, reproduced exactly."""
+        produced = Fraction(self.frames) / xt.stride - xt.delay
+        return produced == xt.length and xt.valid >= xt.length
+
     def get(self, t: gs.Tensor | None):
         if t is None or not t.name:
             return None
@@ -513,15 +520,15 @@ def rule_slice(ctx: Ctx, node: gs.Node) -> None:
     T = xt.length
     an = min(max(a + T if a < 0 else a, 0), T)
     bn = min(max(b + T if b < 0 else b, 0), T)
-    if st == 1 and an == 0 and bn >= T:
-        ctx.set(out, xt)
-        return
     if st == 1 and a < 0 and bn >= T:
         M = T - an
         ctx.req(x, Req(node, 0, last=M, kind="last"))
-        comparable = xt.delay == 0 and xt.valid >= T and xt.warmup <= T - M
+        comparable = ctx.ends_aligned(xt) and xt.warmup <= T - M
         why = "" if comparable else "the window lags the offline one or sees warm-up frames"
         ctx.set(out, Summary(lag=xt.delay, warm=xt.warmup > T - M, comparable=comparable, why=why))
+        return
+    if st == 1 and an == 0 and bn >= T:
+        ctx.set(out, xt)
         return
     if st >= 1 and a >= 0 and (b >= T or b < 0):
         res = plan_window(ctx, node, 0, x, xt, out, xt.axis, 1, st, -an, 0)
@@ -567,7 +574,7 @@ def rule_gather(ctx: Ctx, node: gs.Node) -> None:
     T = xt.length
     if idx is None or not np.all((idx == -1) | (idx == T - 1)):
         raise unsupported(node, "picks frames along time (only the last frame streams)")
-    comparable = xt.delay == 0 and xt.valid >= T and xt.warmup < T
+    comparable = ctx.ends_aligned(xt) and xt.warmup < T
     ctx.set(out, Summary(lag=xt.delay, warm=xt.warmup >= T, comparable=comparable))
     if np.any(idx == T - 1) and T != 0:
         arr = np.full(np.shape(idx), -1, dtype=np.asarray(idx).dtype)
@@ -1031,7 +1038,7 @@ def rule_recurrent(ctx: Ctx, node: gs.Node) -> None:
         )
     for o in node.outputs[1:]:
         if o.name:
-            ok = not warm and xt.valid >= xt.length
+            ok = not warm and ctx.ends_aligned(xt)
             ctx.set(o, Summary(lag=0, warm=bool(warm), comparable=ok))
 
 

@@ -143,6 +143,7 @@ def analyze(
     shapes = concrete_shapes(model, fixed)
     shapes.update(fixed)
     ctx = Ctx(graph=graph, consts=consts, shapes=shapes, opset=opset)
+    ctx.frames = max(frame_count.values())
     for inp in graph.inputs:
         ax = found.axes.get(inp.name)
         if ax is not None:
@@ -183,7 +184,7 @@ def _apply_tensor_override(ctx: Ctx, t: gs.Tensor, spec: dict[str, int]) -> None
         else:
             w = spec[key]
             ctx.req(t, Req(ident, 0, last=w, kind="last"))
-            ok = inf.delay == 0 and inf.valid >= inf.length and inf.warmup <= inf.length - w
+            ok = ctx.ends_aligned(inf) and inf.warmup <= inf.length - w
             ctx.set(t2, Summary(lag=inf.delay, warm=inf.warmup > inf.length - w, comparable=ok))
         t = t2
 

@@ -1,0 +1,186 @@
+"""verify: alignment, tolerances, engines, failure detection, and the CLI of streamify/verify."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from cli_util import assert_user_error, espstream
+from stream_graphs import G, add_qdq
+
+from espstream.errors import CheckFailed, UserError
+from espstream.stream.streamify import streamify_model
+from espstream.verify import (
+    ENGINES,
+    FloatEngine,
+    quant_step,
+    read_meta,
+    register_engine,
+    verify_models,
+)
+
+
+def _tcn(lookahead: bool = False):
+    g = G(channels=2, frames=20)
+    a = g.conv("x", 3, k=3, left=1 if lookahead else 2, right=1 if lookahead else 0)
+    return g.model(g.conv(g.relu(a), 3, k=3, d=2))
+
+
+def _set_meta(m: onnx.ModelProto, key: str, value) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    for p in out.metadata_props:
+        if p.key == key:
+            p.value = json.dumps(value)
+    return out
+
+
+def test_wrong_delay_or_lost_state_is_caught():
+    m = _tcn(lookahead=True)
+    s = streamify_model(m, 2).model
+    assert verify_models(m, s, random=1).ok
+    (out,) = read_meta(s).delay
+    bad = verify_models(m, _set_meta(s, "espstream.delay", {out: 0}), random=1)
+    assert not bad.ok and bad.outputs[0].first_diff == 0
+    with pytest.raises(CheckFailed, match="differs from offline"):
+        bad.raise_if_failed()
+    with pytest.raises(UserError, match="neither an offline input nor a state"):
+        verify_models(m, _set_meta(s, "espstream.states", []), random=1)
+
+
+def test_a_stream_that_forgets_its_past_is_caught(monkeypatch):
+    from espstream import verify
+
+    m = _tcn()
+    s = streamify_model(m, 2).model
+    real = verify.OrtRunner.run
+
+    def forgetful(self, feeds):  # every state back to zero before each call
+        feeds = {k: (np.zeros_like(v) if k.endswith(".state") else v) for k, v in feeds.items()}
+        return real(self, feeds)
+
+    monkeypatch.setattr(verify.OrtRunner, "run", forgetful)
+    v = verify_models(m, s, random=1)
+    assert not v.ok and v.outputs[0].first_diff == 2  # the second chunk lacks its history
+
+
+def test_metrics_and_report():
+    m = _tcn()
+    v = verify_models(m, streamify_model(m, 4).model, random=2)
+    (o,) = v.outputs
+    assert v.ok and o.max_abs <= 1e-5 and o.frames == "0..19" and o.compared == 20
+    j = v.to_json()
+    assert j["ok"] and j["outputs"][0]["first_differing_frame"] is None
+    assert o.sqnr_db > 100
+
+
+def test_frames_not_multiple_of_chunk_compares_produced_frames():
+    m = _tcn()
+    v = verify_models(m, streamify_model(m, 3).model, random=1)
+    assert v.ok and v.outputs[0].frames == "0..17"  # 6 calls of 3 frames
+
+
+def test_fixed_length_and_frames_option():
+    m = _tcn()
+    with pytest.raises(UserError, match="--frames 30: the offline model / data has 20"):
+        verify_models(m, streamify_model(m, 1).model, random=1, frames=30)
+
+
+def test_data_shapes_checked():
+    m = _tcn()
+    s = streamify_model(m, 2).model
+    with pytest.raises(UserError, match="expects"):
+        verify_models(m, s, data=np.zeros((2, 5, 20), np.float32))
+    assert verify_models(m, s, data=np.ones((2, 2, 20), np.float32)).samples == 2
+
+
+def test_not_a_streaming_model():
+    m = _tcn()
+    with pytest.raises(UserError, match="not a streaming model"):
+        verify_models(m, m, random=1)
+
+
+def test_fakequant_tolerance_is_one_step_of_the_output():
+    g = G(channels=2, frames=16)
+    q = add_qdq(g.model(g.conv("x", 2, k=3)), exponent=-4)
+    out = q.graph.output[0].name
+    assert quant_step(q, out) == 2.0**-4
+    v = verify_models(q, streamify_model(q, 2).model, random=1)
+    assert v.engine == "fakequant" and v.outputs[0].atol == pytest.approx(2.0**-4 + 1e-6)
+    assert v.ok and v.outputs[0].exact == 1.0
+
+
+def test_register_engine():
+    class Loose(FloatEngine):
+        name = "loose"
+
+        def tolerance(self, model, output):
+            return 1e9, 0.0
+
+    register_engine("loose", Loose)
+    try:
+        m = _tcn(lookahead=True)
+        s = streamify_model(m, 2).model
+        (out,) = read_meta(s).delay
+        v = verify_models(m, _set_meta(s, "espstream.delay", {out: 0}), random=1,
+                          engine="loose")
+        assert v.ok and v.engine == "loose"
+    finally:
+        ENGINES.pop("loose")
+    with pytest.raises(UserError, match="unknown"):
+        verify_models(m, s, engine="loose")
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+
+def test_cli_streamify_then_verify(tmp_path):
+    src = tmp_path / "m.onnx"
+    onnx.save(_tcn(lookahead=True), src)
+    out, rep = tmp_path / "s.onnx", tmp_path / "s.json"
+    p = espstream("streamify", src, "--chunk", "2", "-o", out, "--json", rep)
+    assert p.returncode == 0, p.stderr.decode()
+    err = p.stderr.decode()
+    assert "state memory" in err and "delay 1 frame" in err and "MACs" in err
+    r = json.loads(rep.read_text())
+    assert r["chunk"] == 2 and r["caches"] and r["state_bytes_int8"] > 0
+    assert {"per_chunk", "offline_per_input_frame"} <= set(r["macs"])
+    vj = tmp_path / "v.json"
+    p = espstream("verify", src, out, "--random", "2", "--json", vj)
+    assert p.returncode == 0, p.stderr.decode()
+    assert json.loads(vj.read_text())["ok"] is True
+    p = espstream("verify", src, "--chunks", "1,2,4")
+    assert p.returncode == 0 and p.stderr.decode().count("verify: engine float") == 3
+
+
+def test_cli_errors(tmp_path):
+    g = G(channels=2, frames=24)
+    src = tmp_path / "m.onnx"
+    onnx.save(g.model(g.conv(g.conv("x", k=3, s=2), k=3, s=2)), src)
+    assert_user_error(espstream("streamify", src, "--chunk", "6", "-o", tmp_path / "o.onnx"),
+                      "--chunk 6", "multiples of 4: 4, 8")
+    assert_user_error(espstream("streamify", src, "--chunk", "4", "--axis", "x2"),
+                      "INPUT:AXIS")
+    s = tmp_path / "s.onnx"
+    assert espstream("streamify", src, "--chunk", "4", "-o", s).returncode == 0
+    assert_user_error(espstream("verify", src, s, "--chunks", "4"), "not both")
+    assert_user_error(espstream("verify", src), "--chunks")
+    assert_user_error(espstream("verify", src, s, "--engine", "int9"), "unknown")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    assert_user_error(espstream("streamify", src, "--chunk", "4", "--overrides", bad),
+                      "not valid JSON")
+
+
+def test_cli_verify_failure_exits_1(tmp_path):
+    m = _tcn(lookahead=True)
+    s = streamify_model(m, 2).model
+    (out,) = read_meta(s).delay
+    src, bad = tmp_path / "m.onnx", tmp_path / "bad.onnx"
+    onnx.save(m, src)
+    onnx.save(_set_meta(s, "espstream.delay", {out: 0}), bad)
+    p = espstream("verify", src, bad, "--random", "1")
+    assert p.returncode == 1
+    assert "check failed" in p.stderr.decode() and "differs from offline" in p.stderr.decode()
