@@ -42,19 +42,6 @@ from espstream.kernels.reference import (
 __all__ = ["conv", "avgpool", "maxpool", "requantize", "add", "mul"]
 
 _MODE = {"half_up": 0, "half_even": 1}
-_RQ_ANY, _RQ_UP, _RQ_EVEN = 0, 1, 2
-
-
-def _requant_plan(bias: np.ndarray, shift: np.ndarray, rounding: str):
-    """Pick the kernel's requantize path: when every shift is a right shift, fold the rounding
-    constant of 'half_up' into the bias so the kernel does one add and one shift per output."""
-    if int(shift.min()) <= 0:
-        return _RQ_ANY, bias, shift
-    if int(shift.max()) > 62:
-        shift = np.minimum(shift, 62)  # as reference.round_shift: no effect on |v| < 2**61
-    if rounding == "half_up":
-        return _RQ_UP, bias + (np.int64(1) << (shift - 1)), shift
-    return _RQ_EVEN, bias, shift
 
 
 def conv(
@@ -86,10 +73,10 @@ def conv(
     acc = np.empty(max(c_in, c_out, 4), acc_type)
     runs = np.empty(6 * kh * kw, np.intp)
     y = np.empty((*win.out_hw, c_out), sp.x.dtype)
-    kind, add, shift = _requant_plan(sp.bias, sp.shift, rounding)
     _int8.conv(
-        x16, w16, add, shift, acc, y, kh, kw, sp.groups, *win.stride, *win.dilation,
-        win.pads[0], win.pads[2], kind, _MODE[rounding], bool(relu), depthwise, runs,
+        x16, w16, sp.bias, sp.shift, acc, y, kh, kw, sp.groups, *win.stride, *win.dilation,
+        win.pads[0], win.pads[2], _MODE[rounding], bool(relu), depthwise, runs,
+        np.empty(2 * c_out, np.int64),
     )  # fmt: skip
     return from_hwc(y, x, win.nd)
 

@@ -6,11 +6,14 @@ window geometry, dtypes, C-contiguity); call those public wrappers, not these. A
 `[H, W, C]` (1-D uses H = 1). Inner loops run on raw pointers without the GIL.
 
 Conv: data and weights are widened to int16 once per call, so the inner dot products are
-int16 x int16 -> int32 products (what SSE2's pmaddwd does) accumulated in int32 for int8 data
-(the caller guarantees no overflow) and in int64 for int16 data. Weights are
-`[C_out, kH * kW * C_in/g]`; taps that are adjacent in both the input and the weights (the
-whole kernel row when groups == 1 and the horizontal dilation is 1) merge into one contiguous
-run, and four output channels share each pass over the input.
+int16 x int16 -> int32 products (what SSE2's pmaddwd does; the build targets baseline x86-64)
+accumulated in int32 for int8 data (the caller guarantees no overflow) and in int64 for int16
+data. Weights are `[C_out, kH * kW * C_in/g]`. Taps adjacent in both the input and the weights
+(the whole kernel row when groups == 1 and the horizontal dilation is 1) merge into one
+contiguous run; two neighbouring output pixels with the same taps share each weight load and
+four output channels share each input load (8 dot products per pass, no im2col). Depthwise
+convs (groups == C_in == C_out) take weights as `[kH * kW, C]` and loop over channels.
+Requantization folds the half-up rounding constant into the bias when every shift is > 0.
 """
 
 from libc.math cimport floor, rint
@@ -280,17 +283,18 @@ cdef void _conv_depthwise(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize
                 yp[c] = <data_t>rq(acc[c] + add[c], shift[c], kind, mode, lo, hi)
 
 
-def conv(const int16_t[:, :, ::1] x, const int16_t[:, ::1] w, const int64_t[::1] add,
+def conv(const int16_t[:, :, ::1] x, const int16_t[:, ::1] w, const int64_t[::1] bias,
          const int64_t[::1] shift, acc_t[::1] acc, data_t[:, :, ::1] y,
          Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t groups, Py_ssize_t sh, Py_ssize_t sw,
-         Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl, int kind, int mode,
-         bint relu, bint depthwise, Py_ssize_t[::1] runs):
+         Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl, int mode, bint relu,
+         bint depthwise, Py_ssize_t[::1] runs, int64_t[::1] scratch):
     """Conv on widened data: x [H, W, C] int16, w [C_out, K] int16 (depthwise: [kH*kW, C]),
-    add: bias per output channel, plus 2**(s-1) when kind == RQ_UP; shift per output channel;
-    kind: RQ_UP / RQ_EVEN (every shift > 0) or RQ_ANY; acc: scratch of the accumulator type
-    (int32 for int8 data, int64 for int16; length >= C); y: output [OH, OW, C_out];
-    runs: scratch of 6 * kH * kW."""
-    cdef int64_t lo, hi
+    bias and shift per output channel; acc: scratch of the accumulator type (int32 for int8
+    data, int64 for int16; length >= C); y: output [OH, OW, C_out]; runs: scratch of
+    6 * kH * kW; scratch: 2 * C_out."""
+    cdef int64_t lo, hi, s
+    cdef Py_ssize_t c
+    cdef int kind
     if data_t is int8_t:
         lo, hi = -128, 127
     else:
@@ -301,14 +305,30 @@ def conv(const int16_t[:, :, ::1] x, const int16_t[:, ::1] w, const int64_t[::1]
     cdef Py_ssize_t OH = y.shape[0], OW = y.shape[1], cout = y.shape[2]
     if OH == 0 or OW == 0 or cout == 0 or C == 0:
         return
+    # When every shift is a right shift, fold the rounding constant of half-up into the bias:
+    # the kernels then do one add and one shift per output.
+    cdef int64_t* add = &scratch[0]
+    cdef int64_t* shf = &scratch[cout]
+    kind = RQ_UP if mode == HALF_UP else RQ_EVEN
+    for c in range(cout):
+        if shift[c] <= 0:
+            kind = RQ_ANY
+    for c in range(cout):
+        s = shift[c]
+        add[c] = bias[c]
+        if kind != RQ_ANY and s > 62:
+            s = 62  # as reference.round_shift: no effect on |v| < 2**61
+        if kind == RQ_UP:
+            add[c] += (<int64_t>1) << (s - 1)
+        shf[c] = s
     with nogil:
         if depthwise:
             _conv_depthwise(&x[0, 0, 0], H, W, C, &w[0, 0], KH, KW, sh, sw, dh, dw, pt, pl,
-                            OH, OW, &add[0], &shift[0], kind, mode, lo, hi, &runs[0], &acc[0],
+                            OH, OW, add, shf, kind, mode, lo, hi, &runs[0], &acc[0],
                             &y[0, 0, 0])
         else:
             _conv_general(&x[0, 0, 0], H, W, C, &w[0, 0], cout, KH, KW, groups, sh, sw, dh, dw,
-                          pt, pl, OH, OW, &add[0], &shift[0], kind, mode, lo, hi,
+                          pt, pl, OH, OW, add, shf, kind, mode, lo, hi,
                           &runs[0], &acc[0], &y[0, 0, 0])
 
 

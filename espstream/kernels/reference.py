@@ -20,7 +20,7 @@ Conventions shared by both (ESPDL.md sections 3 and 4):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,8 +37,7 @@ IntArg = int | Sequence[int]
 # ----------------------------------------------------------------------------- geometry
 
 
-@dataclass(frozen=True)
-class Window:
+class Window(NamedTuple):
     """A sliding window over `[H, W, C]` data, resolved and checked (1-D has H = 1, kH = 1)."""
 
     nd: int  # spatial rank of the caller's data: 1 (NWC) or 2 (NHWC)
@@ -51,9 +50,9 @@ class Window:
 
 
 def _ints(value: IntArg, n: int) -> tuple[int, ...]:
-    if isinstance(value, (int, np.integer)):
+    if isinstance(value, int | np.integer):
         return (int(value),) * n
-    return tuple(int(v) for v in value)
+    return tuple(map(int, value))
 
 
 def _per_axis(value: IntArg, nd: int, name: str, minimum: int) -> tuple[int, int]:
@@ -135,8 +134,7 @@ def check_rounding(rounding: str) -> str:
     return rounding
 
 
-@dataclass(frozen=True)
-class ConvSpec:
+class ConvSpec(NamedTuple):
     """Checked conv arguments: data as `[H, W, C]`, weights as `[C_out, kH, kW, C_in/g]`."""
 
     x: np.ndarray
@@ -198,7 +196,7 @@ def conv_spec(
         limit = _BIAS_LIMIT[x3.dtype]
         if c_out and (b.min() < -limit or b.max() >= limit):
             raise ValueError(f"bias values must lie in [-{limit}, {limit}) for {x3.dtype} data")
-    if isinstance(shift, (int, np.integer)):
+    if isinstance(shift, int | np.integer):
         s = np.full(c_out, shift, np.int64)
     else:
         s = np.asarray(shift)
