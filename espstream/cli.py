@@ -348,12 +348,20 @@ def export(
     from pathlib import Path
 
     from espstream import modelio, report
-    from espstream.export import export_model, print_summary, read_test_data, write_files
+    from espstream.export import (
+        check_cpp_folder,
+        export_model,
+        print_summary,
+        read_test_data,
+        write_files,
+    )
 
     if test_data and test_random:
         raise UserError("give --test-data or --test-random, not both")
     if fmt == "espdl":
         modelio.check_output_path(output, input)
+    else:
+        check_cpp_folder(output)
     if test_data:
         modelio.check_output_path(output, test_data)
     model = modelio.load_model(input)

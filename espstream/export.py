@@ -395,6 +395,17 @@ def read_test_data(path: str) -> np.ndarray | dict[str, np.ndarray]:
     return data
 
 
+def check_cpp_folder(output: str) -> None:
+    """--format cpp writes NAME_coefficient.hpp / .cpp into an existing folder."""
+    from pathlib import Path
+
+    if output == "-":
+        raise UserError("--format cpp writes two files: give -o FOLDER")
+    if not Path(output).is_dir():
+        raise UserError(f"{output}: not an existing folder (--format cpp writes "
+                        "NAME_coefficient.hpp and NAME_coefficient.cpp into -o FOLDER)")
+
+
 def write_files(result: ExportResult, output: str, fmt: str) -> list[str]:
     """Write the export: the .espdl to `output` ('-': stdout); C++ files into folder `output`.
 
@@ -407,12 +418,8 @@ def write_files(result: ExportResult, output: str, fmt: str) -> list[str]:
     if fmt == "espdl":
         write_bytes(result.data, output)
         return [output]
-    if output == "-":
-        raise UserError("--format cpp writes two files: give -o FOLDER")
+    check_cpp_folder(output)
     folder = Path(output)
-    if not folder.is_dir():
-        raise UserError(f"{output}: not an existing folder (--format cpp writes "
-                        f"{', '.join(result.files)} into -o FOLDER)")
     written: list[str] = []
     try:
         for fname, data in result.files.items():
