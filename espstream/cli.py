@@ -271,7 +271,8 @@ def streamify(
 @click.option("--random", "random_n", type=int, metavar="N", help="N random sequences [4].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
 @click.option("--frames", type=int, metavar="T", help="Sequence length for a dynamic time axis.")
-@click.option("--engine", metavar="NAME", help="float | fakequant [default: by the model].")
+@click.option("--engine", metavar="NAME",
+              help="float | fakequant | int8 [default: by the model; .espdl: int8].")
 @click.option("--chunks", metavar="N,N,...",
               help="Streamify OFFLINE at each chunk size and check each (no STREAMING then).")
 @click.option("--axis", multiple=True, metavar="INPUT:AXIS", help="With --chunks: as streamify.")
@@ -294,6 +295,15 @@ def verify(
     log.set_quiet(quiet)
     if data is not None and random_n is not None:
         raise UserError("give --data PATH or --random N, not both")
+    from espstream import verify_int8
+
+    verify_int8.register()  # --engine int8: lower + the integer simulator
+    if verify_int8.is_espdl(offline):
+        if chunks is not None:
+            raise UserError("--chunks streamifies ONNX models; give OFFLINE.espdl STREAMING.espdl")
+        verify_int8.verify_espdl_command(offline, streaming, v.load_data(data) if data else None,
+                                         random_n, seed, engine, json_path)  # fmt: skip
+        return
     if (chunks is None) == (streaming is None):
         raise UserError(
             "give either STREAMING.onnx (check that model) or --chunks N,N,... (streamify "
@@ -310,7 +320,13 @@ def verify(
         results = [v.verify_models(off, modelio.load_model(streaming), **kw)]
     for r in results:
         v.print_result(r)
-    report.write_json(json_path, {"ok": all(r.ok for r in results),
+    extra = {}
+    if engine == "int8":  # issue 5 point 4: how close the fake-quant model is to the chip
+        agree = verify_int8.int8_vs_fakequant(
+            off, verify_int8.onnx_samples(off, kw["data"], random_n, frames, seed))
+        verify_int8.print_agreement(agree)
+        extra["int8_vs_fakequant"] = agree.to_json()
+    report.write_json(json_path, {"ok": all(r.ok for r in results), **extra,
                                   "runs": [r.to_json() for r in results]})
     failed = [r for r in results if not r.ok]
     if failed:

@@ -1,0 +1,501 @@
+"""Integer checks with the simulator (`espstream.sim`): what a device would compute.
+
+1. `check_test_values(graph)`: a `.espdl` file's embedded `test_inputs_value` run through the
+   simulator against its `test_outputs_value`, as `Model::test()` does on the chip: exact for
+   int8 outputs, +-1 for int16. Per output: the share of identical elements and the largest
+   difference in LSBs.
+2. `verify_espdl_pair(offline, streaming)`: the streaming file run chunk by chunk (chunk size
+   = its input's size on the frame axis, the axis where the two files' input shapes differ)
+   against the offline file on whole sequences, exactly. Outputs that keep the frame axis are
+   compared frame by frame (offline frame t against streamed frame t + `espstream.delay`);
+   outputs without it (window summaries) after the last chunk. A streaming file the
+   simulator cannot run (e.g. an Add of a cache output and a chunk: ESP-PPQ's residual
+   misalignment) fails the check with the node named.
+3. The `int8` verify engine for QDQ ONNX models (`Int8Engine`, registered in
+   `espstream.verify.ENGINES`): `espstream.lower` makes the IntGraph, the simulator runs it.
+   Float inputs in the ONNX layout are quantized at the input's exponent with the target's
+   rounding and put in the runtime layout; outputs come back dequantized in the ONNX layout.
+   chunked == offline must hold exactly (tolerance 0).
+4. `int8_vs_fakequant(model, samples)`: the simulator against onnxruntime running the same
+   QDQ model (the fake-quant model): per output the share of identical elements and the
+   largest difference in LSBs of the output's exponent.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from espstream import log
+from espstream.errors import UserError
+from espstream.intgraph import IntGraph
+from espstream.sim import Simulator
+
+# ---- 1. embedded test values ---------------------------------------------------------------
+
+
+@dataclass
+class IntCheck:
+    """One output compared in integers (LSBs of its exponent)."""
+
+    name: str
+    dtype: str
+    size: int
+    identical: int
+    max_lsb: int
+    tolerance: int
+    ok: bool
+    note: str = ""
+
+    @property
+    def identical_share(self) -> float:
+        return self.identical / self.size if self.size else 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "output": self.name,
+            "dtype": self.dtype,
+            "elements": self.size,
+            "identical": self.identical,
+            "identical_share": self.identical_share,
+            "max_diff_lsb": self.max_lsb,
+            "tolerance_lsb": self.tolerance,
+            "ok": self.ok,
+            "note": self.note or None,
+        }
+
+    def describe(self) -> str:
+        if self.note:
+            return f"output '{self.name}': {self.note}"
+        return (
+            f"output '{self.name}': {self.size - self.identical} of {self.size} values differ "
+            f"({100 * self.identical_share:.1f}% identical), largest difference "
+            f"{self.max_lsb} LSB (allowed {self.tolerance})"
+        )
+
+
+def compare_ints(name: str, want: np.ndarray, got: np.ndarray, tolerance: int) -> IntCheck:
+    want, got = np.asarray(want), np.asarray(got)
+    if want.shape != got.shape:
+        note = f"shape {list(got.shape)} where {list(want.shape)} was expected"
+        return IntCheck(name, str(want.dtype), want.size, 0, 0, tolerance, False, note)
+    d = np.abs(got.astype(np.int64) - want.astype(np.int64))
+    max_lsb = int(d.max(initial=0))
+    return IntCheck(name, str(want.dtype), want.size, int(np.count_nonzero(d == 0)), max_lsb,
+                    tolerance, max_lsb <= tolerance)  # fmt: skip
+
+
+def check_test_values(graph: IntGraph, kernels: Any = None) -> list[IntCheck]:
+    """Run the file's test inputs and compare with its test outputs (Model::test())."""
+    if not graph.test_inputs or not graph.test_outputs:
+        raise UserError(
+            "the file holds no test values (test_inputs_value / test_outputs_value); export "
+            "it with --test-data or --test-random, or compare it with a second file"
+        )
+    sim = Simulator(graph, kernels)
+    feeds = {}
+    for vi in graph.inputs:
+        if vi.name not in graph.test_inputs:
+            raise UserError(f"the file has no test value for input '{vi.name}'")
+        feeds[vi.name] = graph.test_inputs[vi.name].data
+    out = sim.run(feeds)
+    checks = []
+    for name, want in graph.test_outputs.items():
+        if name not in out:
+            raise UserError(f"test output '{name}' is not an output of the graph")
+        tol = 1 if want.data.dtype == np.int16 else 0
+        checks.append(compare_ints(name, want.data, out[name], tol))
+    return checks
+
+
+def print_int_checks(title: str, checks: list[IntCheck], verdict: bool = True) -> None:
+    from espstream.report import table
+
+    log.info(title)
+    head = ["output", "type", "elements", "identical", "max diff LSB"]
+    rows = [[c.name, c.dtype, c.size, f"{100 * c.identical_share:.1f}%", c.max_lsb]
+            for c in checks]  # fmt: skip
+    if verdict:
+        head += ["allowed", "result"]
+        for r, c in zip(rows, checks, strict=True):
+            r += [f"+-{c.tolerance}", "ok" if c.ok else "FAIL"]
+    log.info(table(head, rows))
+    for c in checks:
+        if c.note:
+            log.warn(c.describe())
+
+
+# ---- 2. offline .espdl vs streaming .espdl --------------------------------------------------
+
+
+def _frame_axis(offline: IntGraph, streaming: IntGraph) -> int:
+    for a, b in zip(offline.inputs, streaming.inputs, strict=False):
+        if a.shape and b.shape and len(a.shape) == len(b.shape):
+            diff = [i for i, (p, q) in enumerate(zip(a.shape, b.shape, strict=True)) if p != q]
+            if len(diff) == 1:
+                return diff[0]
+    axes = {int(n.attrs.get("frame_axis", 1)) for n in streaming.nodes
+            if n.op_type == "StreamingCache"}  # fmt: skip
+    return axes.pop() if len(axes) == 1 else 1
+
+
+def _espdl_samples(
+    graph: IntGraph, data: Any, random: int | None, seed: int
+) -> list[dict[str, np.ndarray]]:
+    """Integer sequences in the runtime layout for the offline file's inputs."""
+    from espstream.quant import scheme
+    from espstream.sim import target_rounding
+
+    names = [v.name for v in graph.inputs]
+    if data is None and random is None:
+        if graph.test_inputs and all(n in graph.test_inputs for n in names):
+            return [{n: graph.test_inputs[n].data for n in names}]
+        random = 4
+    rounding = target_rounding(graph.target or graph.metadata.get("espstream.target", "c"))
+    if data is None:
+        rng = np.random.default_rng(seed)
+        data = {}
+        for vi in graph.inputs:
+            shape = [int(d) for d in vi.shape or []]
+            data[vi.name] = rng.standard_normal([random, *shape[1:]]).astype(np.float32)
+    elif not isinstance(data, dict):
+        if len(names) != 1:
+            raise UserError("--data: the model has several inputs; give an .npz by input name")
+        data = {names[0]: data}
+    n_samples = None
+    arrays = {}
+    for vi in graph.inputs:
+        if vi.name not in data:
+            raise UserError(f"--data: no array for input '{vi.name}'")
+        x = np.asarray(data[vi.name])
+        shape = list(vi.shape or [])
+        if x.ndim == len(shape) - 1:
+            x = x[None]
+        if x.ndim != len(shape) or list(x.shape[1:]) != shape[1:]:
+            raise UserError(
+                f"--data: input '{vi.name}' needs [N, {', '.join(map(str, shape[1:]))}] in the "
+                f"runtime layout (channels last), got {list(x.shape)}"
+            )
+        if x.dtype.kind == "f":
+            bits = 16 if vi.dtype == np.int16 else 8
+            x = scheme.quantize(x, vi.exponent, bits, rounding)
+        elif x.dtype != vi.dtype:
+            raise UserError(f"--data: input '{vi.name}' is {vi.dtype}; got {x.dtype} integers")
+        arrays[vi.name] = x
+        n_samples = x.shape[0] if n_samples is None else min(n_samples, x.shape[0])
+    return [{n: a[k : k + 1] for n, a in arrays.items()} for k in range(n_samples or 0)]
+
+
+def verify_espdl_pair(
+    offline: IntGraph,
+    streaming: IntGraph,
+    data: Any = None,
+    random: int | None = None,
+    seed: int = 0,
+    kernels: Any = None,
+):
+    """Streaming file chunk by chunk vs offline file (module docstring, 2)."""
+    from espstream.sim import run_chunks
+    from espstream.verify import OutputCheck, VerifyResult, _accumulate, _take
+
+    if not streaming.streaming:
+        log.warn("the second file has no StreamingCache node: it keeps no state between chunks")
+    axis = _frame_axis(offline, streaming)
+    off_in = offline.inputs[0]
+    st_in = {v.name: v for v in streaming.inputs}
+    if set(st_in) != {v.name for v in offline.inputs}:
+        raise UserError(
+            f"the files have different inputs: {sorted(v.name for v in offline.inputs)} vs "
+            f"{sorted(st_in)}"
+        )
+    chunk = int(st_in[off_in.name].shape[axis])
+    samples = _espdl_samples(offline, data, random, seed)
+    T = int(samples[0][off_in.name].shape[axis])
+    if T % chunk:
+        raise UserError(f"{T} frames is not a whole number of chunks of {chunk}")
+    delay = json.loads(streaming.metadata.get("espstream.delay", "{}"))
+    warmup = json.loads(streaming.metadata.get("espstream.warmup", "{}"))
+    res = VerifyResult(engine="int8", chunk=chunk, frames=T, samples=len(samples))
+    off_sim = Simulator(offline, kernels)
+    st_sim = Simulator(streaming, kernels)
+    checks: dict[str, OutputCheck] = {}
+    for sample in samples:
+        ref = off_sim.run(sample)
+        st_sim.reset()
+        try:
+            calls = run_chunks(st_sim, sample, axis)
+        except UserError as e:
+            for name in ref:
+                chk = checks.setdefault(name, OutputCheck(name, "?", atol=0.0, rtol=0.0))
+                chk.ok, chk.skipped = False, "not compared: the streaming file fails (below)"
+            note = f"the streaming file cannot run: {e}"
+            if note not in res.notes:
+                res.notes.append(note)
+            continue
+        for name, r in ref.items():
+            outs = [c[name] for c in calls if name in c]
+            if len(outs) != len(calls):
+                checks[name] = OutputCheck(name, "?", skipped="not an output of the streaming file")
+                continue
+            last = outs[-1]
+            same_rest = last.ndim == r.ndim > axis and (
+                np.delete(r.shape, axis).tolist() == np.delete(last.shape, axis).tolist()
+            )
+            if same_rest and r.shape[axis] == last.shape[axis] * len(calls):
+                kind = "time"  # the output keeps the frame axis: one piece per chunk
+            elif last.shape == r.shape:
+                kind = "summary"
+            else:
+                chk = checks.setdefault(name, OutputCheck(name, "?", atol=0.0, rtol=0.0))
+                chk.ok = False
+                note = (
+                    f"{name}: streamed shape {list(last.shape)} fits neither a chunk of nor "
+                    f"the whole offline output {list(r.shape)}"
+                )
+                if note not in res.notes:
+                    res.notes.append(note)
+                continue
+            chk = checks.setdefault(name, OutputCheck(name, kind, atol=0.0, rtol=0.0))
+            if kind == "summary":
+                chk.compared, chk.frames = 1, "after the last chunk"
+                _accumulate(chk, r, last, None, 0)
+                continue
+            g = np.concatenate(outs, axis=axis)
+            d, w = int(delay.get(name, 0)), int(warmup.get(name, 0))
+            hi = min(r.shape[axis], g.shape[axis] - d)
+            if hi <= w:
+                chk.skipped = "no frame to compare; use longer sequences"
+                continue
+            chk.frames, chk.compared = f"{w}..{hi - 1}", hi - w
+            _accumulate(chk, _take(r, axis, w, hi), _take(g, axis, w + d, hi + d), axis, w)
+    res.outputs = list(checks.values())
+    return res
+
+
+def espdl_failure(res) -> str:
+    """The one-line CheckFailed message of a failed pair check."""
+    if res.notes and any(n.startswith("the streaming file cannot run") for n in res.notes):
+        return next(n for n in res.notes if n.startswith("the streaming file cannot run"))
+    return res.failure()
+
+
+# ---- 3. the int8 engine for QDQ ONNX models -------------------------------------------------
+
+
+class Int8Runner:
+    """A lowered QDQ model in the simulator, behind verify's Runner interface.
+
+    The simulator keeps StreamingCache state itself: the ONNX model's state outputs are
+    answered with a private marker array, and a call whose state inputs are not that marker
+    (verify starts every sequence with fresh zero states) resets the caches first.
+    """
+
+    def __init__(self, model: onnx.ModelProto, label: str, kernels: Any = None) -> None:
+        from espstream.lower import lower
+
+        try:
+            self.graph = lower(model)
+        except UserError as e:
+            raise UserError(f"{label}: {e}") from None
+        self.sim = Simulator(self.graph, kernels)
+        self.layout = json.loads(self.graph.metadata.get("espstream.layout", "{}"))
+        meta = {p.key: p.value for p in model.metadata_props}
+        self.states = [tuple(p) for p in json.loads(meta.get("espstream.states", "[]"))]
+        self._marker = np.zeros(0, np.float32)
+        from espstream.quant import scheme
+
+        self._scheme = scheme
+
+    def quantize(self, name: str, x: np.ndarray) -> np.ndarray:
+        vi = self.graph.value_info(name)
+        perm = self.layout.get(name, list(range(np.ndim(x))))
+        bits = 16 if vi.dtype == np.int16 else 8
+        q = self._scheme.quantize(np.asarray(x), vi.exponent, bits, self.sim.rounding)
+        return np.ascontiguousarray(np.transpose(q, perm))
+
+    def to_onnx_layout(self, name: str, q: np.ndarray) -> np.ndarray:
+        perm = self.layout.get(name, list(range(q.ndim)))
+        return np.transpose(q, np.argsort(perm))
+
+    def run_int(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Float ONNX-layout feeds -> integer outputs in the ONNX layout."""
+        if any(feeds.get(si) is not self._marker for si, _ in self.states):
+            self.sim.reset()  # a new sequence: verify feeds fresh zero states
+        q = {v.name: self.quantize(v.name, feeds[v.name]) for v in self.graph.inputs}
+        out = self.sim.run(q)
+        return {n: self.to_onnx_layout(n, v) for n, v in out.items()}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {
+            n: (v.astype(np.float64) * 2.0 ** self.graph.value_info(n).exponent).astype(np.float32)
+            for n, v in self.run_int(feeds).items()
+        }
+        for _si, so in self.states:
+            out[so] = self._marker
+        return out
+
+
+class Int8Engine:
+    """verify's `int8` engine: lower + simulate, exact comparison."""
+
+    name = "int8"
+
+    def __init__(self, kernels: Any = None) -> None:
+        self.kernels = kernels
+
+    def load(self, model: onnx.ModelProto, label: str) -> Int8Runner:
+        return Int8Runner(model, label, self.kernels)
+
+    def tolerance(self, model: onnx.ModelProto, output: str) -> tuple[float, float]:
+        return 0.0, 0.0
+
+
+def register() -> None:
+    from espstream.verify import register_engine
+
+    register_engine("int8", Int8Engine)
+
+
+# ---- 4. int8 vs fake-quant -----------------------------------------------------------------
+
+
+@dataclass
+class Agreement:
+    checks: list[IntCheck] = field(default_factory=list)
+    samples: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"samples": self.samples, "outputs": [c.to_json() for c in self.checks]}
+
+
+def int8_vs_fakequant(
+    model: onnx.ModelProto, samples: list[dict[str, np.ndarray]], kernels: Any = None
+) -> Agreement:
+    """Simulator vs onnxruntime on one QDQ model (not streaming): LSBs of each output."""
+    from espstream.verify import OrtRunner
+
+    sim = Int8Runner(model, "model", kernels)
+    if sim.graph.streaming:
+        raise UserError("int8 vs fake-quant agreement is measured on the offline model")
+    ort = OrtRunner(model, "model")
+    agg: dict[str, list] = {}
+    for sample in samples:
+        ref = ort.run(sample)
+        got = sim.run_int(sample)
+        for name, q in got.items():
+            e = sim.graph.value_info(name).exponent
+            want = np.rint(np.asarray(ref[name], np.float64) * 2.0**-e)
+            d = np.abs(q.astype(np.int64) - want.astype(np.int64))
+            a = agg.setdefault(name, [0, 0, 0, str(q.dtype)])
+            a[0] += d.size
+            a[1] += int(np.count_nonzero(d == 0))
+            a[2] = max(a[2], int(d.max(initial=0)))
+    checks = [
+        IntCheck(n, dt, size, same, mx, 0, mx == 0) for n, (size, same, mx, dt) in agg.items()
+    ]
+    return Agreement(checks, len(samples))
+
+
+def onnx_samples(
+    model: onnx.ModelProto, data: Any, random: int | None, frames: int | None, seed: int
+) -> list[dict[str, np.ndarray]]:
+    """Float sequences in the ONNX layout for an offline model (as verify draws them)."""
+    from espstream.verify import _input_specs
+
+    specs = _input_specs(model)
+    if data is not None:
+        if not isinstance(data, dict):
+            if len(specs) != 1:
+                raise UserError("--data: the model has several inputs; give an .npz by input")
+            data = {specs[0][0]: data}
+        arrays = {}
+        for name, dims, dt in specs:
+            if name not in data:
+                raise UserError(f"--data: no array for input {name!r}")
+            x = np.asarray(data[name])
+            arrays[name] = (x[None] if x.ndim == len(dims) - 1 else x).astype(dt)
+        n = min(a.shape[0] for a in arrays.values())
+        return [{k: a[i : i + 1] for k, a in arrays.items()} for i in range(n)]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(random or 4):
+        out.append({
+            name: rng.standard_normal([d if d else (frames or 64) for d in dims]).astype(dt)
+            for name, dims, dt in specs
+        })  # fmt: skip
+    return out
+
+
+def print_agreement(a: Agreement) -> None:
+    print_int_checks(
+        f"int8 simulator vs fake-quant onnxruntime, offline model, {a.samples} sequence(s) "
+        "(a report, not a check):",
+        a.checks,
+        verdict=False,
+    )
+
+
+def is_espdl(path: str | None) -> bool:
+    """An .espdl path (by suffix, or by the EDL magic of an existing file)."""
+    if not path or path == "-":
+        return False
+    if path.lower().endswith(".espdl"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(3) == b"EDL"
+    except OSError:
+        return False
+
+
+def verify_espdl_command(
+    offline: str,
+    streaming: str | None,
+    data: Any,
+    random: int | None,
+    seed: int,
+    engine: str | None,
+    json_path: str | None,
+) -> None:
+    """`espstream verify FILE.espdl [STREAMING.espdl]`: print, write JSON, raise CheckFailed."""
+    from espstream import espdl, report
+    from espstream.errors import CheckFailed
+    from espstream.modelio import read_bytes
+
+    if engine not in (None, "int8"):
+        raise UserError(f"--engine {engine}: an .espdl file runs only in the int8 simulator")
+    if streaming is not None and not is_espdl(streaming):
+        raise UserError(f"{streaming}: compare an .espdl file with another .espdl file")
+
+    def load(path: str) -> IntGraph:
+        try:
+            return espdl.read(read_bytes(path, ".espdl file"))
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
+
+    off = load(offline)
+    if streaming is None:
+        if data is not None or random is not None:
+            raise UserError(
+                "--data / --random need a second file (OFFLINE.espdl STREAMING.espdl); one "
+                "file is checked against its own test values"
+            )
+        checks = check_test_values(off)
+        print_int_checks(f"verify {offline}: embedded test values (Model::test())", checks)
+        ok = all(c.ok for c in checks)
+        report.write_json(json_path, {"ok": ok, "file": offline, "target": off.target,
+                                      "outputs": [c.to_json() for c in checks]})  # fmt: skip
+        if not ok:
+            raise CheckFailed("; ".join(c.describe() for c in checks if not c.ok))
+        return
+    res = verify_espdl_pair(off, load(streaming), data, random, seed)
+    from espstream.verify import print_result
+
+    print_result(res)
+    report.write_json(json_path, {"ok": res.ok, "runs": [res.to_json()]})
+    if not res.ok:
+        raise CheckFailed(espdl_failure(res))
