@@ -14,12 +14,12 @@ Exponent choices (e means scale 2^e; `bits` gives the integer range [qmin, qmax]
 
 1. `minmax`: the smallest e with qmin * 2^e <= min and max <= qmax * 2^e (nothing clips).
 2. `percentile` P: the minmax exponent of the P-th percentile of |x| (interpolated in its bin).
-3. `kl`: among e from the minmax exponent down to 12 below it, the one whose clipped, quantized
-   |x| distribution is closest in KL divergence to the observed one (TensorRT's entropy
-   calibration, with the thresholds restricted to 2^(e + bits - 1)); exact zeros are left out
-   of the distributions. Only thresholds with at
-   least one bin per integer level compete; with 16 bits (32768 levels) there is none below
-   the minmax exponent, so `kl` gives the minmax exponent there.
+3. `kl`: among e from the minmax exponent down to 8 below it (a 256 times narrower range), the
+   one whose clipped, quantized |x| distribution is closest in KL divergence to the observed
+   one (TensorRT's entropy calibration, with the thresholds restricted to 2^(e + bits - 1));
+   exact zeros are left out of the distributions. Only thresholds with at least one bin per
+   integer level compete; with 16 bits (32768 levels) there is none below the minmax exponent,
+   so `kl` gives the minmax exponent there.
 4. `mse`: among the same candidates, the e that minimises the expected squared error of
    quantization, rounding and clipping together, taking the density as uniform inside each bin
    and integrating the rounding error exactly over it.
@@ -35,7 +35,7 @@ from espstream.quant.scheme import E_MIN, exponent_for_absmax, exponent_for_rang
 
 METHODS = ("minmax", "percentile", "kl", "mse")
 DEFAULT_BINS = 4096
-CANDIDATES_BELOW = 12  # how far below the minmax exponent kl and mse look
+CANDIDATES_BELOW = 8  # how far below the minmax exponent kl and mse look
 
 
 class NonFiniteError(ValueError):
@@ -104,12 +104,19 @@ class HistogramObserver:
             self.hist[2 * self.bins] += x.size
             return
         b = self.bins
-        scale = math.ldexp(float(b), -self.top)  # b / R, a power of two: the product is exact
-        idx = (np.abs(x) * x.dtype.type(scale)).astype(np.int64)
-        np.minimum(idx, b - 1, out=idx)
-        idx += (x < 0) * b
-        idx[x == 0] = 2 * b
-        self.hist += np.bincount(idx, minlength=2 * b + 1)
+        # trunc(x * b / R) + b - [x < 0] is a signed bin in [0, 2b): b + j for x in [jw, (j+1)w)
+        # and b - 1 - j for -x in [jw, (j+1)w). b / R is a power of two: the product is exact.
+        scale = x.dtype.type(math.ldexp(float(b), -self.top))
+        idx = (x * scale).astype(np.intp)
+        idx += b
+        idx -= x < 0
+        np.clip(idx, 0, 2 * b - 1, out=idx)
+        h = np.bincount(idx, minlength=2 * b)
+        zeros = int(np.count_nonzero(x == 0))
+        self.hist[:b] += h[b:]
+        self.hist[:1] -= zeros
+        self.hist[b : 2 * b] += h[b - 1 :: -1]
+        self.hist[2 * b] += zeros
 
     def _grow(self, k: int) -> None:
         f_log = k - self.top
@@ -153,15 +160,20 @@ class HistogramObserver:
 
     def expected_sq_error(self, e: int, bits: int) -> float:
         """Mean squared error of quantizing the observed values with exponent e (rule 4)."""
+        return float(self.expected_sq_errors([e], bits)[0])
+
+    def expected_sq_errors(self, exps: list[int], bits: int) -> np.ndarray:
+        """`expected_sq_error` for several exponents at once (one row of work per exponent)."""
         if self.count == 0 or self.top is None:
-            return 0.0
+            return np.zeros(len(exps))
         qmin, qmax = qrange(bits)
-        s = math.ldexp(1.0, e)
         w = self.width
-        lo = np.arange(self.bins, dtype=np.float64) * w
-        hi = lo + w
-        total = _bin_error(self.pos, lo, hi, s, qmax * s)
-        total += _bin_error(self.neg, lo, hi, s, -qmin * s)
+        pos, neg = np.nonzero(self.pos)[0], np.nonzero(self.neg)[0]
+        j = np.concatenate([pos, neg]).astype(np.float64)[None, :]
+        counts = np.concatenate([self.pos[pos], self.neg[neg]]).astype(np.float64)[None, :]
+        s = np.ldexp(1.0, np.asarray(exps, dtype=np.int64))[:, None]
+        clip = np.concatenate([np.full(len(pos), float(qmax)), np.full(len(neg), float(-qmin))])
+        total = _bin_error(counts, j * w, (j + 1) * w, s, clip[None, :] * s)
         return total / self.count
 
     def clipped_fraction(self, e: int, bits: int) -> float:
@@ -201,8 +213,9 @@ class HistogramObserver:
     def mse_exponent(self, bits: int) -> int:
         if self.top is None:
             return self.minmax_exponent(bits)
-        errs = [(self.expected_sq_error(e, bits), -e) for e in self._candidates(bits)]
-        return -min(errs)[1]  # ties go to the wider range
+        cands = self._candidates(bits)
+        errs = self.expected_sq_errors(cands, bits)
+        return cands[int(np.argmin(errs))]  # the first minimum: ties go to the wider range
 
     def kl_exponent(self, bits: int) -> int:
         if self.top is None:
@@ -223,7 +236,7 @@ class HistogramObserver:
         return best[1] if best is not None else self.minmax_exponent(bits)
 
 
-def _h_period(y: np.ndarray, s: float) -> np.ndarray:
+def _h_period(y: np.ndarray, s: np.ndarray | float) -> np.ndarray:
     """Integral over [0, y] of (t mod s - s/2)^2 dt."""
     n = np.floor(y / s)
     r = y - n * s
@@ -231,24 +244,21 @@ def _h_period(y: np.ndarray, s: float) -> np.ndarray:
     return n * (s**3 / 12.0) + ((r - half) ** 3 + half**3) / 3.0
 
 
-def _round_err_integral(u: np.ndarray, v: np.ndarray, s: float) -> np.ndarray:
+def _round_err_integral(u: np.ndarray, v: np.ndarray, s: np.ndarray | float) -> np.ndarray:
     """Integral over [u, v] of (t - s * round(t / s))^2 dt, for 0 <= u <= v."""
     half = s / 2.0
     return _h_period(v + half, s) - _h_period(u + half, s)
 
 
-def _bin_error(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, s: float, clip: float) -> float:
-    """Sum over bins of count * mean squared error, the density uniform inside each bin."""
-    mask = counts > 0
-    if not mask.any():
-        return 0.0
-    c = counts[mask].astype(np.float64)
-    a, b = lo[mask], hi[mask]
-    inner_hi = np.minimum(b, clip)
-    inner = np.where(inner_hi > a, _round_err_integral(a, np.maximum(inner_hi, a), s), 0.0)
-    outer_lo = np.maximum(a, clip)
-    outer = np.where(b > outer_lo, ((b - clip) ** 3 - (outer_lo - clip) ** 3) / 3.0, 0.0)
-    return float(np.sum(c * (inner + outer) / (b - a)))
+def _bin_error(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, s: np.ndarray,
+               clip: np.ndarray) -> np.ndarray:
+    """Per row of `s` / `clip`: sum over bins of count * mean squared error, the density
+    uniform inside each bin (bins along the last axis)."""
+    inner_hi = np.minimum(hi, clip)
+    inner = np.where(inner_hi > lo, _round_err_integral(lo, np.maximum(inner_hi, lo), s), 0.0)
+    outer_lo = np.maximum(lo, clip)
+    outer = np.where(hi > outer_lo, ((hi - clip) ** 3 - (outer_lo - clip) ** 3) / 3.0, 0.0)
+    return np.sum(counts * (inner + outer) / (hi - lo), axis=-1)
 
 
 def _mass_above(counts: np.ndarray, width: float, t: float) -> float:
@@ -294,16 +304,18 @@ def weight_exponents(
     the four below it and keeps the one with the smallest squared error on the actual values.
     """
     w = np.asarray(w, dtype=np.float64)
-    slices = [w] if axis is None else [np.take(w, i, axis=axis) for i in range(w.shape[axis])]
+    rows = w.reshape(1, -1) if axis is None else np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    lows = np.minimum(rows.min(axis=1), 0.0)
+    highs = np.maximum(rows.max(axis=1), 0.0)
     out = []
     qmin, qmax = qrange(bits)
-    for sl in slices:
-        e0 = exponent_for_range(min(float(sl.min()), 0.0), max(float(sl.max()), 0.0), bits)
+    for row, lo, hi in zip(rows, lows, highs, strict=True):
+        e0 = exponent_for_range(float(lo), float(hi), bits)
         if method == "mse":
             best = None
             for e in range(e0, e0 - 5, -1):
                 s = math.ldexp(1.0, e)
-                err = float(np.sum((np.clip(np.rint(sl / s), qmin, qmax) * s - sl) ** 2))
+                err = float(np.sum((np.clip(np.rint(row / s), qmin, qmax) * s - row) ** 2))
                 if best is None or err < best[0]:
                     best = (err, e)
             e0 = best[1]
