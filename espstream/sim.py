@@ -36,9 +36,12 @@ Arithmetic (ESPDL.md section 4; the target comes from `graph.target`, else the m
 8. RequantizeLinear: saturate(round_shift(q, e_out - e_in)); its scale / zero-point inputs
    are not read, the exponents come from the value infos (ESP-PPQ writes a float scale of
    2**(e_out - e_in) there, e.g. 2.0 for -6 -> -5).
-9. Data movement (Reshape, Flatten, Transpose, Slice, Squeeze, Unsqueeze, Concat, MaxPool,
-   Identity): values are copied, never rescaled; an output exponent that differs from the
-   input's is reported as a warning (the chip would copy the bytes all the same).
+9. Data movement (Reshape, Flatten, Transpose, Slice, Squeeze, Unsqueeze, Gather, Split, Pad,
+   Concat, MaxPool, Identity): values are copied, never rescaled; an output exponent that
+   differs from the input's is reported as a warning (the chip would copy the bytes all the
+   same). Pad's pads are in the runtime layout ([begins..., ends...]), its constant an integer
+   at the input's exponent. Softmax outputs float32 computed on the real values (ESP-DL's
+   Softmax outputs float; not bit-exact to the chip's float library).
 10. StreamingCache (window_size W, frame_axis a): keeps W - 1 frames, zero at start and
     after reset(), output = [kept ; chunk] and then keeps the last W - 1 frames of that
     output. Like the runtime it copies bytes flatly, which equals a concatenation on the
@@ -114,12 +117,16 @@ ELEMENTWISE: dict[str, Callable[[np.ndarray, Node], np.ndarray]] = {
     "Elu": lambda x, n: np.where(x > 0, x, float(n.attrs.get("alpha", 1.0)) * np.expm1(x)),
     "LeakyRelu": lambda x, n: np.where(x >= 0, x, float(n.attrs.get("alpha", 0.01)) * x),
     "Exp": lambda x, n: np.exp(x),
+    "Log": lambda x, n: np.log(x),
+    "Sqrt": lambda x, n: np.sqrt(x),
     "Softplus": lambda x, n: np.logaddexp(0.0, x),
     "Gelu": lambda x, n: 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0))),
 }
 
 #: Operators the simulator runs (for error messages and documentation).
-DATA_MOVEMENT = ("Reshape", "Flatten", "Transpose", "Slice", "Squeeze", "Unsqueeze", "Identity")
+DATA_MOVEMENT = (
+    "Reshape", "Flatten", "Transpose", "Slice", "Squeeze", "Unsqueeze", "Identity", "Gather",
+)  # fmt: skip
 
 
 def target_rounding(target: str) -> str:
@@ -324,6 +331,14 @@ class Simulator:
             return self._streaming_cache(node)
         if op == "Concat":
             return self._concat(node)
+        if op == "Split":
+            return self._split(node)
+        if op == "Pad":
+            return self._pad(node)
+        if op == "Softmax":
+            return self._softmax(node)
+        if op == "Clip" and "lut" not in node.attrs:
+            return self._clip(node)
         if op in DATA_MOVEMENT:
             return self._movement(node)
         if op in ELEMENTWISE or "lut" in node.attrs:
@@ -639,6 +654,91 @@ class Simulator:
 
         return fn
 
+    def _split(self, node: Node) -> Fn:
+        axis = int(node.attrs.get("axis", 0))
+        self._same_exponent(node)
+        sizes = None
+        if len(node.inputs) > 1 and node.inputs[1]:
+            sizes = [int(v) for v in self._init(node, 1, "split").reshape(-1)]
+        elif "split" in node.attrs:
+            sizes = _ints(node.attrs["split"])
+        n_out = len(node.outputs)
+
+        def fn(args: list) -> list:
+            x = args[0]
+            dim = x.shape[axis]
+            parts = sizes
+            if parts is None:
+                if dim % n_out:
+                    raise ValueError(f"{dim} does not split into {n_out} equal parts")
+                parts = [dim // n_out] * n_out
+            if sum(parts) != dim or len(parts) != n_out:
+                raise ValueError(f"split {parts} does not fit {n_out} outputs of axis size {dim}")
+            return [np.ascontiguousarray(p) for p in np.split(x, np.cumsum(parts)[:-1], axis=axis)]
+
+        return fn
+
+    def _pad(self, node: Node) -> Fn:
+        """Pad in the runtime layout: pads [begin per axis..., end per axis...]; constant mode
+        fills with the constant input (an integer at the input's exponent) or 0."""
+        self._same_exponent(node)
+        pads = [int(v) for v in self._init(node, 1, "pads").reshape(-1)]
+        mode = node.attrs.get("mode", "constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode not in ("constant", "reflect", "edge"):
+            raise UserError(f"node '{node.name}' (Pad): mode '{mode}' is not supported")
+        value = 0
+        if len(node.inputs) > 2 and node.inputs[2]:
+            value = int(self._init(node, 2, "constant value").reshape(-1)[0])
+        if min(pads) < 0:
+            raise UserError(f"node '{node.name}' (Pad): negative pads {pads} are not supported")
+
+        def fn(args: list) -> list:
+            x = args[0]
+            if len(pads) != 2 * x.ndim:
+                raise ValueError(f"{len(pads)} pads for a rank-{x.ndim} input")
+            width = list(zip(pads[: x.ndim], pads[x.ndim :], strict=True))
+            if mode == "constant":
+                return [np.pad(x, width, constant_values=value)]
+            return [np.pad(x, width, mode=mode)]
+
+        return fn
+
+    def _softmax(self, node: Node) -> Fn:
+        """Softmax on the real values in float32; ESP-DL's Softmax outputs float, which is not
+        bit-exact to the chip's float library (the integer parts of a model are)."""
+        e_in = self._exp(node.inputs[0])
+        axis = int(node.attrs.get("axis", -1))
+
+        def fn(args: list) -> list:
+            x = args[0].astype(np.float32) * np.float32(2.0**e_in)
+            z = np.exp(x - x.max(axis=axis, keepdims=True))
+            return [(z / z.sum(axis=axis, keepdims=True)).astype(np.float32)]
+
+        return fn
+
+    def _clip(self, node: Node) -> Fn:
+        """A Clip without a table (16 bits): min / max inputs are integers at the input's
+        exponent; the output takes the input's exponent."""
+        shift = self._exp(node.outputs[0]) - self._exp(node.inputs[0])
+        lo = (
+            self._init(node, 1, "min").reshape(-1)[0]
+            if len(node.inputs) > 1 and node.inputs[1]
+            else None
+        )
+        hi = (
+            self._init(node, 2, "max").reshape(-1)[0]
+            if len(node.inputs) > 2 and node.inputs[2]
+            else None
+        )
+        k, rounding = self.kernels, self.rounding
+
+        def fn(args: list) -> list:
+            y = np.clip(args[0], lo, hi).astype(args[0].dtype)
+            return [y if shift == 0 else k.requantize(y, shift, rounding=rounding)]
+
+        return fn
+
     def _concat(self, node: Node) -> Fn:
         axis = int(node.attrs.get("axis", 0))
         self._same_exponent(node, all_inputs=True)
@@ -669,7 +769,19 @@ class Simulator:
             return flatten
         if op == "Reshape":
             shape = [int(v) for v in self._init(node, 1, "shape").reshape(-1)]
+            if int(node.attrs.get("allowzero", 0)):
+                return lambda args: [args[0].reshape(shape)]
             return lambda args: [args[0].reshape(_onnx_reshape(args[0].shape, shape))]
+        if op == "Gather":
+            idx = self._init(node, 1, "indices").astype(np.int64)
+            g_axis = int(node.attrs.get("axis", 0))
+
+            def gather(args: list) -> list:
+                x = args[0]
+                i = np.where(idx < 0, idx + x.shape[g_axis], idx)
+                return [np.ascontiguousarray(np.take(x, i, axis=g_axis))]
+
+            return gather
         if op in ("Squeeze", "Unsqueeze"):
             if len(node.inputs) > 1 and node.inputs[1]:
                 axes = [int(v) for v in self._init(node, 1, "axes").reshape(-1)]
@@ -816,7 +928,8 @@ def run_chunks(
 SUPPORTED = (
     "Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "AveragePool", "GlobalAveragePool",
     "MaxPool", "GlobalMaxPool", "Relu", "RequantizeLinear", "QuantizeLinear",
-    "DequantizeLinear", "StreamingCache", "Concat", *DATA_MOVEMENT, *ELEMENTWISE,
+    "DequantizeLinear", "StreamingCache", "Concat", "Split", "Pad", "Softmax", "Clip",
+    *DATA_MOVEMENT, *ELEMENTWISE,
 )  # fmt: skip
 
 

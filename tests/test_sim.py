@@ -493,3 +493,40 @@ def test_unknown_target_needs_an_argument() -> None:
         Simulator(g)
     x = np.array([1, 2, 3, 4], np.int8)
     np.testing.assert_array_equal(Simulator(g, target="c").run({"x": x})["y"], x)
+
+
+def test_pad_split_gather() -> None:
+    x = np.arange(1, 7, dtype=np.int8).reshape(1, 3, 2)
+    acts = {n: (np.int8, None, -2) for n in ("p", "e", "s1", "s2", "g")}
+    acts["x"] = (np.int8, [1, 3, 2], -2)
+    g = make_graph(
+        [
+            Node("Pad", "pad", ["x", "pads", "cval"], ["p"], {"mode": "constant"}),
+            Node("Pad", "edge", ["x", "pads"], ["e"], {"mode": "edge"}),
+            Node("Split", "split", ["p", "sizes"], ["s1", "s2"], {"axis": 1}),
+            Node("Gather", "gather", ["x", "idx"], ["g"], {"axis": 1}),
+        ],
+        [_i64("pads", [0, 2, 0, 0, 0, 1]), Tensor("cval", np.array(-7, np.int8), [-2]),
+         _i64("sizes", [1, 4]), _i64("idx", [-1, 0])],
+        acts, ["x"], ["g"],
+    )  # fmt: skip
+    v = Simulator(g).trace({"x": x})
+    assert v["p"][0].tolist() == [[-7, -7, -7], [-7, -7, -7], [1, 2, -7], [3, 4, -7], [5, 6, -7]]
+    assert v["e"][0].tolist() == [[1, 2, 2], [1, 2, 2], [1, 2, 2], [3, 4, 4], [5, 6, 6]]
+    assert v["s1"].shape == (1, 1, 3) and v["s2"].shape == (1, 4, 3)
+    assert v["g"][0].tolist() == [[5, 6], [1, 2]]
+
+
+def test_softmax_is_float_and_clip16() -> None:
+    acts = {"x": (np.int16, [1, 3], -4), "c": (np.int16, None, -4), "y": (np.float32, None, 0)}
+    g = make_graph(
+        [Node("Clip", "clip", ["x", "lo", "hi"], ["c"]),
+         Node("Softmax", "sm", ["c"], ["y"], {"axis": -1})],
+        [Tensor("lo", np.array(-16, np.int16), [-4]), Tensor("hi", np.array(32, np.int16), [-4])],
+        acts, ["x"], ["y"],
+    )  # fmt: skip
+    v = Simulator(g).trace({"x": np.array([[-100, 16, 100]], np.int16)})
+    assert v["c"].tolist() == [[-16, 16, 32]]
+    z = np.exp(np.array([-1.0, 1.0, 2.0]))
+    np.testing.assert_allclose(v["y"][0], z / z.sum(), rtol=1e-6)
+    assert v["y"].dtype == np.float32
