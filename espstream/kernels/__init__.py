@@ -70,13 +70,13 @@ def conv(
     else:
         w16 = np.ascontiguousarray(sp.w.reshape(c_out, -1), dtype=np.int16)
     acc_type = np.int32 if sp.x.dtype == np.int8 else np.int64
-    acc = np.empty(max(c_in, c_out, 4), acc_type)
+    acc = np.empty(max(c_in, 2 * c_out), acc_type)
     runs = np.empty(6 * kh * kw, np.intp)
     y = np.empty((*win.out_hw, c_out), sp.x.dtype)
     _int8.conv(
         x16, w16, sp.bias, sp.shift, acc, y, kh, kw, sp.groups, *win.stride, *win.dilation,
         win.pads[0], win.pads[2], _MODE[rounding], bool(relu), depthwise, runs,
-        np.empty(2 * c_out, np.int64),
+        np.empty(3 * c_out, np.int64),
     )  # fmt: skip
     return from_hwc(y, x, win.nd)
 

@@ -125,6 +125,20 @@ cdef inline int64_t rq(int64_t v, int64_t s, int kind, int mode, int64_t lo,
     return v
 
 
+cdef inline void _rq32_row(const acc_t* acc, const int32_t* add32, int32_t s, int32_t lo,
+                           int32_t hi, data_t* y, Py_ssize_t n) noexcept nogil:
+    """Half-up requantize of int32 sums with one shift: a loop the compiler vectorises."""
+    cdef Py_ssize_t c
+    cdef int32_t v
+    for c in range(n):
+        v = (<int32_t>acc[c] + add32[c]) >> s
+        if v < lo:
+            v = lo
+        if v > hi:
+            v = hi
+        y[c] = <data_t>v
+
+
 cdef inline bint _same_runs(Py_ssize_t nr, Py_ssize_t nr2, Py_ssize_t step, Py_ssize_t* rx,
                             Py_ssize_t* rw, Py_ssize_t* rn, Py_ssize_t* rx2, Py_ssize_t* rw2,
                             Py_ssize_t* rn2) noexcept nogil:
@@ -144,9 +158,10 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
                         Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t OH, Py_ssize_t OW,
                         const int64_t* add, const int64_t* shift, int kind, int mode,
                         int64_t lo, int64_t hi, Py_ssize_t* runs, acc_t* accbuf,
-                        data_t* Y) noexcept nogil:
+                        const int32_t* add32, data_t* Y) noexcept nogil:
     """Two neighbouring output pixels with the same taps (the interior) share each weight load,
-    four output channels share each input load: 8 dot products per pass."""
+    four output channels share each input load: 8 dot products per pass. With `add32` the sums
+    of a pixel pair go to `accbuf` (2 * C_out) and are requantized by a vectorised loop."""
     cdef Py_ssize_t cig = C // G, cog = cout // G, K = KH * KW * cig, T = KH * KW
     cdef Py_ssize_t oh, ow, g, co, co_end, r, i, n, nr, nr2, npix, step = sw * C
     cdef Py_ssize_t* rx = runs
@@ -165,6 +180,9 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
     cdef data_t* yq
     cdef acc_t a0, a1, a2, a3, b0, b1, b2, b3
     cdef int32_t xa, xb, v0, v1, v2, v3
+    cdef int32_t s32 = <int32_t>shift[0], lo32 = <int32_t>lo, hi32 = <int32_t>hi
+    cdef acc_t* qa = accbuf
+    cdef acc_t* qb = accbuf + cout
     for oh in range(OH):
         ow = 0
         while ow < OW:
@@ -213,14 +231,24 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
                                 b1 += xb * v1
                                 b2 += xb * v2
                                 b3 += xb * v3
-                        yp[co] = <data_t>rq(a0 + add[co], shift[co], kind, mode, lo, hi)
-                        yp[co + 1] = <data_t>rq(a1 + add[co + 1], shift[co + 1], kind, mode, lo, hi)
-                        yp[co + 2] = <data_t>rq(a2 + add[co + 2], shift[co + 2], kind, mode, lo, hi)
-                        yp[co + 3] = <data_t>rq(a3 + add[co + 3], shift[co + 3], kind, mode, lo, hi)
-                        yq[co] = <data_t>rq(b0 + add[co], shift[co], kind, mode, lo, hi)
-                        yq[co + 1] = <data_t>rq(b1 + add[co + 1], shift[co + 1], kind, mode, lo, hi)
-                        yq[co + 2] = <data_t>rq(b2 + add[co + 2], shift[co + 2], kind, mode, lo, hi)
-                        yq[co + 3] = <data_t>rq(b3 + add[co + 3], shift[co + 3], kind, mode, lo, hi)
+                        if add32 != NULL:
+                            qa[co] = a0
+                            qa[co + 1] = a1
+                            qa[co + 2] = a2
+                            qa[co + 3] = a3
+                            qb[co] = b0
+                            qb[co + 1] = b1
+                            qb[co + 2] = b2
+                            qb[co + 3] = b3
+                        else:
+                            yp[co] = <data_t>rq(a0 + add[co], shift[co], kind, mode, lo, hi)
+                            yp[co + 1] = <data_t>rq(a1 + add[co + 1], shift[co + 1], kind, mode, lo, hi)
+                            yp[co + 2] = <data_t>rq(a2 + add[co + 2], shift[co + 2], kind, mode, lo, hi)
+                            yp[co + 3] = <data_t>rq(a3 + add[co + 3], shift[co + 3], kind, mode, lo, hi)
+                            yq[co] = <data_t>rq(b0 + add[co], shift[co], kind, mode, lo, hi)
+                            yq[co + 1] = <data_t>rq(b1 + add[co + 1], shift[co + 1], kind, mode, lo, hi)
+                            yq[co + 2] = <data_t>rq(b2 + add[co + 2], shift[co + 2], kind, mode, lo, hi)
+                            yq[co + 3] = <data_t>rq(b3 + add[co + 3], shift[co + 3], kind, mode, lo, hi)
                         co += 4
                 while co < co_end:  # leftover channels, or a lone pixel
                     a0 = 0
@@ -235,10 +263,18 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
                             xq = xp + step
                             for i in range(n):
                                 b0 += <int32_t>xq[i] * w0[i]
-                    yp[co] = <data_t>rq(a0 + add[co], shift[co], kind, mode, lo, hi)
-                    if npix == 2:
-                        yq[co] = <data_t>rq(b0 + add[co], shift[co], kind, mode, lo, hi)
+                    if add32 != NULL:
+                        qa[co] = a0
+                        qb[co] = b0
+                    else:
+                        yp[co] = <data_t>rq(a0 + add[co], shift[co], kind, mode, lo, hi)
+                        if npix == 2:
+                            yq[co] = <data_t>rq(b0 + add[co], shift[co], kind, mode, lo, hi)
                     co += 1
+            if add32 != NULL:
+                _rq32_row(qa, add32, s32, lo32, hi32, yp, cout)
+                if npix == 2:
+                    _rq32_row(qb, add32, s32, lo32, hi32, yq, cout)
             ow += npix
 
 
@@ -248,10 +284,12 @@ cdef void _conv_depthwise(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize
                           Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t OH, Py_ssize_t OW,
                           const int64_t* add, const int64_t* shift, int kind, int mode,
                           int64_t lo, int64_t hi, Py_ssize_t* runs, acc_t* acc,
-                          data_t* Y) noexcept nogil:
+                          const int32_t* add32, data_t* Y) noexcept nogil:
     """groups == C_in == C_out; weights transposed to [kH * kW, C] so the loops run over C
-    (contiguous in both; the compiler vectorises them)."""
+    (contiguous in both; the compiler vectorises them). With `add32` (one right shift for all
+    channels, half-up, int32 cannot overflow) the requantize loop is vectorised too."""
     cdef Py_ssize_t oh, ow, i, j, ih, iw, c, t, nt
+    cdef int32_t s32 = <int32_t>shift[0], lo32 = <int32_t>lo, hi32 = <int32_t>hi
     cdef Py_ssize_t* xo = runs
     cdef Py_ssize_t* wo = runs + KH * KW
     cdef const int16_t* xp
@@ -279,8 +317,11 @@ cdef void _conv_depthwise(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize
                 for c in range(C):
                     acc[c] += <int32_t>xp[c] * wp[c]
             yp = Y + (oh * OW + ow) * C
-            for c in range(C):
-                yp[c] = <data_t>rq(acc[c] + add[c], shift[c], kind, mode, lo, hi)
+            if add32 != NULL:
+                _rq32_row(acc, add32, s32, lo32, hi32, yp, C)
+            else:
+                for c in range(C):
+                    yp[c] = <data_t>rq(acc[c] + add[c], shift[c], kind, mode, lo, hi)
 
 
 def conv(const int16_t[:, :, ::1] x, const int16_t[:, ::1] w, const int64_t[::1] bias,
@@ -290,7 +331,7 @@ def conv(const int16_t[:, :, ::1] x, const int16_t[:, ::1] w, const int64_t[::1]
          bint depthwise, Py_ssize_t[::1] runs, int64_t[::1] scratch):
     """Conv on widened data: x [H, W, C] int16, w [C_out, K] int16 (depthwise: [kH*kW, C]),
     bias and shift per output channel; acc: scratch of the accumulator type (int32 for int8
-    data, int64 for int16; length >= C); y: output [OH, OW, C_out]; runs: scratch of
+    data, int64 for int16; length >= max(C, 2 * C_out)); y: output [OH, OW, C_out]; runs: scratch of
     6 * kH * kW; scratch: 2 * C_out."""
     cdef int64_t lo, hi, s
     cdef Py_ssize_t c
@@ -309,6 +350,8 @@ def conv(const int16_t[:, :, ::1] x, const int16_t[:, ::1] w, const int64_t[::1]
     # the kernels then do one add and one shift per output.
     cdef int64_t* add = &scratch[0]
     cdef int64_t* shf = &scratch[cout]
+    cdef int32_t* add32 = <int32_t*>&scratch[2 * cout]
+    cdef int64_t amax = 0
     kind = RQ_UP if mode == HALF_UP else RQ_EVEN
     for c in range(cout):
         if shift[c] <= 0:
@@ -321,15 +364,32 @@ def conv(const int16_t[:, :, ::1] x, const int16_t[:, ::1] w, const int64_t[::1]
         if kind == RQ_UP:
             add[c] += (<int64_t>1) << (s - 1)
         shf[c] = s
+    # int8, half-up, one shift: requantize in int32 if acc + add cannot overflow.
+    if data_t is int8_t and kind == RQ_UP:
+        for c in range(cout):
+            if shf[c] != shf[0]:
+                add32 = NULL
+                break
+            if add[c] > amax:
+                amax = add[c]
+            elif -add[c] > amax:
+                amax = -add[c]
+        if amax + KH * KW * (C // groups) * 16384 >= 2147483647:
+            add32 = NULL
+        if add32 != NULL:
+            for c in range(cout):
+                add32[c] = <int32_t>add[c]
+    else:
+        add32 = NULL
     with nogil:
         if depthwise:
             _conv_depthwise(&x[0, 0, 0], H, W, C, &w[0, 0], KH, KW, sh, sw, dh, dw, pt, pl,
                             OH, OW, add, shf, kind, mode, lo, hi, &runs[0], &acc[0],
-                            &y[0, 0, 0])
+                            add32, &y[0, 0, 0])
         else:
             _conv_general(&x[0, 0, 0], H, W, C, &w[0, 0], cout, KH, KW, groups, sh, sw, dh, dw,
                           pt, pl, OH, OW, add, shf, kind, mode, lo, hi,
-                          &runs[0], &acc[0], &y[0, 0, 0])
+                          &runs[0], &acc[0], add32, &y[0, 0, 0])
 
 
 def avgpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, float[::1] acc,
