@@ -391,6 +391,68 @@ def export(
     report.write_json(json_path, result.to_json())
 
 
+@cli.command(
+    context_settings=CONTEXT,
+    epilog=example(
+        "espstream convert m.onnx -o m.espdl -d calib.npy --chunk 3 --json convert.json\n"
+        "espstream convert m.onnx -o m.espdl --random 64 --target esp32s3 --bits 16"
+    ),
+)
+@click.argument("input", default="-")
+@stage
+@click.option("-d", "--data", metavar="PATH", help="Calibration data: .npy, .npz or a folder.")
+@click.option("--random", "random_n", type=int, metavar="N", help="Use N standard-normal samples.")
+@click.option("--chunk", type=int, metavar="N", help="Stream N input frames per call.")
+@click.option("--target", type=click.Choice(["esp32p4", "esp32s3", "c"]), default="esp32p4",
+              show_default=True)
+@click.option("--bits", type=click.Choice(["8", "16"]), default="8", show_default=True)
+@click.option("--method", type=click.Choice(["minmax", "percentile", "kl", "mse"]), default=None,
+              help="Activation exponent choice [default: mse].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
+@click.option("--input-shape", multiple=True, metavar="NAME:D0,D1,...", help="As optimize.")
+@click.option("--axis", multiple=True, metavar="INPUT:AXIS", help="As streamify.")
+@click.option("--overrides", metavar="FILE.json", help="As streamify.")
+@click.option("--test-data", metavar="PATH", help="Test values from this .npy/.npz [data's first].")
+@click.option("--no-test-values", is_flag=True, help="Embed no test values.")
+@click.option("--verify-samples", type=int, default=4, show_default=True, metavar="N",
+              help="Samples of the data the checks run on.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print every stage's own report.")
+def convert(
+    input: str, output: str, json_path: str | None, data: str | None, random_n: int | None,
+    chunk: int | None, target: str, bits: str, method: str | None, seed: int,
+    input_shape: tuple[str, ...], axis: tuple[str, ...], overrides: str | None,
+    test_data: str | None, no_test_values: bool, verify_samples: int, verbose: bool,
+) -> None:
+    """Optimize, calibrate, streamify, export and verify in one step; the .espdl only if ok."""
+    from espstream import modelio, report
+    from espstream.convert import FIRST_SAMPLE, convert_model, print_summary
+    from espstream.errors import CheckFailed
+    from espstream.export import read_test_data
+    from espstream.stream import overrides as ovr
+    from espstream.stream.streamify import parse_axes
+
+    if (data is None) == (random_n is None):
+        raise UserError("give calibration data with -d/--data PATH, or --random N (not both)")
+    if test_data and no_test_values:
+        raise UserError("give --test-data or --no-test-values, not both")
+    modelio.check_output_path(output, input, *(p for p in (data, test_data, overrides) if p))
+    if output == "-" and real_stdout().isatty():
+        raise UserError("refusing to write a binary model to the terminal; use -o FILE.espdl")
+    model = modelio.load_model(input)
+    tdata = None if no_test_values else (read_test_data(test_data) if test_data else FIRST_SAMPLE)
+    result = convert_model(
+        model, data, random=random_n, chunk=chunk, target=target, bits=int(bits), method=method,
+        seed=seed, input_shapes=parse_input_shapes(input_shape), axes=parse_axes(axis),
+        overrides=ovr.load(overrides) if overrides else None, test_data=tdata,
+        verify_samples=verify_samples, verbose=verbose,
+    )
+    print_summary(result, output if output != "-" else "stdout")
+    report.write_json(json_path, {**result.to_json(), "written": result.ok, "file": output})
+    if not result.ok:
+        raise CheckFailed(f"{result.failure()}; {output} was not written")
+    modelio.write_bytes(result.data, output)
+
+
 def _quiet_libraries(debug: bool) -> None:
     """onnx-graphsurgeon and onnxruntime log chatty warnings; keep them for --debug."""
     if debug:
