@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py $(wildcard espstream/kernels/*.pyx)
 OUT := out
 
-.PHONY: install demo test test-all lint bench models schema clean
+.PHONY: install demo pipeline test test-all lint bench models schema clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,9 +16,24 @@ $(STAMP): $(SOURCES)
 
 install: $(STAMP)
 
-demo: install
+# The whole pipeline on the bundled tutorial model, ending with verify's verdicts.
+demo: pipeline
+
+# The README's shell pipeline (plus --test-data) into out/; then the offline .espdl, and verify:
+# int8 chunk by chunk == offline, and the streaming file's own test values (Model::test()).
+ES := $(VENV)/bin/espstream
+PIPE := models/tutorial_tcn
+pipeline: install
 	mkdir -p $(OUT)
-	$(VENV)/bin/espstream optimize models/tutorial_tcn.onnx -o $(OUT)/tutorial_tcn.opt.onnx
+	bash -o pipefail -c '$(ES) optimize $(PIPE).onnx \
+	  | $(ES) calibrate - -d $(PIPE).calib.npy \
+	  | $(ES) streamify - --chunk 3 \
+	  | $(ES) export - -o $(OUT)/tutorial_tcn.espdl --test-data $(PIPE).input.npy'
+	bash -o pipefail -c '$(ES) optimize $(PIPE).onnx -q \
+	  | $(ES) calibrate - -d $(PIPE).calib.npy -q \
+	  | $(ES) export - -o $(OUT)/tutorial_tcn.offline.espdl -q'
+	$(ES) verify $(OUT)/tutorial_tcn.offline.espdl $(OUT)/tutorial_tcn.espdl --random 8
+	$(ES) verify $(OUT)/tutorial_tcn.espdl
 
 test: install
 	$(PY) -m pytest -q
