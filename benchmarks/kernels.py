@@ -17,7 +17,8 @@ Contenders, all on one thread and the same data:
 
 Goals: ours at least 20x the NumPy oracle, and ours no slower than 3x the faster of onnxruntime's
 s8 kernels (ConvInteger s8, QLinearConv s8). The u8 ratio is reported, not judged. Each time is
-the best of `--repeat` rounds, a round calling the kernel for at least `--min-time` seconds.
+the best of `--repeat` rounds; a round calls every contender in turn, each for at least
+`--min-time` seconds (interleaved, so load from other processes skews no single contender).
 
 Correctness is checked on the same data: ours == the oracle bit for bit, and ours equals
 ConvInteger's int32 sums put through the oracle's requantization (so both compute the same
@@ -70,19 +71,23 @@ def shapes(rng: np.random.Generator) -> list[dict]:
     ]  # fmt: skip
 
 
-def best_time(fn: Callable[[], object], repeat: int, min_time: float) -> float:
-    """Best mean seconds per call over `repeat` rounds of at least `min_time` seconds each."""
-    fn()  # warm up
-    t0 = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - t0, 1e-7)
-    n = max(1, int(min_time / once))
-    best = float("inf")
-    for _ in range(repeat):
+def best_times(fns: dict[str, Callable[[], object]], repeat: int, min_time: float) -> dict:
+    """Best mean seconds per call of each function over `repeat` rounds; a round runs every
+    function in turn for at least `min_time` seconds, so a burst of load on the machine hits
+    all contenders alike instead of one of them."""
+    calls = {}
+    for name, fn in fns.items():
+        fn()  # warm up
         t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / n)
+        fn()
+        calls[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - t0) / calls[name])
     return best
 
 
@@ -146,9 +151,9 @@ def run_case(case: dict, repeat: int, min_time: float) -> dict:
     ours = kernels.conv(x, w, **args)
     exact = bool(np.array_equal(ours, reference.conv(x, w, **args)))
 
-    times = {
-        "ours": best_time(lambda: kernels.conv(x, w, **args), repeat, min_time),
-        "numpy": best_time(lambda: reference.conv(x, w, **args), max(2, repeat // 2), min_time),
+    fns: dict[str, Callable[[], object]] = {
+        "ours": lambda: kernels.conv(x, w, **args),
+        "numpy": lambda: reference.conv(x, w, **args),
     }
     same_sums = None
     for op, act, label in [
@@ -163,7 +168,8 @@ def run_case(case: dict, repeat: int, min_time: float) -> dict:
             sums = sums[0] if x.ndim == 2 else sums
             requant = reference.saturate(reference.round_shift(sums, SHIFT, "half_up"), np.int8)
             same_sums = bool(np.array_equal(requant, ours))
-        times[label] = best_time(lambda s=sess, f=feed: s.run(None, {"x": f}), repeat, min_time)
+        fns[label] = lambda s=sess, f=feed: s.run(None, {"x": f})
+    times = best_times(fns, repeat, min_time)
 
     ort_s8 = min(times["ort_convinteger_s8"], times["ort_qlinearconv_s8"])
     result = {
@@ -186,8 +192,8 @@ def run_case(case: dict, repeat: int, min_time: float) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/kernels.json"))
-    parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--min-time", type=float, default=0.2)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--min-time", type=float, default=0.05)
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
