@@ -412,7 +412,8 @@ def export(
 @click.option("--input-shape", multiple=True, metavar="NAME:D0,D1,...", help="As optimize.")
 @click.option("--axis", multiple=True, metavar="INPUT:AXIS", help="As streamify.")
 @click.option("--overrides", metavar="FILE.json", help="As streamify.")
-@click.option("--test-data", metavar="PATH", help="Test values from this .npy/.npz [data's first].")
+@click.option("--test-data", metavar="PATH",
+              help="Test values from this .npy/.npz [default: the data's first sample].")
 @click.option("--no-test-values", is_flag=True, help="Embed no test values.")
 @click.option("--verify-samples", type=int, default=4, show_default=True, metavar="N",
               help="Samples of the data the checks run on.")
