@@ -218,9 +218,10 @@ def convert_model(
 ) -> ConvertResult:
     """Optimize, calibrate, streamify (with `chunk`), export and verify `model` (module doc).
 
-    data: calibration data (a .npy / .npz / folder path, or `CalibrationData`), or `random`
-    N standard-normal samples (`seed`). test_data: FIRST_SAMPLE (the data's first sample),
-    an array / {input: array} in the ONNX layout, or None for no test values.
+    data: calibration data (a .npy / .npz / folder path, or `CalibrationData` read against the
+    optimized model's inputs), or `random` N standard-normal samples (`seed`).
+    test_data: FIRST_SAMPLE (the data's first sample), an array / {input: array} in the ONNX
+    layout, or None for no test values.
     """
     from espstream import verify as v
     from espstream import verify_int8

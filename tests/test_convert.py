@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from cli_util import assert_user_error, espstream
 from onnx import numpy_helper
@@ -73,9 +74,11 @@ def test_streaming_models_convert_and_verify(model, data, chunk, state, kind):
     assert j["outputs"][name]["delay"] == 0
 
 
-def test_offline_convert_has_no_streaming_checks():
-    r = convert_model(_load("models/kws2d.onnx"), MODELS / "kws2d.calib.npy")
+@pytest.mark.parametrize("name", ["tutorial_tcn", "stream_tcn", "kws2d"])
+def test_offline_convert_has_no_streaming_checks(name):
+    r = convert_model(_load(f"models/{name}.onnx"), MODELS / f"{name}.calib.npy")
     assert r.ok, r.failure()
+    assert 20 < r.sqnr["y"]["fakequant"] < 45
     assert [c.name for c in r.checks] == ["optimize", "int8 vs fake-quant", ".espdl test values"]
     assert r.streamed is None and r.state_bytes == 0 and not read(r.data).streaming
     assert r.outputs()["y"]["delay"] is None
@@ -95,6 +98,14 @@ def test_convert_equals_the_stages_run_one_by_one():
     e = export_model(s, test_data=np.load(calib)[:1])
     assert e.data == r.data
     assert r.state_bytes == e.report["cache_bytes"]
+    # the fake-quant SQNR: the offline float and QDQ models in plain onnxruntime sessions, on
+    # the 4 samples the checks use
+    x = np.load(calib)[:4]
+    ys = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+          .run(None, {"x": x[k:k + 1]})[0] for m in (fm, q) for k in range(4)]
+    ref, fq = np.concatenate(ys[:4]).astype(np.float64), np.concatenate(ys[4:])
+    want = 10 * np.log10(np.sum(ref**2) / np.sum((ref - fq) ** 2))
+    assert r.sqnr["y"]["fakequant"] == pytest.approx(want, abs=1e-3)
     # the test input is the first chunk (3 frames) of sample 0, quantized half up (esp32s3)
     g = read(r.data)
     x = np.load(calib)[0, :, :3]  # [C, 3]
