@@ -38,10 +38,19 @@ def stage(f: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(f)
     def wrapper(*args: Any, quiet: bool, debug: bool, **kwargs: Any) -> Any:
         log.set_quiet(quiet)
+        check_report_path(kwargs.get("json_path"))
         with stdout_reserved_for_output():
             return f(*args, **kwargs)
 
     return wrapper
+
+
+def check_report_path(path: str | None) -> None:
+    """Refuse an unwritable --json path before any work (not after the model is written)."""
+    if path and path != "-":
+        from espstream.modelio import check_output_path
+
+        check_output_path(path)
 
 
 def parse_input_shapes(specs: tuple[str, ...]) -> dict[str, list[int]]:
@@ -93,6 +102,9 @@ def cli() -> None:
 )
 @click.option("--list-passes", is_flag=True, help="List the passes and exit.")
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime equivalence check.")
+@click.option("--upgrade-opset", is_flag=True,
+              help="Convert a model older than opset 11 to opset 13 with onnx.version_converter "
+              "(said on stderr) instead of refusing it.")
 def optimize(
     input: str,
     output: str,
@@ -101,6 +113,7 @@ def optimize(
     skip: tuple[str, ...],
     list_passes: bool,
     no_check: bool,
+    upgrade_opset: bool,
 ) -> None:
     """Fold constants, BatchNorm and padding; clean the graph; check it is unchanged."""
     from espstream import modelio, report
@@ -111,7 +124,7 @@ def optimize(
             click.echo(f"{p.name:<22} {p.summary}", file=real_stdout())
         return
     modelio.check_output_path(output, input)
-    model = modelio.load_model(input)
+    model = modelio.load_model(input, upgrade_opset=upgrade_opset)
     result = optimize_model(
         model, input_shapes=parse_input_shapes(input_shape), skip=list(skip), check=not no_check
     )
@@ -214,6 +227,7 @@ def inspect(file: str, json_path: str | None, quiet: bool, debug: bool) -> None:
     from espstream import modelio, report
 
     log.set_quiet(quiet)
+    check_report_path(json_path)
     label = "<stdin>" if file == "-" else file
     info = inspection.inspect_bytes(modelio.read_bytes(file), label)
     inspection.print_summary(info)
@@ -293,6 +307,7 @@ def verify(
     from espstream.stream.streamify import parse_axes
 
     log.set_quiet(quiet)
+    check_report_path(json_path)
     if data is not None and random_n is not None:
         raise UserError("give --data PATH or --random N, not both")
     from espstream import verify_int8

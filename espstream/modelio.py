@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from espstream.errors import UserError
 
 MIN_OPSET = 11
+UPGRADE_OPSET = 13  # what `upgrade_opset=True` converts an older model to
 STDIO = "-"
 
 # While a CLI command runs, sys.stdout points at stderr so that no library's print can corrupt
@@ -80,8 +81,14 @@ def _has_external_data(model: onnx.ModelProto) -> bool:
     )
 
 
-def parse_model(data: bytes, label: str, base_dir: str | None = None) -> onnx.ModelProto:
-    """Parse and validate ONNX bytes; every failure is a `UserError` naming `label`."""
+def parse_model(
+    data: bytes, label: str, base_dir: str | None = None, upgrade_opset: bool = False
+) -> onnx.ModelProto:
+    """Parse and validate ONNX bytes; every failure is a `UserError` naming `label`.
+
+    An opset older than `MIN_OPSET` is refused unless `upgrade_opset`, which converts the model
+    to opset `UPGRADE_OPSET` with onnx.version_converter and says so on stderr.
+    """
     model = onnx.ModelProto()
     try:
         model.ParseFromString(data)
@@ -109,10 +116,13 @@ def parse_model(data: bytes, label: str, base_dir: str | None = None) -> onnx.Mo
     opset = _opset(model)
     if opset is None:
         raise UserError(f"{label}: the model imports no default ONNX opset")
-    if opset < MIN_OPSET:
+    if opset < MIN_OPSET and upgrade_opset:
+        model = _upgrade_opset(model, opset, label)
+    elif opset < MIN_OPSET:
         raise UserError(
             f"{label}: opset {opset} is older than {MIN_OPSET}; re-export the model with "
-            f"opset >= {MIN_OPSET} (or upgrade it with onnx.version_converter)"
+            f"opset >= {MIN_OPSET}, or pass --upgrade-opset to convert it with "
+            "onnx.version_converter"
         )
     if len(model.graph.node) == 0:
         raise UserError(f"{label}: the graph is empty (no nodes)")
@@ -124,11 +134,37 @@ def parse_model(data: bytes, label: str, base_dir: str | None = None) -> onnx.Mo
     return model
 
 
-def load_model(path: str) -> onnx.ModelProto:
-    """Load and validate an ONNX model from a path or '-' (stdin)."""
+def _upgrade_opset(model: onnx.ModelProto, opset: int, label: str) -> onnx.ModelProto:
+    from onnx import version_converter
+
+    from espstream import log
+
+    try:
+        upgraded = version_converter.convert_version(model, UPGRADE_OPSET)
+    except Exception as e:  # the converter raises RuntimeError / ValidationError / others
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{label}: cannot upgrade opset {opset} to {UPGRADE_OPSET} with "
+            f"onnx.version_converter ({reason}); re-export the model with opset >= {MIN_OPSET}"
+        ) from None
+    if upgraded.ir_version < 4:
+        # IR < 4 had to list every initializer as a graph input; from IR 4 on such an input is
+        # an overridable one, which no stage should treat as user data, so it goes.
+        weights = {t.name for t in upgraded.graph.initializer}
+        kept = [i for i in upgraded.graph.input if i.name not in weights]
+        del upgraded.graph.input[:]
+        upgraded.graph.input.extend(kept)
+    # The converter keeps the old IR version; opset 13 needs IR >= 7.
+    upgraded.ir_version = max(upgraded.ir_version, 7)
+    log.warn(f"{label}: upgraded from opset {opset} to {UPGRADE_OPSET} with onnx.version_converter")
+    return upgraded
+
+
+def load_model(path: str, upgrade_opset: bool = False) -> onnx.ModelProto:
+    """Load and validate an ONNX model from a path or '-' (stdin); see `parse_model`."""
     data = read_bytes(path, "ONNX model")
     base = None if path == STDIO else str(Path(path).resolve().parent)
-    return parse_model(data, _label(path), base)
+    return parse_model(data, _label(path), base, upgrade_opset)
 
 
 def check_output_path(path: str, *inputs: str) -> None:
@@ -147,6 +183,14 @@ def check_output_path(path: str, *inputs: str) -> None:
         raise UserError(f"{path}: the folder {parent} does not exist")
     if out.is_dir():
         raise UserError(f"{path}: is a folder; give a file name")
+    # Permissions do not tell (root ignores them; /proc refuses new files even to root): try
+    # the temporary file `write_bytes` will need, now, before any work is done.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write in {parent} ({e.strerror})") from None
+    os.close(fd)
+    _unlink_quietly(probe)
 
 
 def write_bytes(data: bytes, path: str, binary: bool = True) -> None:
