@@ -159,6 +159,14 @@ def optimize(
 @click.option("--batch", type=int, default=64, show_default=True, help="Samples per run.")
 @click.option("--report-samples", type=int, default=32, show_default=True,
               help="Samples for the per-layer SQNR report (0: no report).")
+@click.option("--state", "states", multiple=True, metavar="IN:OUT",
+              help="A hand-written streaming model's state input and the output fed back into "
+              "it (repeatable); the data are then whole sequences, run chunk by chunk.")
+@click.option("--chunk", type=int, metavar="N",
+              help="With --state: frames per call, where the input's time axis is symbolic.")
+@click.option("--axis", multiple=True, metavar="NAME:AXIS",
+              help="With --state: time axis of an input or output (else found from the model "
+              "and the data).")
 def calibrate(
     input: str,
     output: str,
@@ -174,8 +182,15 @@ def calibrate(
     samples: int | None,
     batch: int,
     report_samples: int,
+    states: tuple[str, ...],
+    chunk: int | None,
+    axis: tuple[str, ...],
 ) -> None:
-    """Choose power-of-two exponents on calibration data; write the QDQ model."""
+    """Choose power-of-two exponents on calibration data; write the QDQ model.
+
+    A streaming model (streamify's output, or a hand-written one described by --state) is
+    calibrated on whole sequences cut into chunks, with its states fed back.
+    """
     from espstream import modelio, report
     from espstream.quant import (
         DEFAULT_METHOD,
@@ -195,16 +210,24 @@ def calibrate(
         modelio.check_output_path(output, data)
     model = modelio.load_model(input)
     check_float_model(model)
-    inputs = model_inputs(model)
+    from espstream.quant import stream_calib
+    from espstream.stream.streamify import parse_axes
+
+    stream = stream_calib.stream_spec(model, states, chunk, parse_axes(axis), data)
+    inputs = model_inputs(model) if stream is None else stream_calib.sequence_inputs(model, stream)
+    n_random = random_n if samples is None or random_n is None else min(random_n, samples)
     if data:
         calib = read_calibration_data(data, inputs, limit=samples)
+    elif stream is not None:
+        warn_random()
+        calib = stream_calib.random_sequences(model, stream, n_random, seed)
     else:
         warn_random()
-        calib = random_data(inputs, random_n if samples is None else min(random_n, samples), seed)
+        calib = random_data(inputs, n_random, seed)
     result = calibrate_model(
         model, calib, target=target, bits=int(bits), method=method or DEFAULT_METHOD,
         percentile=percentile, per_channel=per_channel, batch=batch,
-        report_samples=max(report_samples, 0),
+        report_samples=max(report_samples, 0), stream=stream,
     )
     print_summary(result)
     modelio.save_model(result.model, output)
@@ -253,9 +276,12 @@ def inspect(file: str, json_path: str | None, quiet: bool, debug: bool) -> None:
               help="Time axis of an input, where it is not found automatically (repeatable).")
 @click.option("--overrides", metavar="FILE.json",
               help="Per tensor a window, axis or delay, for ops no rule covers.")
+@click.option("--stages", type=int, default=1, show_default=True, metavar="K",
+              help="Split into K streaming models run one step apart, MACs balanced; -o "
+              "m.onnx writes m_0.onnx ... m_{K-1}.onnx.")
 def streamify(
     input: str, output: str, json_path: str | None, chunk: int, axis: tuple[str, ...],
-    overrides: str | None,
+    overrides: str | None, stages: int,
 ) -> None:
     """Make a streaming model: one chunk per call, the past kept as state (StreamingCache)."""
     from espstream import modelio, report
@@ -265,6 +291,23 @@ def streamify(
     modelio.check_output_path(output, input)
     model = modelio.load_model(input)
     ov = ovr.load(overrides) if overrides else None
+    if stages != 1:  # staged deployment (espstream/stream/stages.py)
+        from espstream.stream.stages import part_paths, print_split, streamify_stages
+
+        if stages < 1:
+            raise UserError(f"--stages {stages}: give a positive number of parts")
+        paths = part_paths(output, stages)
+        for p in paths:
+            modelio.check_output_path(p, input)
+        result, split = streamify_stages(model, chunk, stages, axes=parse_axes(axis),
+                                         overrides=ov)
+        print_summary(result)
+        print_split(split)
+        for part, p in zip(split.parts, paths, strict=True):
+            modelio.save_model(part.model, p)
+        split.files = paths
+        report.write_json(json_path, {**result.to_json(), "staged": split.to_json()})
+        return
     result = streamify_model(model, chunk, axes=parse_axes(axis), overrides=ov)
     print_summary(result)
     modelio.save_model(result.model, output)
@@ -280,7 +323,7 @@ def streamify(
     ),
 )
 @click.argument("offline")
-@click.argument("streaming", required=False)
+@click.argument("streaming", nargs=-1)
 @click.option("-d", "--data", metavar="PATH", help="Input sequences: .npy [N, ...] or .npz.")
 @click.option("--random", "random_n", type=int, metavar="N", help="N random sequences [4].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
@@ -295,11 +338,15 @@ def streamify(
 @click.option("-q", "--quiet", is_flag=True, help="Silence stderr except errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def verify(
-    offline: str, streaming: str | None, data: str | None, random_n: int | None, seed: int,
+    offline: str, streaming: tuple[str, ...], data: str | None, random_n: int | None, seed: int,
     frames: int | None, engine: str | None, chunks: str | None, axis: tuple[str, ...],
     overrides: str | None, json_path: str | None, quiet: bool, debug: bool,
 ) -> None:
-    """Check that STREAMING, run chunk by chunk, equals OFFLINE over whole sequences."""
+    """Check that STREAMING, run chunk by chunk, equals OFFLINE over whole sequences.
+
+    Several STREAMING files are the parts of a staged deployment (streamify --stages), in
+    order: they run as a pipeline, one step apart.
+    """
     from espstream import modelio, report
     from espstream import verify as v
     from espstream.errors import CheckFailed
@@ -308,18 +355,24 @@ def verify(
 
     log.set_quiet(quiet)
     check_report_path(json_path)
+    parts = list(streaming)  # more than one: a staged deployment's parts, in order
+    one = parts[0] if parts else None
     if data is not None and random_n is not None:
         raise UserError("give --data PATH or --random N, not both")
     from espstream import verify_int8
 
     verify_int8.register()  # --engine int8: lower + the integer simulator
     if verify_int8.is_espdl(offline):
+        if len(parts) > 1:
+            raise UserError("staged parts are checked as ONNX files: give OFFLINE.onnx "
+                            "PART_0.onnx PART_1.onnx ... (--engine int8 runs the integer "
+                            "arithmetic of the .espdl files)")
         if chunks is not None:
             raise UserError("--chunks streamifies ONNX models; give OFFLINE.espdl STREAMING.espdl")
-        verify_int8.verify_espdl_command(offline, streaming, v.load_data(data) if data else None,
+        verify_int8.verify_espdl_command(offline, one, v.load_data(data) if data else None,
                                          random_n, seed, engine, json_path)  # fmt: skip
         return
-    if (chunks is None) == (streaming is None):
+    if (chunks is None) == (one is None):
         raise UserError(
             "give either STREAMING.onnx (check that model) or --chunks N,N,... (streamify "
             "OFFLINE at each chunk size and check each), not both"
@@ -331,8 +384,13 @@ def verify(
     off = modelio.load_model(offline)
     if chunks is not None:
         results = v.verify_chunks(off, v.parse_chunks(chunks), axes=parse_axes(axis), **kw)
+    elif len(parts) > 1:
+        from espstream.stream.stages import verify_stages
+
+        results = [verify_stages(off, [modelio.load_model(p) for p in parts], labels=parts,
+                                 **kw)]
     else:
-        results = [v.verify_models(off, modelio.load_model(streaming), **kw)]
+        results = [v.verify_models(off, modelio.load_model(one), **kw)]
     for r in results:
         v.print_result(r)
     extra = {}

@@ -40,8 +40,12 @@ Rules:
 8. Streaming: each `espstream.StreamingCache(x, state) -> (y, next_state)` becomes ESP-DL's
    single-input `StreamingCache` (`frame_axis` in the runtime layout, `quant_type`,
    `window_size`); its state input / output leave the graph (the runtime keeps the state).
-   A state pair of `espstream.states` that is not such a cache (a GRU's hidden state, ...) is an
-   error naming it. Every axis before the frame axis must have size 1 (the cache copies flatly).
+   A hand-written state pair (`calibrate --state`) that is a pure sliding window (the state is
+   the last frames of Concat(state, x)) becomes such a cache first (`espstream.stream.manual`).
+   Any other state pair (a GRU's hidden state, ...) is an error naming it. Every axis before
+   the frame axis must have size 1 (the cache copies flatly). A cache over a quantized
+   constant (streamify's start mask: DequantizeLinear of integer ones) reads that constant as
+   an initializer in the runtime layout.
 9. Every activation gets a ValueInfo (dtype, runtime shape, exponent); `quant_type` 'S8' / 'S16'
    on every node; filters get the target's layout doc string (`espdl.layout`), other
    parameters 'layout ==> UNK' as ESP-PPQ writes. metadata: `espstream.layout` ({graph input /
@@ -178,6 +182,10 @@ def lower(model: onnx.ModelProto, target: str | None = None) -> IntGraph:
 
 
 def recorded_target(model: onnx.ModelProto) -> str | None:
+    if not unsupported_nodes(model):  # rule 8: hand-written sliding-window states
+        from espstream.stream.manual import sliding_window_caches
+
+        model = sliding_window_caches(model)
     for p in model.metadata_props:
         if p.key == "espstream.target":
             return p.value

@@ -131,6 +131,8 @@ class CalibrateResult:
     seconds: float
     report: Any = None  # espstream.quant.qreport.QuantReport
     notes: list[str] = field(default_factory=list)
+    stream: Any = None  # espstream.quant.stream_calib.StreamSpec for a streaming model
+    chunks: int = 0  # chunks run (streaming model)
 
     def to_json(self) -> dict[str, Any]:
         o = self.options
@@ -168,6 +170,9 @@ class CalibrateResult:
                         for k, v in self.weight_exponents.items()},
             "requantized": self.requantized,
         }
+        if self.stream is not None:
+            out["streaming"] = {**self.stream.to_json(), "chunks_run": self.chunks,
+                                "tied_states": [list(p) for p in self.plan.ties]}
         if self.report is not None:
             out.update(self.report.to_json())
         return out
@@ -207,26 +212,44 @@ def choose_exponents(plan: Plan, observers: dict[str, HistogramObserver],
     for layer in plan.layers:
         exps[layer.output] = observers[layer.output].exponent(opts.method, opts.bits,
                                                               opts.percentile)
+    for c, (lo, hi) in plan.const_ranges.items():  # plan rule 9: a cached constant (mask)
+        exps[c] = scheme.exponent_for_range(lo, hi, opts.bits)
     # Rule 5 of the plan: last node first, so that a chain of Adds settles from the end.
     for out, inputs in reversed(plan.adopt):
         for i in inputs:
             exps[i] = exps[out]
     for t in plan.share_root:
         exps[t] = exps[plan.root(t)]
+    if plan.ties:  # plan rule 10: hand-written state pairs
+        from espstream.quant.stream_calib import tie_exponents
+
+        tie_exponents(plan, observers, exps, opts)
     return exps
 
 
 def calibrate_model(
     model: onnx.ModelProto, data: CalibrationData, options: CalibrateOptions | None = None,
-    **kwargs: Any,
+    stream: Any = None, **kwargs: Any,
 ) -> CalibrateResult:
-    """Calibrate `model` on `data`; keyword arguments override fields of `options`."""
+    """Calibrate `model` on `data`; keyword arguments override fields of `options`.
+
+    `stream` (a `espstream.quant.stream_calib.StreamSpec`) marks a streaming model: `data`
+    then holds whole sequences, run chunk by chunk with the states fed back (see that module).
+    """
     opts = dataclasses.replace(options or CalibrateOptions(), **kwargs)
     target = opts.validate()
     t0 = time.perf_counter()
     fm = prepare_float_model(model, opts.bits)
     plan = make_plan(fm)
-    observers, batched = observe(fm, plan.observed(), data, opts.batch, opts.bins)
+    chunks = 0
+    if stream is not None:
+        from espstream.quant.stream_calib import observe_stream
+
+        plan.ties = stream.manual_pairs(fm)
+        observers, batched, chunks = observe_stream(fm, plan.observed(), data, stream,
+                                                    opts.batch, opts.bins)
+    else:
+        observers, batched = observe(fm, plan.observed(), data, opts.batch, opts.bins)
     exps = choose_exponents(plan, observers, opts)
     per_channel = target.per_channel if opts.per_channel is None else opts.per_channel
     rw = _Rewriter(fm, plan, exps, target, opts.bits, per_channel, opts.weight_method)
@@ -241,6 +264,8 @@ def calibrate_model(
     }
     if opts.method == "percentile":
         meta["espstream.percentile"] = repr(float(opts.percentile))
+    if stream is not None and stream.source == "options":
+        meta.update(stream.metadata())  # the hand-written model's streaming facts
     set_metadata(qm, meta)
     onnx.checker.check_model(qm)
     result = CalibrateResult(
@@ -249,7 +274,7 @@ def calibrate_model(
         bias_clipped=rw.bias_clipped, bias_shift=rw.bias_shift, requantized=rw.requantized,
         observers=observers,
         qdq_names=rw.qdq_names, samples=len(data), batched=batched,
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0, stream=stream, chunks=chunks,
     )
     clipped = {k: v for k, v in rw.bias_clipped.items() if v}
     if clipped:
@@ -258,7 +283,11 @@ def calibrate_model(
                 + ", ".join(sorted(clipped)))
         result.notes.append(note)
         log.warn(note)
-    if opts.report_samples > 0:
+    if opts.report_samples > 0 and stream is not None:
+        from espstream.quant.stream_calib import build_stream_report
+
+        result.report = build_stream_report(result, data, stream, opts.report_samples)
+    elif opts.report_samples > 0:
         from espstream.quant.qreport import build_report
 
         result.report = build_report(result, data, opts.report_samples)
@@ -452,7 +481,7 @@ class _Rewriter:
             else:
                 e = scheme.exponent_for_range(min(float(c.min()), 0.0), max(float(c.max()), 0.0),
                                               self.bits)
-            q = scheme.quantize(c, e, self.bits, "half_even")
+            q = np.asarray(scheme.quantize(c, e, self.bits, "half_even"))  # 0-d stays an array
             node.inputs[k] = self._int_const(onode.input[k], q, np.array([e]), None)
 
 
@@ -466,6 +495,12 @@ def print_summary(result: CalibrateResult) -> None:
         + (f" {o.percentile}" if o.method == "percentile" else "")
         + f", weights {'per channel' if result.per_channel else 'per tensor'}"
     )
+    if result.stream is not None:
+        st = result.stream
+        tied = f"; {len(result.plan.ties)} hand-written state pair(s), exponents tied" if (
+            result.plan.ties) else ""
+        log.info(f"  streaming model ({st.source}): {result.chunks} chunks of {st.chunk} "
+                 f"frames, {len(st.states)} state(s) fed back{tied}")
     if result.requantized:
         log.info(f"  {len(result.requantized)} explicit requantizations (Add/Sub/Concat inputs)")
     if result.report is not None:

@@ -25,6 +25,16 @@ rules, in this order of precedence:
 7. Softmax / LogSoftmax: the output stays float; only data movement or a graph output may follow.
 8. Nodes with no float output (shape arithmetic) are left alone; any other operator producing
    a float is refused with a message naming the node.
+9. Streaming models (`streamify`'s output): an `espstream.StreamingCache(x, state) -> (y,
+   next_state)` moves data, so y shares x's exponent; its state input and `next_state` stay
+   float and unquantized (the frames they carry are x's, already on x's grid), exactly the
+   form `streamify` writes for a QDQ model and `lower` reads. A graph input read only as such a
+   state gets no exponent. A constant x (a start mask of ones) is stored as an integer at its
+   own minmax exponent (`Plan.const_ranges`), which y shares.
+10. Hand-written state pairs (`Plan.ties`, set by the caller): a state input and its state
+   output are quantized like any input and output, and `choose_exponents` gives the two (and
+   every tensor sharing or adopting their exponent) one exponent, so the loop has no
+   requantization.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ from onnx import numpy_helper
 from espstream.errors import UserError
 
 GEMM_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+STREAM_DOMAIN = "espstream"
 FUSABLE_OPS = {"Relu", "Clip"}
 SHARE_OPS = {
     "Reshape", "Transpose", "Flatten", "Slice", "Squeeze", "Unsqueeze", "MaxPool", "Pad",
@@ -94,6 +105,10 @@ class Plan:
     # (output, inputs): inputs of an Add / Sub / Concat that take the output's exponent
     # (rule 5), in graph order
     adopt: list[tuple[str, list[str]]] = field(default_factory=list)
+    # constant root of a shared exponent (rule 9) -> (min(c, 0), max(c, 0))
+    const_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # (state input, state output) pairs whose exponents must be one (rule 10)
+    ties: list[tuple[str, str]] = field(default_factory=list)
 
     def observed(self) -> list[str]:
         """Tensors whose exponent comes from an observer."""
@@ -196,8 +211,9 @@ def make_plan(model: onnx.ModelProto) -> Plan:
                                    onnx.TensorProto.BFLOAT16)
 
     plan = Plan()
+    cache_states = _cache_states(g)
     for vi in g.input:
-        if vi.name in inits:
+        if vi.name in inits or vi.name in cache_states:
             continue
         if bad_float(vi.name):
             raise UserError(f"input {vi.name!r}: float16/float64 models are not supported; "
@@ -231,6 +247,9 @@ def make_plan(model: onnx.ModelProto) -> Plan:
             continue  # shape arithmetic and the like
         ins = act_inputs(n)
         op = n.op_type
+        if n.domain == STREAM_DOMAIN:
+            _plan_cache(plan, n, inits, const_float)
+            continue
         for i in ins:
             if plan.state[i] == FLOAT and op not in SHARE_OPS:
                 raise UserError(
@@ -298,6 +317,50 @@ def make_plan(model: onnx.ModelProto) -> Plan:
             "activations ...): nothing to calibrate"
         )
     return plan
+
+
+def _cache_states(g: onnx.GraphProto) -> set[str]:
+    """Graph inputs read only as the state (input 1) of StreamingCache nodes (rule 9)."""
+    uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for n in g.node:
+        for k, i in enumerate(n.input):
+            if i:
+                uses.setdefault(i, []).append((n, k))
+    return {
+        vi.name for vi in g.input
+        if uses.get(vi.name) and all(
+            n.domain == STREAM_DOMAIN and n.op_type == "StreamingCache" and k == 1
+            for n, k in uses[vi.name]
+        )
+    }
+
+
+def _plan_cache(plan: Plan, n: onnx.NodeProto, inits, const_float) -> None:
+    """Rule 9: StreamingCache(x, state) -> (y, next_state)."""
+    if n.op_type != "StreamingCache" or len(n.input) != 2 or len(n.output) != 2:
+        raise UserError(
+            f"node {n.name!r}: {n.domain}.{n.op_type} with {len(n.input)} inputs / "
+            f"{len(n.output)} outputs is not a StreamingCache(x, state) -> (y, next_state)"
+        )
+    x, y, nxt = n.input[0], n.output[0], n.output[1]
+    if x in plan.state:
+        if plan.state[x] == FLOAT:
+            raise UserError(
+                f"node {n.name!r} (StreamingCache) caches {x!r}, the float output of a Softmax; "
+                "ESP-DL caches integer tensors only"
+            )
+        plan.state[y] = SHARE
+        plan.share_root[y] = plan.root(x)
+    elif const_float(x):
+        c = numpy_helper.to_array(inits[x]).astype(np.float64)
+        plan.const_ranges[x] = (min(float(c.min()), 0.0), max(float(c.max()), 0.0))
+        plan.const_inputs.append((n.name, 0, "own"))
+        plan.state[y] = SHARE
+        plan.share_root[y] = x
+    else:
+        raise UserError(f"node {n.name!r} (StreamingCache) caches {x!r}, which is neither an "
+                        "activation nor a float constant")
+    plan.state[nxt] = INTERNAL
 
 
 def _need_inputs(n: onnx.NodeProto, ins: list[str]) -> None:

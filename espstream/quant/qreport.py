@@ -171,6 +171,11 @@ def _combined(result: Any) -> tuple[onnx.ModelProto, list[tuple[str, str, str]]]
             graph.outputs.append(v)
     m = gs.export_onnx(graph)
     m.ir_version = result.model.ir_version
+    if result.model.functions:  # a streaming model's StreamingCache function (plan rule 9)
+        have = {o.domain for o in m.opset_import}
+        m.opset_import.extend(o for o in result.model.opset_import if o.domain not in have)
+        del m.functions[:]
+        m.functions.extend(result.model.functions)
     del m.graph.value_info[:]
     return m, reported
 
