@@ -590,14 +590,21 @@ def parse_chunks(text: str) -> list[int]:
 def load_data(path: str) -> Any:
     """--data: an .npy array [N, ...] (one input) or an .npz with one array per input."""
     import io
+    import zipfile
 
     from espstream.modelio import read_bytes
 
     raw = read_bytes(path, "data file")
     try:
         obj = np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, OSError) as e:
+        arrays = {"": obj} if isinstance(obj, np.ndarray) else {k: obj[k] for k in obj.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not an .npy/.npz file ({e})") from None
-    if isinstance(obj, np.ndarray):
-        return obj
-    return {k: obj[k] for k in obj.files}
+    for key, a in arrays.items():
+        where = f"{path}" + (f", array {key!r}" if key else "")
+        if a.dtype.kind not in "fiub":  # complex would lose its imaginary part silently
+            raise UserError(f"{where}: element type {a.dtype}; expected real numbers")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            bad = "NaN" if np.isnan(a).any() else "Inf"
+            raise UserError(f"{where}: contains {bad}; input data must be finite")
+    return arrays[""] if isinstance(obj, np.ndarray) else arrays
