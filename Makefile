@@ -44,9 +44,25 @@ test-all: install
 lint: install
 	$(VENV)/bin/ruff check espstream tests models benchmarks
 
-bench: install
+bench: install bench-ppq-env
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/run_all.py
+
+# ESP-PPQ for benchmarks/convert_vs_ppq.py, in an environment of its own (git-ignored). PyTorch
+# is the machine's local CPU wheel of 2.13.0, installed first with --no-index: from the registry,
+# torch would come as the CUDA build with several GB of packages. esp-ppq itself does not require
+# torch (only its extras do), so the second install keeps that torch. A failure is a note, not an
+# error: convert_vs_ppq.py then records the ESP-PPQ side as skipped, with the reason.
+PPQ_VENV := benchmarks/.venv-ppq
+.PHONY: bench-ppq-env
+bench-ppq-env:
+	@if [ -f $(PPQ_VENV)/.installed-stamp ]; then echo "bench-ppq-env: $(PPQ_VENV) is ready"; \
+	elif $(PYTHON) -m venv $(PPQ_VENV) \
+	  && $(PPQ_VENV)/bin/pip install -q --no-index --no-deps torch==2.13.0 \
+	  && $(PPQ_VENV)/bin/pip install -q torch==2.13.0 esp-ppq==1.3.12; then \
+	  touch $(PPQ_VENV)/.installed-stamp; echo "bench-ppq-env: installed ESP-PPQ in $(PPQ_VENV)"; \
+	else echo "bench-ppq-env: NOTE: could not install ESP-PPQ (needs a local CPU wheel of" \
+	  "torch 2.13.0); convert_vs_ppq.py will record ESP-PPQ as skipped"; fi
 
 models: install
 	$(PY) models/build.py

@@ -4,6 +4,11 @@
 
 Each script is run in its own process with `--out benchmarks/results/NAME.json`; a script that
 fails is recorded with its exit status and the tail of its stderr, and the others still run.
+Scripts in HELPERS are parts of another benchmark, not benchmarks (ppq_side.py runs in the ESP-PPQ
+environment for convert_vs_ppq.py) and are not run here.
+
+At the end: a status table, then each script's headline figures: the top-level "headline" dict of
+its JSON (key: value, one a line); a script without one shows nothing more.
 """
 
 from __future__ import annotations
@@ -16,13 +21,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+HELPERS = {"run_all", "ppq_side"}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="script names without .py")
     args = parser.parse_args()
-    scripts = sorted(p for p in HERE.glob("*.py") if p.name != Path(__file__).name)
+    scripts = sorted(p for p in HERE.glob("*.py") if p.stem not in HELPERS)
     if args.only:
         scripts = [p for p in scripts if p.stem in args.only]
     (HERE / "results").mkdir(exist_ok=True)
@@ -46,8 +52,30 @@ def main() -> int:
     for name, entry in summary.items():
         state = "ok" if entry["exit_status"] == 0 else f"FAILED ({entry['exit_status']})"
         print(f"{name:<22} {state:<12} {entry['seconds']:>8.1f} s")
+    print_headlines(summary)
     print(f"wrote {HERE / 'results.json'}")
     return 0 if all(e["exit_status"] == 0 for e in summary.values()) else 1
+
+
+def print_headlines(summary: dict[str, dict]) -> None:
+    """Each script's "headline" dict, if its JSON has one."""
+    for name, entry in summary.items():
+        results = entry.get("results")
+        head = results.get("headline") if isinstance(results, dict) else None
+        if not isinstance(head, dict) or not head:
+            continue
+        print(f"\n{name}:")
+        width = min(max(len(str(k)) for k in head), 40)
+        for key, value in head.items():
+            print(f"  {str(key):<{width}}  {_short(value)}")
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
 
 
 if __name__ == "__main__":
