@@ -8,7 +8,7 @@ Scripts in HELPERS are parts of another benchmark, not benchmarks (ppq_side.py r
 environment for convert_vs_ppq.py) and are not run here.
 
 At the end: a status table, then each script's headline figures: the top-level "headline" dict of
-its JSON (key: value, one a line); a script without one shows nothing more.
+its JSON (key: value, one a line); a script without one gets a line pointing at its JSON.
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ def print_headlines(summary: dict[str, dict]) -> None:
         results = entry.get("results")
         head = results.get("headline") if isinstance(results, dict) else None
         if not isinstance(head, dict) or not head:
+            if entry["exit_status"] == 0:
+                print(f"\n{name}: (no headline in its JSON; see benchmarks/results/{name}.json)")
             continue
         print(f"\n{name}:")
         width = min(max(len(str(k)) for k in head), 40)
