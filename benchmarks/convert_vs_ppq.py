@@ -50,6 +50,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -67,7 +68,8 @@ CASES = [("tutorial_tcn", None), ("tutorial_tcn", 3), ("stream_tcn", None), ("st
 TARGET, BITS, CALIB_STEPS = "esp32p4", 8, 32
 GOAL = 5.0
 HELD_OUT, HELD_OUT_SEED = 16, 7
-STAGES = ("optimize", "calibrate", "streamify", "export")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+LOG_PREFIX = re.compile(r"^\[ERROR\]\[\w+\]\[[^]]*\]:\s*")  # ESP-PPQ's "[ERROR][ESPDL][time]:"
 
 
 # ---- espstream's side (runs in its own process: --case) -------------------------------------
@@ -144,7 +146,14 @@ def _subprocess_json(cmd: list[str], timeout: float) -> tuple[dict | None, float
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         return None, wall, f"no JSON on stdout: {tail}"
-    return json.loads(lines[-1]), wall, ""
+    result = json.loads(lines[-1])
+    # ESP-PPQ logs what it could not do (e.g. an operator auto-streaming does not handle) as
+    # [ERROR] lines and carries on: keep them beside its times.
+    logged = [LOG_PREFIX.sub("", ANSI.sub("", ln).strip()) for ln in p.stderr.splitlines()
+              if "[ERROR]" in ln]
+    if logged:
+        result["logged_errors"] = list(dict.fromkeys(logged))
+    return result, wall, ""
 
 
 def _stats(xs: list[float]) -> dict | None:
@@ -230,7 +239,8 @@ def run_case(name: str, chunk: int | None, repeat: int, ppq_python: Path,
                     "cpu_seconds": _stats([r["cpu_seconds"] for r, _w in got]),
                     "process_seconds": _stats([w for _r, w in got]),
                     "import_seconds": _stats([r["import_seconds"] for r, _w in got]),
-                    "espdl_bytes": got[0][0]["espdl_bytes"]}
+                    "espdl_bytes": got[0][0]["espdl_bytes"],
+                    "logged_errors": got[0][0].get("logged_errors", [])}
         ppq["versions"] = got[0][0]["versions"]
     case["esp_ppq"] = ppq
 
