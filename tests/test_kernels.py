@@ -172,7 +172,7 @@ def _check_avgpool(case, e_in: int, e_out: int, rounding: str) -> None:
 
 
 @FAST
-@given(pool_cases(), st.integers(-12, 3), st.integers(-12, 3), st.sampled_from(ref.ROUNDINGS))
+@given(pool_cases(), st.integers(-30, 20), st.integers(-30, 20), st.sampled_from(ref.ROUNDINGS))
 def test_avgpool_matches_reference(case, e_in, e_out, rounding):
     _check_avgpool(case, e_in, e_out, rounding)
 
@@ -493,6 +493,8 @@ def test_conv_rejects_bad_arguments(impl):
         impl.maxpool(x, 7)
     with pytest.raises(ValueError, match="stride"):
         impl.avgpool(x, 2, stride=0, e_in=0, e_out=0)
+    with pytest.raises(ValueError, match="exponent"):
+        impl.avgpool(x, 2, e_in=-200, e_out=0)
 
 
 def test_kernels_share_signatures():

@@ -30,6 +30,7 @@ from espstream.kernels import _int8
 from espstream.kernels.reference import (
     IntArg,
     add,
+    check_exponents,
     check_rounding,
     conv_spec,
     from_hwc,
@@ -105,6 +106,7 @@ def avgpool(
 ) -> np.ndarray:
     """ESP-DL AveragePool on its float32 path (see `reference.avgpool`)."""
     check_rounding(rounding)
+    check_exponents(e_in, e_out)
     x3, y, win, geometry = _pool_args(x, kernel, stride, dilation, pads)
     area = win.kernel[0] * win.kernel[1]
     inv_area = np.float32(1.0) / np.float32(area)

@@ -16,7 +16,6 @@ convs (groups == C_in == C_out) take weights as `[kH * kW, C]` and loop over cha
 Requantization folds the half-up rounding constant into the bias when every shift is > 0.
 """
 
-from libc.math cimport floor, rint
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t
 
 ctypedef fused data_t:
@@ -397,7 +396,7 @@ def avgpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, float[::1] acc,
             Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl, float scale_in, float inv_area,
             float scale_out, int mode):
     """AveragePool in float32: acc += float(q) * scale_in over valid taps in row-major order,
-    y = (acc * inv_area) / scale_out, rounded in double (exact), saturated. acc: scratch [C].
+    y = (acc * inv_area) / scale_out, saturated and rounded exactly. acc: scratch [C].
     Each float step is a separate float32 operation; x * scale_in is exact (a power of two),
     so even an FMA contraction of the accumulate step could not change a result."""
     cdef Py_ssize_t H = x.shape[0], W = x.shape[1], C = x.shape[2]
@@ -406,8 +405,9 @@ def avgpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, float[::1] acc,
     cdef const data_t* xp
     cdef data_t* yp
     cdef float* a
-    cdef float v
-    cdef double r, lo, hi
+    cdef float v, r, d, lo, hi
+    # float32 constants, so no step is promoted to double
+    cdef float magic = 12582912.0, zero = 0.0, one = 1.0, half = 0.5
     if data_t is int8_t:
         lo, hi = -128.0, 127.0
     else:
@@ -432,18 +432,25 @@ def avgpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, float[::1] acc,
                         for c in range(C):
                             a[c] = a[c] + (<float>xp[c]) * scale_in
                 yp = &y[oh, ow, 0]
-                for c in range(C):
-                    v = a[c] * inv_area
-                    v = v / scale_out
-                    if mode == HALF_UP:
-                        r = floor(<double>v + 0.5)
-                    else:
-                        r = rint(<double>v)
-                    if r < lo:
-                        r = lo
-                    elif r > hi:
-                        r = hi
-                    yp[c] = <data_t>r
+                # Clamp first (lo, hi are integers, so rounding commutes with it); then round
+                # in float32 without libm: adding and removing 1.5 * 2**23 rounds half to even
+                # exactly for |v| < 2**22, and v - r is exact, so a tie shows as v - r == 0.5.
+                if mode == HALF_UP:
+                    for c in range(C):
+                        v = (a[c] * inv_area) / scale_out
+                        v = lo if v < lo else v
+                        v = hi if v > hi else v
+                        r = (v + magic) - magic
+                        d = v - r
+                        r = r + (one if d == half else zero)
+                        yp[c] = <data_t><int32_t>r
+                else:
+                    for c in range(C):
+                        v = (a[c] * inv_area) / scale_out
+                        v = lo if v < lo else v
+                        v = hi if v > hi else v
+                        r = (v + magic) - magic
+                        yp[c] = <data_t><int32_t>r
 
 
 def maxpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, Py_ssize_t KH, Py_ssize_t KW,
@@ -477,9 +484,8 @@ def maxpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, Py_ssize_t KH, Py_ss
                         if iw < 0 or iw >= W:
                             continue
                         xp = &x[ih, iw, 0]
-                        for c in range(C):
-                            if xp[c] > yp[c]:
-                                yp[c] = xp[c]
+                        for c in range(C):  # an unconditional store lets this vectorise
+                            yp[c] = xp[c] if xp[c] > yp[c] else yp[c]
 
 
 def requantize(const src_t[::1] x, data_t[::1] y, int64_t shift, int mode):

@@ -128,6 +128,13 @@ def int_range(dtype: np.dtype) -> tuple[int, int]:
         ) from None
 
 
+def check_exponents(*exponents: int) -> None:
+    """AveragePool's float path needs finite, normal float32 scales (and so never meets NaN)."""
+    for e in exponents:
+        if not -100 <= int(e) <= 100:
+            raise ValueError(f"exponent {e} is outside [-100, 100]")
+
+
 def check_rounding(rounding: str) -> str:
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
@@ -340,6 +347,7 @@ def avgpool(
     exact in float64) and saturated. The divisor is always the full kernel area.
     `kernel` is an int or 1 int (1-D data) or 2 ints (2-D data).
     """
+    check_exponents(e_in, e_out)
     x3, nd = _pool_input(x, kernel)
     win = resolve_window(x3.shape[:2], kernel, nd, stride, dilation, pads)
     taps = _windows(x3, win, 0.0).astype(np.float32) * np.float32(2.0**e_in)
