@@ -1,7 +1,7 @@
 """Conversion time of espstream `convert` against ESP-PPQ's `espdl_quantize_onnx`, same inputs.
 
     .venv/bin/python benchmarks/convert_vs_ppq.py [--out benchmarks/results/convert_vs_ppq.json]
-                                                  [--repeat 3] [--ppq-python PATH]
+                                                  [--repeat 5] [--ppq-python PATH]
 
 Cases: the two ESP-PPQ fixture models (tests/data/esp-ppq/{tutorial_tcn,stream_tcn}/model.onnx)
 with the 32 calibration samples ESP-PPQ was given (calib.npy), target esp32p4, 8 bits, each
@@ -384,7 +384,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out",
                         default=str(ROOT / "benchmarks" / "results" / "convert_vs_ppq.json"))
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--ppq-python", default=str(PPQ_PYTHON))
     parser.add_argument("--case", nargs=4, metavar=("MODEL", "CALIB", "CHUNK", "OUT"),
                         help=argparse.SUPPRESS)
