@@ -26,17 +26,22 @@ Rules:
 5. Weights in the IntGraph's logical layouts: Conv [W, C, N] / [H, W, C, N], depthwise
    [W, N, 1] / [H, W, N, 1] (group == input channels == output channels only), Gemm
    [1, 1, K, N] with transB 0 and alpha = beta = 1; pads [b0, b1, e0, e1] -> [b0, e0, b1, e1].
+   Any other Conv group is refused: ESP-DL's Conv takes group 1 or group = input channels
+   (its operator support table).
 6. Elementwise nonlinearities (Sigmoid, Tanh, HardSigmoid, HardSwish, LeakyRelu, Elu, Exp, Log,
    Sqrt, Clip, and SiLU = Mul(x, Sigmoid(x)) -> `Swish`) are LUT ops in 8 bits: a 256-entry
    int8 initializer `<Op>_lut_<k>` (exponent = the output's) indexed by q + 128 with entry
    saturate(round(f(q * 2^e_in) / 2^e_out)), round = the target's rounding; the node carries
    `lut`. In 16 bits the op is written without a table (the runtime computes it).
 7. Exponents: data-movement ops (Reshape, Flatten, Transpose, Slice, Squeeze, Unsqueeze, Gather,
-   Split, Pad, MaxPool, StreamingCache) output their input's exponent; Add / Sub / Concat
-   inputs must carry the output's. Where the QDQ model requantizes (a Q at another exponent
-   behind a DQ, or a second Q of one float tensor), and where an op's natural exponent differs
-   from the Q after it, a `RequantizeLinear` node (inputs: x, float scale 2^(e_out - e_in),
-   int zero point 0, as ESP-PPQ writes them) is inserted.
+   Split, Pad, MaxPool, StreamingCache) output their input's exponent, also where no
+   QuantizeLinear follows them (streamify's cache -> Slice chains: the values stay on the
+   input's grid, so the output is that integer activation); an Identity is an alias of its
+   input (no node), or an `Identity` node where its Q/DQ makes a graph output; Add / Sub /
+   Concat inputs must carry the output's. Where the QDQ model requantizes (a Q at another
+   exponent behind a DQ, or a second Q of one float tensor), and where an op's natural exponent
+   differs from the Q after it, a `RequantizeLinear` node (inputs: x, float scale
+   2^(e_out - e_in), int zero point 0, as ESP-PPQ writes them) is inserted.
 8. Streaming: each `espstream.StreamingCache(x, state) -> (y, next_state)` becomes ESP-DL's
    single-input `StreamingCache` (`frame_axis` in the runtime layout, `quant_type`,
    `window_size`); its state input / output leave the graph (the runtime keeps the state).
@@ -95,14 +100,13 @@ GEMM_OPS = ("Conv", "Gemm", "MatMul")
 POOLS = ("AveragePool", "MaxPool", "GlobalAveragePool")
 SUPPORTED = set(LUT_FUNCS) | set(LAYOUT_FREE_ELEMENTWISE) | set(PLAIN_OPS) | set(GEMM_OPS) | set(
     POOLS
-) | {"Relu", "PRelu", "Concat", "Slice", "Split", "Pad", "Transpose", "Softmax"}
+) | {"Relu", "PRelu", "Concat", "Slice", "Split", "Pad", "Transpose", "Softmax", "Identity"}
 # Operators with no ESP-DL kernel at all (as opposed to not lowered by espstream yet).
 NO_ESPDL_KERNEL = {
     "ConvTranspose", "GRU", "LSTM", "RNN", "BatchNormalization", "LayerNormalization",
     "InstanceNormalization", "GlobalMaxPool", "ReduceMean", "ReduceMax", "ReduceSum", "Gelu",
     "Softplus", "Mish", "Erf", "Pow", "Neg", "Abs", "Reciprocal", "Upsample", "Expand", "Tile",
-    "Where", "Cast", "Shape", "ConstantOfShape", "Range", "Einsum", "TopK", "ArgMax", "Identity",
-    "Dropout",
+    "Where", "Cast", "Shape", "ConstantOfShape", "Range", "Einsum", "TopK", "ArgMax", "Dropout",
 }
 
 
@@ -178,14 +182,14 @@ class _QConst:
 
 def lower(model: onnx.ModelProto, target: str | None = None) -> IntGraph:
     """Lower a QDQ ONNX model to an IntGraph (rules in the module docstring)."""
-    return _Lowerer(model, target).run()
-
-
-def recorded_target(model: onnx.ModelProto) -> str | None:
     if not unsupported_nodes(model):  # rule 8: hand-written sliding-window states
         from espstream.stream.manual import sliding_window_caches
 
         model = sliding_window_caches(model)
+    return _Lowerer(model, target).run()
+
+
+def recorded_target(model: onnx.ModelProto) -> str | None:
     for p in model.metadata_props:
         if p.key == "espstream.target":
             return p.value
@@ -458,17 +462,23 @@ class _Lowerer:
                 if c.op_type == "DequantizeLinear"]
 
     def define_output(self, float_name: str, node: onnx.NodeProto, shape: list, cl: bool,
-                      natural_exp: int | None = None) -> tuple[str, _Act | None]:
+                      natural: _Act | None = None) -> tuple[str, _Act | None]:
         """Name the integer output of a lowered node from the Q nodes reading `float_name`.
 
         Returns (output name for the emitted node, the _Act, or None for a float output).
-        natural_exp: the exponent the op produces by itself (data movement); when the first Q
-        wants another one, the op writes `natural` and a RequantizeLinear follows (the caller
-        must call `finish_output`).
+        natural: for a data-movement op, its input (the op produces that exponent and type by
+        itself); when the first Q wants another exponent, the op writes the input's and a
+        RequantizeLinear follows; when no Q reads the output, the output is still an integer
+        activation at the input's exponent (rule 7). The caller must call `finish_output`.
         """
         qs = self.q_consumers(float_name)
         if not qs:
-            return float_name, None
+            if natural is None:
+                return float_name, None
+            a = _Act(float_name, natural.exp, shape, cl, natural.dtype)
+            self.used_names.add(float_name)
+            self._pending = (float_name, [], a, natural)
+            return float_name, a
         # prefer the Q whose DQ output is a graph output: that name must survive
         qs.sort(key=lambda q: not any(d in self.graph_outputs for d in self.dq_outputs(q)))
         first = qs[0]
@@ -477,9 +487,9 @@ class _Lowerer:
         name = dqs[0] if dqs else first.output[0]
         a = _Act(name, e, shape, cl, dtype)
         self.used_names.add(name)
-        self._pending = (float_name, qs, a, natural_exp)
-        if natural_exp is not None and natural_exp != e:
-            mid = _Act(self.fresh(f"{name}_2^{natural_exp}"), natural_exp, shape, cl, dtype)
+        self._pending = (float_name, qs, a, natural)
+        if natural is not None and natural.exp != e:
+            mid = _Act(self.fresh(f"{name}_2^{natural.exp}"), natural.exp, shape, cl, dtype)
             return mid.name, mid
         return name, a
 
@@ -489,6 +499,10 @@ class _Lowerer:
         if produced is None:
             return
         self.value_info(produced)
+        if natural is not None:
+            # the float output of data movement is exactly the produced integers: other
+            # consumers may read it without a Q/DQ pair (streamify's cache -> Slice chains)
+            self.acts.setdefault(float_name, produced)
         if produced.name != a.name:  # natural exponent differs from the Q's
             self.requantize(produced, a.exp, name=a.name)
         for k, q in enumerate(qs):
@@ -614,6 +628,8 @@ class _Lowerer:
             getattr(self, "_" + op.lower())(n)
         elif op == "Transpose":
             self._transpose(n)
+        elif op == "Identity":
+            self._identity(n)
         elif op in PLAIN_OPS:
             self._plain(n)
         else:  # unsupported_nodes() refused it already
@@ -955,7 +971,7 @@ class _Lowerer:
             }
             if n.op_type == "AveragePool":
                 attrs["count_include_pad"] = int(_attr(n, "count_include_pad", 0))
-        natural = x.exp if n.op_type == "MaxPool" else None
+        natural = x if n.op_type == "MaxPool" else None
         name, out = self.define_output(n.output[0], n, shape, True, natural)
         self._need_q(n, out)
         self.emit(n.op_type, n.name, [x.name], [name],
@@ -998,7 +1014,7 @@ class _Lowerer:
         if axes is None:
             axes = np.arange(len(starts), dtype=np.int64)
         axes_rt = np.asarray([x.runtime_axis(int(a)) for a in axes], dtype=np.int64)
-        name, out = self.define_output(n.output[0], n, self.shape(n.output[0]), x.cl, x.exp)
+        name, out = self.define_output(n.output[0], n, self.shape(n.output[0]), x.cl, x)
         self._need_q(n, out)
         inputs = [x.name]
         names = [n.input[k] if len(n.input) > k and n.input[k] else f"{n.name}_{w}"
@@ -1024,7 +1040,7 @@ class _Lowerer:
         outs = []
         pend = []
         for o in n.output:
-            name, a = self.define_output(o, n, self.shape(o), x.cl, x.exp)
+            name, a = self.define_output(o, n, self.shape(o), x.cl, x)
             self._need_q(n, a)
             outs.append(name)
             pend.append((self._pending, a))
@@ -1060,7 +1076,7 @@ class _Lowerer:
                                     "constant or 0")
                 qc = _QConst(np.zeros((), x.dtype), [x.exp], None)
             inputs.append(self.initializer(_base(n.input[2]), qc.data.astype(x.dtype), qc.exps))
-        name, out = self.define_output(n.output[0], n, self.shape(n.output[0]), x.cl, x.exp)
+        name, out = self.define_output(n.output[0], n, self.shape(n.output[0]), x.cl, x)
         self._need_q(n, out)
         self.emit("Pad", n.name, inputs, [name], {"mode": mode, "quant_type": self.qtype(x.dtype)})
         self.finish_output(out)
@@ -1087,10 +1103,23 @@ class _Lowerer:
         perm = [int(p) for p in _attr(n, "perm", list(range(x.rank))[::-1])]
         # runtime data = onnx.transpose(x.perm); onnx output = onnx.transpose(perm)
         rt_perm = [x.perm.index(p) for p in perm]
-        name, out = self.define_output(n.output[0], n, self.shape(n.output[0]), False, x.exp)
+        name, out = self.define_output(n.output[0], n, self.shape(n.output[0]), False, x)
         self._need_q(n, out)
         self.emit("Transpose", n.name, [x.name], [name],
                   {"perm": rt_perm, "quant_type": self.qtype(x.dtype)})
+        self.finish_output(out)
+
+    def _identity(self, n: onnx.NodeProto) -> None:
+        """An alias of its input (streamify turns a no-op Pad into an Identity); a real
+        Identity node only where a graph output needs an operator producing it."""
+        x = self.act(n.input[0], n)
+        t = n.output[0]
+        if t not in self.graph_outputs and not any(
+                d in self.graph_outputs for q in self.q_consumers(t) for d in self.dq_outputs(q)):
+            self.acts[t] = x
+            return
+        name, out = self.define_output(t, n, x.shape, x.cl, x)
+        self.emit("Identity", n.name, [x.name], [name], {"quant_type": self.qtype(x.dtype)})
         self.finish_output(out)
 
     def _plain(self, n: onnx.NodeProto) -> None:
@@ -1118,7 +1147,7 @@ class _Lowerer:
             idx = self._int_const(n, 1, "indices")
             inputs.append(self.initializer(_base(n.input[1]), idx.astype(np.int64), [0]))
             attrs["axis"] = int(_attr(n, "axis", 0))
-        name, out = self.define_output(n.output[0], n, self.shape(n.output[0]), False, x.exp)
+        name, out = self.define_output(n.output[0], n, self.shape(n.output[0]), False, x)
         self._need_q(n, out)
         self.emit(op, n.name, inputs, [name], {**attrs, "quant_type": self.qtype(x.dtype)})
         self.finish_output(out)
@@ -1139,7 +1168,8 @@ class _Lowerer:
         if (state, nxt) not in self.states:
             raise UserError(f"StreamingCache '{n.name}': its state '{state}' -> '{nxt}' is not a "
                             "pair of espstream.states (run espstream streamify)")
-        x = self.act(n.input[0], n)
+        qc = None if n.input[0] in self.acts else self.qconst(n.input[0])
+        x = self._const_act(n, n.input[0], qc) if qc is not None else self.act(n.input[0], n)
         if x.rank >= 3:
             x = self.layout_as(x, True)
         fa = x.runtime_axis(int(attrs["axis"]))
@@ -1148,7 +1178,7 @@ class _Lowerer:
             raise UserError(f"StreamingCache '{n.name}': runtime shape {x.runtime_shape()} has "
                             f"axes of size > 1 before the frame axis {fa}; ESP-DL's cache copies "
                             "frames flatly")
-        name, out = self.define_output(n.output[0], n, self.shape(n.output[0]), x.cl, x.exp)
+        name, out = self.define_output(n.output[0], n, self.shape(n.output[0]), x.cl, x)
         self._need_q(n, out)
         self.emit("StreamingCache", n.name, [x.name], [name],
                   {"frame_axis": fa, "quant_type": self.qtype(x.dtype),
@@ -1157,6 +1187,17 @@ class _Lowerer:
         if any(c.op_type != "StreamingCache" for c in self.consumers.get(state, [])):
             raise UserError(f"state '{state}' is read by other nodes than StreamingCache "
                             f"'{n.name}'")
+
+    def _const_act(self, n: onnx.NodeProto, name: str, qc: _QConst) -> _Act:
+        """A quantized constant read where an activation is expected (streamify's start mask:
+        a StreamingCache over int8 ones): an initializer in the runtime layout (rule 8)."""
+        if len(qc.exps) != 1 or qc.data.dtype not in (np.dtype(np.int8), np.dtype(np.int16)):
+            raise UserError(f"{n.op_type} '{n.name}': constant input '{name}' must be an int8 / "
+                            "int16 tensor with one exponent")
+        rank = qc.data.ndim
+        data = np.transpose(qc.data, perm_of(rank)) if rank >= 3 else qc.data
+        init = self.initializer(_base(name), data, qc.exps)
+        return _Act(init, qc.exps[0], list(qc.data.shape), rank >= 3, qc.data.dtype)
 
     def _check_states(self) -> None:
         """Every state pair must be a StreamingCache's (state, next_state) (rule 8)."""

@@ -14,7 +14,10 @@ How outputs are compared:
   the tolerance, how many frames were compared.
 
 Engines (`ENGINES`, extend with `register_engine`): an engine turns an ONNX model into a runner
-with `run(feeds) -> {name: array}` and states a tolerance per output.
+with `run(feeds) -> {name: array}` and `reset()`, and states a tolerance per output. `reset()`
+starts a new sequence: a runner that keeps state itself (the int8 simulator's StreamingCaches)
+forgets it; `run_stream` calls it before the first chunk of every sequence. States listed in
+`espstream.states` are fed explicitly as well (zeros first, then each call's next state).
 - `float`: onnxruntime with its graph optimizations off (its Pad fusion changes what a zero Pad
   in front of a MaxPool computes); pass when |err| <= 1e-5 + 1e-4 * |offline|.
 - `fakequant`: onnxruntime on QDQ models; both models compute the same integer grid, but the
@@ -47,6 +50,10 @@ from espstream.errors import CheckFailed, UserError
 class Runner(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    def reset(self) -> None:
+        """Start a new sequence (forget any state kept inside the runner)."""
+        ...
+
 
 class Engine(Protocol):
     name: str
@@ -76,6 +83,9 @@ class OrtRunner:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"{label}: onnxruntime cannot load it: {first}") from None
         self.outputs = [o.name for o in self.sess.get_outputs()]
+
+    def reset(self) -> None:
+        """Nothing to forget: onnxruntime sees the states only as inputs."""
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
@@ -307,7 +317,8 @@ def _take(x: np.ndarray, axis: int, lo: int, hi: int) -> np.ndarray:
 
 def run_stream(runner: Runner, model: onnx.ModelProto, meta: StreamMeta,
                inputs: dict[str, np.ndarray], n_calls: int) -> dict[str, np.ndarray]:
-    """Feed `n_calls` chunks; time outputs laid end to end, others from the last call."""
+    """A new sequence (`runner.reset()`), then `n_calls` chunks with the states fed back; time
+    outputs laid end to end, others from the last call."""
     specs = {n: (d, t) for n, d, t in _input_specs(model)}
     fed = set(inputs) | {si for si, _so in meta.states}
     for name in specs:
@@ -324,6 +335,7 @@ def run_stream(runner: Runner, model: onnx.ModelProto, meta: StreamMeta,
         states[sin] = np.zeros(dims, dtype=dt)
     collected: dict[str, list[np.ndarray]] = {}
     last: dict[str, np.ndarray] = {}
+    runner.reset()
     c = meta.chunk
     state_outs = {so for _si, so in meta.states}
     for k in range(n_calls):

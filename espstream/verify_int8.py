@@ -294,9 +294,9 @@ def espdl_failure(res) -> str:
 class Int8Runner:
     """A lowered QDQ model in the simulator, behind verify's Runner interface.
 
-    The simulator keeps StreamingCache state itself: the ONNX model's state outputs are
-    answered with a private marker array, and a call whose state inputs are not that marker
-    (verify starts every sequence with fresh zero states) resets the caches first.
+    The simulator keeps StreamingCache state itself, as the chip does: `reset()` (called by
+    verify's `run_stream` before every sequence) zeroes the caches; the state inputs the ONNX
+    model declares are not read, and its state outputs are answered with an empty array.
     """
 
     def __init__(self, model: onnx.ModelProto, label: str, kernels: Any = None) -> None:
@@ -310,7 +310,6 @@ class Int8Runner:
         self.layout = json.loads(self.graph.metadata.get("espstream.layout", "{}"))
         meta = {p.key: p.value for p in model.metadata_props}
         self.states = [tuple(p) for p in json.loads(meta.get("espstream.states", "[]"))]
-        self._marker = np.zeros(0, np.float32)
         from espstream.quant import scheme
 
         self._scheme = scheme
@@ -328,11 +327,13 @@ class Int8Runner:
 
     def run_int(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Float ONNX-layout feeds -> integer outputs in the ONNX layout."""
-        if any(feeds.get(si) is not self._marker for si, _ in self.states):
-            self.sim.reset()  # a new sequence: verify feeds fresh zero states
         q = {v.name: self.quantize(v.name, feeds[v.name]) for v in self.graph.inputs}
         out = self.sim.run(q)
         return {n: self.to_onnx_layout(n, v) for n, v in out.items()}
+
+    def reset(self) -> None:
+        """A new sequence: every StreamingCache back to zeros (`Model::reset()`)."""
+        self.sim.reset()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {
@@ -340,7 +341,7 @@ class Int8Runner:
             for n, v in self.run_int(feeds).items()
         }
         for _si, so in self.states:
-            out[so] = self._marker
+            out[so] = np.zeros(0, np.float32)  # the simulator keeps the state itself
         return out
 
 

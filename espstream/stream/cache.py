@@ -9,6 +9,9 @@ Semantics (the same as ESP-DL's StreamingCache, see ESPDL.md section 5):
 4. `next_state` = the last `window_size - 1` frames of `y`.
 5. Every state is a graph input paired with a graph output; it is all zeros at the start of a
    stream, and the caller feeds each `next_state` back as the next call's `state`.
+6. The function body imports the model's own default-domain opset (at least 13; onnx.checker
+   demands the same version as the model, e.g. 21 for calibrate's 16-bit models). Its ops
+   (Concat, Constant, Sub, Reshape, Slice) mean the same from opset 13 on.
 """
 
 from __future__ import annotations
@@ -56,12 +59,18 @@ def make_function(opset: int = FUNCTION_OPSET) -> onnx.FunctionProto:
     )
 
 
+def model_opset(model: onnx.ModelProto) -> int:
+    """The model's default-domain opset, at least FUNCTION_OPSET (rule 6)."""
+    v = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    return max(v, FUNCTION_OPSET)
+
+
 def install(model: onnx.ModelProto) -> None:
     """Add the function and the `espstream` opset import to `model` (idempotent)."""
     keep = [f for f in model.functions if not (f.domain == DOMAIN and f.name == OP)]
     del model.functions[:]
     model.functions.extend(keep)
-    model.functions.append(make_function())
+    model.functions.append(make_function(model_opset(model)))
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
 

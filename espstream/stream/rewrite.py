@@ -5,7 +5,8 @@ Rules, in the order they run:
    chunk, ConvTranspose output crops, last-frame Gather indices.
 2. Masks: a tensor whose pre-start frames must read as zero is multiplied by a 0/1 start mask.
    The mask is a StreamingCache over a constant of ones (its zero state is the mask's zeros), so
-   the model stays made of ESP-DL operators (StreamingCache, Slice, Mul).
+   the model stays made of ESP-DL operators (StreamingCache, Slice, Mul). In a QDQ model the
+   ones are integers of the masked tensor's type (int8; int16 in a 16-bit model) at scale 1.
 3. Caches: per tensor, ONE StreamingCache sized for the consumer that reaches furthest back
    (`max(back)` past frames); every consumer gets a Slice of exactly the frames it reads
    (`[p0 - back, p0 + c - drop)`) or the cache output itself. Delay alignment of merging
@@ -154,18 +155,24 @@ class Rewriter:
         shape[inf.axis] = self.chunk_of(inf)
         return shape
 
-    def mask(self, name: str, inf: Time, quant: bool) -> gs.Variable:
+    def mask(self, name: str, inf: Time, qp_of_x) -> gs.Variable:
         rank = len(self.ctx.shapes[name])
         c = self.chunk_of(inf)
-        key = (rank, inf.axis, c, inf.delay, quant)
+        quant = qp_of_x is not None
+        # the masked tensor's integer type (int8, or int16 in a 16-bit model): ESP-DL's Mul
+        # takes operands of one type
+        zp = qp_of_x[1] if quant else None
+        itype = np.dtype(zp.values.dtype) if isinstance(zp, gs.Constant) else np.dtype(np.int8)
+        key = (rank, inf.axis, c, inf.delay, quant and itype.name)
         if key in self._masks:
             return self._masks[key]
         shape = [1] * rank
         shape[inf.axis] = c
-        if quant:  # int8 ones at exponent 0, so the cache reads a DequantizeLinear as usual
+        if quant:  # integer ones at exponent 0, so the cache reads a DequantizeLinear as usual
+            sfx = "" if itype == np.int8 else f".{itype.name}"
             qp = (self.const("mask.scale", np.array(1.0, np.float32)),
-                  self.const("mask.zero_point", np.array(0, np.int8)))
-            q1 = self.const(f"mask{inf.delay}.ones_q", np.ones(shape, np.int8))
+                  self.const(f"mask.zero_point{sfx}", np.array(0, itype)))
+            q1 = self.const(f"mask{inf.delay}.ones_q{sfx}", np.ones(shape, itype))
             ones = self.node("DequantizeLinear", [q1, *qp])
         else:
             ones = self.const(f"mask{inf.delay}.ones", np.ones(shape, np.float32))
@@ -189,7 +196,7 @@ class Rewriter:
             qp = _qparams(x)
             src = x
             if name in ctx.masks:
-                src = self.node("Mul", [x, self.mask(name, inf, qp is not None)])
+                src = self.node("Mul", [x, self.mask(name, inf, qp)])
                 if qp is not None:
                     src = self.qdq(src, qp)
             self._serve(name, x, src, inf, qp, ctx.reqs.get(name, []))

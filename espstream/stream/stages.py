@@ -513,6 +513,8 @@ def run_pipeline(runners: list[Any], parts: list[onnx.ModelProto], first_feeds: 
     register: list[dict[str, np.ndarray] | None] = [None] * count
     per_chunk: list[dict[str, np.ndarray]] = [dict() for _ in range(n)]
     latency: dict[str, int] = {}
+    for r in runners:  # a new sequence: a runner keeping its own state (int8) forgets it
+        r.reset()
     for step in range(n + count - 1):
         new_register: list[dict[str, np.ndarray] | None] = [None] * count
         for i in range(count):
