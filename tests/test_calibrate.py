@@ -349,3 +349,19 @@ def test_report_layers_and_outputs(rules_p4):
     js = r.to_json()
     assert js["layers"][0]["sqnr_local_db"] == pytest.approx(rep.layers[0].local_db, abs=1e-3)
     assert js["requantized"] and js["tensors"][0]["tensor"] == "x"
+
+
+def test_explicit_pad_before_a_pool_is_calibrated_as_written():
+    """onnxruntime's optimizer would fold this Pad into the MaxPool (pads == kernel: refused)."""
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["p"], mode="constant"),
+        helper.make_node("MaxPool", ["p"], ["m"], kernel_shape=[1], strides=[2]),
+        helper.make_node("Conv", ["m", "w", "b"], ["y"], kernel_shape=[1]),
+    ]
+    inits = {"pads": np.array([0, 0, 0, 0, 0, 1]), "w": rand(2, 2, 1), "b": rand(2, seed=1)}
+    m = make_model(nodes, {"x": [1, 2, 9]}, {"y": [1, 2, 5]}, inits)
+    r = calibrate_model(m, _data(m), method="minmax", report_samples=0)
+    x = rand(1, 2, 9, seed=3)
+    (ref,) = run(m, {"x": x})
+    (got,) = run(r.model, {"x": x})
+    assert got.shape == ref.shape and np.abs(got - ref).max() < 0.1

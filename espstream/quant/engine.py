@@ -26,13 +26,24 @@ from espstream.quant.data import CalibrationData
 from espstream.quant.observers import HistogramObserver, NonFiniteError
 
 
+def new_session(model: onnx.ModelProto, opts: ort.SessionOptions) -> ort.InferenceSession:
+    """A CPU session that runs the graph as written.
+
+    onnxruntime's graph optimizations fold an explicit Pad into a following pool's own padding,
+    which makes zero padding -inf for MaxPool and can make the padding reach the kernel size
+    (then onnxruntime refuses the model); calibration must see the float model's own numbers.
+    """
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(
+        model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
+    )
+
+
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(
-            model.SerializeToString(), opts, providers=["CPUExecutionProvider"]
-        )
+        return new_session(model, opts)
     except Exception as e:  # onnxruntime raises its own exception types
         raise UserError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
 
@@ -113,8 +124,7 @@ class Runner:
         if dyn is None:
             return
         try:
-            sess = ort.InferenceSession(dyn.SerializeToString(), _quiet_opts(),
-                                        providers=["CPUExecutionProvider"])
+            sess = new_session(dyn, _quiet_opts())
             feed = {k: np.concatenate([s[k] for s in first]) for k in self.input_names}
             together = sess.run(self.names, feed)
         except Exception:  # a fixed-batch Reshape and the like: fall back to one per run

@@ -418,17 +418,15 @@ class StreamRunner:
         self._tried = True
         if self.batch < 2 or len(seqs) < 2:
             return
-        import onnxruntime as ort
 
-        from espstream.quant.engine import _quiet_opts, dynamic_batch
+        from espstream.quant.engine import _quiet_opts, dynamic_batch, new_session
 
         dyn = dynamic_batch(self.model)
         if dyn is None:
             return
         two = seqs[:2]
         try:
-            sess = ort.InferenceSession(dyn.SerializeToString(), _quiet_opts(),
-                                        providers=["CPUExecutionProvider"])
+            sess = new_session(dyn, _quiet_opts())
             together = [v for _, v in zip(range(2), self._calls(sess, two, min(T, 2 *
                                                                 self.spec.chunk)),
                                           strict=False)]
