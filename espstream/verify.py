@@ -476,7 +476,7 @@ def verify_models(
     n_calls = T // C
     if n_calls == 0:
         raise UserError(f"{T} frames is less than one chunk of {C}; use --frames >= {C}")
-    from espstream.stream.axes import Summary, Time
+    from espstream.stream.axes import Time
 
     checks: dict[str, OutputCheck] = {}
     for sample in samples:
@@ -493,44 +493,56 @@ def verify_models(
                 chk.skipped = "the streaming model has no such output"
                 continue
             g = got[name]
-            if kind == "time":
-                ax = meta.time_axes[name]
+            if kind == "time" and isinstance(inf, Time):
                 d = meta.delay.get(name, 0)
-                w = meta.warmup.get(name, 0)
-                if isinstance(inf, Time):
-                    if inf.delay != d:
-                        res.notes.append(
-                            f"{name}: metadata delay {d} differs from the analysis ({inf.delay})"
-                        )
-                    w = max(w, inf.warmup)
-                    valid = inf.valid
-                else:
-                    valid = r.shape[ax]
-                lo = w
-                hi = min(valid, r.shape[ax], g.shape[ax] - d)
-                if hi <= lo:
-                    chk.skipped = f"no frame to compare (frames {lo}..{hi - 1}); use more frames"
-                    continue
-                chk.frames = f"{lo}..{hi - 1}"
-                chk.compared = hi - lo
-                _accumulate(chk, _take(r, ax, lo, hi), _take(g, ax, lo + d, hi + d), ax, lo)
-            else:
-                if isinstance(inf, Summary) and not inf.comparable:
-                    chk.skipped = "the window lags the offline one or sees warm-up frames"
-                    continue
-                if T % C:
-                    chk.skipped = f"{T} frames is not a multiple of the chunk {C}"
-                    continue
-                if g.shape != r.shape:
-                    chk.ok = False
-                    chk.skipped = ""
-                    res.notes.append(f"{name}: shape {list(g.shape)} vs offline {list(r.shape)}")
-                    continue
-                chk.compared = 1
-                chk.frames = "after the last chunk"
-                _accumulate(chk, r, g, None, 0)
+                if inf.delay != d:
+                    note = f"{name}: metadata delay {d} differs from the analysis ({inf.delay})"
+                    if note not in res.notes:
+                        res.notes.append(note)
+            compare_output(chk, res, r, g, meta, inf, T, C)
     res.outputs = list(checks.values())
     return res
+
+
+def compare_output(chk: OutputCheck, res: VerifyResult, r: np.ndarray, g: np.ndarray,
+                   meta: StreamMeta, inf: Any, T: int, C: int) -> None:
+    """Fold one sequence's offline output `r` and streamed output `g` into `chk`.
+
+    A time output is compared frame by frame after shifting the stream by its delay, over the
+    frames the stream can reproduce (from the warm-up to the last frame not made of offline
+    right padding, as the offline analysis `inf` says); a window output after the last chunk,
+    when the stream ends on the offline last frame.
+    """
+    from espstream.stream.axes import Summary, Time
+
+    name = chk.name
+    if chk.kind == "time":
+        ax = meta.time_axes[name]
+        d = meta.delay.get(name, 0)
+        w = meta.warmup.get(name, 0)
+        valid = r.shape[ax]
+        if isinstance(inf, Time):
+            w, valid = max(w, inf.warmup), inf.valid
+        lo, hi = w, min(valid, r.shape[ax], g.shape[ax] - d)
+        if hi <= lo:
+            chk.skipped = f"no frame to compare (frames {lo}..{hi - 1}); use more frames"
+            return
+        chk.frames, chk.compared = f"{lo}..{hi - 1}", hi - lo
+        _accumulate(chk, _take(r, ax, lo, hi), _take(g, ax, lo + d, hi + d), ax, lo)
+        return
+    if isinstance(inf, Summary) and not inf.comparable:
+        chk.skipped = "the window lags the offline one or sees warm-up frames"
+        return
+    if T % C:
+        chk.skipped = f"{T} frames is not a multiple of the chunk {C}"
+        return
+    if g.shape != r.shape:
+        chk.ok = False
+        chk.skipped = ""
+        res.notes.append(f"{name}: shape {list(g.shape)} vs offline {list(r.shape)}")
+        return
+    chk.compared, chk.frames = 1, "after the last chunk"
+    _accumulate(chk, r, g, None, 0)
 
 
 def print_result(res: VerifyResult) -> None:

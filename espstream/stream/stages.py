@@ -562,7 +562,6 @@ def verify_stages(
     """The K parts, run as a pipeline, against the offline model (what `verify_models` checks
     for one streaming model, with each output taken K-1... steps later as its part says)."""
     from espstream import verify as v
-    from espstream.stream.axes import Summary, Time
     from espstream.stream.streamify import analyze
 
     labels = labels or [f"part {i}" for i in range(len(parts))]
@@ -616,7 +615,7 @@ def verify_stages(
                 g = np.concatenate([c[name] for c in per_chunk], axis=meta.time_axes[name])
             else:
                 g = per_chunk[-1][name]
-            _compare(chk, res, name, r, g, meta, inf, T, C, Time, Summary)
+            v.compare_output(chk, res, r, g, meta, inf, T, C)
     res.outputs = list(checks.values())
     res.parts = len(parts)
     res.latency_steps = {k: lat_seen[k] for k in checks if k in lat_seen}
@@ -635,40 +634,6 @@ class StagedVerifyResult(VerifyResult):
 
     def to_json(self) -> dict[str, Any]:
         return {**super().to_json(), "parts": self.parts, "latency_steps": self.latency_steps}
-
-
-def _compare(chk, res, name, r, g, meta, inf, T, C, Time, Summary) -> None:
-    """verify_models' comparison of one output (frames aligned by delay, valid range)."""
-    from espstream import verify as v
-
-    if chk.kind == "time":
-        ax = meta.time_axes[name]
-        d = meta.delay.get(name, 0)
-        w = meta.warmup.get(name, 0)
-        if isinstance(inf, Time):
-            w = max(w, inf.warmup)
-            valid = inf.valid
-        else:
-            valid = r.shape[ax]
-        lo, hi = w, min(valid, r.shape[ax], g.shape[ax] - d)
-        if hi <= lo:
-            chk.skipped = f"no frame to compare (frames {lo}..{hi - 1}); use more frames"
-            return
-        chk.frames, chk.compared = f"{lo}..{hi - 1}", hi - lo
-        v._accumulate(chk, v._take(r, ax, lo, hi), v._take(g, ax, lo + d, hi + d), ax, lo)
-        return
-    if isinstance(inf, Summary) and not inf.comparable:
-        chk.skipped = "the window lags the offline one or sees warm-up frames"
-        return
-    if T % C:
-        chk.skipped = f"{T} frames is not a multiple of the chunk {C}"
-        return
-    if g.shape != r.shape:
-        chk.ok = False
-        res.notes.append(f"{name}: shape {list(g.shape)} vs offline {list(r.shape)}")
-        return
-    chk.compared, chk.frames = 1, "after the last chunk"
-    v._accumulate(chk, r, g, None, 0)
 
 
 def streamify_stages(model: onnx.ModelProto, chunk: int, stages: int,
