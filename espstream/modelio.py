@@ -99,6 +99,13 @@ def parse_model(
         ) from None
     if not model.HasField("graph") or model.ir_version == 0:
         raise UserError(f"{label}: not an ONNX model (no graph or no IR version)")
+    bad = _non_utf8_string(model)
+    if bad:
+        raise UserError(f"{label}: corrupt ONNX model: field {bad} is not valid UTF-8 text")
+    for t in _graph_tensors(model.graph):
+        problem = _tensor_data_problem(t)
+        if problem:
+            raise UserError(f"{label}: corrupt ONNX model: tensor {t.name!r} {problem}")
     if _has_external_data(model):
         if base_dir is None:
             raise UserError(
@@ -126,12 +133,95 @@ def parse_model(
         )
     if len(model.graph.node) == 0:
         raise UserError(f"{label}: the graph is empty (no nodes)")
+    if len(model.graph.output) == 0:
+        raise UserError(f"{label}: the graph has no outputs (nothing it computes is used)")
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
         raise UserError(f"{label}: fails onnx.checker: {first}") from None
     return model
+
+
+def _is_repeated(fd) -> bool:
+    rep = getattr(fd, "is_repeated", None)  # protobuf >= 5; older ones only have `label`
+    return bool(rep) if rep is not None else fd.label == fd.LABEL_REPEATED
+
+
+def _non_utf8_string(msg) -> str | None:
+    """The first string field (name, op_type, doc_string ...) holding bytes that are not UTF-8.
+
+    The ONNX protos are proto2, so parsing accepts such bytes (the upb backend then hands them
+    to Python as `bytes`); onnx.checker and onnx-graphsurgeon would fail on them later with a
+    UnicodeDecodeError. Bytes fields (tensor data) are not visited.
+    """
+    for fd in msg.DESCRIPTOR.fields:
+        if fd.type == fd.TYPE_STRING:
+            try:
+                value = getattr(msg, fd.name)
+                values = list(value) if _is_repeated(fd) else [value]
+            except UnicodeDecodeError:
+                return fd.full_name
+            if any(not isinstance(v, str) for v in values):
+                return fd.full_name
+        elif fd.type == fd.TYPE_MESSAGE:
+            if _is_repeated(fd):
+                subs = getattr(msg, fd.name)
+            elif msg.HasField(fd.name):
+                subs = [getattr(msg, fd.name)]
+            else:
+                continue
+            for sub in subs:
+                bad = _non_utf8_string(sub)
+                if bad:
+                    return bad
+    return None
+
+
+# Element type -> (typed field holding its values when raw_data is not used, values per element)
+_TYPED_FIELD = {
+    onnx.TensorProto.FLOAT: ("float_data", 1), onnx.TensorProto.DOUBLE: ("double_data", 1),
+    onnx.TensorProto.INT64: ("int64_data", 1), onnx.TensorProto.UINT64: ("uint64_data", 1),
+    onnx.TensorProto.UINT32: ("uint64_data", 1), onnx.TensorProto.STRING: ("string_data", 1),
+    onnx.TensorProto.COMPLEX64: ("float_data", 2), onnx.TensorProto.COMPLEX128: ("double_data", 2),
+    **{t: ("int32_data", 1) for t in (
+        onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
+        onnx.TensorProto.UINT16, onnx.TensorProto.UINT8, onnx.TensorProto.BOOL,
+        onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)},
+}
+
+
+def _graph_tensors(graph: onnx.GraphProto):
+    """The main graph's initializers and Constant node values (what the stages read)."""
+    yield from graph.initializer
+    for n in graph.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            for a in n.attribute:
+                if a.name == "value" and a.HasField("t"):
+                    yield a.t
+
+
+def _tensor_data_problem(t: onnx.TensorProto) -> str | None:
+    """How the stored values disagree with the tensor's dims, or None. onnx.checker does not
+    look: a mismatch would otherwise surface deep in a stage as a NumPy reshape error."""
+    if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type not in _TYPED_FIELD:
+        return None  # external data is checked when loaded; rare types are left to onnx
+    if any(d < 0 for d in t.dims):
+        return f"has a negative dimension {list(t.dims)}"
+    n = 1
+    for d in t.dims:
+        n *= d
+    field, per = _TYPED_FIELD[t.data_type]
+    if t.HasField("raw_data") and t.data_type != onnx.TensorProto.STRING:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        have, want = len(t.raw_data), n * itemsize
+        unit = "bytes"
+    else:
+        have, want = len(getattr(t, field)), n * per
+        unit = "values"
+    if have != want:
+        return f"holds {have} {unit} where its dims {list(t.dims)} need {want}"
+    return None
 
 
 def _upgrade_opset(model: onnx.ModelProto, opset: int, label: str) -> onnx.ModelProto:

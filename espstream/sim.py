@@ -384,9 +384,13 @@ class Simulator:
                     f"node '{node.name}': bias '{b_name}' has {bias.size} values for "
                     f"{n_out} output channels"
                 )
-            b_exp = np.broadcast_to(
-                np.asarray(self.graph.initializers[b_name].exponents, np.int64), (n_out,)
-            )
+            b_exp = np.asarray(self.graph.initializers[b_name].exponents, np.int64)
+            if b_exp.size not in (1, n_out):
+                raise UserError(
+                    f"node '{node.name}': bias '{b_name}' has {b_exp.size} exponents for "
+                    f"{n_out} output channels"
+                )
+            b_exp = np.broadcast_to(b_exp, (n_out,))
             if (
                 self.target == "esp32s3"
                 and bias.dtype == np.int32

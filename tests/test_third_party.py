@@ -244,8 +244,7 @@ def times_one(model: onnx.ModelProto) -> onnx.ModelProto:
     m.CopyFrom(model)
     del m.graph.node[:]
     m.graph.node.extend(nodes)
-    # shape [1], not a scalar: calibrate crashes on a 0-d constant (see test below)
-    m.graph.initializer.append(numpy_helper.from_array(np.array([1.0], np.float32), "one"))
+    m.graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), "one"))
     onnx.checker.check_model(m)
     return m
 
@@ -338,11 +337,9 @@ def samples(model: onnx.ModelProto, x: np.ndarray, folder: Path):
     return read_calibration_data(str(path), model_inputs(model))
 
 
-@pytest.mark.xfail(strict=True, raises=Exception,
-                   reason="bug reported to the lead: calibrate's _int_const hands "
-                   "onnx-graphsurgeon a NumPy scalar for a 0-d constant (np.asarray missing)")
 def test_calibrate_quantizes_a_scalar_constant(tmp_path):
-    """Mul by a 0-d constant (what times_one would use): found through the MaxPool cases."""
+    """Mul by a 0-d constant: calibrate crashed on it (onnx-graphsurgeon was handed a NumPy
+    scalar), found through the MaxPool cases; fixed in calibrate since."""
     nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Mul", ["r", "c"], ["y"])]
     model = make_model(nodes, {"x": [1, 3, 8]}, {"y": [1, 3, 8]},
                        {"c": np.array(1.0, np.float32)})

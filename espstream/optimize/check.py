@@ -40,7 +40,7 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # failures surface as exceptions, turned into one message here
     return ort.InferenceSession(
         model.SerializeToString(), sess_options=opts, providers=["CPUExecutionProvider"]
     )
@@ -64,6 +64,16 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
     return feeds
 
 
+def declared_output_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Graph outputs whose declared shape is fully static: name -> dims."""
+    out = {}
+    for vi in model.graph.output:
+        t = vi.type.tensor_type
+        if t.HasField("shape") and all(d.HasField("dim_value") for d in t.shape.dim):
+            out[vi.name] = [d.dim_value for d in t.shape.dim]
+    return out
+
+
 def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 0) -> Comparison:
     """Outputs of `candidate` against `reference`, matched by name, on one random input."""
     feeds = random_inputs(reference, seed)
@@ -76,7 +86,21 @@ def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 
         ) from None
     cand_sess = session(candidate)  # failing here is our bug: let it surface
     names = [o.name for o in ref_sess.get_outputs()]
-    ref_out = dict(zip(names, ref_sess.run(names, feeds), strict=True))
+    try:
+        ref_out = dict(zip(names, ref_sess.run(names, feeds), strict=True))
+    except Exception as e:  # loads but fails on data: a bad axis, a bias of the wrong size ...
+        raise UserError(
+            f"the input model fails in onnxruntime ({str(e).strip().splitlines()[0]}); "
+            "fix the model, or pass --no-check to skip the equivalence check"
+        ) from None
+    declared = declared_output_shapes(reference)
+    for name in names:
+        want, got = declared.get(name), list(np.shape(ref_out[name]))
+        if want is not None and want != got:  # optimize's shape inference would trust `want`
+            raise UserError(
+                f"output {name!r}: the model declares shape {want} but computes {got}; fix the "
+                "output's shape in the model (or leave it unset)"
+            )
     cand_feeds = {i.name: feeds[i.name] for i in cand_sess.get_inputs()}
     cand_names = [o.name for o in cand_sess.get_outputs()]
     cand_out = dict(zip(cand_names, cand_sess.run(cand_names, cand_feeds), strict=True))

@@ -194,6 +194,14 @@ CASES = [
          "is a folder; give a file name", None),
     case("optimize_bad_input_shape", "optimize {in}/tiny.onnx --input-shape x:1,4 -o {out}/o",
          "--input-shape x: the input has rank 3"),
+    case("optimize_non_utf8_text", "optimize {in}/onnx_bad_utf8.onnx -o {out}/o",
+         "field onnx.ModelProto.producer_name is not valid UTF-8"),
+    case("optimize_tensor_size_mismatch", "optimize {in}/onnx_tensor_size.onnx -o {out}/o",
+         "tensor 'conv1_w' holds 384 bytes where its dims [8, 4, 2] need 256"),
+    case("optimize_no_outputs", "optimize {in}/onnx_no_outputs.onnx -o {out}/o",
+         "the graph has no outputs"),
+    case("optimize_fails_in_onnxruntime", "optimize {in}/qdq_bad_axis.onnx -o {out}/o",
+         "the input model fails in onnxruntime"),
     # calibrate: data of the wrong shape, type or values; models it cannot take
     case("calibrate_nan", "calibrate {in}/tiny.onnx -d {in}/data_nan.npy -o {out}/o",
          "sample 1: contains NaN"),
@@ -291,6 +299,8 @@ CASES = [
          "data_nan.npy: contains NaN", None),
     case("verify_pickled_data", "verify {in}/tiny.onnx --chunks 2 -d {in}/data_pickled.npy",
          "data_pickled.npy: not an .npy/.npz file", None),
+    case("verify_espdl_bias_without_exponent", "verify {in}/espdl_bias_no_exponent.espdl",
+         "bias 'conv1_b' has 0 exponents for 8 output channels", None),
     # convert: the same faults met inside the one-step pipeline
     case("convert_truncated_model", "convert {in}/onnx_truncated.onnx --random 2 -o {out}/o.espdl",
          "onnx_truncated.onnx: not an ONNX model", "{out}/o.espdl"),
@@ -368,7 +378,12 @@ def bad_files(valid: dict[str, bytes]) -> dict[str, bytes]:
         "onnx_no_graph.onnx": no_onnx_graph.SerializeToString(),
         "onnx_dangling_input.onnx": dangling.SerializeToString(),
         "qdq_truncated.onnx": qdq_b[: len(qdq_b) - 40],
+        "onnx_bad_utf8.onnx": _bad_utf8(onnx_b),
+        "onnx_tensor_size.onnx": _resized_weight(onnx_b),
+        "onnx_no_outputs.onnx": _no_outputs(onnx_b),
+        "qdq_bad_axis.onnx": _bad_axis(qdq_b),
         # .espdl files
+        "espdl_bias_no_exponent.espdl": _bias_without_exponent(espdl_b),
         "espdl_truncated.espdl": espdl_b[: len(espdl_b) // 2],
         "espdl_header_only.espdl": espdl_b[:12],
         "espdl_bad_magic.espdl": b"XYZ" + espdl_b[3:],
@@ -393,6 +408,44 @@ def bad_files(valid: dict[str, bytes]) -> dict[str, bytes]:
         "overrides_not_json.json": b"{\"tensors\": {\"h\": {\"window\": 3}",
         "overrides_bad_value.json": b"{\"tensors\": {\"h\": {\"window\": -4}}}",
     }
+
+
+def _bad_utf8(onnx_b: bytes) -> bytes:
+    """producer_name holding a byte that is not UTF-8 (proto2 parses it; text decoders choke)."""
+    name = b"tests/bad_inputs/make.py"
+    assert onnx_b.count(name) == 1
+    return onnx_b.replace(name, b"tests/bad_inputs/make\x80py")
+
+
+def _resized_weight(onnx_b: bytes) -> bytes:
+    """conv1_w declares dims [8, 4, 2] but holds the 96 values of [8, 4, 3]."""
+    m = onnx.load_from_string(onnx_b)
+    next(t for t in m.graph.initializer if t.name == "conv1_w").dims[2] = 2
+    return m.SerializeToString()
+
+
+def _no_outputs(onnx_b: bytes) -> bytes:
+    m = onnx.load_from_string(onnx_b)
+    del m.graph.output[:]
+    return m.SerializeToString()
+
+
+def _bad_axis(qdq_b: bytes) -> bytes:
+    """A per-channel DequantizeLinear with axis 5 on a rank-3 weight: passes onnx.checker and
+    shape inference, fails only when onnxruntime runs it."""
+    m = onnx.load_from_string(qdq_b)
+    dq = next(n for n in m.graph.node if n.name == "conv1_w_DequantizeLinear")
+    next(a for a in dq.attribute if a.name == "axis").i = 5
+    return m.SerializeToString()
+
+
+def _bias_without_exponent(espdl_b: bytes) -> bytes:
+    """conv1's bias stored with no exponent at all."""
+    from espstream import espdl
+
+    g = espdl.read(espdl_b)
+    g.initializers["conv1_b"].exponents = []
+    return espdl.write(g)
 
 
 def _npz(arrays: dict[str, np.ndarray]) -> bytes:
