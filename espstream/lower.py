@@ -952,6 +952,10 @@ class _Lowerer:
         x = self.layout_as(self.act(n.input[0], n), True)
         shape = self.shape(n.output[0])
         attrs: dict[str, Any] = {}
+        if x.rank not in (3, 4):
+            raise UserError(
+                f"{n.op_type} '{n.name}': {x.rank - 2}-D pooling; ESP-DL has 1-D and 2-D"
+            )
         if n.op_type != "GlobalAveragePool":
             nsp = x.rank - 2
             if any(int(d) != 1 for d in _attr(n, "dilations", [1] * nsp)):

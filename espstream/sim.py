@@ -432,6 +432,7 @@ class Simulator:
                 f"node '{node.name}': strides {stride}, dilations {dilation}, pads {pads} do "
                 f"not fit a {nd}-D Conv"
             )
+        _check_window(node, w.shape[:nd], stride, dilation, pads)
         if bias is not None:
             bias = bias.astype(np.int64)
         k = self.kernels
@@ -556,6 +557,12 @@ class Simulator:
         stride = _ints(node.attrs.get("strides", [1] * nd))
         dilation = _ints(node.attrs.get("dilations", [1] * nd))
         pads = _ints(node.attrs.get("pads", [0] * (2 * nd)))
+        if len(stride) != nd or len(dilation) != nd or len(pads) != 2 * nd:
+            raise UserError(
+                f"node '{node.name}' ({node.op_type}): strides {stride}, dilations {dilation}, "
+                f"pads {pads} do not fit a {nd}-D kernel"
+            )
+        _check_window(node, kernel, stride, dilation, pads)
         return kernel, stride, dilation, pads
 
     def _avgpool(self, node: Node) -> Fn:
@@ -935,6 +942,24 @@ SUPPORTED = (
     "DequantizeLinear", "StreamingCache", "Concat", "Split", "Pad", "Softmax", "Clip",
     *DATA_MOVEMENT, *ELEMENTWISE,
 )  # fmt: skip
+
+
+#: Bound on a window's pads, stride and span: far beyond any model ESP-DL runs, and small
+#: enough that a corrupt file cannot make a kernel allocate an absurd output.
+MAX_WINDOW = 1 << 16
+
+
+def _check_window(node: Node, kernel, stride, dilation, pads) -> None:
+    """Refuse window parameters no real model has (a corrupt file's, usually)."""
+    span = [int(d) * (int(k) - 1) + 1 for k, d in zip(kernel, dilation, strict=True)]
+    ok = (all(1 <= int(v) <= MAX_WINDOW for v in (*stride, *dilation, *kernel))
+          and all(0 <= int(p) <= MAX_WINDOW for p in pads)
+          and all(sp <= MAX_WINDOW for sp in span))
+    if not ok:
+        raise UserError(
+            f"node '{node.name}' ({node.op_type}): kernel {list(kernel)}, strides {stride}, "
+            f"dilations {dilation}, pads {pads} are out of range (corrupt file?)"
+        )
 
 
 def _ints(v) -> list[int]:

@@ -193,11 +193,8 @@ def test_fuzz_onnx_fields(data):
     run_guarded(onnx_paths, data)
 
 
-@pytest.mark.xfail(strict=True, raises=MemoryError, reason=(
-    "bug reported to the lead: the simulator sizes a Conv's output from the pads/dilation "
-    "attributes alone, so a corrupt .espdl asks NumPy for terabytes; it should check the window "
-    "against the output shape the file declares (found by test_fuzz_espdl_long)"))
 def test_espdl_huge_pads_is_a_clean_error():
+    """Found by the long fuzz: pads near 2**40 once made the simulator allocate terabytes."""
     from espstream import espdl
 
     g = espdl.read(ESPDL)

@@ -174,7 +174,7 @@ CASES = sorted(
 # What ESP-DL has no kernel for: refused by export (lower) with these fragments.
 REFUSED = {
     **{c: "3-D convolution; ESP-DL has 1-D and 2-D" for c in CASES if c.startswith("test_Conv3d")},
-    **{c: "is not 1-D or 2-D" for c in CASES if "Pool3d" in c},
+    **{c: "3-D pooling; ESP-DL has 1-D and 2-D" for c in CASES if "Pool3d" in c},
     "test_Conv1d_groups": "ESP-DL supports group 1 or depthwise",
     "test_Conv2d_groups": "ESP-DL supports group 1 or depthwise",
     "test_Conv2d_groups_thnn": "ESP-DL supports group 1 or depthwise",
@@ -184,13 +184,6 @@ REFUSED = {
     "test_ConvTranspose2d": "ConvTranspose 'ConvTranspose_0'",
     "test_ConvTranspose2d_no_bias": "ConvTranspose 'ConvTranspose_0'",
 }
-# Known bug (reported to the lead): lower checks the rank of Conv but not of AveragePool /
-# MaxPool, so export writes a 3-D pool no ESP-DL kernel runs (the simulator refuses it only at
-# run time). Strict: the fix in lower's `_pool` turns these into passes that must be un-marked.
-POOL3D_BUG = pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="lower accepts 3-D AveragePool/MaxPool; export should refuse it",
-)
 
 
 def test_pytorch_case_list():
@@ -203,9 +196,8 @@ def test_pytorch_case_list():
 
 def _case_params():
     for c in CASES:
-        marks = (POOL3D_BUG,) if "Pool3d" in c else ()
         kind = "refused" if c in REFUSED else "int8"
-        yield pytest.param(c, id=f"{c}-{kind}", marks=marks)
+        yield pytest.param(c, id=f"{c}-{kind}")
 
 
 @functools.cache
