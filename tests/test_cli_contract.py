@@ -54,7 +54,7 @@ def test_list_passes():
     names = [line.split()[0] for line in proc.stdout.decode().splitlines()]
     assert names == [
         "fold_constants", "remove_identity", "fold_pad", "fold_batchnorm", "fold_scale",
-        "share_initializers", "eliminate_dead",
+        "sum_to_add", "share_initializers", "eliminate_dead",
     ]
 
 

@@ -17,6 +17,7 @@ from espstream.optimize.fold_pad import fold_pad
 from espstream.optimize.fold_scale import fold_scale
 from espstream.optimize.remove_identity import remove_identity
 from espstream.optimize.share_initializers import share_initializers
+from espstream.optimize.sum_to_add import sum_to_add
 
 
 def apply(pass_fn, model: onnx.ModelProto) -> tuple[bool, onnx.ModelProto]:
@@ -328,3 +329,23 @@ def test_share_initializers_merges_equal_constants_only():
     assert_same_outputs(model, out, {"x": rand(1, 4)})
     graph = import_onnx(out)
     assert sum(isinstance(t, Constant) for t in graph.tensors().values()) == 2
+
+
+# -- sum_to_add -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_sum_becomes_a_chain_of_adds(n):
+    names = [f"x{i}" for i in range(n)]
+    nodes = [helper.make_node("Sum", names, ["y"])]
+    model = make_model(nodes, {k: [1, 4, 6] for k in names}, {"y": [1, 4, 6]})
+    changed, out = apply(sum_to_add, model)
+    assert changed and ops(out) == ["Add"] * (n - 1)
+    assert [o.name for o in out.graph.output] == ["y"]
+    assert_same_outputs(model, out, {k: rand(1, 4, 6, seed=i) for i, k in enumerate(names)})
+
+
+def test_single_input_sum_is_left_alone():
+    model = make_model([helper.make_node("Sum", ["x"], ["y"])], {"x": [1, 4]}, {"y": [1, 4]})
+    changed, out = apply(sum_to_add, model)
+    assert not changed and ops(out) == ["Sum"]

@@ -19,6 +19,7 @@ from espstream.optimize.fold_pad import fold_pad
 from espstream.optimize.fold_scale import fold_scale
 from espstream.optimize.remove_identity import remove_identity
 from espstream.optimize.share_initializers import share_initializers
+from espstream.optimize.sum_to_add import sum_to_add
 
 PASSES: tuple[Pass, ...] = (
     Pass("fold_constants", fold_constants),
@@ -26,6 +27,7 @@ PASSES: tuple[Pass, ...] = (
     Pass("fold_pad", fold_pad),
     Pass("fold_batchnorm", fold_batchnorm),
     Pass("fold_scale", fold_scale),
+    Pass("sum_to_add", sum_to_add),
     Pass("share_initializers", share_initializers),
     Pass("eliminate_dead", eliminate_dead),
 )
