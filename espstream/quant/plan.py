@@ -235,7 +235,8 @@ def make_plan(model: onnx.ModelProto) -> Plan:
     def const_float(name: str) -> bool:
         return name in inits and inits[name].data_type == onnx.TensorProto.FLOAT
 
-    _refuse_unsupported(g.node, lambda o: bool(o) and is_float(o) and o not in inits)
+    _refuse_unsupported([n for n in g.node if n.domain != STREAM_DOMAIN],  # rule 9
+                        lambda o: bool(o) and is_float(o) and o not in inits)
     for n in g.node:
         if n.name in done:
             continue
@@ -320,6 +321,25 @@ def make_plan(model: onnx.ModelProto) -> Plan:
     return plan
 
 
+def _refuse_unsupported(nodes, float_out) -> None:
+    """One error naming every unsupported operator type that computes a float tensor (not just
+    the first met), so a user sees at once all that a model needs replaced."""
+    bad: dict[str, list[str]] = {}
+    for n in nodes:
+        if n.op_type not in SUPPORTED and any(float_out(o) for o in n.output):
+            bad.setdefault(n.op_type, []).append(n.name)
+    if not bad:
+        return
+    supported = f"(supported: {', '.join(SUPPORTED)})"
+    if len(bad) == 1:
+        (op, names), = bad.items()
+        raise UserError(f"node {names[0]!r}: operator {op} is not supported by calibrate "
+                        f"{supported}")
+    listed = ", ".join(f"{op} (node {names[0]!r}" + (f" and {len(names) - 1} more)"
+                       if len(names) > 1 else ")") for op, names in bad.items())
+    raise UserError(f"operators not supported by calibrate: {listed} {supported}")
+
+
 def _cache_states(g: onnx.GraphProto) -> set[str]:
     """Graph inputs read only as the state (input 1) of StreamingCache nodes (rule 9)."""
     uses: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
@@ -362,25 +382,6 @@ def _plan_cache(plan: Plan, n: onnx.NodeProto, inits, const_float) -> None:
         raise UserError(f"node {n.name!r} (StreamingCache) caches {x!r}, which is neither an "
                         "activation nor a float constant")
     plan.state[nxt] = INTERNAL
-
-
-def _refuse_unsupported(nodes, float_out) -> None:
-    """One error naming every unsupported operator type that computes a float tensor (not just
-    the first met), so a user sees at once all that a model needs replaced."""
-    bad: dict[str, list[str]] = {}
-    for n in nodes:
-        if n.op_type not in SUPPORTED and any(float_out(o) for o in n.output):
-            bad.setdefault(n.op_type, []).append(n.name)
-    if not bad:
-        return
-    supported = f"(supported: {', '.join(SUPPORTED)})"
-    if len(bad) == 1:
-        (op, names), = bad.items()
-        raise UserError(f"node {names[0]!r}: operator {op} is not supported by calibrate "
-                        f"{supported}")
-    listed = ", ".join(f"{op} (node {names[0]!r}" + (f" and {len(names) - 1} more)"
-                       if len(names) > 1 else ")") for op, names in bad.items())
-    raise UserError(f"operators not supported by calibrate: {listed} {supported}")
 
 
 def _need_inputs(n: onnx.NodeProto, ins: list[str]) -> None:
