@@ -172,3 +172,85 @@ def test_weight_mse_exponent_clips_an_outlier():
     w = np.concatenate([np.linspace(-0.1, 0.1, 999), [1.0]])
     assert weight_exponents(w, None, 8, "minmax").tolist() == [-6]
     assert weight_exponents(w, None, 8, "mse")[0] <= -7
+
+
+# ---- the fast mse search against its plain statement ------------------------------------------
+
+
+@st.composite
+def observers(draw):
+    """An observer fed 1-3 batches of one of several kinds of data (normal, ReLU, heavy tails,
+    an outlier, small integers), over 4 to 8192 bins."""
+    o = HistogramObserver(bins=2 ** draw(st.integers(2, 13)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["normal", "relu", "heavy", "outlier", "ints", "tiny"]))
+    scale = 10.0 ** draw(st.floats(-6, 4))
+    for _ in range(draw(st.integers(1, 3))):
+        n = draw(st.integers(1, 3000))
+        x = rng.standard_normal(n) * scale
+        if kind == "relu":
+            x = np.maximum(x, 0.0)
+        elif kind == "heavy":
+            x = rng.standard_t(2, n) * scale
+        elif kind == "outlier":
+            x = np.append(x, 40.0 * scale)
+        elif kind == "ints":
+            x = rng.integers(-3, 4, n).astype(np.float64)
+        elif kind == "tiny":
+            x = x * 1e-30
+        o.update(x.astype(np.float32) if n % 2 else x)
+    return o
+
+
+def _plain_errors(o: HistogramObserver, exps: list[int], bits: int) -> np.ndarray:
+    """`expected_sq_errors` as first written: `_bin_error` over every non-empty bin."""
+    from espstream.quant.observers import _bin_error
+    from espstream.quant.scheme import qrange
+
+    qmin, qmax = qrange(bits)
+    w = o.width
+    pos, neg = np.nonzero(o.pos)[0], np.nonzero(o.neg)[0]
+    j = np.concatenate([pos, neg]).astype(np.float64)[None, :]
+    counts = np.concatenate([o.pos[pos], o.neg[neg]]).astype(np.float64)[None, :]
+    s = np.ldexp(1.0, np.asarray(exps, dtype=np.int64))[:, None]
+    clip = np.concatenate([np.full(len(pos), float(qmax)), np.full(len(neg), float(-qmin))])
+    return _bin_error(counts, j * w, (j + 1) * w, s, clip[None, :] * s) / o.count
+
+
+@settings(max_examples=150, deadline=None)
+@given(observers(), st.sampled_from([8, 16]), st.integers(-3, 3))
+def test_expected_sq_errors_equal_the_plain_statement_bit_for_bit(o, bits, shift):
+    if o.top is None:
+        return
+    exps = [e + shift for e in o._candidates(bits)]
+    got = o.expected_sq_errors(exps, bits)
+    want = _plain_errors(o, exps, bits)
+    np.testing.assert_array_equal(got.view(np.int64), want.view(np.int64))
+
+
+@settings(max_examples=150, deadline=None)
+@given(observers(), st.sampled_from([8, 16]))
+def test_mse_exponent_is_the_first_minimum_over_every_candidate(o, bits):
+    cands = o._candidates(bits)
+    if o.top is None:
+        assert o.mse_exponent(bits) == o.minmax_exponent(bits)
+        return
+    assert o.mse_exponent(bits) == cands[int(np.argmin(_plain_errors(o, cands, bits)))]
+    # the pruning bound really bounds
+    lower = o.clip_lower_bounds(cands, bits)
+    assert np.all(lower <= _plain_errors(o, cands, bits) * (1 + 1e-9))
+
+
+def test_cube_on_grid_is_numpy_power_bit_for_bit():
+    from espstream.quant.observers import _cube_on_grid
+
+    w = 2.0**-7
+    grid = np.arange(-40, 41) * w
+    rng = np.random.default_rng(0)
+    on = rng.choice(grid, (9, 500))  # negative, zero and positive grid values
+    np.testing.assert_array_equal(_cube_on_grid(on, w).view(np.int64), (on**3).view(np.int64))
+    off = on.copy()
+    off[3, 7] += w / 3  # one value off the grid: computed directly
+    np.testing.assert_array_equal(_cube_on_grid(off, w).view(np.int64), (off**3).view(np.int64))
+    wide = np.array([[-1e6 * w, 0.0, 1e6 * w]])  # too wide a range for a table
+    np.testing.assert_array_equal(_cube_on_grid(wide, w), wide**3)

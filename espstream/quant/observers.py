@@ -169,11 +169,9 @@ class HistogramObserver:
         qmin, qmax = qrange(bits)
         w = self.width
         pos, neg = np.nonzero(self.pos)[0], np.nonzero(self.neg)[0]
-        j = np.concatenate([pos, neg]).astype(np.float64)[None, :]
         counts = np.concatenate([self.pos[pos], self.neg[neg]]).astype(np.float64)[None, :]
         s = np.ldexp(1.0, np.asarray(exps, dtype=np.int64))[:, None]
-        clip = np.concatenate([np.full(len(pos), float(qmax)), np.full(len(neg), float(-qmin))])
-        total = _bin_error(counts, j * w, (j + 1) * w, s, clip[None, :] * s)
+        total = _bin_error_edges(counts, [pos, neg], w, s, [float(qmax), float(-qmin)])
         return total / self.count
 
     def clipped_fraction(self, e: int, bits: int) -> float:
@@ -211,11 +209,46 @@ class HistogramObserver:
         return list(range(top, max(top - CANDIDATES_BELOW, E_MIN) - 1, -1))
 
     def mse_exponent(self, bits: int) -> int:
+        """The candidate with the smallest `expected_sq_error` (the first of equals: the wider
+        range), as if every candidate were evaluated; a candidate is left out only when a lower
+        bound of its error already exceeds the error of one evaluated (`clip_lower_bounds`),
+        which most narrow candidates do at once (clipping alone costs them too much)."""
         if self.top is None:
             return self.minmax_exponent(bits)
         cands = self._candidates(bits)
-        errs = self.expected_sq_errors(cands, bits)
+        lower = self.clip_lower_bounds(cands, bits)
+        first = int(np.argmin(lower))
+        best = float(self.expected_sq_errors([cands[first]], bits)[0])
+        # 1e-3 relative: far above the rounding of either figure (about 1e-12 relative)
+        rest = [i for i in range(len(cands))
+                if i != first and lower[i] <= best * (1.0 + 1e-3) + 1e-300]
+        errs = np.full(len(cands), np.inf)
+        errs[first] = best
+        if rest:
+            errs[rest] = self.expected_sq_errors([cands[i] for i in rest], bits)
         return cands[int(np.argmin(errs))]  # the first minimum: ties go to the wider range
+
+    def clip_lower_bounds(self, exps: list[int], bits: int) -> np.ndarray:
+        """Per exponent, a lower bound of `expected_sq_error`: the clipping error of the bins
+        wholly above the range, each counted at its lower edge (in a bin [lo, hi) above the
+        largest level L, every value t clips with error (t - L)^2 >= (lo - L)^2, and every other
+        term of the error is >= 0)."""
+        if self.count == 0 or self.top is None:
+            return np.zeros(len(exps))
+        qmin, qmax = qrange(bits)
+        w = self.width
+        out = np.zeros(len(exps))
+        for hist, level in ((self.pos, float(qmax)), (self.neg, float(-qmin))):
+            j = np.nonzero(hist)[0]
+            lo = j * w
+            c = hist[j].astype(np.float64)
+            for k, e in enumerate(exps):
+                clip = level * math.ldexp(1.0, e)
+                i = int(np.searchsorted(lo, clip, side="left"))  # first bin with lo >= clip
+                if i < len(lo):
+                    d = lo[i:] - clip
+                    out[k] += float(np.dot(c[i:], d * d))
+        return out / self.count
 
     def kl_exponent(self, bits: int) -> int:
         if self.top is None:
@@ -259,6 +292,103 @@ def _bin_error(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, s: np.ndarray
     outer_lo = np.maximum(lo, clip)
     outer = np.where(hi > outer_lo, ((hi - clip) ** 3 - (outer_lo - clip) ** 3) / 3.0, 0.0)
     return np.sum(counts * (inner + outer) / (hi - lo), axis=-1)
+
+
+_BLOCK = 8192  # values per temporary array in `_bin_error_edges` (64 KiB of float64)
+
+
+def _bin_error_edges(counts: np.ndarray, halves: list[np.ndarray], w: float, s: np.ndarray,
+                     clips: list[float]) -> np.ndarray:
+    """`_bin_error(counts, j * w, (j + 1) * w, s, clip)` for the bins j of `halves` laid end to
+    end (clip = clips[h] * s over the bins of half h, `counts` [1, bins] in the same order):
+    bit for bit the same numbers, about ten times faster (the mse search runs it for every
+    observed tensor).
+
+    `_bin_error` is the plain statement; this evaluates the same expressions on the same
+    operands, rearranged so that every value stays identical:
+
+    1. A bin's `inner` term is H(min(hi, clip)) - H(lo) where lo < clip and 0 elsewhere, with
+       H(y) = _h_period(y + s/2, s); written H(min(hi, clip)) - H(min(lo, clip)) it needs no
+       case: bins at or above the clip give H(clip) - H(clip) = 0.
+    2. Its `outer` term is ((hi - clip)^3 - (max(lo, clip) - clip)^3) / 3 where hi > clip and
+       0 elsewhere: with G(y) = (y - clip)^3 above the clip and 0.0 (= 0.0^3) at or below
+       it, that is (G(hi) - G(lo)) / 3 everywhere.
+    3. H and G depend on one edge only: computed once per distinct edge (the upper edge of
+       bin j is the lower edge of bin j + 1), then gathered.
+    4. NumPy's float64 power takes a scalar path for negative and zero bases, some 40 and 4
+       times slower than for positive ones: the cubes inside H, (r - s/2)^3, take few distinct
+       values and are looked up on their grid (`_cube_on_grid`), and G cubes only positive
+       values. A cube of the same operand is the same number, so nothing changes.
+    5. hi - lo is exactly w (edges are integers times a power of two); products and sums are
+       taken in the same order (IEEE + and * commute).
+    6. The work goes in blocks of bins so that temporaries stay small (a fresh large array
+       costs more in page faults than the arithmetic on it); each row is still summed in one
+       np.sum over a C-ordered array, as `_bin_error` sums it (the order of a row's additions
+       decides its last bits).
+    """
+    rows = s.shape[0]
+    out = np.empty((rows, sum(len(j) for j in halves)))
+    half = s / 2.0
+    cube_half = half**3
+    period = s**3 / 12.0
+    block = max(64, _BLOCK // max(rows, 1))
+    col = 0
+    for j, c in zip(halves, clips, strict=True):
+        if len(j) == 0:
+            continue
+        clip = c * s  # [rows, 1]: the same products as `_bin_error`'s clip column
+        mark = np.zeros(int(j[-1]) + 2, dtype=bool)
+        mark[j] = True
+        mark[j + 1] = True
+        x = np.flatnonzero(mark).astype(np.float64) * w  # the distinct edges, exactly
+        at = np.cumsum(mark) - 1  # edge number -> its index in x
+        lo_i, hi_i = at[j], at[j + 1]
+        for b0 in range(0, len(j), block):
+            b1 = min(b0 + block, len(j))
+            e0, e1 = int(lo_i[b0]), int(hi_i[b1 - 1]) + 1  # this block's edges: a range of x
+            xb = x[e0:e1]
+            y = np.minimum(xb, clip)  # rule 1, then _h_period(y + s/2, s)
+            y += half
+            n = y / s
+            np.floor(n, out=n)
+            r = n * s
+            np.subtract(y, r, out=r)
+            r -= half
+            h = _cube_on_grid(r, w)
+            h += cube_half
+            h /= 3.0
+            n *= period
+            h += n
+            d = np.subtract(xb, clip, out=y)
+            below = d <= 0.0
+            d[below] = 1.0
+            g = d**3  # rule 2: positive bases only
+            g[below] = 0.0
+            li, hj = lo_i[b0:b1] - e0, hi_i[b0:b1] - e0
+            v = out[:, col + b0 : col + b1]
+            np.subtract(h[:, hj], h[:, li], out=v)  # inner
+            outer = g[:, hj]
+            outer -= g[:, li]
+            outer /= 3.0
+            v += outer
+            v *= counts[:, col + b0 : col + b1]
+            v /= w
+        col += len(j)
+    return np.sum(out, axis=-1)
+
+
+def _cube_on_grid(d: np.ndarray, w: float) -> np.ndarray:
+    """`d ** 3` for values that are (nearly all) multiples of w in a short range, computed once
+    per grid value; falls back to `d ** 3` when any value is off the grid (bit-checked)."""
+    t = d / w  # exact: w is a power of two
+    lo, hi = float(t.min()), float(t.max())
+    if not (hi - lo <= 4096 and lo == math.floor(lo)):
+        return d**3
+    k = (t - lo).astype(np.intp)
+    grid = (np.arange(int(hi - lo) + 1, dtype=np.float64) + lo) * w
+    if not np.array_equal(grid[k].view(np.int64), d.view(np.int64)):
+        return d**3
+    return (grid**3)[k]
 
 
 def _mass_above(counts: np.ndarray, width: float, t: float) -> float:
