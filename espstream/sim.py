@@ -437,6 +437,11 @@ class Simulator:
             bias = bias.astype(np.int64)
         k = self.kernels
         rounding = self.rounding
+        prepare = getattr(k, "conv_prepared", None)
+        if prepare is not None:  # checks the arguments once, not on every call
+            run = prepare(kw, bias, stride=stride, dilation=dilation, pads=pads, groups=group,
+                          shift=shift, rounding=rounding, relu=relu)
+            return lambda args: [run(args[0])]
 
         def fn(args: list) -> list:
             x = args[0]
@@ -470,6 +475,12 @@ class Simulator:
             if bias is not None:
                 bias = bias.astype(np.int64)
             k, rounding = self.kernels, self.rounding
+            prepare = getattr(k, "conv_prepared", None)
+            if prepare is not None:  # checks the arguments once, not on every call
+                conv = prepare(kw, bias, shift=shift, rounding=rounding, relu=relu)
+            else:
+                def conv(rows: np.ndarray) -> np.ndarray:
+                    return k.conv(rows, kw, bias, shift=shift, rounding=rounding, relu=relu)
 
             def fn(args: list) -> list:
                 x = args[0]
@@ -479,7 +490,7 @@ class Simulator:
                     )
                 lead = x.shape[:-1]
                 rows = x.reshape(-1, x.shape[-1])  # [M, C] read as NWC with W = M
-                y = k.conv(rows, kw, bias, shift=shift, rounding=rounding, relu=relu)
+                y = conv(rows)
                 return [y.reshape(*lead, kw.shape[0])]
 
             return fn

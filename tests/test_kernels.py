@@ -502,3 +502,35 @@ def test_kernels_share_signatures():
 
     for name in fast.__all__:
         assert inspect.signature(getattr(fast, name)) == inspect.signature(getattr(ref, name)), name
+
+
+# ----------------------------------------------------------------------------- conv_prepared
+
+
+@FAST
+@given(conv_cases(), st.integers(0, 3))
+def test_conv_prepared_matches_conv(case, extra_width):
+    """One prepared conv on two input widths (its checks are kept per shape), three calls each,
+    fast and reference twin, against `conv` bit for bit."""
+    x, w, bias, kwargs = case
+    wider = np.concatenate([x, x[..., -1:, :].repeat(extra_width, axis=-2)], axis=-2)
+    for impl in (fast, ref):
+        run = impl.conv_prepared(w, bias, **kwargs)
+        for data in (x, wider, x, wider, x[::-1].copy()):
+            _assert_same(run(data), ref.conv(data, w, bias, **kwargs))
+
+
+@pytest.mark.parametrize("impl", [fast, ref], ids=["fast", "reference"])
+def test_conv_prepared_checks_like_conv(impl):
+    x = np.zeros((1, 5, 4), np.int8)
+    w = np.ones((3, 2, 4), np.int8)
+    with pytest.raises(ValueError, match="dtype"):
+        impl.conv_prepared(w)(x.astype(np.int16))
+    with pytest.raises(ValueError, match="shift"):
+        impl.conv_prepared(w, shift=[1, 2])(x)
+    with pytest.raises(ValueError, match="does not fit"):
+        impl.conv_prepared(w, dilation=5)(x)
+    run = impl.conv_prepared(w)
+    run(x)  # a shape that fits, then one that does not: still checked
+    with pytest.raises(ValueError, match="batch 1"):
+        run(np.zeros((2, 5, 4), np.int8))

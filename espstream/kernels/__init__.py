@@ -8,7 +8,8 @@ rounding conventions). A simulator can take either module:
     from espstream.kernels import reference       # obviously right, slow
 
 - `conv(x, w, bias=None, *, stride, dilation, pads, groups, shift, rounding, relu)`: Conv,
-  int8 (int32 accumulator) or int16 (int64 accumulator);
+  int8 (int32 accumulator) or int16 (int64 accumulator); `conv_prepared(w, bias, ...)` fixes
+  every argument but the data and returns `run(x)` (a simulator calls one conv many times);
 - `avgpool(x, kernel, *, stride, dilation, pads, e_in, e_out, rounding)`: AveragePool on the
   float32 path;
 - `maxpool(x, kernel, *, stride, dilation, pads)`: MaxPool over valid taps;
@@ -22,7 +23,7 @@ ValueError naming it); the Cython kernels run without the GIL.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -40,7 +41,7 @@ from espstream.kernels.reference import (
     to_hwc,
 )
 
-__all__ = ["conv", "avgpool", "maxpool", "requantize", "add", "mul"]
+__all__ = ["conv", "conv_prepared", "avgpool", "maxpool", "requantize", "add", "mul"]
 
 _MODE = {"half_up": 0, "half_even": 1}
 
@@ -61,25 +62,73 @@ def conv(
     """ESP-DL Conv (see `reference.conv`): x `[W, C]`/`[1, W, C]` or `[H, W, C]`/`[1, H, W, C]`,
     w `[C_out, kW, C_in/g]` or `[C_out, kH, kW, C_in/g]`, shift = e_out - e_in - e_w."""
     sp = conv_spec(x, w, bias, stride, dilation, pads, groups, shift, rounding)
-    win = sp.window
-    c_in, c_out = sp.x.shape[2], sp.w.shape[0]
+    return _conv_run(_ConvPlan(sp, rounding, relu), x)
+
+
+class _ConvPlan:
+    """What `conv` derives from checked arguments (`conv_spec`) before running the kernel."""
+
+    def __init__(self, sp, rounding: str, relu: bool) -> None:
+        self.win = win = sp.window
+        self.c_in, self.c_out = c_in, c_out = sp.x.shape[2], sp.w.shape[0]
+        kh, kw = win.kernel
+        self.depthwise = depthwise = sp.groups == c_in == c_out and c_in > 1
+        if depthwise:  # [C, kH, kW, 1] -> [kH * kW, C]: the channel loop is innermost
+            self.w16 = np.ascontiguousarray(sp.w.reshape(c_out, kh * kw).T, dtype=np.int16)
+        else:
+            self.w16 = np.ascontiguousarray(sp.w.reshape(c_out, -1), dtype=np.int16)
+        self.acc_type = np.int32 if sp.x.dtype == np.int8 else np.int64
+        self.dtype = sp.x.dtype
+        self.bias, self.shift, self.groups = sp.bias, sp.shift, sp.groups
+        self.mode, self.relu = _MODE[rounding], bool(relu)
+
+
+def _conv_run(plan: _ConvPlan, x: np.ndarray) -> np.ndarray:
+    win = plan.win
     kh, kw = win.kernel
-    depthwise = sp.groups == c_in == c_out and c_in > 1
-    x16 = np.ascontiguousarray(sp.x, dtype=np.int16)
-    if depthwise:  # [C, kH, kW, 1] -> [kH * kW, C]: the channel loop is innermost
-        w16 = np.ascontiguousarray(sp.w.reshape(c_out, kh * kw).T, dtype=np.int16)
-    else:
-        w16 = np.ascontiguousarray(sp.w.reshape(c_out, -1), dtype=np.int16)
-    acc_type = np.int32 if sp.x.dtype == np.int8 else np.int64
-    acc = np.empty(max(c_in, 2 * c_out), acc_type)
+    x16 = np.ascontiguousarray(to_hwc(x, win.nd), dtype=np.int16)
+    acc = np.empty(max(plan.c_in, 2 * plan.c_out), plan.acc_type)
     runs = np.empty(6 * kh * kw, np.intp)
-    y = np.empty((*win.out_hw, c_out), sp.x.dtype)
+    y = np.empty((*win.out_hw, plan.c_out), plan.dtype)
     _int8.conv(
-        x16, w16, sp.bias, sp.shift, acc, y, kh, kw, sp.groups, *win.stride, *win.dilation,
-        win.pads[0], win.pads[2], _MODE[rounding], bool(relu), depthwise, runs,
-        np.empty(3 * c_out, np.int64),
+        x16, plan.w16, plan.bias, plan.shift, acc, y, kh, kw, plan.groups, *win.stride,
+        *win.dilation, win.pads[0], win.pads[2], plan.mode, plan.relu, plan.depthwise, runs,
+        np.empty(3 * plan.c_out, np.int64),
     )  # fmt: skip
     return from_hwc(y, x, win.nd)
+
+
+def conv_prepared(
+    w: np.ndarray,
+    bias: np.ndarray | None = None,
+    *,
+    stride: IntArg = 1,
+    dilation: IntArg = 1,
+    pads: IntArg = 0,
+    groups: int = 1,
+    shift: int | Sequence[int] | np.ndarray = 0,
+    rounding: str = "half_up",
+    relu: bool = False,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """`conv` with every argument but the data fixed (see `reference.conv_prepared`):
+    `conv_prepared(w, ...)(x)` is `conv(x, w, ...)`, bit for bit.
+
+    The arguments are checked, and the weights converted, once per shape and type of `x`
+    (the checks depend on nothing else), not on every call: a simulator runs each Conv node
+    once per chunk. The arguments are kept, not copied: do not modify them afterwards.
+    """
+    plans: dict[tuple, _ConvPlan] = {}
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        key = (x.shape, x.dtype)
+        plan = plans.get(key)
+        if plan is None:
+            sp = conv_spec(x, w, bias, stride, dilation, pads, groups, shift, rounding)
+            plan = plans[key] = _ConvPlan(sp, rounding, relu)
+        return _conv_run(plan, x)
+
+    return run
 
 
 def _pool_args(x: np.ndarray, kernel: IntArg, stride: IntArg, dilation: IntArg, pads: IntArg):

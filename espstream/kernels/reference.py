@@ -19,7 +19,7 @@ Conventions shared by both (ESPDL.md sections 3 and 4):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -303,6 +303,28 @@ def conv(
     if relu:
         v = np.maximum(v, 0)
     return from_hwc(saturate(v, sp.x.dtype), x, win.nd)
+
+
+def conv_prepared(
+    w: np.ndarray,
+    bias: np.ndarray | None = None,
+    *,
+    stride: IntArg = 1,
+    dilation: IntArg = 1,
+    pads: IntArg = 0,
+    groups: int = 1,
+    shift: int | Sequence[int] | np.ndarray = 0,
+    rounding: str = "half_up",
+    relu: bool = False,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """`conv` with every argument but the data fixed: `conv_prepared(w, ...)(x)` is
+    `conv(x, w, ...)`. The arguments are kept, not copied: do not modify them afterwards."""
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return conv(x, w, bias, stride=stride, dilation=dilation, pads=pads, groups=groups,
+                    shift=shift, rounding=rounding, relu=relu)
+
+    return run
 
 
 def _pool_input(x: np.ndarray, kernel: IntArg) -> tuple[np.ndarray, int]:
