@@ -31,6 +31,12 @@ Then the checks, each recorded with its verdict (`ConvertResult.checks`):
    embedded test inputs run through the simulator reproduce the embedded test outputs, as
    `Model::test()` does on the chip.
 
+The checks share work without changing what they compare (`verify.VerifyCache`): each offline
+model is analysed once (streamify's analysis, which verify would repeat), each engine runs each
+offline model once per sample (checks 2-4 and the SQNR and agreement of check 5 run the same
+models on the same samples), and the simulator runs the graph export lowered instead of
+lowering the same model again.
+
 `convert_model` raises `UserError` for anything the user can fix (bad data, bad chunk, an
 unsupported graph) and never writes a file; a failed check does not raise: `ConvertResult.ok`
 is false and `failure()` says which check failed. The CLI prints the summary, writes the JSON
@@ -48,9 +54,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.random  # noqa: F401  (see below)
 import onnx
 
-from espstream import log
+# convert runs every stage, so it imports up front what they import on first use (NumPy's
+# random module, the simulator's kernels, lower's sliding-window step): a call then spends its
+# time on the work. The CLI imports this module for the convert command only.
+import espstream.kernels  # noqa: F401
+import espstream.stream.manual  # noqa: F401
+from espstream import log, verify_int8
+from espstream import verify as v
 from espstream.errors import CheckFailed, UserError
 from espstream.export import ExportResult, export_model
 from espstream.optimize import OptimizeResult, optimize_model
@@ -223,9 +236,6 @@ def convert_model(
     test_data: FIRST_SAMPLE (the data's first sample), an array / {input: array} in the ONNX
     layout, or None for no test values.
     """
-    from espstream import verify as v
-    from espstream import verify_int8
-
     if (data is None) == (random is None):
         raise UserError("give calibration data with -d/--data PATH, or --random N (not both)")
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
@@ -254,9 +264,13 @@ def convert_model(
 
         print_summary(opt)
     float_stream = None
+    # What the checks share (VerifyCache): offline analyses (streamify's, reused by verify),
+    # and per engine one runner of each offline model, run once per sample.
+    cache = v.VerifyCache()
     if chunk is not None:
         float_stream = clock.run("streamify", lambda: streamify_model(
             opt.model, chunk, axes=axes, overrides=overrides))
+        cache.add_streamify_analysis(opt.model, float_stream, overrides)
     inputs = model_inputs(opt.model)
     if isinstance(data, CalibrationData):
         calib = data
@@ -280,6 +294,7 @@ def convert_model(
     if chunk is not None:
         streamed = clock.run("streamify", lambda: streamify_model(
             cal.model, chunk, axes=axes, overrides=overrides))
+        cache.add_streamify_analysis(cal.model, streamed, overrides)
         to_export = streamed.model
         _progress(clock, "streamify", f"chunk {chunk}, {len(streamed.caches)} state(s), "
                   f"{streamed.state_bytes_int8} B int8")
@@ -310,20 +325,39 @@ def convert_model(
             f"optimized vs input model: max |err| {c.max_abs:.3g} (rtol 1e-4, atol 1e-5)",
             {"comparison": c.to_json()}))
     stacked = _stacked(samples)
+
+    def use_exported_graph() -> None:
+        """The model export lowered (streaming, or the offline QDQ model without a chunk) runs
+        in the simulator on export's graph: lowering it again would give the same graph."""
+        r = verify_int8.Int8Runner(
+            to_export, "streaming model" if chunk is not None else "calibrated model",
+            graph=exported.graph)
+        if chunk is None:
+            r.keep_outputs()  # offline: each sample simulated once (SQNR and agreement)
+        cache.add_runner("int8", to_export, r)
+
     if chunk is not None:
         assert float_stream is not None and streamed is not None
         runs = [("float", "verify.float", opt.model, float_stream.model),
                 ("fakequant", "verify.fakequant", cal.model, streamed.model),
                 ("int8", "verify.int8", cal.model, streamed.model)]
+
+        def verify(off: onnx.ModelProto, st: onnx.ModelProto, engine: str) -> Any:
+            if engine == "int8":
+                use_exported_graph()
+            return v.verify_models(off, st, data=stacked, engine=engine, seed=seed,
+                                   overrides=overrides, cache=cache)
+
         for engine, stage, off, st in runs:
-            r = clock.run(stage, lambda off=off, st=st, engine=engine: v.verify_models(
-                off, st, data=stacked, engine=engine, seed=seed, overrides=overrides))
+            r = clock.run(stage, lambda off=off, st=st, engine=engine: verify(off, st, engine))
             if not any(not o.skipped for o in r.outputs):
                 raise _not_comparable(r)
             result.checks.append(_verify_check(engine, r))
             if verbose:
                 v.print_result(r)
-    sq = clock.run("verify.sqnr", lambda: _sqnr_check(opt.model, cal.model, samples))
+    else:
+        clock.run("verify.sqnr", use_exported_graph)
+    sq = clock.run("verify.sqnr", lambda: _sqnr_check(opt.model, cal.model, samples, cache))
     result.sqnr, check = sq
     result.checks.append(check)
     result.checks.append(clock.run("verify.espdl", lambda: _espdl_check(exported.data)))
@@ -381,15 +415,18 @@ def _verify_check(engine: str, r: Any) -> Check:
 
 
 def _sqnr_check(
-    float_model: onnx.ModelProto, qdq: onnx.ModelProto, samples: list[dict[str, np.ndarray]]
+    float_model: onnx.ModelProto, qdq: onnx.ModelProto, samples: list[dict[str, np.ndarray]],
+    cache: v.VerifyCache | None = None,
 ) -> tuple[dict[str, dict[str, float]], Check]:
-    """SQNR of fake-quant and of int8 against float, offline, and their agreement (check 5)."""
-    from espstream.verify import OrtRunner
-    from espstream.verify_int8 import Int8Runner, int8_vs_fakequant
+    """SQNR of fake-quant and of int8 against float, offline, and their agreement (check 5).
 
-    runners = {"float": OrtRunner(float_model, "optimized model"),
-               "fakequant": OrtRunner(qdq, "calibrated model"),
-               "int8": Int8Runner(qdq, "calibrated model")}
+    cache: the runners of the streaming checks (same models, same samples), else new ones."""
+    from espstream.verify_int8 import int8_vs_fakequant
+
+    cache = cache or v.VerifyCache()
+    runners = {"float": cache.runner(v.FloatEngine(), float_model, "optimized model"),
+               "fakequant": cache.runner(v.FakeQuantEngine(), qdq, "calibrated model"),
+               "int8": cache.runner(verify_int8.Int8Engine(), qdq, "calibrated model")}
     got: dict[str, dict[str, list[np.ndarray]]] = {k: {} for k in runners}
     for s in samples:
         for kind, r in runners.items():
@@ -405,7 +442,7 @@ def _sqnr_check(
         if min(i8, SQNR_CAP_DB) < min(fq, SQNR_CAP_DB) - INT8_MARGIN_DB:
             bad.append(f"output {name!r}: int8 {i8:.1f} dB vs fake-quant {fq:.1f} dB against "
                        f"float (allowed {INT8_MARGIN_DB:g} dB less)")
-    agree = int8_vs_fakequant(qdq, samples)
+    agree = int8_vs_fakequant(qdq, samples, sim=runners["int8"], ort=runners["fakequant"])
     lsb = ", ".join(f"{c.name} {100 * c.identical_share:.1f}% identical, max {c.max_lsb} LSB"
                     for c in agree.checks)
     name = "int8 vs fake-quant"
@@ -473,11 +510,11 @@ def time_line(seconds: dict[str, float]) -> str:
     """'1.23 s: optimize 0.10, ..., verify 0.50 (float 0.01, ...)' from per-stage seconds."""
     stages: dict[str, float] = {}
     parts: dict[str, list[str]] = {}
-    for k, v in seconds.items():
+    for k, secs in seconds.items():
         stage, _, part = k.partition(".")
-        stages[stage] = stages.get(stage, 0.0) + v
+        stages[stage] = stages.get(stage, 0.0) + secs
         if part:
-            parts.setdefault(stage, []).append(f"{part} {v:.2f}")
+            parts.setdefault(stage, []).append(f"{part} {secs:.2f}")
     text = ", ".join(
         f"{k} {v:.2f}" + (f" ({', '.join(parts[k])})" if k in parts else "")
         for k, v in stages.items()

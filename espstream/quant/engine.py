@@ -40,8 +40,12 @@ def new_session(model: onnx.ModelProto, opts: ort.SessionOptions) -> ort.Inferen
 
 
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """A session that runs one sample (or one chunk) per call, on one thread: for runs this
+    small a thread pool costs more than it gains (more so on a busy machine). The batched
+    session (`Runner._try_batching`) keeps onnxruntime's default threads."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = 1
     try:
         return new_session(model, opts)
     except Exception as e:  # onnxruntime raises its own exception types

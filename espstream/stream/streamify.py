@@ -238,6 +238,10 @@ class StreamifyResult:
     macs: dict[str, Any]
     chunk_multiple: int
     notes: list[str] = field(default_factory=list)
+    # The offline model's analysis as `analyze(model, axes, overrides)` found it: frames per
+    # time input and the time-axis info of each output (verify compares with the same).
+    offline_frames: dict[str, int] = field(default_factory=dict, repr=False)
+    offline_outputs: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def state_bytes_float32(self) -> int:
@@ -399,6 +403,8 @@ def streamify_model(
         macs=macs,
         chunk_multiple=an.chunk_multiple,
         notes=list(ctx.notes),
+        offline_frames=dict(an.frames),
+        offline_outputs=dict(an.outputs),
     )
 
 
