@@ -107,6 +107,29 @@ def _inputs(model):
     return model_inputs(model)
 
 
+def headline(by: dict, sizes: list[int], goals: dict) -> dict:
+    """The issue's goals with the measured figures: espstream's time (default method, and
+    minmax) over quantize_static MinMax's at each size (below 1: faster), and the peak memory
+    at 8192 samples over that at 1024."""
+    h: dict = {"goal": "faster than quantize_static MinMax at every size; peak memory at 8192 "
+                       "samples within 1.2x of 1024"}
+    met = True
+    for n in sizes:
+        ort_ = by.get((n, "ort-minmax"))
+        for tool in ("espstream", "espstream-minmax"):
+            mine = by.get((n, tool))
+            if mine and ort_:
+                ratio = round(mine["seconds"] / ort_["seconds"], 2)
+                h[f"{tool} / ort-minmax time at {n}"] = ratio
+                if tool == "espstream":
+                    met &= ratio < 1.0
+    if "peak_8192_over_1024" in goals:
+        h["peak_rss 8192 / 1024"] = goals["peak_8192_over_1024"]
+        met &= bool(goals["peak_8192_within_1.2x_of_1024"])
+    h["goal_met"] = met
+    return h
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out",
@@ -165,7 +188,11 @@ def main() -> int:
         print(f"{k}: {v}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "goals": goals}, indent=2) + "\n")
+    head = headline(by, args.sizes, goals)
+    for k, v in head.items():
+        print(f"{k}: {v}")
+    out.write_text(json.dumps({"headline": head, "rows": rows, "goals": goals}, indent=2)
+                   + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -189,6 +189,18 @@ def run_case(case: dict, repeat: int, min_time: float) -> dict:
     return result
 
 
+def headline(results: dict) -> dict:
+    """The issue's goals with the measured figures, per shape: times faster than the NumPy
+    reference, and our time over onnxruntime's faster s8 kernel's (below 1: faster)."""
+    h: dict = {"goal": f">= {GOAL_VS_NUMPY:g}x the NumPy reference; <= {GOAL_VS_ORT:g}x "
+                       "onnxruntime's s8 time", "threads": 1}
+    for name, r in results.items():
+        h[name] = (f"{r['speedup_vs_numpy']:.1f}x numpy, {r['time_vs_ort_s8']:.2f}x ort s8 "
+                   f"time, {r['gmac_per_s']['ours']:.1f} GMAC/s")
+    h["goal_met"] = all(all(r["goals_met"].values()) for r in results.values())
+    return h
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/kernels.json"))
@@ -227,6 +239,7 @@ def main() -> int:
 
     report = {
         "benchmark": "kernels",
+        "headline": headline(results),
         "machine": {
             "python": platform.python_version(),
             "numpy": np.__version__,
