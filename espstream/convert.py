@@ -211,6 +211,16 @@ def _stacked(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([s[k] for s in samples], axis=0) for k in samples[0]}
 
 
+def _check_random_possible(model: onnx.ModelProto, input_shapes, seed: int) -> None:
+    """--random needs fixed input dimensions: say so before any stage runs on the model."""
+    from espstream.optimize.runner import fix_input_shapes
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    fix_input_shapes(probe, input_shapes or {})
+    random_data(model_inputs(probe), 1, seed)
+
+
 def convert_model(
     model: onnx.ModelProto,
     data: str | os.PathLike[str] | CalibrationData | None = None,
@@ -248,6 +258,8 @@ def convert_model(
     scheme.check_bits(bits)
     method = method or DEFAULT_METHOD
     _check_offline_float(model)
+    if random is not None:
+        _check_random_possible(model, input_shapes, seed)
     verify_int8.register()
     clock = _Clock()
     options = {"chunk": chunk, "target": target, "bits": bits, "method": method,
