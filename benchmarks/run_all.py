@@ -27,6 +27,8 @@ HELPERS = {"run_all", "ppq_side"}
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="script names without .py")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: gather the scripts' existing results/*.json")
     args = parser.parse_args()
     scripts = sorted(p for p in HERE.glob("*.py") if p.stem not in HELPERS)
     if args.only:
@@ -35,6 +37,11 @@ def main() -> int:
     summary: dict[str, dict] = {}
     for script in scripts:
         out = HERE / "results" / f"{script.stem}.json"
+        if args.collect:
+            if out.exists():
+                summary[script.stem] = {"seconds": None, "exit_status": 0,
+                                        "results": json.loads(out.read_text())}
+            continue
         print(f"== {script.name}", flush=True)
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, str(script), "--out", str(out)], text=True,
@@ -51,7 +58,8 @@ def main() -> int:
     print()
     for name, entry in summary.items():
         state = "ok" if entry["exit_status"] == 0 else f"FAILED ({entry['exit_status']})"
-        print(f"{name:<22} {state:<12} {entry['seconds']:>8.1f} s")
+        took = "collected" if entry["seconds"] is None else f"{entry['seconds']:>8.1f} s"
+        print(f"{name:<22} {state:<12} {took}")
     print_headlines(summary)
     print(f"wrote {HERE / 'results.json'}")
     return 0 if all(e["exit_status"] == 0 for e in summary.values()) else 1
