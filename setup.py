@@ -8,7 +8,8 @@ extensions = [
     Extension(
         "espstream.kernels._int8",
         ["espstream/kernels/_int8.pyx"],
-        include_dirs=[np.get_include()],
+        depends=["espstream/kernels/_hot.h"],  # hot loops, cloned for AVX2 where supported
+        include_dirs=[np.get_include(), "espstream/kernels"],
         extra_compile_args=["-O3"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )

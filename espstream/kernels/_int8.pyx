@@ -16,7 +16,22 @@ convs (groups == C_in == C_out) take weights as `[kH * kW, C]` and loop over cha
 Requantization folds the half-up rounding constant into the bias when every shift is > 0.
 """
 
+from libc.stddef cimport ptrdiff_t
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t
+
+
+cdef extern from "_hot.h" nogil:
+    # The int32 inner loops, compiled for AVX2 and baseline x86-64 where the compiler can
+    # pick at load time (see the header).
+    void esp_pair4(const int16_t* X, ptrdiff_t step, const int16_t* w, ptrdiff_t K,
+                   const ptrdiff_t* rx, const ptrdiff_t* rw, const ptrdiff_t* rn, ptrdiff_t nr,
+                   int32_t* acc)
+    int32_t esp_dot1(const int16_t* X, const int16_t* w, const ptrdiff_t* rx,
+                     const ptrdiff_t* rw, const ptrdiff_t* rn, ptrdiff_t nr)
+    void esp_rq32_i8(const int32_t* acc, const int32_t* add32, int32_t s, int32_t lo,
+                     int32_t hi, int8_t* y, ptrdiff_t n)
+    void esp_dw_pixel(const int16_t* X, const int16_t* w, const ptrdiff_t* xo,
+                      const ptrdiff_t* wo, ptrdiff_t nt, ptrdiff_t C, int32_t* acc)
 
 ctypedef fused data_t:
     int8_t
@@ -129,13 +144,16 @@ cdef inline void _rq32_row(const acc_t* acc, const int32_t* add32, int32_t s, in
     """Half-up requantize of int32 sums with one shift: a loop the compiler vectorises."""
     cdef Py_ssize_t c
     cdef int32_t v
-    for c in range(n):
-        v = (<int32_t>acc[c] + add32[c]) >> s
-        if v < lo:
-            v = lo
-        if v > hi:
-            v = hi
-        y[c] = <data_t>v
+    if data_t is int8_t and acc_t is int32_t:
+        esp_rq32_i8(acc, add32, s, lo, hi, y, n)
+    else:  # not reached: add32 is only set for int8 data
+        for c in range(n):
+            v = (<int32_t>acc[c] + add32[c]) >> s
+            if v < lo:
+                v = lo
+            if v > hi:
+                v = hi
+            y[c] = <data_t>v
 
 
 cdef inline bint _same_runs(Py_ssize_t nr, Py_ssize_t nr2, Py_ssize_t step, Py_ssize_t* rx,
@@ -162,7 +180,7 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
     four output channels share each input load: 8 dot products per pass. With `add32` the sums
     of a pixel pair go to `accbuf` (2 * C_out) and are requantized by a vectorised loop."""
     cdef Py_ssize_t cig = C // G, cog = cout // G, K = KH * KW * cig, T = KH * KW
-    cdef Py_ssize_t oh, ow, g, co, co_end, r, i, n, nr, nr2, npix, step = sw * C
+    cdef Py_ssize_t oh, ow, g, co, co_end, r, i, n, nr, nr2, nr_loop, npix, step = sw * C
     cdef Py_ssize_t* rx = runs
     cdef Py_ssize_t* rw = runs + T
     cdef Py_ssize_t* rn = runs + 2 * T
@@ -182,6 +200,7 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
     cdef int32_t s32 = <int32_t>shift[0], lo32 = <int32_t>lo, hi32 = <int32_t>hi
     cdef acc_t* qa = accbuf
     cdef acc_t* qb = accbuf + cout
+    cdef int32_t blk[8]
     for oh in range(OH):
         ow = 0
         while ow < OW:
@@ -207,7 +226,15 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
                         b1 = 0
                         b2 = 0
                         b3 = 0
-                        for r in range(nr):
+                        if acc_t is int32_t:
+                            esp_pair4(X + g * cig, step, Wt + co * K, K, <const ptrdiff_t*>rx,
+                                      <const ptrdiff_t*>rw, <const ptrdiff_t*>rn, nr, blk)
+                            a0, a1, a2, a3 = blk[0], blk[1], blk[2], blk[3]
+                            b0, b1, b2, b3 = blk[4], blk[5], blk[6], blk[7]
+                            nr_loop = 0
+                        else:
+                            nr_loop = nr
+                        for r in range(nr_loop):  # int64 sums (int16 data)
                             xp = X + g * cig + rx[r]
                             xq = xp + step
                             n = rn[r]
@@ -252,7 +279,16 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
                 while co < co_end:  # leftover channels, or a lone pixel
                     a0 = 0
                     b0 = 0
-                    for r in range(nr):
+                    if acc_t is int32_t:
+                        a0 = esp_dot1(X + g * cig, Wt + co * K, <const ptrdiff_t*>rx,
+                                      <const ptrdiff_t*>rw, <const ptrdiff_t*>rn, nr)
+                        if npix == 2:
+                            b0 = esp_dot1(X + g * cig + step, Wt + co * K, <const ptrdiff_t*>rx,
+                                          <const ptrdiff_t*>rw, <const ptrdiff_t*>rn, nr)
+                        nr_loop = 0
+                    else:
+                        nr_loop = nr
+                    for r in range(nr_loop):  # int64 sums (int16 data)
                         xp = X + g * cig + rx[r]
                         n = rn[r]
                         w0 = Wt + co * K + rw[r]
@@ -308,8 +344,12 @@ cdef void _conv_depthwise(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize
                     xo[nt] = (ih * W + iw) * C
                     wo[nt] = (i * KW + j) * C
                     nt += 1
-            for c in range(C):
-                acc[c] = 0
+            if acc_t is int32_t:
+                esp_dw_pixel(X, Wt, <const ptrdiff_t*>xo, <const ptrdiff_t*>wo, nt, C, acc)
+                nt = 0  # done
+            else:
+                for c in range(C):
+                    acc[c] = 0
             for t in range(nt):
                 xp = X + xo[t]
                 wp = Wt + wo[t]
