@@ -4,7 +4,13 @@
 2. Batching: when every input has batch dimension 1 (or a symbolic one), a copy with a symbolic
    batch dimension is tried on the first two samples and used only if each batched result
    equals the per-sample runs (shape exactly, values to float rounding). Otherwise one sample
-   per run: correct first.
+   per run: correct first. The per-sample reference runs of that trial go through the batched
+   copy itself at batch 1: it is the same graph, run as written (graph optimizations off), on
+   the same one-sample feed, so it computes what the model does; one onnxruntime session then
+   serves the whole calibration. The one-sample session of the model as given is created only
+   when runs are not batched. When all the data fits in one batched run, that session runs on
+   one thread too: creating onnxruntime's thread pool then costs more than it saves (threads
+   change no value: each output element is computed by one thread either way).
 3. Each run's outputs go straight into the observers and are dropped; nothing else is kept.
 4. A progress bar goes to stderr while a person watches (`log.progress_enabled()`).
 """
@@ -42,7 +48,7 @@ def new_session(model: onnx.ModelProto, opts: ort.SessionOptions) -> ort.Inferen
 def session(model: onnx.ModelProto) -> ort.InferenceSession:
     """A session that runs one sample (or one chunk) per call, on one thread: for runs this
     small a thread pool costs more than it gains (more so on a busy machine). The batched
-    session (`Runner._try_batching`) keeps onnxruntime's default threads."""
+    session (`Runner`) keeps onnxruntime's default threads unless the data fits in one run."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = 1
@@ -113,33 +119,53 @@ class Progress:
 class Runner:
     """Runs a model over calibration data, batched when that is verified to be exact."""
 
-    def __init__(self, model: onnx.ModelProto, names: list[str], batch: int) -> None:
+    def __init__(self, model: onnx.ModelProto, names: list[str], batch: int,
+                 samples: int | None = None) -> None:
+        """`samples`: how many samples will be run, if known (at most `batch`: one thread)."""
         self.names = names
         self.model = with_outputs(model, names)
-        self.sess = session(self.model)
         self.batched: ort.InferenceSession | None = None
         self.batch = max(1, batch)
-        self.input_names = [i.name for i in self.sess.get_inputs()]
+        # Every session is made here, before any data is read, so a model onnxruntime cannot
+        # load fails first. The batched-shape session, if one loads, waits for the trial.
+        self._trial: ort.InferenceSession | None = None
+        self._sess: ort.InferenceSession | None = None
+        if self.batch >= 2:
+            dyn = dynamic_batch(self.model)
+            if dyn is not None:
+                try:
+                    one_run = samples is not None and samples <= self.batch
+                    self._trial = new_session(dyn, _quiet_opts(1 if one_run else 0))
+                except Exception:  # a fixed-batch Reshape and the like: one per run
+                    self._trial = None
+        if self._trial is None:
+            self._sess = session(self.model)
+        ref = self._trial or self._sess
+        self.input_names = [i.name for i in ref.get_inputs()]
+
+    @property
+    def sess(self) -> ort.InferenceSession:
+        """The one-sample session of the model as given (made when first needed)."""
+        if self._sess is None:
+            self._sess = session(self.model)
+        return self._sess
 
     def _try_batching(self, first: list[dict[str, np.ndarray]]) -> None:
-        if self.batch < 2 or len(first) < 2:
-            return
-        dyn = dynamic_batch(self.model)
-        if dyn is None:
+        sess, self._trial = self._trial, None
+        if sess is None or len(first) < 2:
             return
         try:
-            sess = new_session(dyn, _quiet_opts())
             feed = {k: np.concatenate([s[k] for s in first]) for k in self.input_names}
             together = sess.run(self.names, feed)
+            alone_runs = [sess.run(self.names, s) for s in first]
         except Exception:  # a fixed-batch Reshape and the like: fall back to one per run
             return
-        for i, s in enumerate(first):
-            alone = self.sess.run(self.names, s)
+        for i, alone in enumerate(alone_runs):
             for a, t in zip(alone, together, strict=True):
                 if a.ndim == 0 or a.shape[0] != 1 or t.shape != (len(first), *a.shape[1:]):
                     return
                 tol = 1e-5 * (float(np.abs(a).max()) + 1e-30) + 1e-7
-                if not np.allclose(t[i : i + 1], a, rtol=1e-4, atol=tol):
+                if not _allclose(t[i : i + 1], a, 1e-4, tol):
                     return
         self.batched = sess
 
@@ -170,11 +196,25 @@ class Runner:
                 yield 1, self.sess.run(self.names, s)
 
 
-def _quiet_opts() -> ort.SessionOptions:
+def _allclose(t: np.ndarray, a: np.ndarray, rtol: float, atol: float) -> bool:
+    """`np.allclose(t, a, rtol, atol)`, the common case without its per-call overhead: for
+    finite values whose differences are finite, allclose is exactly this comparison (the
+    same float32 operations); anything else (inf, NaN, overflow) is left to allclose itself."""
+    if np.isfinite(t).all() and np.isfinite(a).all():
+        d = np.abs(t - a)
+        if np.isfinite(d).all() and bool((d <= atol + rtol * np.abs(a)).all()):
+            return True
+    return bool(np.allclose(t, a, rtol=rtol, atol=atol))
+
+
+def _quiet_opts(threads: int = 0) -> ort.SessionOptions:
     # The batched trial may fail by design (a fixed-batch Reshape); onnxruntime would log that
     # failure as an ERROR on stderr before the fallback, so only FATAL is let through.
+    # threads 0: onnxruntime's default.
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
+    if threads:
+        opts.intra_op_num_threads = threads
     return opts
 
 
@@ -193,7 +233,7 @@ def observe(
 ) -> tuple[dict[str, HistogramObserver], bool]:
     """Observers of `names` over all of `data`; returns them and whether runs were batched."""
     observers = {n: HistogramObserver(bins) for n in names}
-    runner = Runner(model, names, batch)
+    runner = Runner(model, names, batch, samples=len(data))
     progress = Progress("calibrate", len(data))
     try:
         for count, values in runner.run(data):
