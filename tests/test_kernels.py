@@ -250,6 +250,31 @@ def test_conv_benchmark_shapes_match_reference():
             _assert_same(fast.conv(x, w, bias, **kw), ref.conv(x, w, bias, **kw))
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 70),
+    st.integers(1, 80),
+    st.sampled_from([(1, 1), (1, 3), (3, 3), (2, 1)]),
+    st.sampled_from(ref.ROUNDINGS),
+    st.booleans(),
+    st.sampled_from(["full", "small", "extreme"]),
+)
+def test_conv_wide_dense_int8_matches_reference(seed, c_in, c_out, k, rounding, one_shift, style):
+    """int8, groups 1, many channels: the all-channel kernel of _hot.h (even C_in) works in
+    blocks of 32 output channels (SSE2: 16), so C_out around and past a block, odd C_in (the
+    other kernel) and per-channel shifts (the general requantize) are all drawn here."""
+    rng = np.random.default_rng(seed)
+    hw = (int(rng.integers(k[0], 7)), int(rng.integers(k[1], 9)))
+    x = _data(rng, (*hw, c_in), np.int8, style)
+    w = _data(rng, (c_out, *k, c_in), np.int8, style)
+    bias = rng.integers(-(2**15), 2**15, c_out).astype(np.int32)
+    shift = 9 if one_shift else rng.integers(-2, 16, c_out)
+    kw = dict(pads=int(rng.integers(0, 2)), stride=int(rng.integers(1, 3)), shift=shift,
+              rounding=rounding, relu=bool(rng.integers(0, 2)))  # fmt: skip
+    _assert_same(fast.conv(x, w, bias, **kw), ref.conv(x, w, bias, **kw))
+
+
 @pytest.mark.parametrize("width", [1, 2, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_conv_kernel_wider_than_input(width, dtype):

@@ -19,6 +19,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #if defined(__has_attribute)
 #  if __has_attribute(target_clones)
@@ -100,6 +101,172 @@ ESP_HOT static void esp_dw_pixel(const int16_t *X, const int16_t *w, const ptrdi
         for (ptrdiff_t c = 0; c < C; c++)
             acc[c] += (int32_t)xp[c] * wp[c];
     }
+}
+
+
+/* ---- All output channels at once ("broadcast" form) -------------------------------------
+ * For groups == 1 and an even C_in: a pair of input values (x[k], x[k+1]) is broadcast and
+ * multiplied with the interleaved weights of 8 (SSE2: 4) output channels in one pmaddwd,
+ * accumulating per channel in vector lanes: no horizontal sums, and each weight load serves
+ * two pixels. Weights are packed by esp_pack_pairs as [K / 2][cp][2] with cp = C_out rounded
+ * up to ESP_BC_BLOCK (zero weights in the padding). Runs (rx, rw, rn) are as in esp_pair4 with
+ * rw and rn even. Writes y1[0..C_out) (pixel at X) and, if y2, y2[0..C_out) (at X + step). */
+#define ESP_BC_BLOCK 32
+
+static void esp_pack_pairs(const int16_t *w, ptrdiff_t cout, ptrdiff_t K, ptrdiff_t cp,
+                           int16_t *wp)
+{
+    for (ptrdiff_t k = 0; k < K / 2; k++)
+        for (ptrdiff_t co = 0; co < cp; co++) {
+            wp[(k * cp + co) * 2] = co < cout ? w[co * K + 2 * k] : 0;
+            wp[(k * cp + co) * 2 + 1] = co < cout ? w[co * K + 2 * k + 1] : 0;
+        }
+}
+
+static inline int32_t esp_ld_pair(const int16_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, sizeof v);  /* two int16 as one int32, alias-safe */
+    return v;
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(ESPSTREAM_NO_CLONES)
+#include <immintrin.h>
+#define ESP_BC_X86 1
+
+__attribute__((target("avx2"))) static void
+esp_bcast_avx2(const int16_t *X, ptrdiff_t step, const int16_t *wp, ptrdiff_t cout,
+               ptrdiff_t cp, const ptrdiff_t *rx, const ptrdiff_t *rw, const ptrdiff_t *rn,
+               ptrdiff_t nr, int32_t *y1, int32_t *y2)
+{
+    int32_t t1[ESP_BC_BLOCK], t2[ESP_BC_BLOCK];
+    for (ptrdiff_t c0 = 0; c0 < cout; c0 += ESP_BC_BLOCK) {
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+        __m256i b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (ptrdiff_t r = 0; r < nr; r++) {
+            const int16_t *xp = X + rx[r], *xq = xp + step;
+            const int16_t *w = wp + (rw[r] / 2 * cp + c0) * 2;
+            ptrdiff_t np = rn[r] / 2;
+            for (ptrdiff_t k = 0; k < np; k++, w += 2 * cp) {
+                __m256i xa = _mm256_set1_epi32(esp_ld_pair(xp + 2 * k));
+                __m256i xb = _mm256_set1_epi32(esp_ld_pair(xq + 2 * k));
+                __m256i w0 = _mm256_loadu_si256((const __m256i *)w);
+                __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 16));
+                __m256i w2 = _mm256_loadu_si256((const __m256i *)(w + 32));
+                __m256i w3 = _mm256_loadu_si256((const __m256i *)(w + 48));
+                a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(xa, w0));
+                a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(xa, w1));
+                a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(xa, w2));
+                a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(xa, w3));
+                b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(xb, w0));
+                b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(xb, w1));
+                b2 = _mm256_add_epi32(b2, _mm256_madd_epi16(xb, w2));
+                b3 = _mm256_add_epi32(b3, _mm256_madd_epi16(xb, w3));
+            }
+        }
+        _mm256_storeu_si256((__m256i *)t1, a0);
+        _mm256_storeu_si256((__m256i *)(t1 + 8), a1);
+        _mm256_storeu_si256((__m256i *)(t1 + 16), a2);
+        _mm256_storeu_si256((__m256i *)(t1 + 24), a3);
+        _mm256_storeu_si256((__m256i *)t2, b0);
+        _mm256_storeu_si256((__m256i *)(t2 + 8), b1);
+        _mm256_storeu_si256((__m256i *)(t2 + 16), b2);
+        _mm256_storeu_si256((__m256i *)(t2 + 24), b3);
+        ptrdiff_t m = cout - c0 < ESP_BC_BLOCK ? cout - c0 : ESP_BC_BLOCK;
+        memcpy(y1 + c0, t1, m * sizeof(int32_t));
+        if (y2)
+            memcpy(y2 + c0, t2, m * sizeof(int32_t));
+    }
+}
+
+/* Baseline x86-64 (SSE2): the same with 4 channels per register, 16 per block. */
+static void esp_bcast_sse2(const int16_t *X, ptrdiff_t step, const int16_t *wp, ptrdiff_t cout,
+                           ptrdiff_t cp, const ptrdiff_t *rx, const ptrdiff_t *rw,
+                           const ptrdiff_t *rn, ptrdiff_t nr, int32_t *y1, int32_t *y2)
+{
+    int32_t t1[16], t2[16];
+    for (ptrdiff_t c0 = 0; c0 < cout; c0 += 16) {
+        __m128i a0 = _mm_setzero_si128(), a1 = a0, a2 = a0, a3 = a0;
+        __m128i b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (ptrdiff_t r = 0; r < nr; r++) {
+            const int16_t *xp = X + rx[r], *xq = xp + step;
+            const int16_t *w = wp + (rw[r] / 2 * cp + c0) * 2;
+            ptrdiff_t np = rn[r] / 2;
+            for (ptrdiff_t k = 0; k < np; k++, w += 2 * cp) {
+                __m128i xa = _mm_set1_epi32(esp_ld_pair(xp + 2 * k));
+                __m128i xb = _mm_set1_epi32(esp_ld_pair(xq + 2 * k));
+                __m128i w0 = _mm_loadu_si128((const __m128i *)w);
+                __m128i w1 = _mm_loadu_si128((const __m128i *)(w + 8));
+                __m128i w2 = _mm_loadu_si128((const __m128i *)(w + 16));
+                __m128i w3 = _mm_loadu_si128((const __m128i *)(w + 24));
+                a0 = _mm_add_epi32(a0, _mm_madd_epi16(xa, w0));
+                a1 = _mm_add_epi32(a1, _mm_madd_epi16(xa, w1));
+                a2 = _mm_add_epi32(a2, _mm_madd_epi16(xa, w2));
+                a3 = _mm_add_epi32(a3, _mm_madd_epi16(xa, w3));
+                b0 = _mm_add_epi32(b0, _mm_madd_epi16(xb, w0));
+                b1 = _mm_add_epi32(b1, _mm_madd_epi16(xb, w1));
+                b2 = _mm_add_epi32(b2, _mm_madd_epi16(xb, w2));
+                b3 = _mm_add_epi32(b3, _mm_madd_epi16(xb, w3));
+            }
+        }
+        _mm_storeu_si128((__m128i *)t1, a0);
+        _mm_storeu_si128((__m128i *)(t1 + 4), a1);
+        _mm_storeu_si128((__m128i *)(t1 + 8), a2);
+        _mm_storeu_si128((__m128i *)(t1 + 12), a3);
+        _mm_storeu_si128((__m128i *)t2, b0);
+        _mm_storeu_si128((__m128i *)(t2 + 4), b1);
+        _mm_storeu_si128((__m128i *)(t2 + 8), b2);
+        _mm_storeu_si128((__m128i *)(t2 + 12), b3);
+        ptrdiff_t m = cout - c0 < 16 ? cout - c0 : 16;
+        memcpy(y1 + c0, t1, m * sizeof(int32_t));
+        if (y2)
+            memcpy(y2 + c0, t2, m * sizeof(int32_t));
+    }
+}
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define ESP_MAYBE_UNUSED __attribute__((unused))
+#else
+#define ESP_MAYBE_UNUSED
+#endif
+
+/* Portable twin (any compiler or architecture): the same sums, plain loops. */
+ESP_MAYBE_UNUSED static void esp_bcast_c(const int16_t *X, ptrdiff_t step, const int16_t *wp, ptrdiff_t cout,
+                        ptrdiff_t cp, const ptrdiff_t *rx, const ptrdiff_t *rw,
+                        const ptrdiff_t *rn, ptrdiff_t nr, int32_t *y1, int32_t *y2)
+{
+    for (ptrdiff_t co = 0; co < cout; co++) {
+        int32_t a = 0, b = 0;
+        for (ptrdiff_t r = 0; r < nr; r++) {
+            const int16_t *xp = X + rx[r], *xq = xp + step;
+            const int16_t *w = wp + (rw[r] / 2 * cp + co) * 2;
+            for (ptrdiff_t k = 0; k < rn[r] / 2; k++, w += 2 * cp) {
+                a += (int32_t)xp[2 * k] * w[0] + (int32_t)xp[2 * k + 1] * w[1];
+                b += (int32_t)xq[2 * k] * w[0] + (int32_t)xq[2 * k + 1] * w[1];
+            }
+        }
+        y1[co] = a;
+        if (y2)
+            y2[co] = b;
+    }
+}
+
+/* Which of the above this CPU runs: chosen once (cpuid), like an ifunc. */
+typedef void (*esp_bcast_fn)(const int16_t *, ptrdiff_t, const int16_t *, ptrdiff_t, ptrdiff_t,
+                             const ptrdiff_t *, const ptrdiff_t *, const ptrdiff_t *, ptrdiff_t,
+                             int32_t *, int32_t *);
+
+static esp_bcast_fn esp_bcast_pick(void)
+{
+#ifdef ESP_BC_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2"))
+        return esp_bcast_avx2;
+    return esp_bcast_sse2;
+#else
+    return esp_bcast_c;
+#endif
 }
 
 #endif

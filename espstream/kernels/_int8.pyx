@@ -6,18 +6,22 @@ window geometry, dtypes, C-contiguity); call those public wrappers, not these. A
 `[H, W, C]` (1-D uses H = 1). Inner loops run on raw pointers without the GIL.
 
 Conv: data and weights are widened to int16 once per call, so the inner dot products are
-int16 x int16 -> int32 products (what SSE2's pmaddwd does; the build targets baseline x86-64)
-accumulated in int32 for int8 data (the caller guarantees no overflow) and in int64 for int16
-data. Weights are `[C_out, kH * kW * C_in/g]`. Taps adjacent in both the input and the weights
-(the whole kernel row when groups == 1 and the horizontal dilation is 1) merge into one
-contiguous run; two neighbouring output pixels with the same taps share each weight load and
-four output channels share each input load (8 dot products per pass, no im2col). Depthwise
-convs (groups == C_in == C_out) take weights as `[kH * kW, C]` and loop over channels.
-Requantization folds the half-up rounding constant into the bias when every shift is > 0.
+int16 x int16 -> int32 products (pmaddwd) accumulated in int32 for int8 data (the caller
+guarantees no overflow) and in int64 for int16 data. Weights are `[C_out, kH * kW * C_in/g]`.
+Taps adjacent in both the input and the weights (the whole kernel row when groups == 1 and the
+horizontal dilation is 1) merge into one contiguous run; two neighbouring output pixels with the
+same taps share each weight load (no im2col). The int32 (int8 data) loops live in `_hot.h`,
+built for AVX2 and baseline x86-64 and picked at load time (plain C elsewhere): with groups == 1
+and an even C_in the weights are packed in input-channel pairs and every output channel of a
+pixel pair is summed at once in vector lanes (`_bcast`); otherwise four output channels share
+each input load (8 dot products per pass). Depthwise convs (groups == C_in == C_out) take
+weights as `[kH * kW, C]` and loop over channels. Requantization folds the half-up rounding
+constant into the bias when every shift is > 0.
 """
 
 from libc.stddef cimport ptrdiff_t
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t
+from libc.stdlib cimport free, malloc
 
 
 cdef extern from "_hot.h" nogil:
@@ -32,6 +36,17 @@ cdef extern from "_hot.h" nogil:
                      int32_t hi, int8_t* y, ptrdiff_t n)
     void esp_dw_pixel(const int16_t* X, const int16_t* w, const ptrdiff_t* xo,
                       const ptrdiff_t* wo, ptrdiff_t nt, ptrdiff_t C, int32_t* acc)
+    # All output channels of one or two pixels (groups == 1, even C_in), packed weights.
+    enum: ESP_BC_BLOCK
+    ctypedef void (*esp_bcast_fn)(const int16_t* X, ptrdiff_t step, const int16_t* wp,
+                                  ptrdiff_t cout, ptrdiff_t cp, const ptrdiff_t* rx,
+                                  const ptrdiff_t* rw, const ptrdiff_t* rn, ptrdiff_t nr,
+                                  int32_t* y1, int32_t* y2)
+    void esp_pack_pairs(const int16_t* w, ptrdiff_t cout, ptrdiff_t K, ptrdiff_t cp,
+                        int16_t* wp)
+    esp_bcast_fn esp_bcast_pick()
+
+cdef esp_bcast_fn _bcast = esp_bcast_pick()  # AVX2, SSE2 or plain C, once per process
 
 ctypedef fused data_t:
     int8_t
@@ -175,10 +190,13 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
                         Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t OH, Py_ssize_t OW,
                         const int64_t* add, const int64_t* shift, int kind, int mode,
                         int64_t lo, int64_t hi, Py_ssize_t* runs, acc_t* accbuf,
-                        const int32_t* add32, data_t* Y) noexcept nogil:
+                        const int32_t* add32, const int16_t* wpk, Py_ssize_t cp,
+                        data_t* Y) noexcept nogil:
     """Two neighbouring output pixels with the same taps (the interior) share each weight load,
     four output channels share each input load: 8 dot products per pass. With `add32` the sums
-    of a pixel pair go to `accbuf` (2 * C_out) and are requantized by a vectorised loop."""
+    of a pixel pair go to `accbuf` (2 * C_out) and are requantized by a vectorised loop.
+    With `wpk` (int32 sums, groups == 1, even C_in; weights packed by esp_pack_pairs with `cp`
+    channels) the sums of every channel come from `_bcast` instead."""
     cdef Py_ssize_t cig = C // G, cog = cout // G, K = KH * KW * cig, T = KH * KW
     cdef Py_ssize_t oh, ow, g, co, co_end, r, i, n, nr, nr2, nr_loop, npix, step = sw * C
     cdef Py_ssize_t* rx = runs
@@ -213,6 +231,23 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
                     npix = 2
             yp = Y + (oh * OW + ow) * cout
             yq = yp + cout
+            if acc_t is int32_t:
+                if wpk != NULL:
+                    _bcast(X, step if npix == 2 else 0, wpk, cout, cp, <const ptrdiff_t*>rx,
+                           <const ptrdiff_t*>rw, <const ptrdiff_t*>rn, nr, qa,
+                           qb if npix == 2 else NULL)
+                    if add32 != NULL:
+                        _rq32_row(qa, add32, s32, lo32, hi32, yp, cout)
+                        if npix == 2:
+                            _rq32_row(qb, add32, s32, lo32, hi32, yq, cout)
+                    else:
+                        for co in range(cout):
+                            yp[co] = <data_t>rq(qa[co] + add[co], shift[co], kind, mode, lo, hi)
+                            if npix == 2:
+                                yq[co] = <data_t>rq(qb[co] + add[co], shift[co], kind, mode,
+                                                    lo, hi)
+                    ow += npix
+                    continue
             for g in range(G):
                 co = g * cog
                 co_end = co + cog
@@ -420,6 +455,16 @@ def conv(const int16_t[:, :, ::1] x, const int16_t[:, ::1] w, const int64_t[::1]
                 add32[c] = <int32_t>add[c]
     else:
         add32 = NULL
+    # int8 data, groups == 1, even C_in: the broadcast form over packed weights (see _hot.h).
+    cdef int16_t* wpk = NULL
+    cdef Py_ssize_t K = w.shape[1], cp = 0
+    if data_t is int8_t and acc_t is int32_t:
+        if not depthwise and groups == 1 and C % 2 == 0:
+            cp = (cout + ESP_BC_BLOCK - 1) // ESP_BC_BLOCK * ESP_BC_BLOCK
+            wpk = <int16_t*>malloc(K * cp * sizeof(int16_t))
+            if wpk == NULL:
+                raise MemoryError()
+            esp_pack_pairs(&w[0, 0], cout, K, cp, wpk)
     with nogil:
         if depthwise:
             _conv_depthwise(&x[0, 0, 0], H, W, C, &w[0, 0], KH, KW, sh, sw, dh, dw, pt, pl,
@@ -428,7 +473,8 @@ def conv(const int16_t[:, :, ::1] x, const int16_t[:, ::1] w, const int64_t[::1]
         else:
             _conv_general(&x[0, 0, 0], H, W, C, &w[0, 0], cout, KH, KW, groups, sh, sw, dh, dw,
                           pt, pl, OH, OW, add, shf, kind, mode, lo, hi,
-                          &runs[0], &acc[0], add32, &y[0, 0, 0])
+                          &runs[0], &acc[0], add32, wpk, cp, &y[0, 0, 0])
+    free(wpk)
 
 
 def avgpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, float[::1] acc,
