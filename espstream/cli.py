@@ -155,6 +155,9 @@ def optimize(
               help="Percentile of |x| for --method percentile.")
 @click.option("--per-channel/--per-tensor", "per_channel", default=None,
               help="Weight exponents [default: per channel on esp32p4, per tensor otherwise].")
+@click.option("--weight-method", type=click.Choice(["mse", "minmax"]), default="mse",
+              show_default=True,
+              help="Weight exponent choice: least squared error, or covering max |w|.")
 @click.option("--samples", type=int, metavar="N", help="Use only the first N samples.")
 @click.option("--batch", type=int, default=64, show_default=True, help="Samples per run.")
 @click.option("--report-samples", type=int, default=32, show_default=True,
@@ -179,6 +182,7 @@ def calibrate(
     method: str | None,
     percentile: float,
     per_channel: bool | None,
+    weight_method: str,
     samples: int | None,
     batch: int,
     report_samples: int,
@@ -226,7 +230,7 @@ def calibrate(
         calib = random_data(inputs, n_random, seed)
     result = calibrate_model(
         model, calib, target=target, bits=int(bits), method=method or DEFAULT_METHOD,
-        percentile=percentile, per_channel=per_channel, batch=batch,
+        percentile=percentile, per_channel=per_channel, weight_method=weight_method, batch=batch,
         report_samples=max(report_samples, 0), stream=stream,
     )
     print_summary(result)

@@ -203,7 +203,8 @@ def test_esp32s3_per_tensor_half_up_and_20_bit_bias():
     data = CalibrationData(model_inputs(m))
     from espstream.quant.data import _Array
     data._add("t", {"x": _Array("t", model_inputs(m)[0], x)})
-    r = calibrate_model(m, data, target="esp32s3", method="minmax", report_samples=0)
+    r = calibrate_model(m, data, target="esp32s3", method="minmax", weight_method="minmax",
+                        report_samples=0)
     q = r.model
     meta = {p.key: p.value for p in q.metadata_props}
     assert meta["espstream.rounding"] == "half_up" and meta["espstream.per_channel"] == "false"
@@ -365,3 +366,26 @@ def test_explicit_pad_before_a_pool_is_calibrated_as_written():
     (ref,) = run(m, {"x": x})
     (got,) = run(r.model, {"x": x})
     assert got.shape == ref.shape and np.abs(got - ref).max() < 0.1
+
+
+def test_weight_exponents_default_to_least_squared_error():
+    """One outlier among small weights: covering it (minmax) costs every other weight
+    precision; the default (mse) clips it and keeps a finer step."""
+    w = np.full((1, 64, 1), 0.01, np.float32)
+    w[0, :32, 0] = -0.013
+    w[0, 0, 0] = 1.0  # minmax: 127 * 2^-7 = 0.99 < 1.0 <= 127 * 2^-6: e_w = -6
+    m = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+                   {"x": [1, 64, 4]}, {"y": [1, 1, 4]}, {"w": w})
+    default = calibrate_model(m, _data(m), target="c", report_samples=0)
+    minmax = calibrate_model(m, _data(m), target="c", weight_method="minmax", report_samples=0)
+    meta = {p.key: p.value for p in default.model.metadata_props}
+    assert meta["espstream.weight_method"] == "mse"
+    assert minmax.weight_exponents["conv"] == [-6]
+    (e,) = default.weight_exponents["conv"]
+    assert e < -6
+
+    def sq_err(exp: int) -> float:
+        q = np.clip(np.rint(w / 2.0**exp), -128, 127) * 2.0**exp
+        return float(((q - w) ** 2).sum())
+
+    assert sq_err(e) < sq_err(-6)

@@ -54,8 +54,9 @@ def load_pb(path: Path) -> np.ndarray:
 #   ("ok",) - optimize, calibrate, export and verify all pass;
 #   (stage, fragments) - `stage` refuses with exit 2 and one line holding every fragment.
 # Unsupported operator types are listed in full (the optimized models hold exactly these types
-# outside calibrate's supported list): LRN (AlexNet, ZFNet, GoogLeNet), BatchNormalization that follows a Concat (DenseNet's
-# pre-activation blocks: no convolution before it to fold into). SqueezeNet's opset-9 Softmax
+# outside calibrate's supported list): LRN (AlexNet, ZFNet, GoogLeNet), BatchNormalization
+# that follows a Concat (DenseNet's pre-activation blocks: no convolution before it to fold
+# into). SqueezeNet's opset-9 Softmax
 # over [1, 1000, 1, 1] is upgraded to Flatten -> Softmax -> Reshape: a Softmax whose output
 # feeds another operator, which ESP-DL cannot run (it computes Softmax last, in float).
 # ResNet's and ShuffleNet's residual Sums become Adds in optimize (sum_to_add); ShuffleNet's

@@ -26,7 +26,8 @@ integer simulator read it by this contract:
    channel (scale and zero point 1-D, `axis` = the output-channel axis: 0 for Conv, 1 for
    ConvTranspose, 0 / 1 for Gemm with transB 1 / 0, the last for MatMul) by default on esp32p4,
    per tensor (scalars, no `axis`) on esp32s3 and c; `--per-channel / --per-tensor` override.
-   Weight exponents cover max |w| (per channel) unless `weight_method="mse"`. Offline constants
+   Weight exponents minimise the squared rounding-and-clipping error of the weights (per
+   channel; `weight_method="mse"`, the default) or cover max |w| (`"minmax"`). Offline constants
    round half to even. Gemm's alpha and beta are folded into W and C (both then 1).
 5. Bias: an int32 initializer `B_quantized` behind `DequantizeLinear` (1-D scale with axis 0
    when the weights are per channel). 8-bit: the value is round(b / 2^(e_in + e_w)), saturated
@@ -95,7 +96,7 @@ class CalibrateOptions:
     per_channel: bool | None = None  # None: the target's default
     batch: int = 64
     bins: int = 4096
-    weight_method: str = "minmax"
+    weight_method: str = "mse"
     report_samples: int = 32  # 0: no report
 
     def validate(self) -> scheme.Target:
