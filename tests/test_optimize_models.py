@@ -132,3 +132,18 @@ def test_a_wrong_pass_is_caught_by_the_check(monkeypatch):
     assert result.check is not None and not result.check.passed
     with pytest.raises(CheckFailed, match="differs from the input"):
         result.raise_if_check_failed()
+
+
+def test_check_counts_nan_in_the_same_places_as_equal_and_elsewhere_as_a_difference():
+    from onnx import helper
+    from onnx_builders import make_model
+
+    from espstream.optimize.check import compare
+
+    def model(op: str) -> onnx.ModelProto:  # Log of a normal input: NaN for negative inputs
+        return make_model([helper.make_node(op, ["x"], ["y"])], {"x": [1, 64]}, {"y": [1, 64]})
+
+    same = compare(model("Log"), model("Log"))
+    assert same.passed and same.max_abs == 0.0
+    other = compare(model("Log"), model("Abs"))
+    assert not other.passed

@@ -110,10 +110,13 @@ def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 
         b = np.asarray(cand_out[name], dtype=np.float64)
         if a.shape != b.shape:
             raise RuntimeError(f"output {name!r} changed shape: {a.shape} -> {b.shape}")
-        diff = np.abs(a - b)
-        max_abs = float(diff.max()) if diff.size else 0.0
-        max_rel = float((diff / np.maximum(np.abs(a), 1e-12)).max()) if diff.size else 0.0
-        ok = bool(np.all(diff <= ATOL + RTOL * np.abs(a)))
+        # NaN or inf in the same places in both count as equal (np.isclose's rules)
+        ok = bool(np.all(np.isclose(b, a, rtol=RTOL, atol=ATOL, equal_nan=True)))
+        with np.errstate(invalid="ignore"):
+            diff = np.where(np.isclose(b, a, rtol=0, atol=0, equal_nan=True), 0.0, np.abs(a - b))
+        max_abs = float(np.nanmax(diff, initial=0.0)) if diff.size else 0.0
+        max_rel = float(np.nanmax(diff / np.maximum(np.abs(a), 1e-12), initial=0.0)) \
+            if diff.size else 0.0
         result.per_output[name] = {"max_abs": max_abs, "max_rel": max_rel, "passed": ok}
         result.max_abs = max(result.max_abs, max_abs)
         result.max_rel = max(result.max_rel, max_rel)
