@@ -266,16 +266,11 @@ def read_meta(model: onnx.ModelProto, label: str = "streaming model") -> StreamM
         raise UserError(f"{label}: malformed espstream metadata ({e})") from None
 
 
-def _input_specs(model: onnx.ModelProto):
-    inits = {i.name for i in model.graph.initializer}
-    out = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        t = vi.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-        out.append((vi.name, dims, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)))
-    return out
+def _input_specs(model: onnx.ModelProto) -> list[tuple[str, list[int | None], np.dtype]]:
+    """(name, dims with None where unknown, dtype) of each graph input (calibrate's listing)."""
+    from espstream.quant.data import model_inputs
+
+    return [(s.name, list(s.shape), s.dtype) for s in model_inputs(model)]
 
 
 # ---- results ----------------------------------------------------------------------------------

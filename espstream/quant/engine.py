@@ -224,6 +224,19 @@ def _same_shapes(samples: list[dict[str, np.ndarray]]) -> bool:
     )
 
 
+def feed(observers: dict[str, HistogramObserver], names: list[str], values: list[np.ndarray],
+         where: str) -> None:
+    """Add one run's values of `names` to their observers; NaN or Inf is the user's error."""
+    for name, v in zip(names, values, strict=True):
+        try:
+            observers[name].update(v)
+        except NonFiniteError:
+            raise UserError(
+                f"tensor {name!r}: the float model produces NaN or Inf on {where}; "
+                "check the model and the data"
+            ) from None
+
+
 def observe(
     model: onnx.ModelProto,
     names: list[str],
@@ -237,14 +250,7 @@ def observe(
     progress = Progress("calibrate", len(data))
     try:
         for count, values in runner.run(data):
-            for name, v in zip(names, values, strict=True):
-                try:
-                    observers[name].update(v)
-                except NonFiniteError:
-                    raise UserError(
-                        f"tensor {name!r}: the float model produces NaN or Inf on the "
-                        "calibration data; check the model and the data"
-                    ) from None
+            feed(observers, names, values, "the calibration data")
             progress.advance(count)
     finally:
         progress.close()

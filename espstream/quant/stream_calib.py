@@ -48,7 +48,7 @@ import onnx
 from espstream import log
 from espstream.errors import UserError
 from espstream.quant.data import CalibrationData, InputSpec, model_inputs, random_data
-from espstream.quant.observers import HistogramObserver, NonFiniteError
+from espstream.quant.observers import HistogramObserver
 
 STREAM_DOMAIN = "espstream"
 META_CHUNK = "espstream.chunk"
@@ -478,21 +478,14 @@ def observe_stream(model: onnx.ModelProto, names: list[str], data: CalibrationDa
                    spec: StreamSpec, batch: int = 64, bins: int = 4096
                    ) -> tuple[dict[str, HistogramObserver], bool, int]:
     """Observers of `names` over every chunk of every sequence; (observers, batched, chunks)."""
-    from espstream.quant.engine import Progress
+    from espstream.quant.engine import Progress, feed
 
     observers = {n: HistogramObserver(bins) for n in names}
     runner = StreamRunner(model, names, spec, batch)
     progress = Progress("calibrate (chunks)", 0)
     try:
         for _count, values in runner.run(data):
-            for name, v in zip(names, values, strict=True):
-                try:
-                    observers[name].update(v)
-                except NonFiniteError:
-                    raise UserError(
-                        f"tensor {name!r}: the float model produces NaN or Inf on a chunk of the "
-                        "calibration data; check the model and the data"
-                    ) from None
+            feed(observers, names, values, "a chunk of the calibration data")
     finally:
         progress.close()
     if runner.dropped:
