@@ -29,6 +29,14 @@ is kept beside it), and a ratio is the ratio of medians.
 Before timing, the streaming outputs for the last chunk of a long signal are checked against the
 window's outputs on the same trailing frames (rtol 1e-4, atol 1e-5).
 
+Ceiling: the offline model is also timed at chunk, 2 chunks, T/4, T/2 and T input frames (the
+lengths it accepts). At `chunk` frames it runs the model's operators on the new frames alone with
+no state at all, which no streaming model can undercut; t(window) / t(chunk alone) is therefore
+the most any streaming conversion can reach in onnxruntime, and is reported as the ceiling. A
+straight line t(n) = a + b * n through the timed lengths gives the fixed cost a of a call and the
+cost b of a frame: with a > 0, (a + b W) / (a + b chunk) < W / chunk for every W > chunk, so the
+wall-time goal below is out of reach of any implementation and approached only as b W >> a.
+
 Goal (issue 7): streaming at least (W / chunk) times cheaper per new frame than the window, i.e.
 the measured ratio t(window) / t(chunk call) >= W / chunk. MACs per call come from streamify's
 report (`per_chunk`) and from `count_macs` on the window model; their ratio is the arithmetic
@@ -314,12 +322,32 @@ def measure(name: str, path: Path | None, chunk: int, seconds: float) -> dict:
     floor_x = np.zeros(chunk_shape, np.float32)
     calls = {"streaming": streamer.step, **{k: w.step for k, w in contenders.items()},
              "ort_floor": lambda: floor_sess.run(None, {"x": floor_x})}
+    # The offline model at several input lengths: its cost t(n) = a + b*n, and, at n = chunk,
+    # what the model's operators cost on the new frames alone, with no state at all.
+    lengths, notes = length_models(float_model, offline, x_name, axis, T, chunk, out_axes)
+    for n, model in lengths.items():
+        calls[f"frames_{n}"] = fixed_call(model, x_name)
+    if notes:
+        row["length_notes"] = notes
     t = interleaved(calls, seconds)
     t_stream = t["streaming"]["median"]
     row["ort_floor_us_per_call"] = round(1e6 * t["ort_floor"]["median"], 2)
     row["streaming"] = {"us_per_call": _us(t["streaming"]), "calls": t["streaming"]["calls"],
                         "us_per_new_frame": round(1e6 * t_stream / chunk, 2),
                         "macs_per_call": macs_chunk, "macs_per_new_frame": macs_chunk / chunk}
+    row["macs"]["streaming_per_frame_over_offline_per_frame"] = round(
+        (macs_chunk / chunk) / (int(st.macs["offline_total"]) / T), 4)
+    t_alone = t[f"frames_{chunk}"]["median"] if chunk in lengths else None
+    if lengths:
+        ns = sorted(lengths)
+        a, b = np.polyfit(ns, [t[f"frames_{n}"]["median"] for n in ns], 1)[::-1]
+        row["offline_cost_fit"] = {
+            "frames": ns, "us_per_call": [_us(t[f"frames_{n}"]) for n in ns],
+            "fixed_us": round(1e6 * a, 2), "us_per_frame": round(1e6 * b, 3),
+            "frames_where_compute_equals_fixed": round(a / b, 1) if b > 0 else None}
+    if t_alone is not None:
+        row["chunk_alone"] = {"frames": chunk, "us_per_call": _us(t[f"frames_{chunk}"]),
+                              "streaming_over_chunk_alone": round(t_stream / t_alone, 2)}
     row["windows"] = {}
     for kind, (length, _model, macs) in windows.items():
         t_win = t[kind]["median"]
@@ -334,7 +362,38 @@ def measure(name: str, path: Path | None, chunk: int, seconds: float) -> dict:
             "macs_ratio": round(macs / macs_chunk, 2),
             "goal_ratio": round(goal, 2), "goal_met": ratio >= goal,
         }
+        if t_alone is not None:
+            ceiling = t_win / t_alone
+            row["windows"][kind]["ceiling_ratio"] = round(ceiling, 2)
+            row["windows"][kind]["goal_reachable"] = ceiling >= goal
     return row
+
+
+def fixed_call(model: onnx.ModelProto, x_name: str) -> Callable[[], object]:
+    """One onnxruntime call of `model` on a fixed random input (timing only)."""
+    sess = session(model)
+    x = next(i for i in sess.get_inputs() if i.name == x_name)
+    feed = {x_name: np.random.default_rng(5).standard_normal(x.shape).astype(np.float32)}
+    return lambda: sess.run(None, feed)
+
+
+def length_models(float_model: onnx.ModelProto, offline: onnx.ModelProto, x_name: str,
+                  axis: int, T: int, chunk: int, out_axes: dict[str, int],
+                  ) -> tuple[dict[int, onnx.ModelProto], list[str]]:
+    """The optimized offline model at chunk, 2 chunks, T/4, T/2 and T input frames (those it
+    accepts), for the cost fit; the lengths it refuses are named in the notes."""
+    models: dict[int, onnx.ModelProto] = {T: offline}
+    notes = []
+    for n in sorted({chunk, 2 * chunk, T // 4, T // 2} - {T}):
+        if n < chunk:
+            continue
+        try:
+            models[n] = with_time_length(float_model, x_name, axis, n, out_axes)
+            fixed_call(models[n], x_name)()
+        except Exception as e:  # a model may hard-code its length
+            models.pop(n, None)
+            notes.append(f"{n} frames: not accepted ({str(e).splitlines()[0][:120]})")
+    return models, notes
 
 
 def _us(t: dict) -> dict:
@@ -355,25 +414,40 @@ def main() -> int:
         rows.append(measure(name, path, chunk, args.seconds))
 
     print(f"{'model':<22}{'chunk':>6}{'R':>4}{'window':>16}{'us/frame stream':>17}"
-          f"{'us/frame window':>17}{'time x':>8}{'goal x':>8}{'MACs x':>8}")
+          f"{'us/frame window':>17}{'time x':>8}{'ceiling x':>10}{'goal x':>8}{'MACs x':>8}")
     headline: dict = {}
     for r in rows:
         for kind, w in r["windows"].items():
+            ceiling = w.get("ceiling_ratio")
             print(f"{r['model']:<22}{r['chunk']:>6}{r['receptive_field']:>4}"
                   f"{kind + ' ' + str(w['frames']):>16}{r['streaming']['us_per_new_frame']:>17.1f}"
                   f"{w['us_per_new_frame']:>17.1f}{w['time_ratio']:>7.1f}x"
+                  f"{ceiling if ceiling is not None else float('nan'):>9.1f}x"
                   f"{w['goal_ratio']:>7.1f}x{w['macs_ratio']:>7.1f}x")
             headline[f"{r['model']}.{kind}{w['frames']}"] = (
-                f"window / streaming per new frame: time {w['time_ratio']}x, "
-                f"MACs {w['macs_ratio']}x (goal {w['goal_ratio']}x)")
-        if "receptive_window" in r:
-            print(f"{'':<22}receptive window: {r['receptive_window']}")
+                f"window / streaming per new frame: time {w['time_ratio']}x "
+                f"(ceiling {ceiling}x), MACs {w['macs_ratio']}x (goal {w['goal_ratio']}x)")
+        for note in [r.get("receptive_window"), *r.get("length_notes", [])]:
+            if note:
+                print(f"{'':<22}{note}")
+        fit = r.get("offline_cost_fit")
+        if fit:
+            print(f"{'':<22}offline model t(n) = {fit['fixed_us']} us + {fit['us_per_frame']} us "
+                  f"x frames (compute equals the fixed cost at "
+                  f"{fit['frames_where_compute_equals_fixed']} frames)")
     judged = [w for r in rows if not r["model"].startswith("synthetic/")
               for w in r["windows"].values()]
     headline["onnxruntime_floor_us_per_call"] = rows[0]["ort_floor_us_per_call"]
     headline["goal_met_all"] = all(w["goal_met"] for w in judged)
     headline["goal_met"] = (f"{sum(w['goal_met'] for w in judged)} of {len(judged)} windows "
                             "(synthetic row not judged)")
+    reachable = [w for w in judged if "goal_reachable" in w]
+    headline["goal_reachable"] = (
+        f"{sum(w['goal_reachable'] for w in reachable)} of {len(reachable)} windows: the "
+        "ceiling, window time / the offline model's time on one chunk alone (no state), "
+        "bounds what any streaming model can reach in onnxruntime")
+    headline["streaming_macs_per_frame_over_offline"] = {
+        r["model"]: r["macs"]["streaming_per_frame_over_offline_per_frame"] for r in rows}
     result = {
         "benchmark": "streaming_cost",
         "engine": f"onnxruntime {ort.__version__}, 1 thread, CPUExecutionProvider",
