@@ -140,7 +140,33 @@ def parse_model(
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
         raise UserError(f"{label}: fails onnx.checker: {first}") from None
+    empty = _empty_list_attribute(model)
+    if empty:
+        raise UserError(f"{label}: {empty} is declared as a list but holds no values; "
+                        "give its values or remove the attribute")
     return model
+
+
+_LIST_FIELDS = {onnx.AttributeProto.INTS: "ints", onnx.AttributeProto.FLOATS: "floats",
+                onnx.AttributeProto.STRINGS: "strings", onnx.AttributeProto.TENSORS: "tensors",
+                onnx.AttributeProto.GRAPHS: "graphs"}
+
+
+def _empty_list_attribute(model: onnx.ModelProto) -> str | None:
+    """The first node attribute typed as a list with no elements, described, or None.
+
+    onnx.checker lets these through, but an empty list loses its type in onnx-graphsurgeon, which
+    then cannot write the graph back (found by fuzzing: a Conv whose `kernel_shape` is `[]`).
+    """
+    bodies = [("", model.graph.node), *((f" in function {f.name!r}", f.node)
+                                        for f in model.functions)]
+    for where, nodes in bodies:
+        for node in nodes:
+            for a in node.attribute:
+                field = _LIST_FIELDS.get(a.type)
+                if field and len(getattr(a, field)) == 0:
+                    return f"attribute {a.name!r} of node {node.name!r} ({node.op_type}){where}"
+    return None
 
 
 def _is_repeated(fd) -> bool:

@@ -102,6 +102,24 @@ def _external_data_model(tmp_path: Path) -> Path:
     return path
 
 
+def _function_with_empty_list_attribute() -> bytes:
+    """A model-local function whose Transpose has `perm` typed INTS but empty."""
+    perm = onnx.AttributeProto(name="perm", type=onnx.AttributeProto.INTS)
+    body = helper.make_node("Transpose", ["a"], ["b"], name="inner")
+    body.attribute.append(perm)
+    fn = helper.make_function("local", "F", ["a"], ["b"], [body],
+                              [helper.make_opsetid("", 13)])
+    graph = helper.make_graph(
+        [helper.make_node("F", ["x"], ["y"], domain="local")], "g",
+        [helper.make_tensor_value_info("x", 1, [1, 4])],
+        [helper.make_tensor_value_info("y", 1, [4, 1])],
+    )
+    model = helper.make_model(graph, functions=[fn], opset_imports=[
+        helper.make_opsetid("", 13), helper.make_opsetid("local", 1)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
 BAD = {
     "not_onnx": (lambda d: d.joinpath("x.onnx").write_bytes(b"hello, not a model\n" * 8),
                  "not an ONNX model"),
@@ -115,6 +133,9 @@ BAD = {
     "empty_graph": (lambda d: d.joinpath("x.onnx").write_bytes(_model_bytes(nodes=[])),
                     "graph is empty"),
     "missing_file": (lambda d: None, "no such file"),
+    "empty_list_attribute": (
+        lambda d: d.joinpath("x.onnx").write_bytes(_function_with_empty_list_attribute()),
+        "attribute 'perm' of node 'inner' (Transpose) in function 'F' is declared as a list"),
 }
 
 

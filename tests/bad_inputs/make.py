@@ -202,6 +202,8 @@ CASES = [
          "the graph has no outputs"),
     case("optimize_fails_in_onnxruntime", "optimize {in}/qdq_bad_axis.onnx -o {out}/o",
          "the input model fails in onnxruntime"),
+    case("optimize_empty_list_attribute", "optimize {in}/onnx_empty_kernel_shape.onnx -o {out}/o",
+         "attribute 'kernel_shape' of node 'conv2' (Conv) is declared as a list but holds no"),
     # calibrate: data of the wrong shape, type or values; models it cannot take
     case("calibrate_nan", "calibrate {in}/tiny.onnx -d {in}/data_nan.npy -o {out}/o",
          "sample 1: contains NaN"),
@@ -382,6 +384,7 @@ def bad_files(valid: dict[str, bytes]) -> dict[str, bytes]:
         "onnx_tensor_size.onnx": _resized_weight(onnx_b),
         "onnx_no_outputs.onnx": _no_outputs(onnx_b),
         "qdq_bad_axis.onnx": _bad_axis(qdq_b),
+        "onnx_empty_kernel_shape.onnx": _empty_kernel_shape(onnx_b),
         # .espdl files
         "espdl_bias_no_exponent.espdl": _bias_without_exponent(espdl_b),
         "espdl_truncated.espdl": espdl_b[: len(espdl_b) // 2],
@@ -436,6 +439,15 @@ def _bad_axis(qdq_b: bytes) -> bytes:
     m = onnx.load_from_string(qdq_b)
     dq = next(n for n in m.graph.node if n.name == "conv1_w_DequantizeLinear")
     next(a for a in dq.attribute if a.name == "axis").i = 5
+    return m.SerializeToString()
+
+
+def _empty_kernel_shape(onnx_b: bytes) -> bytes:
+    """conv2's `kernel_shape` typed INTS but empty: passes onnx.checker (found by fuzzing)."""
+    m = onnx.load_from_string(onnx_b)
+    ks = next(a for a in m.graph.node[2].attribute if a.name == "kernel_shape")
+    assert m.graph.node[2].name == "conv2"
+    del ks.ints[:]
     return m.SerializeToString()
 
 
