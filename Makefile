@@ -38,7 +38,10 @@ pipeline: install
 test: install
 	$(PY) -m pytest -q
 
+# The slow cases too, with atheris for the coverage-guided fuzz harness (a wheel from PyPI; not
+# needed by the default run, so not in the `test` extra).
 test-all: install
+	$(PY) -m pip install -q 'atheris>=2.3'
 	$(PY) -m pytest -q -m ''
 
 lint: install
