@@ -233,6 +233,8 @@ CASES = [
          "--random 0: give a positive number"),
     case("calibrate_quantized_model", "calibrate {in}/tiny.qdq.onnx --random 2 -o {out}/o",
          "already quantized"),
+    case("calibrate_nan_weight", "calibrate {in}/onnx_nan_weight.onnx -q --random 2 -o {out}/o",
+         "tensor 'r': the float model produces NaN or Inf on the calibration data"),
     case("calibrate_unsupported_op", "calibrate {in}/erf.onnx -q --random 2 -o {out}/o",
          "operator Erf is not supported by calibrate"),
     case("calibrate_bits_12", "calibrate {in}/tiny.onnx --random 2 --bits 12 -o {out}/o",
@@ -385,6 +387,7 @@ def bad_files(valid: dict[str, bytes]) -> dict[str, bytes]:
         "onnx_no_outputs.onnx": _no_outputs(onnx_b),
         "qdq_bad_axis.onnx": _bad_axis(qdq_b),
         "onnx_empty_kernel_shape.onnx": _empty_kernel_shape(onnx_b),
+        "onnx_nan_weight.onnx": _nan_weight(onnx_b),
         # .espdl files
         "espdl_bias_no_exponent.espdl": _bias_without_exponent(espdl_b),
         "espdl_truncated.espdl": espdl_b[: len(espdl_b) // 2],
@@ -439,6 +442,17 @@ def _bad_axis(qdq_b: bytes) -> bytes:
     m = onnx.load_from_string(qdq_b)
     dq = next(n for n in m.graph.node if n.name == "conv1_w_DequantizeLinear")
     next(a for a in dq.attribute if a.name == "axis").i = 5
+    return m.SerializeToString()
+
+
+def _nan_weight(onnx_b: bytes) -> bytes:
+    """One NaN in conv1's weight: a valid model whose activations are NaN (found by fuzzing)."""
+    m = onnx.load_from_string(onnx_b)
+    w = m.graph.initializer[0]
+    assert w.name == "conv1_w"
+    a = onnx.numpy_helper.to_array(w).copy()
+    a.flat[0] = np.nan
+    w.CopyFrom(onnx.numpy_helper.from_array(a, w.name))
     return m.SerializeToString()
 
 
