@@ -534,6 +534,13 @@ class _Lowerer:
                                 "it): calibrate the model first")
             e, dtype = self.q_exp_dtype(qs[0])
             shape = self.shape(name)
+            if not all(isinstance(d, int) and d > 0 for d in shape):
+                # ESP-DL plans its memory for fixed shapes (ESP-PPQ, too, takes only fixed ones)
+                dims = ",".join(str(d) if isinstance(d, int) else "N" for d in shape)
+                raise UserError(
+                    f"graph input '{name}' has shape {[d if d else '?' for d in shape]}: ESP-DL "
+                    f"needs fixed input shapes: fix them before calibrating, e.g. "
+                    f"`espstream optimize --input-shape {name}:{dims}` with N set")
             a = _Act(name, e, shape, True, dtype)
             self.out.inputs.append(ValueInfo(name, dtype, a.runtime_shape(), [e]))
             self.value_info(a)

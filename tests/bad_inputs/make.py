@@ -272,6 +272,9 @@ CASES = [
          "cannot write in /proc", "/proc/espstream-test.espdl"),
     case("export_cpp_into_a_file", "export {in}/tiny.qdq.onnx --format cpp -o {in}/tiny.onnx",
          "not an existing folder", None),
+    case("export_symbolic_time",
+         "export {in}/qdq_symbolic_time.onnx --test-random -o {out}/o.espdl",
+         "graph input 'x' has shape [1, 4, 'T']: ESP-DL needs fixed input shapes", "{out}/o.espdl"),
     case("export_unsupported_op", "export {in}/qdq_erf.onnx -o {out}/o.espdl",
          "ESP-DL has no kernel for (or espstream cannot lower): Erf 'erf0'", "{out}/o.espdl"),
     case("export_test_data_nan_one",
@@ -388,6 +391,7 @@ def bad_files(valid: dict[str, bytes]) -> dict[str, bytes]:
         "qdq_bad_axis.onnx": _bad_axis(qdq_b),
         "onnx_empty_kernel_shape.onnx": _empty_kernel_shape(onnx_b),
         "onnx_nan_weight.onnx": _nan_weight(onnx_b),
+        "qdq_symbolic_time.onnx": _symbolic_time(qdq_b),
         # .espdl files
         "espdl_bias_no_exponent.espdl": _bias_without_exponent(espdl_b),
         "espdl_truncated.espdl": espdl_b[: len(espdl_b) // 2],
@@ -442,6 +446,15 @@ def _bad_axis(qdq_b: bytes) -> bytes:
     m = onnx.load_from_string(qdq_b)
     dq = next(n for n in m.graph.node if n.name == "conv1_w_DequantizeLinear")
     next(a for a in dq.attribute if a.name == "axis").i = 5
+    return m.SerializeToString()
+
+
+def _symbolic_time(qdq_b: bytes) -> bytes:
+    """The calibrated model with its time dimension made symbolic (found by fuzzing)."""
+    m = onnx.load_from_string(qdq_b)
+    d = m.graph.input[0].type.tensor_type.shape.dim[2]
+    d.Clear()
+    d.dim_param = "T"
     return m.SerializeToString()
 
 
