@@ -177,13 +177,11 @@ def cache_bytes(graph: IntGraph) -> int:
     """Bytes the runtime keeps across calls: (window - 1) frames per StreamingCache."""
     total = 0
     for n in graph.nodes:
-        if n.op_type != "StreamingCache":
-            continue
-        vi = graph.value_info(n.inputs[0])
-        shape = [int(d) for d in vi.shape]
-        fa = int(n.attrs["frame_axis"])
-        frame = int(np.prod(shape[fa + 1:], dtype=np.int64))
-        total += (int(n.attrs["window_size"]) - 1) * frame * np.dtype(vi.dtype).itemsize
+        if n.op_type == "StreamingCache":
+            b = graph.cache_bytes(n)
+            if b is None:  # lower gives every tensor a fixed shape
+                raise ValueError(f"StreamingCache '{n.name}': its input has no known shape")
+            total += b
     return total
 
 

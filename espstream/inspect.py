@@ -14,7 +14,6 @@ from espstream import log
 from espstream.espdl import read as read_espdl
 from espstream.espdl.reader import HEADER
 from espstream.graph import count_ops
-from espstream.intgraph import IntGraph
 from espstream.modelio import parse_model
 from espstream.report import table
 
@@ -91,19 +90,6 @@ def _maybe_json(text: str) -> Any:
 # -- .espdl -----------------------------------------------------------------------------------
 
 
-def _frame_bytes(graph: IntGraph, node) -> int | None:
-    """Bytes one StreamingCache keeps: (window - 1) frames of its input."""
-    try:
-        vi = graph.value_info(node.inputs[0])
-    except KeyError:
-        return None
-    if vi.shape is None or vi.dtype is None:
-        return None
-    axis = int(node.attrs.get("frame_axis", 1))
-    frame = int(np.prod([d for d in vi.shape[axis + 1:]], dtype=np.int64))
-    return (int(node.attrs.get("window_size", 1)) - 1) * frame * vi.dtype.itemsize
-
-
 def _tensor_row(t) -> dict[str, Any]:
     return {"name": t.name, "dtype": t.dtype.name, "dims": list(t.dims),
             "layout": t.layout, "exponents": list(t.exponents), "bytes": int(t.data.nbytes)}
@@ -118,7 +104,7 @@ def inspect_espdl(data: bytes) -> dict[str, Any]:
             caches.append({"node": n.name, "input": n.inputs[0],
                            "window_size": n.attrs.get("window_size"),
                            "frame_axis": n.attrs.get("frame_axis"),
-                           "bytes": _frame_bytes(graph, n)})
+                           "bytes": graph.cache_bytes(n)})
     ops: dict[str, int] = {}
     for n in graph.nodes:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1

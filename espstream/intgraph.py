@@ -360,6 +360,28 @@ class IntGraph:
         """Whether the model carries StreamingCache state."""
         return any(n.op_type == "StreamingCache" for n in self.nodes)
 
+    def cache_bytes(self, node: Node) -> int | None:
+        """Bytes a StreamingCache keeps between calls: (window - 1) frames of its input, which
+        is an activation or an initializer (streamify's start mask); None if its shape is not
+        known."""
+        name = node.inputs[0]
+        if name in self.initializers:
+            data = self.initializers[name].data
+            shape, itemsize = list(data.shape), data.dtype.itemsize
+        else:
+            try:
+                vi = self.value_info(name)
+            except KeyError:
+                return None
+            if vi.shape is None or vi.dtype is None:
+                return None
+            shape, itemsize = list(vi.shape), np.dtype(vi.dtype).itemsize
+        if not all(isinstance(d, int) for d in shape):
+            return None
+        axis = int(node.attrs.get("frame_axis", 1))
+        frame = int(np.prod(shape[axis + 1:], dtype=np.int64))
+        return (int(node.attrs.get("window_size", 1)) - 1) * frame * itemsize
+
     # ---- equality ------------------------------------------------------------------------
 
     def diff(self, other: IntGraph) -> list[str]:

@@ -74,6 +74,26 @@ def test_streaming_models_convert_and_verify(model, data, chunk, state, kind):
     assert j["outputs"][name]["delay"] == 0
 
 
+def test_lookahead_model_converts_with_its_delay(tmp_path):
+    """A lookahead conv (2 future frames) then a causal one, through the real command: the
+    streaming file comes out, delay 2, every check passed, the start mask's cache counted."""
+    from stream_graphs import G
+
+    g = G(channels=3, frames=24, seed=5)
+    y = g.conv(g.conv("x", 3, k=3, left=0, right=2), 3, k=3)
+    src, out, rep = tmp_path / "look.onnx", tmp_path / "look.espdl", tmp_path / "r.json"
+    onnx.save(g.model(y), src)
+    proc = espstream("convert", src, "--random", "4", "--chunk", "4", "-o", out, "--json", rep)
+    assert proc.returncode == 0, proc.stderr.decode()
+    j = json.loads(rep.read_text())
+    assert all(c["ok"] for c in j["checks"]) and len(j["checks"]) == len(STREAM_CHECKS)
+    assert [o["delay"] for o in j["outputs"].values()] == [2]
+    # caches: 2 frames of the input, 2 of the hidden tensor (3 ch each), and the start mask's
+    # (window 3 - 1) frames of one value; int8, one byte each
+    assert j["state_bytes"] == 2 * 3 + 2 * 3 + 2
+    assert read(out.read_bytes()).streaming
+
+
 @pytest.mark.parametrize("name", ["tutorial_tcn", "stream_tcn", "kws2d"])
 def test_offline_convert_has_no_streaming_checks(name):
     r = convert_model(_load(f"models/{name}.onnx"), MODELS / f"{name}.calib.npy")

@@ -179,6 +179,28 @@ def test_start_mask_is_a_cache_over_an_initializer(target):
     _int8_exact(q, s, 24)
 
 
+def test_lookahead_model_exports_with_its_mask_counted():
+    """export (report, inspect) on a streaming model whose start mask is a cache over an
+    initializer: every cache byte is counted, the mask's included (found by fuzzing: export
+    looked the mask up among the activations and failed)."""
+    from espstream.export import export_model
+    from espstream.inspect import inspect_bytes
+
+    g, y = _lookahead_graph()
+    m = g.model(y)
+    q = calibrate_model(m, random_data(model_inputs(m), 4), target="esp32p4",
+                        report_samples=0).model
+    st = streamify_model(q, 4, axes={"x": 2})
+    ex = export_model(st.model, test_random=True)
+    # streamify counts its states from the ONNX shapes, one byte per int8 value
+    assert ex.report["cache_bytes"] == st.state_bytes_int8 > 0
+    info = inspect_bytes(ex.data, "m.espdl")
+    caches = info["streaming_caches"]
+    mask = [c for c in caches if c["input"] in lower(st.model).initializers]
+    assert [c["bytes"] for c in mask] == [2]  # (window 3 - 1) frames of one int8 value
+    assert sum(c["bytes"] for c in caches) == info["cache_bytes"] == st.state_bytes_int8
+
+
 # ---- lower rule 5: what stays refused -------------------------------------------------------
 
 
