@@ -281,6 +281,21 @@ def test_frame_mixing_ops_are_refused_with_overrides_hint(op, attrs, match):
     assert "--overrides" in str(e.value) and f"({op})" in str(e.value)
 
 
+def test_conv_whose_kernel_does_not_fit_its_input_is_refused():
+    """A Conv with a scalar weight passes onnx.checker; streamify names it instead of failing
+    on an index (found by fuzzing)."""
+    g = G(channels=2)
+    m = g.model(g.conv(g.conv("x", k=3), k=3))
+    w = m.graph.initializer[[i.name for i in m.graph.initializer].index(m.graph.node[-1].input[1])]
+    w.CopyFrom(onnx.numpy_helper.from_array(np.ones((), np.float32), w.name))
+    attrs = m.graph.node[-1].attribute
+    del attrs[[a.name for a in attrs].index("kernel_shape")]  # so taken from the weight
+    onnx.checker.check_model(m)
+    with pytest.raises(UserError, match=r"\(Conv\): its kernel \(0-D\), dilations, strides or "
+                                        "pads do not fit its rank-3 input"):
+        streamify_model(m, 1)
+
+
 def test_gather_along_time_is_refused():
     g = G(channels=2)
     y = g.op("Gather", [g.conv("x", k=3), g.init("i", np.array([0, 5], np.int64))], axis=2)

@@ -198,10 +198,17 @@ def _conv_geometry(ctx: Ctx, node: gs.Node, x: gs.Tensor, axis: int):
         kshape = node.attrs.get("kernel_shape") or list(ctx.shapes[w.name][2:])
     else:
         kshape = node.attrs["kernel_shape"]
-    k = int(kshape[i])
-    dil = int((node.attrs.get("dilations") or [1] * nsp)[i])
-    st = int((node.attrs.get("strides") or [1] * nsp)[i])
+    dils = node.attrs.get("dilations") or [1] * nsp
+    strides = node.attrs.get("strides") or [1] * nsp
     pads = list(node.attrs.get("pads") or [0] * (2 * nsp))
+    if not (len(kshape) == len(dils) == len(strides) == nsp and len(pads) == 2 * nsp):
+        raise UserError(
+            f"node {node.name!r} ({node.op}): its kernel ({len(kshape)}-D), dilations, strides "
+            f"or pads do not fit its rank-{rank} input; the model is malformed (does it run in "
+            "onnxruntime?)")
+    k = int(kshape[i])
+    dil = int(dils[i])
+    st = int(strides[i])
     auto = node.attrs.get("auto_pad", "NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if auto in ("SAME_UPPER", "SAME_LOWER") and node.op != "ConvTranspose":
