@@ -186,7 +186,15 @@ def lower(model: onnx.ModelProto, target: str | None = None) -> IntGraph:
         from espstream.stream.manual import sliding_window_caches
 
         model = sliding_window_caches(model)
-    return _Lowerer(model, target).run()
+    try:
+        return _Lowerer(model, target).run()
+    except UserError:
+        raise
+    except Exception:
+        from espstream.optimize.check import raise_if_malformed
+
+        raise_if_malformed(model)
+        raise
 
 
 def recorded_target(model: onnx.ModelProto) -> str | None:

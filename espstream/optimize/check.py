@@ -46,6 +46,28 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
     )
 
 
+def onnxruntime_failure(model: onnx.ModelProto) -> str | None:
+    """Why `model` cannot run once in onnxruntime on zeros (open dims set to 1), or None."""
+    elem = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.input}
+    try:
+        sess = session(model)
+        feeds = {i.name: np.zeros([d if isinstance(d, int) and d > 0 else 1 for d in i.shape],
+                                  np_dtype(elem[i.name])) for i in sess.get_inputs()}
+        sess.run(None, feeds)
+    except Exception as e:  # onnxruntime raises its own exception types
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
+
+
+def raise_if_malformed(model: onnx.ModelProto) -> None:
+    """A `UserError` when `model` does not run in onnxruntime. For a stage's unexpected error:
+    a model onnx.checker passed may still be malformed (a bias of the wrong length, a kernel
+    that does not fit its input), and that is the user's to fix, not a crash to report."""
+    why = onnxruntime_failure(model)
+    if why is not None:
+        raise UserError(f"the model is malformed: it does not run in onnxruntime ({why})")
+
+
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
     """Standard-normal inputs for float inputs, zeros for the rest; unknown dims get a default."""
     rng = np.random.default_rng(seed)

@@ -30,6 +30,7 @@ import onnx_graphsurgeon as gs
 
 from espstream import log
 from espstream.errors import UserError
+from espstream.optimize.check import raise_if_malformed
 from espstream.stream import cache as cache_fn
 from espstream.stream import overrides as ovr
 from espstream.stream.axes import (
@@ -315,6 +316,17 @@ def streamify_model(
     overrides: Any = None,
 ) -> StreamifyResult:
     """Convert `model` to a streaming model taking `chunk` input frames per call."""
+    try:
+        return _streamify(model, chunk, axes, overrides)
+    except UserError:
+        raise
+    except Exception:
+        raise_if_malformed(model)
+        raise
+
+
+def _streamify(model: onnx.ModelProto, chunk: int, axes: dict[str, int] | None,
+               overrides: Any) -> StreamifyResult:
     offline = model
     an = analyze(copy.deepcopy(model), axes=axes, overrides=overrides)
     _check_chunk(an, chunk)

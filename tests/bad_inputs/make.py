@@ -275,6 +275,8 @@ CASES = [
     case("export_symbolic_time",
          "export {in}/qdq_symbolic_time.onnx --test-random -o {out}/o.espdl",
          "graph input 'x' has shape [1, 4, 'T']: ESP-DL needs fixed input shapes", "{out}/o.espdl"),
+    case("export_malformed_qdq", "export {in}/qdq_wrong_scale.onnx -o {out}/o.espdl",
+         "the model is malformed: it does not run in onnxruntime", "{out}/o.espdl"),
     case("export_unsupported_op", "export {in}/qdq_erf.onnx -o {out}/o.espdl",
          "ESP-DL has no kernel for (or espstream cannot lower): Erf 'erf0'", "{out}/o.espdl"),
     case("export_test_data_nan_one",
@@ -392,6 +394,7 @@ def bad_files(valid: dict[str, bytes]) -> dict[str, bytes]:
         "onnx_empty_kernel_shape.onnx": _empty_kernel_shape(onnx_b),
         "onnx_nan_weight.onnx": _nan_weight(onnx_b),
         "qdq_symbolic_time.onnx": _symbolic_time(qdq_b),
+        "qdq_wrong_scale.onnx": _wrong_scale(qdq_b),
         # .espdl files
         "espdl_bias_no_exponent.espdl": _bias_without_exponent(espdl_b),
         "espdl_truncated.espdl": espdl_b[: len(espdl_b) // 2],
@@ -446,6 +449,15 @@ def _bad_axis(qdq_b: bytes) -> bytes:
     m = onnx.load_from_string(qdq_b)
     dq = next(n for n in m.graph.node if n.name == "conv1_w_DequantizeLinear")
     next(a for a in dq.attribute if a.name == "axis").i = 5
+    return m.SerializeToString()
+
+
+def _wrong_scale(qdq_b: bytes) -> bytes:
+    """conv1's per-channel weight DequantizeLinear reads conv2's 4 scales for its 8 channels:
+    passes onnx.checker, fails in onnxruntime (found by fuzzing)."""
+    m = onnx.load_from_string(qdq_b)
+    dq = next(n for n in m.graph.node if n.name == "conv1_w_DequantizeLinear")
+    dq.input[1] = "conv2_b_scale"
     return m.SerializeToString()
 
 
