@@ -8,7 +8,10 @@ overwrites with boundary integers; the mutant goes, in process, through what the
   `check_test_values` (what `espstream verify FILE.espdl` runs: the simulator on the file's
   embedded test input);
 - ONNX: `inspect_bytes`, and when `parse_model` accepts it, `optimize_model` (with its
-  onnxruntime equivalence check).
+  onnxruntime equivalence check);
+- every stage: field-edited float models through `convert` (optimize, calibrate, streamify,
+  export and all of verify), field-edited QDQ models through streamify, export with test
+  values and the simulator.
 
 Each example must end in success or a `UserError` (the one-line user message), never another
 exception; within a per-example deadline (no hang); with its Python/NumPy allocations under a
@@ -191,6 +194,65 @@ def test_fuzz_qdq_onnx(data):
 @given(st.one_of(edited(ONNX), edited(QDQ)))
 def test_fuzz_onnx_fields(data):
     run_guarded(onnx_paths, data)
+
+
+# ---- every stage, on mutants that still parse -------------------------------------------
+
+
+def convert_path(data: bytes, chunk: int | None) -> None:
+    """What `espstream convert --random 2 [--chunk C]` runs: every stage and every check."""
+    from espstream.convert import convert_model
+    from espstream.modelio import parse_model
+
+    convert_model(parse_model(data, "fuzz.onnx"), random=2, chunk=chunk, verify_samples=1)
+
+
+def export_path(data: bytes, chunk: int | None) -> None:
+    """What `espstream streamify --chunk C | espstream export --test-random` runs on a QDQ
+    model, then the simulator on the file's test values (`espstream verify FILE.espdl`)."""
+    from espstream import espdl
+    from espstream.export import export_model
+    from espstream.modelio import parse_model
+    from espstream.stream.streamify import streamify_model
+    from espstream.verify_int8 import check_test_values
+
+    m = parse_model(data, "fuzz.qdq.onnx")
+    if chunk:
+        m = streamify_model(m, chunk).model
+    check_test_values(espdl.read(export_model(m, test_random=True).data))
+
+
+CHUNKS = st.sampled_from([None, 1, 2, 4])
+STAGES = settings(FUZZ, max_examples=25, deadline=None)
+# Each run explores anew; about 1 float mutant in 10 converts cleanly and 1 QDQ mutant in 5
+# exports (measured), the rest are refused along the way, which is what is being tested.
+STAGES_LONG = settings(FUZZ_LONG, max_examples=1500, deadline=None)
+
+
+@STAGES
+@given(edited(ONNX), CHUNKS)
+def test_fuzz_convert(data, chunk):
+    run_guarded(lambda d: convert_path(d, chunk), data)
+
+
+@STAGES
+@given(edited(QDQ), CHUNKS)
+def test_fuzz_streamify_export(data, chunk):
+    run_guarded(lambda d: export_path(d, chunk), data)
+
+
+@pytest.mark.slow
+@STAGES_LONG
+@given(edited(ONNX), CHUNKS)
+def test_fuzz_convert_long(data, chunk):
+    run_guarded(lambda d: convert_path(d, chunk), data)
+
+
+@pytest.mark.slow
+@STAGES_LONG
+@given(edited(QDQ), CHUNKS)
+def test_fuzz_streamify_export_long(data, chunk):
+    run_guarded(lambda d: export_path(d, chunk), data)
 
 
 def test_espdl_huge_pads_is_a_clean_error():
