@@ -544,11 +544,15 @@ class _Lowerer:
             shape = self.shape(name)
             if not all(isinstance(d, int) and d > 0 for d in shape):
                 # ESP-DL plans its memory for fixed shapes (ESP-PPQ, too, takes only fixed ones)
-                dims = ",".join(str(d) if isinstance(d, int) else "N" for d in shape)
+                # the batch (first of rank >= 3) is 1 on the chip; other open dims are the user's
+                dims = ",".join(str(d) if isinstance(d, int) and d > 0 else
+                                "1" if j == 0 and len(shape) >= 3 else "N"
+                                for j, d in enumerate(shape))
+                hint = "" if "N" not in dims.split(",") else " with N set"
                 raise UserError(
                     f"graph input '{name}' has shape {[d if d else '?' for d in shape]}: ESP-DL "
-                    f"needs fixed input shapes: fix them before calibrating, e.g. "
-                    f"`espstream optimize --input-shape {name}:{dims}` with N set")
+                    f"needs fixed input shapes: fix them before calibrating with --input-shape "
+                    f"{name}:{dims}{hint} (optimize and convert take it)")
             a = _Act(name, e, shape, True, dtype)
             self.out.inputs.append(ValueInfo(name, dtype, a.runtime_shape(), [e]))
             self.value_info(a)

@@ -234,6 +234,10 @@ BAD = [
                                       "--no-test-values"], "not both"),
     ("random on a model with a dynamic time axis", ["DYN", "--random", "4"],
      "--random needs fixed dimensions"),
+    # the data fixes the batch for calibration, but the .espdl needs it too; the fix is named
+    ("data on a model with a dynamic batch", ["BATCH", "-d", "models/stream_tcn.calib.npy"],
+     "graph input 'x' has shape ['batch', 16, 64]: ESP-DL needs fixed input shapes: fix them "
+     "before calibrating with --input-shape x:1,16,64 (optimize and convert take it)"),
 ]
 
 
@@ -248,6 +252,12 @@ def test_bad_inputs_exit_2_with_one_line_and_no_file(tmp_path, capsys, case, arg
         m.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "T"
         onnx.save(m, tmp_path / "dyn.onnx")
         subs["DYN"] = lambda: tmp_path / "dyn.onnx"
+    if "BATCH" in args:
+        m = _load("models/stream_tcn.onnx")
+        for vi in (m.graph.input[0], m.graph.output[0]):
+            vi.type.tensor_type.shape.dim[0].dim_param = "batch"
+        onnx.save(m, tmp_path / "batch.onnx")
+        subs["BATCH"] = lambda: tmp_path / "batch.onnx"
     args = [subs[a]() if a in subs else (ROOT / a if a.startswith(("models/", "tests/")) else a)
             for a in args]
     out = tmp_path / "out" / "m.espdl"
