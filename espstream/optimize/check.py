@@ -106,7 +106,6 @@ def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 
             f"the input model does not run in onnxruntime ({str(e).splitlines()[0]}); "
             "pass --no-check to skip the equivalence check"
         ) from None
-    cand_sess = session(candidate)  # failing here is our bug: let it surface
     names = [o.name for o in ref_sess.get_outputs()]
     try:
         ref_out = dict(zip(names, ref_sess.run(names, feeds), strict=True))
@@ -123,6 +122,8 @@ def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 
                 f"output {name!r}: the model declares shape {want} but computes {got}; fix the "
                 "output's shape in the model (or leave it unset)"
             )
+    # only now: a reference that loads but fails on data can make a folded candidate fail to load
+    cand_sess = session(candidate)  # the reference ran, so failing here is our bug: surface it
     cand_feeds = {i.name: feeds[i.name] for i in cand_sess.get_inputs()}
     cand_names = [o.name for o in cand_sess.get_outputs()]
     cand_out = dict(zip(cand_names, cand_sess.run(cand_names, cand_feeds), strict=True))
