@@ -11,7 +11,7 @@ overwrites with boundary integers; the mutant goes, in process, through what the
   onnxruntime equivalence check);
 - every stage: field-edited float models through `convert` (optimize, calibrate, streamify,
   export and all of verify), field-edited QDQ models through streamify, export with test
-  values and the simulator.
+  values and the simulator; under the slow mark also from the bundled tutorial_tcn and kws2d.
 
 Each example must end in success or a `UserError` (the one-line user message), never another
 exception; within a per-example deadline (no hang); with its Python/NumPy allocations under a
@@ -22,6 +22,7 @@ harness (coverage-guided) runs under the slow mark when atheris is installed.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from hypothesis import strategies as st
 from espstream.errors import UserError
 
 HERE = Path(__file__).resolve().parent / "bad_inputs"
+ROOT = HERE.parents[1]
 ESPDL = (HERE / "tiny.espdl").read_bytes()
 ONNX = (HERE / "tiny.onnx").read_bytes()
 QDQ = (HERE / "tiny.qdq.onnx").read_bytes()
@@ -253,6 +255,37 @@ def test_fuzz_convert_long(data, chunk):
 @given(edited(QDQ), CHUNKS)
 def test_fuzz_streamify_export_long(data, chunk):
     run_guarded(lambda d: export_path(d, chunk), data)
+
+
+@functools.cache
+def model_seeds() -> dict[str, tuple[bytes, bytes, list[int]]]:
+    """The bundled tutorial_tcn and kws2d, optimized and calibrated (on noise): more operators
+    for the mutants to reach (Sigmoid, Mul, Add, pools, Gemm, 2-D convolutions); with chunks."""
+    import onnx
+
+    from espstream.optimize import optimize_model
+    from espstream.quant import calibrate_model, model_inputs
+    from espstream.quant.data import random_data
+
+    seeds = {}
+    for name, chunks in (("tutorial_tcn", [1, 3, 6]), ("kws2d", [1, 2])):
+        f = optimize_model(onnx.load(str(ROOT / "models" / f"{name}.onnx"))).model
+        q = calibrate_model(f, random_data(model_inputs(f), 4, seed=0), report_samples=0).model
+        seeds[name] = (f.SerializeToString(), q.SerializeToString(), chunks)
+    return seeds
+
+
+@pytest.mark.slow
+@settings(FUZZ_LONG, max_examples=1000, deadline=None)
+@given(st.data())
+def test_fuzz_models_long(data):
+    name = data.draw(st.sampled_from(sorted(model_seeds())))
+    float_b, qdq_b, chunks = model_seeds()[name]
+    chunk = data.draw(st.sampled_from([None, *chunks]))
+    if data.draw(st.booleans()):
+        run_guarded(lambda d: convert_path(d, chunk), data.draw(edited(float_b)))
+    else:
+        run_guarded(lambda d: export_path(d, chunk), data.draw(edited(qdq_b)))
 
 
 def test_espdl_huge_pads_is_a_clean_error():
