@@ -54,7 +54,8 @@ def test_list_passes():
     names = [line.split()[0] for line in proc.stdout.decode().splitlines()]
     assert names == [
         "fold_constants", "remove_identity", "fold_pad", "fold_batchnorm", "fold_scale",
-        "sum_to_add", "share_initializers", "eliminate_dead",
+        "batchnorm_to_affine", "merge_affine", "sum_to_add", "share_initializers",
+        "eliminate_dead",
     ]
 
 

@@ -10,11 +10,13 @@ from onnx_builders import make_model, ops, rand, run
 from onnx_graphsurgeon import Constant, import_onnx
 
 from espstream.graph import export_model
+from espstream.optimize.batchnorm_to_affine import batchnorm_to_affine
 from espstream.optimize.eliminate_dead import eliminate_dead
 from espstream.optimize.fold_batchnorm import fold_batchnorm
 from espstream.optimize.fold_constants import fold_constants
 from espstream.optimize.fold_pad import fold_pad
 from espstream.optimize.fold_scale import fold_scale
+from espstream.optimize.merge_affine import merge_affine
 from espstream.optimize.remove_identity import remove_identity
 from espstream.optimize.share_initializers import share_initializers
 from espstream.optimize.sum_to_add import sum_to_add
@@ -349,3 +351,87 @@ def test_single_input_sum_is_left_alone():
     model = make_model([helper.make_node("Sum", ["x"], ["y"])], {"x": [1, 4]}, {"y": [1, 4]})
     changed, out = apply(sum_to_add, model)
     assert not changed and ops(out) == ["Sum"]
+
+
+# -- batchnorm_to_affine ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [[1, 6, 4, 5], [1, 6, 10], [3, 6]])
+def test_batchnorm_after_a_concat_becomes_mul_and_add(shape):
+    """DenseNet's pre-activation BatchNormalization: no layer before it to fold into."""
+    half = [shape[0], 3, *shape[2:]]
+    nodes = [helper.make_node("Concat", ["a", "b"], ["c"], axis=1), bn_node("c", "y")]
+    model = make_model(nodes, {"a": half, "b": half}, {"y": shape}, bn_inits(6))
+    changed, out = apply(batchnorm_to_affine, model)
+    assert changed and ops(out) == ["Concat", "Mul", "Add"]
+    assert [o.name for o in out.graph.output] == ["y"]
+    assert_same_outputs(model, out, {"a": rand(*half, seed=1), "b": rand(*half, seed=2)})
+
+
+def test_batchnorm_to_affine_leaves_training_mode_and_runtime_statistics():
+    train = [helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"],
+                              ["y", "rm", "rv"], training_mode=1)]
+    model = make_model(train, {"x": [1, 6, 10]}, {"y": None}, bn_inits(6), opset=15)
+    assert apply(batchnorm_to_affine, model)[0] is False
+    inits = bn_inits(6)
+    del inits["mean"]
+    runtime = [helper.make_node("BatchNormalization", ["x", "gamma", "beta", "m", "var"], ["y"])]
+    model = make_model(runtime, {"x": [1, 6, 10], "m": [6]}, {"y": None}, inits)
+    assert apply(batchnorm_to_affine, model)[0] is False
+
+
+def test_optimize_folds_batchnorm_into_its_conv_rather_than_rewriting_it():
+    from espstream.optimize import optimize_model
+
+    inits = {"w": rand(6, 3, 3, seed=4), **bn_inits(6)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[3]), bn_node("c", "y")]
+    model = make_model(nodes, {"x": [1, 3, 10]}, {"y": [1, 6, 8]}, inits)
+    assert ops(optimize_model(model).model) == ["Conv"]
+
+
+# -- merge_affine -----------------------------------------------------------------------------
+
+
+def _chain(steps: list[tuple[str, list[int]]], extra_reader: bool = False) -> onnx.ModelProto:
+    nodes, inits, cur = [], {}, "x"
+    for i, (op, shape) in enumerate(steps):
+        inits[f"k{i}"] = np.random.default_rng(i).uniform(0.5, 1.5, shape).astype(np.float32)
+        nodes.append(helper.make_node(op, [cur, f"k{i}"] if i % 2 else [f"k{i}", cur], [f"t{i}"]))
+        cur = f"t{i}"
+    outputs = {cur: None}
+    if extra_reader:
+        nodes.append(helper.make_node("Relu", ["t0"], ["r"]))
+        outputs["r"] = None
+    return make_model(nodes, {"x": [1, 4, 7]}, outputs, inits)
+
+
+@pytest.mark.parametrize("steps,want", [
+    ([("Mul", [4, 1]), ("Add", [1, 4, 1]), ("Mul", []), ("Add", [4, 1])], ["Mul", "Add"]),
+    ([("Add", [4, 1]), ("Add", [1, 4, 1])], ["Add"]),
+    ([("Mul", [4, 1]), ("Mul", [1])], ["Mul"]),
+    ([("Add", [4, 1]), ("Mul", [4, 1])], ["Mul", "Add"]),
+])
+def test_merge_affine_collapses_per_channel_chains(steps, want):
+    model = _chain(steps)
+    changed, out = apply(merge_affine, model)
+    assert changed and ops(out) == want
+    assert [o.name for o in out.graph.output] == [f"t{len(steps) - 1}"]
+    assert_same_outputs(model, out, {"x": rand(1, 4, 7, seed=3)})
+
+
+@pytest.mark.parametrize("steps,extra", [
+    ([("Mul", [4, 1]), ("Add", [4, 1])], False),  # already one Mul then one Add
+    ([("Mul", [4, 1]), ("Mul", [1, 1, 7])], False),  # varies along time: not per channel
+    ([("Mul", [4, 1]), ("Mul", [4, 1])], True),  # t0 is read by a Relu too
+])
+def test_merge_affine_leaves_what_it_must(steps, extra):
+    changed, out = apply(merge_affine, _chain(steps, extra_reader=extra))
+    assert not changed and len(out.graph.node) == len(steps) + extra
+
+
+def test_merge_affine_leaves_a_chain_that_cancels_out():
+    model = make_model([helper.make_node("Mul", ["x", "two"], ["t"]),
+                        helper.make_node("Mul", ["t", "half"], ["y"])],
+                       {"x": [1, 4, 7]}, {"y": None},
+                       {"two": np.float32(2.0), "half": np.float32(0.5)})
+    assert apply(merge_affine, model)[0] is False

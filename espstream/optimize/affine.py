@@ -75,3 +75,20 @@ def absorb_affine(node: gs.Node, scale: np.ndarray, shift: np.ndarray) -> bool:
     if node.op == "Gemm":
         node.attrs["beta"] = 1.0
     return True
+
+
+def channel_vector(value: np.ndarray, n: int | None, out_shape) -> np.ndarray | None:
+    """`value` as n per-channel float64 numbers when, broadcast against a tensor of shape
+    `out_shape` with n channels on axis 1, it acts per channel without changing the shape (a
+    scalar, or 1 on every axis but axis 1); else None."""
+    if n is None or not np.issubdtype(value.dtype, np.floating):
+        return None
+    if value.size == 1 and value.ndim <= 1:
+        return np.full(n, float(value.reshape(-1)[0]))
+    rank = len(out_shape) if out_shape is not None else None
+    if rank is None or value.ndim > rank or value.ndim < rank - 1:
+        return None
+    shape = (1,) * (rank - value.ndim) + value.shape
+    if any(d != 1 for k, d in enumerate(shape) if k != 1) or shape[1] not in (1, n):
+        return None
+    return np.broadcast_to(value.reshape(-1).astype(np.float64), (n,)).copy()

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from espstream.graph import constant, only_consumer
-from espstream.optimize.affine import absorb_affine, out_channels
+from espstream.optimize.affine import absorb_affine, channel_vector, out_channels
 
 
 def fold_scale(graph: gs.Graph) -> bool:
@@ -33,7 +33,7 @@ def fold_scale(graph: gs.Graph) -> bool:
             conv = x.inputs[0]
             if only_consumer(x, graph) is not op:
                 continue
-            per_channel = _per_channel(value, out_channels(conv), x.shape)
+            per_channel = channel_vector(value, out_channels(conv), x.shape)
             if per_channel is None:
                 continue
             if op.op == "Mul":
@@ -50,17 +50,3 @@ def fold_scale(graph: gs.Graph) -> bool:
     if changed:
         graph.cleanup(remove_unused_graph_inputs=False)
     return changed
-
-
-def _per_channel(value: np.ndarray, n: int | None, out_shape) -> np.ndarray | None:
-    if n is None or not np.issubdtype(value.dtype, np.floating):
-        return None
-    if value.size == 1 and value.ndim <= 1:
-        return np.full(n, float(value.reshape(-1)[0]))
-    rank = len(out_shape) if out_shape is not None else None
-    if rank is None or value.ndim > rank or value.ndim < rank - 1:
-        return None
-    shape = (1,) * (rank - value.ndim) + value.shape
-    if any(d != 1 for k, d in enumerate(shape) if k != 1) or shape[1] not in (1, n):
-        return None
-    return np.broadcast_to(value.reshape(-1).astype(np.float64), (n,)).copy()

@@ -11,12 +11,14 @@ from espstream import log
 from espstream.errors import CheckFailed, UserError
 from espstream.graph import count_ops, export_model, import_graph, input_shapes
 from espstream.optimize.base import Pass
+from espstream.optimize.batchnorm_to_affine import batchnorm_to_affine
 from espstream.optimize.check import Comparison, compare
 from espstream.optimize.eliminate_dead import eliminate_dead
 from espstream.optimize.fold_batchnorm import fold_batchnorm
 from espstream.optimize.fold_constants import fold_constants
 from espstream.optimize.fold_pad import fold_pad
 from espstream.optimize.fold_scale import fold_scale
+from espstream.optimize.merge_affine import merge_affine
 from espstream.optimize.remove_identity import remove_identity
 from espstream.optimize.share_initializers import share_initializers
 from espstream.optimize.sum_to_add import sum_to_add
@@ -27,6 +29,8 @@ PASSES: tuple[Pass, ...] = (
     Pass("fold_pad", fold_pad),
     Pass("fold_batchnorm", fold_batchnorm),
     Pass("fold_scale", fold_scale),
+    Pass("batchnorm_to_affine", batchnorm_to_affine),  # after fold_batchnorm: what it left
+    Pass("merge_affine", merge_affine),
     Pass("sum_to_add", sum_to_add),
     Pass("share_initializers", share_initializers),
     Pass("eliminate_dead", eliminate_dead),
