@@ -1,4 +1,5 @@
-"""Absorb a per-output-channel affine map `y * scale + shift` into a layer's weights and bias."""
+"""Per-channel affine maps `y * scale + shift`: absorbed into a layer's weights and bias, read
+off a BatchNormalization, or written as a Mul and an Add."""
 
 from __future__ import annotations
 
@@ -92,3 +93,37 @@ def channel_vector(value: np.ndarray, n: int | None, out_shape) -> np.ndarray | 
     if any(d != 1 for k, d in enumerate(shape) if k != 1) or shape[1] not in (1, n):
         return None
     return np.broadcast_to(value.reshape(-1).astype(np.float64), (n,)).copy()
+
+
+def batchnorm_scale_shift(bn: gs.Node) -> tuple[np.ndarray, np.ndarray] | None:
+    """(s, t) in float64 with `bn(x) = x * s + t` per channel, for a BatchNormalization in
+    inference form (`training_mode` 0, only its first output used) with constant scale, bias,
+    mean and variance; else None."""
+    if attr(bn, "training_mode", 0) or any(o.outputs for o in bn.outputs[1:]):
+        return None
+    params = [constant(t) for t in bn.inputs[1:5]]
+    if any(p is None for p in params):
+        return None
+    gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
+    s = gamma / np.sqrt(var + float(attr(bn, "epsilon", 1e-5)))
+    return s, beta - mean * s
+
+
+def affine_nodes(x: gs.Variable, out: gs.Variable, scale: np.ndarray, shift: np.ndarray,
+                 base: str, mul: bool = True, add: bool = True) -> list[gs.Node]:
+    """`Mul(x, scale)` then `Add(., shift)` writing `out`, per channel on axis 1 of x (constants
+    shaped [C, 1, ..., 1] in x's type); `mul` / `add` False leaves that node out."""
+    dtype = np.dtype(x.dtype)
+    shape = (-1,) + (1,) * (len(x.shape) - 2)
+    nodes: list[gs.Node] = []
+    cur = x
+    if mul:
+        y = out if not add else gs.Variable(f"{base}.scaled", dtype=x.dtype, shape=x.shape)
+        nodes.append(gs.Node("Mul", f"{base}.mul", inputs=[
+            cur, gs.Constant(f"{base}.scale", scale.reshape(shape).astype(dtype))], outputs=[y]))
+        cur = y
+    if add:
+        nodes.append(gs.Node("Add", f"{base}.add", inputs=[
+            cur, gs.Constant(f"{base}.shift", shift.reshape(shape).astype(dtype))],
+            outputs=[out]))
+    return nodes

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from espstream.graph import attr, constant
+from espstream.optimize.affine import affine_nodes, batchnorm_scale_shift
 
 
 def batchnorm_to_affine(graph: gs.Graph) -> bool:
@@ -22,30 +22,16 @@ def batchnorm_to_affine(graph: gs.Graph) -> bool:
     """
     changed = False
     for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
-        if attr(bn, "training_mode", 0) or any(o.outputs for o in bn.outputs[1:]):
-            continue
+        affine = batchnorm_scale_shift(bn)
         x = bn.inputs[0]
-        params = [constant(t) for t in bn.inputs[1:5]]
-        if any(p is None for p in params) or x.shape is None or len(x.shape) < 2:
+        if affine is None or x.shape is None or len(x.shape) < 2 or x.dtype is None:
             continue
-        dtype = np.dtype(x.dtype) if x.dtype is not None else None
-        if dtype is None or not np.issubdtype(dtype, np.floating):
+        if not np.issubdtype(np.dtype(x.dtype), np.floating):
             continue
-        gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
-        s = gamma / np.sqrt(var + float(attr(bn, "epsilon", 1e-5)))
-        t = beta - mean * s
-        shape = (-1,) + (1,) * (len(x.shape) - 2)
-        base = bn.name or bn.outputs[0].name
-        scaled = gs.Variable(f"{base}.scaled", dtype=x.dtype, shape=x.shape)
-        mul = gs.Node("Mul", f"{base}.mul",
-                      inputs=[x, gs.Constant(f"{base}.scale", s.reshape(shape).astype(dtype))],
-                      outputs=[scaled])
-        add = gs.Node("Add", f"{base}.add",
-                      inputs=[scaled, gs.Constant(f"{base}.shift", t.reshape(shape).astype(dtype))],
-                      outputs=[bn.outputs[0]])
+        nodes = affine_nodes(x, bn.outputs[0], *affine, base=bn.name or bn.outputs[0].name)
         bn.inputs.clear()
         bn.outputs.clear()
-        graph.nodes.extend([mul, add])
+        graph.nodes.extend(nodes)
         changed = True
     if changed:
         graph.cleanup(remove_unused_graph_inputs=False).toposort()

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
-from espstream.graph import attr, constant, only_consumer
-from espstream.optimize.affine import LINEAR_OPS, absorb_affine
+from espstream.graph import only_consumer
+from espstream.optimize.affine import LINEAR_OPS, absorb_affine, batchnorm_scale_shift
 
 
 def fold_batchnorm(graph: gs.Graph) -> bool:
@@ -23,20 +22,12 @@ def fold_batchnorm(graph: gs.Graph) -> bool:
     """
     changed = False
     for bn in [n for n in graph.nodes if n.op == "BatchNormalization"]:
-        if attr(bn, "training_mode", 0) or any(o.outputs for o in bn.outputs[1:]):
-            continue
+        affine = batchnorm_scale_shift(bn)
         x = bn.inputs[0]
-        if len(x.inputs) != 1 or x.inputs[0].op not in LINEAR_OPS:
+        if affine is None or len(x.inputs) != 1 or x.inputs[0].op not in LINEAR_OPS:
             continue
         layer = x.inputs[0]
-        if only_consumer(x, graph) is not bn:
-            continue
-        params = [constant(t) for t in bn.inputs[1:5]]
-        if any(p is None for p in params):
-            continue
-        gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
-        s = gamma / np.sqrt(var + float(attr(bn, "epsilon", 1e-5)))
-        if not absorb_affine(layer, s, beta - mean * s):
+        if only_consumer(x, graph) is not bn or not absorb_affine(layer, *affine):
             continue
         y = bn.outputs[0]
         layer.outputs[0] = y

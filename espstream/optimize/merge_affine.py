@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from espstream.graph import constant, only_consumer
-from espstream.optimize.affine import channel_vector
+from espstream.optimize.affine import affine_nodes, channel_vector
 
 
 def _step(node: gs.Node) -> tuple[gs.Tensor, str, np.ndarray] | None:
@@ -40,7 +40,7 @@ def merge_affine(graph: gs.Graph) -> bool:
     changed = False
     for start in list(graph.nodes):
         first = _step(start)
-        if first is None or not start.outputs:
+        if first is None:
             continue
         x = first[0]
         if len(x.inputs) == 1 and _step(x.inputs[0]) and only_consumer(x, graph) is start:
@@ -66,21 +66,8 @@ def merge_affine(graph: gs.Graph) -> bool:
         if not (mul_needed or add_needed):
             continue
         out = chain[-1].outputs[0]
-        dtype = np.dtype(x.dtype)
-        shape = (-1,) + (1,) * (len(x.shape) - 2)
-        base = chain[0].name or out.name
-        nodes, cur = [], x
-        if mul_needed:
-            y = out if not add_needed else gs.Variable(f"{base}.scaled", dtype=x.dtype,
-                                                       shape=x.shape)
-            nodes.append(gs.Node("Mul", f"{base}.merged_mul", inputs=[
-                cur, gs.Constant(f"{base}.merged_scale", scale.reshape(shape).astype(dtype))],
-                outputs=[y]))
-            cur = y
-        if add_needed:
-            nodes.append(gs.Node("Add", f"{base}.merged_add", inputs=[
-                cur, gs.Constant(f"{base}.merged_shift", shift.reshape(shape).astype(dtype))],
-                outputs=[out]))
+        nodes = affine_nodes(x, out, scale, shift, base=chain[0].name or out.name,
+                             mul=mul_needed, add=add_needed)
         for node in chain:
             node.inputs.clear()
             node.outputs.clear()
