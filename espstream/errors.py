@@ -23,3 +23,10 @@ class CheckFailed(EspstreamError):
     """A numerical check (optimize's equivalence, verify) exceeded its tolerance."""
 
     exit_code = 1
+
+
+def first_line(e: BaseException, default: str | None = None) -> str:
+    """The first line of an exception's message (libraries' errors run to many lines), or
+    `default`, or the exception's type name when the message is empty."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else (default or type(e).__name__)

@@ -186,15 +186,10 @@ def lower(model: onnx.ModelProto, target: str | None = None) -> IntGraph:
         from espstream.stream.manual import sliding_window_caches
 
         model = sliding_window_caches(model)
-    try:
-        return _Lowerer(model, target).run()
-    except UserError:
-        raise
-    except Exception:
-        from espstream.optimize.check import raise_if_malformed
+    from espstream.optimize.check import malformed_is_user_error
 
-        raise_if_malformed(model)
-        raise
+    with malformed_is_user_error(model):
+        return _Lowerer(model, target).run()
 
 
 def recorded_target(model: onnx.ModelProto) -> str | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 from google.protobuf.message import DecodeError
 
-from espstream.errors import UserError
+from espstream.errors import UserError, first_line
 
 MIN_OPSET = 11
 UPGRADE_OPSET = 13  # what `upgrade_opset=True` converts an older model to
@@ -115,7 +115,7 @@ def parse_model(
         try:
             onnx.load_external_data_for_model(model, base_dir)
         except Exception as e:  # onnx raises OSError or ValidationError depending on the case
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
             raise UserError(
                 f"{label}: external data file missing or unreadable ({reason}); "
                 "keep the data files next to the .onnx file"
@@ -138,7 +138,7 @@ def parse_model(
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "invalid model"
+        first = first_line(e, "invalid model")
         raise UserError(f"{label}: fails onnx.checker: {first}") from None
     empty = _empty_list_attribute(model)
     if empty:
@@ -258,7 +258,7 @@ def _upgrade_opset(model: onnx.ModelProto, opset: int, label: str) -> onnx.Model
     try:
         upgraded = version_converter.convert_version(model, UPGRADE_OPSET)
     except Exception as e:  # the converter raises RuntimeError / ValidationError / others
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         raise UserError(
             f"{label}: cannot upgrade opset {opset} to {UPGRADE_OPSET} with "
             f"onnx.version_converter ({reason}); re-export the model with opset >= {MIN_OPSET}"

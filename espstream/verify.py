@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 
 from espstream import log
-from espstream.errors import CheckFailed, UserError
+from espstream.errors import CheckFailed, UserError, first_line
 
 # ---- engines -----------------------------------------------------------------------------
 
@@ -85,7 +85,7 @@ class OrtRunner:
                 model.SerializeToString(), so, providers=["CPUExecutionProvider"]
             )
         except Exception as e:  # noqa: BLE001
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise UserError(f"{label}: onnxruntime cannot load it: {first}") from None
         self.outputs = [o.name for o in self.sess.get_outputs()]
         self._kept: dict[tuple, dict[str, np.ndarray]] | None = None
@@ -106,7 +106,7 @@ class OrtRunner:
         try:
             out = self.sess.run(None, feeds)
         except Exception as e:  # noqa: BLE001 - bad data shapes and the like
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise UserError(f"onnxruntime cannot run the model on this data: {first}") from None
         res = dict(zip(self.outputs, out, strict=True))
         if key is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -9,7 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from espstream import log
-from espstream.errors import UserError
+from espstream.errors import UserError, first_line
 from espstream.graph import input_shapes, np_dtype
 
 RTOL = 1e-4
@@ -55,17 +57,26 @@ def onnxruntime_failure(model: onnx.ModelProto) -> str | None:
                                   np_dtype(elem[i.name])) for i in sess.get_inputs()}
         sess.run(None, feeds)
     except Exception as e:  # onnxruntime raises its own exception types
-        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return first_line(e)
     return None
 
 
-def raise_if_malformed(model: onnx.ModelProto) -> None:
-    """A `UserError` when `model` does not run in onnxruntime. For a stage's unexpected error:
-    a model onnx.checker passed may still be malformed (a bias of the wrong length, a kernel
-    that does not fit its input), and that is the user's to fix, not a crash to report."""
-    why = onnxruntime_failure(model)
-    if why is not None:
-        raise UserError(f"the model is malformed: it does not run in onnxruntime ({why})")
+@contextmanager
+def malformed_is_user_error(model: onnx.ModelProto) -> Iterator[None]:
+    """Around a stage's work on `model`: an unexpected error (not a `UserError`) becomes a
+    `UserError` when `model` does not run in onnxruntime, since a model onnx.checker passed may
+    still be malformed (a bias of the wrong length, a kernel that does not fit its input) and
+    that is the user's to fix; when it runs, the error is ours and passes through."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception:
+        why = onnxruntime_failure(model)
+        if why is not None:
+            raise UserError(
+                f"the model is malformed: it does not run in onnxruntime ({why})") from None
+        raise
 
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
@@ -103,7 +114,7 @@ def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 
         ref_sess = session(reference)
     except Exception as e:
         raise UserError(
-            f"the input model does not run in onnxruntime ({str(e).splitlines()[0]}); "
+            f"the input model does not run in onnxruntime ({first_line(e)}); "
             "pass --no-check to skip the equivalence check"
         ) from None
     names = [o.name for o in ref_sess.get_outputs()]
@@ -111,7 +122,7 @@ def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 
         ref_out = dict(zip(names, ref_sess.run(names, feeds), strict=True))
     except Exception as e:  # loads but fails on data: a bad axis, a bias of the wrong size ...
         raise UserError(
-            f"the input model fails in onnxruntime ({str(e).strip().splitlines()[0]}); "
+            f"the input model fails in onnxruntime ({first_line(e)}); "
             "fix the model, or pass --no-check to skip the equivalence check"
         ) from None
     declared = declared_output_shapes(reference)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from espstream import log
-from espstream.errors import CheckFailed, UserError
+from espstream.errors import CheckFailed, UserError, first_line
 from espstream.graph import count_ops, export_model, import_graph, input_shapes
 from espstream.optimize.base import Pass
 from espstream.optimize.batchnorm_to_affine import batchnorm_to_affine
@@ -101,7 +101,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as e:
-        raise UserError(f"shape inference failed: {str(e).splitlines()[0]}") from None
+        raise UserError(f"shape inference failed: {first_line(e)}") from None
 
 
 def run_passes(model: onnx.ModelProto, passes: Sequence[Pass]) -> tuple[onnx.ModelProto, dict, int]:

@@ -68,7 +68,7 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper, version_converter
 
 from espstream import log
-from espstream.errors import UserError
+from espstream.errors import UserError, first_line
 from espstream.quant import scheme
 from espstream.quant.data import CalibrationData
 from espstream.quant.engine import observe
@@ -199,7 +199,7 @@ def prepare_float_model(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
             raise UserError(
                 f"cannot convert the model from opset {opset} to {want} (needed for "
                 f"{'int16 QuantizeLinear' if bits == 16 else 'per-channel DequantizeLinear'}): "
-                f"{str(e).splitlines()[0]}; re-export the model with opset {want}"
+                f"{first_line(e)}; re-export the model with opset {want}"
             ) from None
         m.ir_version = max(m.ir_version, 10 if want >= 21 else 7)
         constants_to_initializers(m)

@@ -27,7 +27,7 @@ import onnx
 import onnxruntime as ort
 
 from espstream import log
-from espstream.errors import UserError
+from espstream.errors import UserError, first_line
 from espstream.quant.data import CalibrationData
 from espstream.quant.observers import HistogramObserver, NonFiniteError
 
@@ -55,7 +55,7 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
     try:
         return new_session(model, opts)
     except Exception as e:  # onnxruntime raises its own exception types
-        raise UserError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from None
+        raise UserError(f"onnxruntime cannot load the model: {first_line(e)}") from None
 
 
 def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:

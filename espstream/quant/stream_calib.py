@@ -46,7 +46,7 @@ import numpy as np
 import onnx
 
 from espstream import log
-from espstream.errors import UserError
+from espstream.errors import UserError, first_line
 from espstream.quant.data import CalibrationData, InputSpec, model_inputs, random_data
 from espstream.quant.observers import HistogramObserver
 
@@ -408,7 +408,7 @@ class StreamRunner:
             try:
                 vals = sess.run(self.fetch, feeds)
             except Exception as e:  # noqa: BLE001 - onnxruntime's own types
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                first = first_line(e)
                 raise UserError(f"onnxruntime cannot run the model on a chunk: {first}") from None
             for a, b in spec.states:
                 states[a] = vals[idx[b]]

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from espstream.errors import UserError
+from espstream.errors import UserError, first_line
 
 WARM_ALL = 1 << 40  # "every frame may differ" (a recurrent layer behind a warm-up)
 DEFAULT_T = 840  # analysis length for a dynamic time axis: divisible by 1..8, 10, 12, 14, 15
@@ -121,7 +121,7 @@ def _measure(m: onnx.ModelProto, inputs: dict[str, list[int]], names: list[str])
         outs = sess.run(names, feeds)
     except Exception as e:  # noqa: BLE001
         raise UserError(
-            f"cannot determine tensor shapes (onnxruntime: {str(e).splitlines()[0]}); "
+            f"cannot determine tensor shapes (onnxruntime: {first_line(e)}); "
             "run `espstream optimize` with --input-shape first"
         ) from None
     return {n: list(np.shape(v)) for n, v in zip(names, outs, strict=True)}

@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 
 from espstream import log
 from espstream.errors import UserError
-from espstream.optimize.check import raise_if_malformed
+from espstream.optimize.check import malformed_is_user_error
 from espstream.stream import cache as cache_fn
 from espstream.stream import overrides as ovr
 from espstream.stream.axes import (
@@ -316,13 +316,8 @@ def streamify_model(
     overrides: Any = None,
 ) -> StreamifyResult:
     """Convert `model` to a streaming model taking `chunk` input frames per call."""
-    try:
+    with malformed_is_user_error(model):
         return _streamify(model, chunk, axes, overrides)
-    except UserError:
-        raise
-    except Exception:
-        raise_if_malformed(model)
-        raise
 
 
 def _streamify(model: onnx.ModelProto, chunk: int, axes: dict[str, int] | None,
