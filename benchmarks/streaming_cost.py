@@ -324,9 +324,9 @@ def measure(name: str, path: Path | None, chunk: int, seconds: float) -> dict:
              "ort_floor": lambda: floor_sess.run(None, {"x": floor_x})}
     # The offline model at several input lengths: its cost t(n) = a + b*n, and, at n = chunk,
     # what the model's operators cost on the new frames alone, with no state at all.
-    lengths, notes = length_models(float_model, offline, x_name, axis, T, chunk, out_axes)
-    for n, model in lengths.items():
-        calls[f"frames_{n}"] = fixed_call(model, x_name)
+    lengths, notes = length_calls(float_model, offline, x_name, axis, T, chunk, out_axes)
+    for n, call in lengths.items():
+        calls[f"frames_{n}"] = call
     if notes:
         row["length_notes"] = notes
     t = interleaved(calls, seconds)
@@ -377,23 +377,25 @@ def fixed_call(model: onnx.ModelProto, x_name: str) -> Callable[[], object]:
     return lambda: sess.run(None, feed)
 
 
-def length_models(float_model: onnx.ModelProto, offline: onnx.ModelProto, x_name: str,
-                  axis: int, T: int, chunk: int, out_axes: dict[str, int],
-                  ) -> tuple[dict[int, onnx.ModelProto], list[str]]:
-    """The optimized offline model at chunk, 2 chunks, T/4, T/2 and T input frames (those it
-    accepts), for the cost fit; the lengths it refuses are named in the notes."""
-    models: dict[int, onnx.ModelProto] = {T: offline}
+def length_calls(float_model: onnx.ModelProto, offline: onnx.ModelProto, x_name: str,
+                 axis: int, T: int, chunk: int, out_axes: dict[str, int],
+                 ) -> tuple[dict[int, Callable[[], object]], list[str]]:
+    """A timed call of the optimized offline model at chunk, 2 chunks, T/4, T/2 and T input
+    frames (those it accepts, each run once here), for the cost fit; the lengths it refuses
+    are named in the notes."""
+    calls = {T: fixed_call(offline, x_name)}
     notes = []
     for n in sorted({chunk, 2 * chunk, T // 4, T // 2} - {T}):
         if n < chunk:
             continue
         try:
-            models[n] = with_time_length(float_model, x_name, axis, n, out_axes)
-            fixed_call(models[n], x_name)()
+            call = fixed_call(with_time_length(float_model, x_name, axis, n, out_axes), x_name)
+            call()
         except Exception as e:  # a model may hard-code its length
-            models.pop(n, None)
             notes.append(f"{n} frames: not accepted ({str(e).splitlines()[0][:120]})")
-    return models, notes
+            continue
+        calls[n] = call
+    return calls, notes
 
 
 def _us(t: dict) -> dict:
