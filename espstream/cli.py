@@ -265,6 +265,28 @@ def inspect(file: str, json_path: str | None, quiet: bool, debug: bool) -> None:
 
 
 @cli.command(
+    "ops", context_settings=CONTEXT,
+    epilog=example("espstream ops\nespstream ops --json - | jq '.operators[].onnx'"),
+)
+@click.option("--json", "json_path", metavar="PATH", help="Write the table as JSON ('-': stdout).")
+def ops_command(json_path: str | None) -> None:
+    """List every operator espstream knows: ONNX -> ESP-DL, int8 / int16, streaming rule, and
+    what pins the simulator's arithmetic."""
+    import json as jsonlib
+
+    from espstream import report
+    from espstream.ops import registry
+
+    check_report_path(json_path)
+    table = {"operators": registry.table(), "simulated": registry.sim_table()}
+    if json_path == "-":
+        click.echo(jsonlib.dumps(table, indent=2))
+        return
+    click.echo(registry.format_table())
+    report.write_json(json_path, table)
+
+
+@cli.command(
     context_settings=CONTEXT,
     epilog=example(
         "espstream streamify model.qdq.onnx --chunk 3 -o model.stream.onnx --json s.json\n"

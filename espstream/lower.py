@@ -79,36 +79,6 @@ from espstream.quant import scheme
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 STREAM_DOMAIN = "espstream"
 
-#: LUT operators: ONNX op type -> f(x, attrs) in float64.
-LUT_FUNCS = {
-    "Sigmoid": lambda x, a: 1.0 / (1.0 + np.exp(-x)),
-    "Tanh": lambda x, a: np.tanh(x),
-    "Swish": lambda x, a: x / (1.0 + np.exp(-x)),
-    "HardSigmoid": lambda x, a: np.clip(a.get("alpha", 0.2) * x + a.get("beta", 0.5), 0.0, 1.0),
-    "HardSwish": lambda x, a: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0),
-    "LeakyRelu": lambda x, a: np.where(x >= 0, x, a.get("alpha", 0.01) * x),
-    "Elu": lambda x, a: np.where(x >= 0, x, a.get("alpha", 1.0) * np.expm1(x)),
-    "Exp": lambda x, a: np.exp(x),
-    "Log": lambda x, a: np.log(x),
-    "Sqrt": lambda x, a: np.sqrt(x),
-    "Clip": lambda x, a: np.clip(x, a["min"], a["max"]),
-}
-
-LAYOUT_FREE_ELEMENTWISE = ("Add", "Sub", "Mul", "Div")
-PLAIN_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Gather", "MatMul")
-GEMM_OPS = ("Conv", "Gemm", "MatMul")
-POOLS = ("AveragePool", "MaxPool", "GlobalAveragePool")
-SUPPORTED = set(LUT_FUNCS) | set(LAYOUT_FREE_ELEMENTWISE) | set(PLAIN_OPS) | set(GEMM_OPS) | set(
-    POOLS
-) | {"Relu", "PRelu", "Concat", "Slice", "Split", "Pad", "Transpose", "Softmax", "Identity"}
-# Operators with no ESP-DL kernel at all (as opposed to not lowered by espstream yet).
-NO_ESPDL_KERNEL = {
-    "ConvTranspose", "GRU", "LSTM", "RNN", "BatchNormalization", "LayerNormalization",
-    "InstanceNormalization", "GlobalMaxPool", "ReduceMean", "ReduceMax", "ReduceSum", "Gelu",
-    "Softplus", "Mish", "Erf", "Pow", "Neg", "Abs", "Reciprocal", "Upsample", "Expand", "Tile",
-    "Where", "Cast", "Shape", "ConstantOfShape", "Range", "Einsum", "TopK", "ArgMax", "Dropout",
-}
-
 
 def perm_of(rank: int) -> list[int]:
     """ONNX order -> runtime order of an activation of this rank (channels last from rank 3)."""
@@ -135,20 +105,8 @@ def exponent_of(scale: np.ndarray, where: str) -> list[int]:
     return [int(e) - 1 for e in exp]
 
 
-def build_lut(op: str, attrs: dict[str, Any], e_in: int, e_out: int, rounding: str,
-              ) -> np.ndarray:
-    """The 256-entry int8 table: entry i = saturate(round(f((i - 128) * 2^e_in) / 2^e_out))."""
-    q = np.arange(-128, 128, dtype=np.float64)
-    with np.errstate(all="ignore"):
-        y = LUT_FUNCS[op](np.ldexp(q, e_in), attrs)
-        # log / sqrt of a negative input: NaN in ONNX; the table holds 0 there
-        y = np.nan_to_num(np.asarray(y, dtype=np.float64), nan=0.0, posinf=1e300, neginf=-1e300)
-        v = scheme.round_with(np.ldexp(y, -e_out), rounding)
-    return np.clip(v, -128, 127).astype(np.int8)
-
-
 @dataclass
-class _Act:
+class Act:
     """An integer activation of the IntGraph."""
 
     name: str
@@ -174,7 +132,7 @@ class _Act:
 
 
 @dataclass
-class _QConst:
+class QConst:
     data: np.ndarray  # integer values, ONNX layout
     exps: list[int]
     axis: int | None
@@ -189,7 +147,7 @@ def lower(model: onnx.ModelProto, target: str | None = None) -> IntGraph:
     from espstream.optimize.check import malformed_is_user_error
 
     with malformed_is_user_error(model):
-        return _Lowerer(model, target).run()
+        return Lowerer(model, target).run()
 
 
 def recorded_target(model: onnx.ModelProto) -> str | None:
@@ -218,21 +176,22 @@ def check_target(model: onnx.ModelProto, target: str | None) -> str:
 
 
 def unsupported_nodes(model: onnx.ModelProto) -> list[str]:
-    """'Type name' of every node `lower` cannot turn into an ESP-DL operator."""
+    """'Type name' of every node `lower` cannot turn into an ESP-DL operator: those without a
+    lowering in `espstream.ops.registry` (Q/DQ, Constant and constant Casts are the contract)."""
+    from espstream.ops import registry
+
     bad = []
     for n in model.graph.node:
-        if n.domain == STREAM_DOMAIN and n.op_type == "StreamingCache":
+        if n.domain in ("", "ai.onnx") and n.op_type in (*QDQ, "Constant", "Cast"):
             continue
-        if n.domain not in ("", "ai.onnx") or (
-            n.op_type not in SUPPORTED and n.op_type not in QDQ
-            and n.op_type not in ("Constant", "Cast")
-        ):
+        spec = registry.op(n.op_type, n.domain)
+        if spec is None or spec.lower is None or n.domain not in ("", "ai.onnx", STREAM_DOMAIN):
             dom = f"{n.domain}." if n.domain not in ("", "ai.onnx") else ""
             bad.append(f"{dom}{n.op_type} '{n.name}'")
     return bad
 
 
-class _Lowerer:
+class Lowerer:
     def __init__(self, model: onnx.ModelProto, target: str | None) -> None:
         g = model.graph
         if not any(n.op_type in QDQ for n in g.node):
@@ -272,11 +231,11 @@ class _Lowerer:
             name=g.name or "main_graph", target=self.target, producer_name="espstream",
             producer_version=__version__,
         )
-        self.acts: dict[str, _Act] = {}  # float tensor name (DQ output / Q output) -> _Act
-        self.q_acts: dict[str, _Act] = {}  # Q output name -> _Act
+        self.acts: dict[str, Act] = {}  # float tensor name (DQ output / Q output) -> Act
+        self.q_acts: dict[str, Act] = {}  # Q output name -> Act
         self.float_outs: dict[str, str] = {}  # un-quantized float outputs (Softmax)
         self.absorbed: set[str] = set()  # node names lowered as part of another node
-        self.transposed: dict[tuple[str, bool], _Act] = {}
+        self.transposed: dict[tuple[str, bool], Act] = {}
         self.lut_count: dict[str, int] = {}
         self.used_names: set[str] = set(self.producer) | set(self.consts) | set(self.graph_inputs)
         self.node_names: set[str] = {n.name for n in g.node}
@@ -338,7 +297,7 @@ class _Lowerer:
         self.out.nodes.append(n)
         return n
 
-    def value_info(self, a: _Act) -> None:
+    def value_info(self, a: Act) -> None:
         self.out.value_infos[a.name] = ValueInfo(a.name, a.dtype, a.runtime_shape(), [a.exp])
 
     def initializer(self, name: str, data: np.ndarray, exps: list[int],
@@ -361,7 +320,7 @@ class _Lowerer:
 
     # ---- constants -----------------------------------------------------------------------
 
-    def qconst(self, name: str) -> _QConst | None:
+    def qconst(self, name: str) -> QConst | None:
         """A quantized constant (integer initializer behind DQ, or int64 -> Cast -> Mul)."""
         p = self.producer.get(name)
         if p is None:
@@ -374,14 +333,14 @@ class _Lowerer:
             exps = exponent_of(scale, f"DequantizeLinear '{p.name}'")
             axis = None
             if np.asarray(scale).ndim == 1 and np.asarray(scale).size > 1:
-                axis = int(_attr(p, "axis", 1))
+                axis = int(attr(p, "axis", 1))
                 axis = axis + q.ndim if axis < 0 else axis
             elif np.asarray(scale).ndim == 1 and q.ndim >= 1 and q.shape[0] == 1:
                 axis = None
             if len(p.input) > 2 and p.input[2] and np.any(self.consts.get(p.input[2], 0) != 0):
                 raise UserError(f"DequantizeLinear '{p.name}': zero point is not 0; ESP-DL is "
                                 "symmetric")
-            return _QConst(q, exps, axis)
+            return QConst(q, exps, axis)
         if p.op_type == "Mul":  # 16-bit bias: Cast(int64 -> float) * scale
             a, b = p.input
             for c, s in ((a, b), (b, a)):
@@ -392,12 +351,12 @@ class _Lowerer:
                     scale = self.consts[s]
                     exps = exponent_of(scale, f"Mul '{p.name}' (bias scale)")
                     axis = 0 if np.asarray(scale).size > 1 else None
-                    return _QConst(q, exps, axis)
+                    return QConst(q, exps, axis)
         return None
 
     # ---- activations -----------------------------------------------------------------------
 
-    def act(self, name: str, node: onnx.NodeProto) -> _Act:
+    def act(self, name: str, node: onnx.NodeProto) -> Act:
         if name in self.acts:
             return self.acts[name]
         if name in self.graph_inputs:
@@ -407,14 +366,14 @@ class _Lowerer:
                         "(no QuantizeLinear -> DequantizeLinear before it): not a calibrated "
                         "QDQ model")
 
-    def layout_as(self, a: _Act, cl: bool) -> _Act:
+    def layout_as(self, a: Act, cl: bool) -> Act:
         """`a` in the channels-last (cl=True) or ONNX order, through a Transpose if needed."""
         if a.rank < 3 or a.cl == cl:
             return a
         key = (a.name, cl)
         if key not in self.transposed:
             perm = perm_of(a.rank) if cl else inverse(perm_of(a.rank))
-            out = _Act(self.fresh(f"{a.name}_{'nhwc' if cl else 'onnx'}_layout"), a.exp,
+            out = Act(self.fresh(f"{a.name}_{'nhwc' if cl else 'onnx'}_layout"), a.exp,
                        a.shape, cl, a.dtype)
             self.emit("Transpose", self.fresh_node(f"{out.name}_Transpose"), [a.name], [out.name],
                       {"perm": perm, "quant_type": self.qtype(a.dtype)})
@@ -422,10 +381,10 @@ class _Lowerer:
             self.transposed[key] = out
         return self.transposed[key]
 
-    def requantize(self, a: _Act, e: int, name: str | None = None) -> _Act:
+    def requantize(self, a: Act, e: int, name: str | None = None) -> Act:
         if a.exp == e and name is None:
             return a
-        out = _Act(name or self.fresh(f"{a.name}_requant_2^{e}"), e, a.shape, a.cl, a.dtype)
+        out = Act(name or self.fresh(f"{a.name}_requant_2^{e}"), e, a.shape, a.cl, a.dtype)
         self.used_names.add(out.name)
         zp_dtype = a.dtype
         scale = self.initializer(self.fresh(f"{out.name}_scale"),
@@ -465,10 +424,10 @@ class _Lowerer:
                 if c.op_type == "DequantizeLinear"]
 
     def define_output(self, float_name: str, node: onnx.NodeProto, shape: list, cl: bool,
-                      natural: _Act | None = None) -> tuple[str, _Act | None]:
+                      natural: Act | None = None) -> tuple[str, Act | None]:
         """Name the integer output of a lowered node from the Q nodes reading `float_name`.
 
-        Returns (output name for the emitted node, the _Act, or None for a float output).
+        Returns (output name for the emitted node, the Act, or None for a float output).
         natural: for a data-movement op, its input (the op produces that exponent and type by
         itself); when the first Q wants another exponent, the op writes the input's and a
         RequantizeLinear follows; when no Q reads the output, the output is still an integer
@@ -478,9 +437,9 @@ class _Lowerer:
         if not qs:
             if natural is None:
                 return float_name, None
-            a = _Act(float_name, natural.exp, shape, cl, natural.dtype)
+            a = Act(float_name, natural.exp, shape, cl, natural.dtype)
             self.used_names.add(float_name)
-            self._pending = (float_name, [], a, natural)
+            self.pending = (float_name, [], a, natural)
             return float_name, a
         # prefer the Q whose DQ output is a graph output: that name must survive
         qs.sort(key=lambda q: not any(d in self.graph_outputs for d in self.dq_outputs(q)))
@@ -488,17 +447,17 @@ class _Lowerer:
         e, dtype = self.q_exp_dtype(first)
         dqs = self.dq_outputs(first)
         name = dqs[0] if dqs else first.output[0]
-        a = _Act(name, e, shape, cl, dtype)
+        a = Act(name, e, shape, cl, dtype)
         self.used_names.add(name)
-        self._pending = (float_name, qs, a, natural)
+        self.pending = (float_name, qs, a, natural)
         if natural is not None and natural.exp != e:
-            mid = _Act(self.fresh(f"{name}_2^{natural.exp}"), natural.exp, shape, cl, dtype)
+            mid = Act(self.fresh(f"{name}_2^{natural.exp}"), natural.exp, shape, cl, dtype)
             return mid.name, mid
         return name, a
 
-    def finish_output(self, produced: _Act | None) -> None:
+    def finish_output(self, produced: Act | None) -> None:
         """Register the Q/DQ names of the pending output; requantize for other Qs."""
-        float_name, qs, a, natural = self._pending
+        float_name, qs, a, natural = self.pending
         if produced is None:
             return
         self.value_info(produced)
@@ -548,7 +507,7 @@ class _Lowerer:
                     f"graph input '{name}' has shape {[d if d else '?' for d in shape]}: ESP-DL "
                     f"needs fixed input shapes: fix them before calibrating with --input-shape "
                     f"{name}:{dims}{hint} (optimize and convert take it)")
-            a = _Act(name, e, shape, True, dtype)
+            a = Act(name, e, shape, True, dtype)
             self.out.inputs.append(ValueInfo(name, dtype, a.runtime_shape(), [e]))
             self.value_info(a)
             for q in qs:
@@ -575,8 +534,6 @@ class _Lowerer:
             elif n.op_type == "Cast":
                 if not (n.input[0] in self.consts and self.consumers.get(n.output[0])):
                     raise UserError(f"Cast '{n.name}': ESP-DL has no Cast operator")
-            elif n.domain == STREAM_DOMAIN:
-                self._streaming_cache(n)
             else:
                 self._op(n)
         self._outputs()
@@ -607,286 +564,31 @@ class _Lowerer:
     # ---- operators ---------------------------------------------------------------------------
 
     def _op(self, n: onnx.NodeProto) -> None:
-        op = n.op_type
-        if op == "Sigmoid" and self._silu_mul(n) is not None:
-            return  # lowered with its Mul as Swish
-        if op == "Mul":
-            sig = self._silu_sigmoid(n)
-            if sig is not None:
-                x = self.act(sig.input[0], n)
-                self._lut("Swish", n, x, n.output[0], {})
-                return
-        if op in GEMM_OPS:
-            self._gemm(n)
-        elif op in LUT_FUNCS:
-            x = self.act(n.input[0], n)
-            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-            if op == "Clip":
-                attrs.update(self._clip_bounds(n))
-            self._lut(op, n, x, n.output[0], attrs)
-        elif op in LAYOUT_FREE_ELEMENTWISE:
-            self._elementwise(n)
-        elif op == "Relu":
-            x = self.act(n.input[0], n)
-            name, out = self.define_output(n.output[0], n, x.shape, x.cl)
-            self._need_q(n, out)
-            self.emit("Relu", n.name, [x.name], [name], {"quant_type": self.qtype(x.dtype)})
-            self.finish_output(out)
-        elif op == "PRelu":
-            self._prelu(n)
-        elif op in POOLS:
-            self._pool(n)
-        elif op == "Concat":
-            self._concat(n)
-        elif op in ("Slice", "Split", "Pad", "Softmax"):
-            getattr(self, "_" + op.lower())(n)
-        elif op == "Transpose":
-            self._transpose(n)
-        elif op == "Identity":
-            self._identity(n)
-        elif op in PLAIN_OPS:
-            self._plain(n)
-        else:  # unsupported_nodes() refused it already
-            raise UserError(f"{op} '{n.name}': not lowered")
+        """Lower one operator node through its module (`espstream.ops.registry`); patterns over
+        several nodes (SiLU = x * Sigmoid(x)) claim their nodes first."""
+        from espstream.ops import registry
 
-    def _need_q(self, n: onnx.NodeProto, out: _Act | None) -> None:
+        for pattern in registry.lower_patterns():
+            if pattern(self, n):
+                return
+        spec = registry.op(n.op_type, n.domain)
+        if spec is None or spec.lower is None:  # unsupported_nodes() refused it already
+            raise UserError(f"{n.op_type} '{n.name}': not lowered")
+        spec.lower(self, n)
+
+    def need_q(self, n: onnx.NodeProto, out: Act | None) -> None:
         if out is None:
             raise UserError(f"the output '{n.output[0]}' of {n.op_type} '{n.name}' is not "
                             "quantized (no QuantizeLinear after it): not a calibrated QDQ model")
 
-    def _silu_mul(self, sig: onnx.NodeProto) -> onnx.NodeProto | None:
-        cons = self.consumers.get(sig.output[0], [])
-        if (len(cons) == 1 and cons[0].op_type == "Mul" and sig.input[0] in cons[0].input
-                and sig.output[0] not in self.graph_outputs):
-            return cons[0]
-        return None
-
-    def _silu_sigmoid(self, mul: onnx.NodeProto) -> onnx.NodeProto | None:
-        for k in (0, 1):
-            p = self.producer.get(mul.input[k])
-            if (p is not None and p.op_type == "Sigmoid" and p.input[0] == mul.input[1 - k]
-                    and self._silu_mul(p) is mul):
-                return p
-        return None
-
-    def _clip_bounds(self, n: onnx.NodeProto) -> dict[str, float]:
-        lo, hi = -math.inf, math.inf
-        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        lo, hi = float(attrs.get("min", lo)), float(attrs.get("max", hi))
-        for k, which in ((1, "min"), (2, "max")):
-            if len(n.input) > k and n.input[k]:
-                c = self.consts.get(n.input[k])
-                if c is None:
-                    raise UserError(f"Clip '{n.name}': its {which} is not a constant")
-                if which == "min":
-                    lo = float(c)
-                else:
-                    hi = float(c)
-        return {"min": lo, "max": hi}
-
-    def _lut(self, op: str, n: onnx.NodeProto, x: _Act, float_out: str,
-             attrs: dict[str, Any]) -> None:
-        name, out = self.define_output(float_out, n, x.shape, x.cl)
-        self._need_q(n, out)
-        if out.dtype != x.dtype:
-            raise UserError(f"{op} '{n.name}': input and output integer types differ")
-        node_attrs: dict[str, Any] = {"quant_type": self.qtype(x.dtype)}
-        inputs = [x.name]
-        if x.dtype == np.int8:
-            k = self.lut_count.get(op, 0)
-            self.lut_count[op] = k + 1
-            table = build_lut(op, attrs, x.exp, out.exp, self.rounding)
-            lut_name = self.initializer(self.fresh(f"{op}_lut_{k}"), table, [out.exp], None)
-            node_attrs["lut"] = lut_name
-        elif op == "Clip":  # 16 bits: min / max at the input's exponent
-            for which in ("min", "max"):
-                v = attrs[which]
-                lo, hi = scheme.qrange(16)
-                q = lo if v == -math.inf else hi if v == math.inf else int(np.clip(
-                    scheme.round_with(np.ldexp(v, -x.exp), self.rounding), lo, hi))
-                inputs.append(self.initializer(self.fresh(f"{n.name}_{which}"),
-                                               np.asarray(q, np.int16), [x.exp]))
-        if op in ("LeakyRelu", "Elu", "HardSigmoid"):
-            for k2, v in attrs.items():
-                if k2 in ("alpha", "beta"):
-                    node_attrs[k2] = float(v)
-        self.emit(op, n.name, inputs, [name], node_attrs)
-        self.finish_output(out)
 
     # -- Conv / Gemm / MatMul --
 
-    def _fused_activation(self, n: onnx.NodeProto) -> tuple[str, onnx.NodeProto | None, dict]:
-        """('Relu' | 'Linear', the fused node or None, clip bounds for a non-Relu Clip)."""
-        cons = self.consumers.get(n.output[0], [])
-        if len(cons) != 1 or n.output[0] in self.graph_outputs:
-            return "Linear", None, {}
-        c = cons[0]
-        if c.op_type == "Relu":
-            return "Relu", c, {}
-        if c.op_type == "Clip" and self.q_consumers(c.output[0]):
-            b = self._clip_bounds(c)
-            qs = self.q_consumers(c.output[0])
-            e, dtype = self.q_exp_dtype(qs[0])
-            qmax = scheme.qrange(8 if dtype == np.int8 else 16)[1]
-            if b["min"] == 0.0 and b["max"] >= math.ldexp(qmax + 0.5, e):
-                return "Relu", c, {}
-            return "Linear", c, b
-        return "Linear", None, {}
-
-    def _gemm(self, n: onnx.NodeProto) -> None:
-        op = n.op_type
-        act, fused, clip = self._fused_activation(n)
-        float_out = fused.output[0] if fused is not None else n.output[0]
-        if fused is not None:
-            self.absorbed.add(fused.name)
-        if op == "Conv":
-            x = self.layout_as(self.act(n.input[0], n), True)
-            attrs, w, b = self._conv_params(n, x)
-            out_cl = True
-        elif op == "Gemm":
-            x = self.act(n.input[0], n)
-            if x.rank != 2:
-                raise UserError(f"Gemm '{n.name}': input of rank {x.rank}, expected 2")
-            attrs, w, b = self._gemm_params(n, x)
-            out_cl = False
-        else:
-            x = self.layout_as(self.act(n.input[0], n), False)
-            attrs, w, b = self._matmul_params(n)
-            out_cl = False
-        inputs = [x.name, *w]
-        if b is not None:
-            inputs.append(b)
-        attrs = {"activation": act, **attrs, "quant_type": self.qtype(x.dtype)}
-        shape = self.shape(n.output[0])
-        if clip:  # Conv at the Clip's exponent, then a Clip table at that exponent
-            qs = self.q_consumers(float_out)
-            e, dtype = self.q_exp_dtype(qs[0])
-            mid = _Act(n.output[0], e, shape, out_cl, dtype)
-            self.emit(op, n.name, inputs, [mid.name], attrs)
-            self.value_info(mid)
-            self._lut("Clip", fused, mid, float_out, clip)
-            return
-        name, out = self.define_output(float_out, n, shape, out_cl)
-        self._need_q(n, out)
-        self.emit(op, n.name, inputs, [name], attrs)
-        self.finish_output(out)
-
-    def _weight(self, n: onnx.NodeProto, k: int, what: str) -> _QConst:
-        if len(n.input) <= k or not n.input[k]:
-            raise UserError(f"{n.op_type} '{n.name}' has no {what}")
-        qc = self.qconst(n.input[k])
-        if qc is None:
-            raise UserError(f"{n.op_type} '{n.name}': its {what} '{n.input[k]}' is not a quantized "
-                            "constant (DequantizeLinear of an integer initializer)")
-        return qc
-
-    def _bias(self, n: onnx.NodeProto, k: int, nout: int, x: _Act, wexps: list[int],
-              ) -> str | None:
-        """The bias at exponent e_in + e_w: int32 (8-bit) or int64 (16-bit).
-
-        calibrate stores a 16-bit model's int64 bias as int32 shifted right by
-        k = log2(scale) - e_in - e_w (rule 5 of its contract); it is shifted back here.
-        """
-        if len(n.input) <= k or not n.input[k]:
-            return None
-        qc = self._weight(n, k, "bias")
-        data = qc.data.reshape(-1).astype(np.int64)
-        if data.size != nout:
-            raise UserError(f"{n.op_type} '{n.name}': bias has {data.size} values for {nout} "
-                            "output channels")
-        if qc.data.dtype.kind != "i":
-            raise UserError(f"{n.op_type} '{n.name}': bias is {qc.data.dtype}, expected integers")
-        want = np.asarray([x.exp + e for e in wexps] if len(wexps) > 1 else [x.exp + wexps[0]])
-        have = np.asarray(qc.exps)
-        shift = np.broadcast_to(have, (nout,)) - np.broadcast_to(want, (nout,))
-        sixteen = x.dtype == np.int16
-        if np.any(shift < 0) or (not sixteen and np.any(shift != 0)):
-            raise UserError(f"{n.op_type} '{n.name}': bias exponents {have.tolist()[:4]} do not "
-                            f"match input + weight exponents {want.tolist()[:4]}; quantize the "
-                            "model with espstream calibrate")
-        if sixteen:
-            data = data << shift.astype(np.int64)
-        else:
-            data = data.astype(np.int32)
-        return self.initializer(_base(n.input[k]), data, [int(e) for e in want])
-
-    def _conv_params(self, n: onnx.NodeProto, x: _Act) -> tuple[dict, list[str], str | None]:
-        qc = self._weight(n, 1, "weight")
-        w = qc.data
-        nsp = w.ndim - 2
-        if nsp not in (1, 2):
-            raise UserError(f"Conv '{n.name}': {nsp}-D convolution; ESP-DL has 1-D and 2-D")
-        group = int(_attr(n, "group", 1))
-        cin = x.shape[1]
-        nout = w.shape[0]
-        auto_pad = _attr(n, "auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        if auto_pad not in ("NOTSET", "VALID"):
-            raise UserError(f"Conv '{n.name}': auto_pad {auto_pad} is not supported; run "
-                            "espstream optimize or export with explicit pads")
-        depthwise = group > 1
-        if depthwise and not (group == cin and w.shape[1] == 1 and nout == cin):
-            raise UserError(f"Conv '{n.name}': group {group} with {cin} input and {nout} output "
-                            "channels; ESP-DL supports group 1 or depthwise (group = channels)")
-        if depthwise:  # [N, 1, (H,) W] -> [(H,) W, N, 1]
-            logical = np.moveaxis(w, (0, 1), (-2, -1))
-        else:  # [N, C, (H,) W] -> [(H,) W, C, N]
-            logical = np.transpose(w, (*range(2, w.ndim), 1, 0))
-        if qc.axis not in (None, 0):
-            raise UserError(f"Conv '{n.name}': weights quantized per axis {qc.axis}, expected the "
-                            "output-channel axis 0")
-        wname = self.initializer(_base(n.input[1]), logical, qc.exps, None)
-        b = self._bias(n, 2, nout, x, qc.exps)
-        pads = [int(p) for p in _attr(n, "pads", [0] * (2 * nsp))]
-        if auto_pad == "VALID":
-            pads = [0] * (2 * nsp)
-        if nsp == 2:
-            pads = [pads[0], pads[2], pads[1], pads[3]]
-        attrs = {
-            "dilations": [int(d) for d in _attr(n, "dilations", [1] * nsp)],
-            "group": group,
-            "kernel_shape": [int(k) for k in _attr(n, "kernel_shape", list(w.shape[2:]))],
-            "pads": pads,
-            "strides": [int(s) for s in _attr(n, "strides", [1] * nsp)],
-        }
-        return attrs, [wname], b
-
-    def _gemm_params(self, n: onnx.NodeProto, x: _Act) -> tuple[dict, list[str], str | None]:
-        if int(_attr(n, "transA", 0)):
-            raise UserError(f"Gemm '{n.name}': transA = 1 is not supported by ESP-DL")
-        for k in ("alpha", "beta"):
-            if float(_attr(n, k, 1.0)) != 1.0:
-                raise UserError(f"Gemm '{n.name}': {k} = {_attr(n, k)}; calibrate folds it to 1")
-        qc = self._weight(n, 1, "weight (B)")
-        w = qc.data
-        if w.ndim != 2:
-            raise UserError(f"Gemm '{n.name}': B has rank {w.ndim}")
-        trans = int(_attr(n, "transB", 0))
-        kn = w.T if trans else w
-        out_axis = 0 if trans else 1
-        if qc.axis not in (None, out_axis):
-            raise UserError(f"Gemm '{n.name}': weights quantized per axis {qc.axis}, not per "
-                            "output channel")
-        wname = self.initializer(_base(n.input[1]), kn.reshape(1, 1, *kn.shape), qc.exps, None)
-        b = self._bias(n, 2, kn.shape[1], x, qc.exps)
-        return {"alpha": 1.0, "beta": 1.0, "transB": 0}, [wname], b
-
-    def _matmul_params(self, n: onnx.NodeProto) -> tuple[dict, list[str], str | None]:
-        qc = self.qconst(n.input[1])
-        if qc is not None:
-            if qc.data.ndim < 2:
-                raise UserError(f"MatMul '{n.name}': a 1-D constant operand is not supported")
-            if qc.axis not in (None, qc.data.ndim - 1):
-                raise UserError(f"MatMul '{n.name}': weights quantized per axis {qc.axis}, not per "
-                                "output channel")
-            return {}, [self.initializer(_base(n.input[1]), qc.data, qc.exps, None)], None
-        y = self.layout_as(self.act(n.input[1], n), False)
-        return {}, [y.name], None
 
     # -- elementwise --
 
-    def _operands(self, n: onnx.NodeProto, names: list[str]) -> tuple[list[Any], bool]:
-        """Resolve inputs to _Act or _QConst; whether the output is channels-last."""
+    def operands(self, n: onnx.NodeProto, names: list[str]) -> tuple[list[Any], bool]:
+        """Resolve inputs to Act or QConst; whether the output is channels-last."""
         ops: list[Any] = []
         for nm in names:
             if nm in self.acts:
@@ -900,7 +602,7 @@ class _Lowerer:
                 ops.append(self.act(nm, n))
             else:
                 ops.append(qc)
-        acts = [o for o in ops if isinstance(o, _Act)]
+        acts = [o for o in ops if isinstance(o, Act)]
         rank = len(self.shape(n.output[0]))
         cl = rank >= 3 and any(a.cl and a.rank >= 3 for a in acts)
         for a in acts:
@@ -909,7 +611,7 @@ class _Lowerer:
                                 f"{a.rank} and {rank} in the channels-last layout is not supported")
         return ops, cl
 
-    def _const_input(self, n: onnx.NodeProto, name: str, qc: _QConst, rank: int, cl: bool,
+    def const_input(self, n: onnx.NodeProto, name: str, qc: QConst, rank: int, cl: bool,
                      exp: int | None = None) -> str:
         data = qc.data
         exps = qc.exps
@@ -923,96 +625,13 @@ class _Lowerer:
             data = np.transpose(data, perm_of(rank))
         if len(exps) > 1:
             raise UserError(f"{n.op_type} '{n.name}': constant '{name}' is quantized per channel")
-        return self.initializer(_base(name), data, exps)
+        return self.initializer(base_name(name), data, exps)
 
-    def _elementwise(self, n: onnx.NodeProto) -> None:
-        ops, cl = self._operands(n, list(n.input))
-        acts = [o for o in ops if isinstance(o, _Act)]
-        if not acts:
-            raise UserError(f"{n.op_type} '{n.name}' has only constant inputs; run espstream "
-                            "optimize first")
-        shape = self.shape(n.output[0])
-        rank = len(shape)
-        name, out = self.define_output(n.output[0], n, shape, cl)
-        self._need_q(n, out)
-        inputs = []
-        same_exp = n.op_type in ("Add", "Sub")
-        for nm, o in zip(n.input, ops, strict=True):
-            if isinstance(o, _Act):
-                a = self.layout_as(o, cl) if o.rank >= 3 else o
-                if same_exp:
-                    a = self.requantize(a, out.exp)
-                inputs.append(a.name)
-            else:
-                inputs.append(self._const_input(n, nm, o, rank, cl,
-                                                out.exp if same_exp else None))
-        self.emit(n.op_type, n.name, inputs, [name], {"quant_type": self.qtype(out.dtype)})
-        self.finish_output(out)
-
-    def _prelu(self, n: onnx.NodeProto) -> None:
-        x = self.act(n.input[0], n)
-        qc = self.qconst(n.input[1])
-        if qc is None:
-            raise UserError(f"PRelu '{n.name}': slope is not a quantized constant")
-        name, out = self.define_output(n.output[0], n, x.shape, x.cl)
-        self._need_q(n, out)
-        slope = self._const_input(n, n.input[1], qc, x.rank, x.cl)
-        self.emit("PRelu", n.name, [x.name, slope], [name], {"quant_type": self.qtype(x.dtype)})
-        self.finish_output(out)
 
     # -- pools, data movement --
 
-    def _pool(self, n: onnx.NodeProto) -> None:
-        x = self.layout_as(self.act(n.input[0], n), True)
-        shape = self.shape(n.output[0])
-        attrs: dict[str, Any] = {}
-        if x.rank not in (3, 4):
-            raise UserError(
-                f"{n.op_type} '{n.name}': {x.rank - 2}-D pooling; ESP-DL has 1-D and 2-D"
-            )
-        if n.op_type != "GlobalAveragePool":
-            nsp = x.rank - 2
-            if any(int(d) != 1 for d in _attr(n, "dilations", [1] * nsp)):
-                raise UserError(f"{n.op_type} '{n.name}': dilation is not supported by ESP-DL")
-            auto_pad = _attr(n, "auto_pad", b"NOTSET")
-            if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) not in (
-                    "NOTSET", "VALID"):
-                raise UserError(f"{n.op_type} '{n.name}': auto_pad is not supported; give pads")
-            pads = [int(p) for p in _attr(n, "pads", [0] * (2 * nsp))]
-            if nsp == 2:
-                pads = [pads[0], pads[2], pads[1], pads[3]]
-            attrs = {
-                "ceil_mode": int(_attr(n, "ceil_mode", 0)),
-                "kernel_shape": [int(k) for k in _attr(n, "kernel_shape")],
-                "pads": pads,
-                "strides": [int(s) for s in _attr(n, "strides", [1] * nsp)],
-            }
-            if n.op_type == "AveragePool":
-                attrs["count_include_pad"] = int(_attr(n, "count_include_pad", 0))
-        natural = x if n.op_type == "MaxPool" else None
-        name, out = self.define_output(n.output[0], n, shape, True, natural)
-        self._need_q(n, out)
-        self.emit(n.op_type, n.name, [x.name], [name],
-                  {**attrs, "quant_type": self.qtype(x.dtype)})
-        self.finish_output(out)
 
-    def _concat(self, n: onnx.NodeProto) -> None:
-        ops, cl = self._operands(n, list(n.input))
-        shape = self.shape(n.output[0])
-        name, out = self.define_output(n.output[0], n, shape, cl)
-        self._need_q(n, out)
-        inputs = []
-        for nm, o in zip(n.input, ops, strict=True):
-            if isinstance(o, _Act):
-                inputs.append(self.requantize(self.layout_as(o, cl), out.exp).name)
-            else:
-                inputs.append(self._const_input(n, nm, o, len(shape), cl, out.exp))
-        axis = int(_attr(n, "axis"))
-        self.emit("Concat", n.name, inputs, [name],
-                  {"axis": out.runtime_axis(axis), "quant_type": self.qtype(out.dtype)})
-        self.finish_output(out)
-
-    def _int_const(self, n: onnx.NodeProto, k: int, what: str) -> np.ndarray | None:
+    def int_const(self, n: onnx.NodeProto, k: int, what: str) -> np.ndarray | None:
         if len(n.input) <= k or not n.input[k]:
             return None
         c = self.consts.get(n.input[k])
@@ -1020,202 +639,9 @@ class _Lowerer:
             raise UserError(f"{n.op_type} '{n.name}': its {what} must be a constant")
         return np.asarray(c)
 
-    def _slice(self, n: onnx.NodeProto) -> None:
-        x = self.act(n.input[0], n)
-        if not n.input[1:] and _attr(n, "starts") is not None:
-            raise UserError(f"Slice '{n.name}': opset < 10 Slice attributes; run espstream "
-                            "optimize (opset >= 13)")
-        starts = self._int_const(n, 1, "starts")
-        ends = self._int_const(n, 2, "ends")
-        axes = self._int_const(n, 3, "axes")
-        steps = self._int_const(n, 4, "steps")
-        if axes is None:
-            axes = np.arange(len(starts), dtype=np.int64)
-        axes_rt = np.asarray([x.runtime_axis(int(a)) for a in axes], dtype=np.int64)
-        name, out = self.define_output(n.output[0], n, self.shape(n.output[0]), x.cl, x)
-        self._need_q(n, out)
-        inputs = [x.name]
-        names = [n.input[k] if len(n.input) > k and n.input[k] else f"{n.name}_{w}"
-                 for k, w in ((1, "starts"), (2, "ends"), (3, "axes"), (4, "steps"))]
-        for nm, v in zip(names, (starts, ends, axes_rt, steps), strict=True):
-            if v is None:
-                v = np.ones(len(starts), dtype=np.int64)
-            inputs.append(self.initializer(_base(nm), np.asarray(v, dtype=np.int64), [0]))
-        self.emit("Slice", n.name, inputs, [name], {"quant_type": self.qtype(x.dtype)})
-        self.finish_output(out)
-
-    def _split(self, n: onnx.NodeProto) -> None:
-        x = self.act(n.input[0], n)
-        axis = int(_attr(n, "axis", 0))
-        inputs = [x.name]
-        split = self._int_const(n, 1, "split")
-        if split is None and _attr(n, "split") is not None:
-            split = np.asarray(_attr(n, "split"), np.int64)
-        if split is not None:
-            inputs.append(self.initializer(_base(n.input[1] if len(n.input) > 1 and n.input[1]
-                                                 else f"{n.name}_split"),
-                                           split.astype(np.int64), [0]))
-        outs = []
-        pend = []
-        for o in n.output:
-            name, a = self.define_output(o, n, self.shape(o), x.cl, x)
-            self._need_q(n, a)
-            outs.append(name)
-            pend.append((self._pending, a))
-        self.emit("Split", n.name, inputs, outs,
-                  {"axis": x.runtime_axis(axis), "quant_type": self.qtype(x.dtype)})
-        for p, a in pend:
-            self._pending = p
-            self.finish_output(a)
-
-    def _pad(self, n: onnx.NodeProto) -> None:
-        x = self.act(n.input[0], n)
-        mode = _attr(n, "mode", b"constant")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
-        if mode == "wrap":
-            raise UserError(f"Pad '{n.name}': wrap mode is not supported by ESP-DL")
-        pads = self._int_const(n, 1, "pads")
-        if pads is None:
-            pads = np.asarray(_attr(n, "pads"), np.int64)
-        if len(n.input) > 3 and n.input[3]:
-            raise UserError(f"Pad '{n.name}': the axes input is not supported")
-        r = x.rank
-        begin, end = list(pads[:r]), list(pads[r:])
-        perm = x.perm
-        pads_rt = np.asarray([begin[p] for p in perm] + [end[p] for p in perm], np.int64)
-        inputs = [x.name, self.initializer(_base(n.input[1]) if len(n.input) > 1 else
-                                           f"{n.name}_pads", pads_rt, [0])]
-        if len(n.input) > 2 and n.input[2]:
-            qc = self.qconst(n.input[2])
-            if qc is None:
-                c = self.consts.get(n.input[2])
-                if c is None or np.any(c != 0):
-                    raise UserError(f"Pad '{n.name}': the constant value must be a quantized "
-                                    "constant or 0")
-                qc = _QConst(np.zeros((), x.dtype), [x.exp], None)
-            inputs.append(self.initializer(_base(n.input[2]), qc.data.astype(x.dtype), qc.exps))
-        name, out = self.define_output(n.output[0], n, self.shape(n.output[0]), x.cl, x)
-        self._need_q(n, out)
-        self.emit("Pad", n.name, inputs, [name], {"mode": mode, "quant_type": self.qtype(x.dtype)})
-        self.finish_output(out)
-
-    def _softmax(self, n: onnx.NodeProto) -> None:
-        x = self.act(n.input[0], n)
-        axis = int(_attr(n, "axis", -1))
-        shape = self.shape(n.output[0])
-        name, out = self.define_output(n.output[0], n, shape, x.cl)
-        self.emit("Softmax", n.name, [x.name], [name],
-                  {"axis": x.runtime_axis(axis), "quant_type": self.qtype(x.dtype)})
-        if out is not None:  # quantized after all: ESP-DL's Softmax outputs float
-            raise UserError(f"Softmax '{n.name}': its output is quantized, but ESP-DL's Softmax "
-                            "outputs float32; leave it unquantized")
-        f = _Act(name, 0, shape, x.cl, np.dtype(np.float32))
-        self.out.value_infos[name] = ValueInfo(name, np.dtype(np.float32), f.runtime_shape(), [0])
-        self.float_outs[name] = name
-        if any(c.op_type != "QuantizeLinear" for c in self.consumers.get(n.output[0], [])):
-            raise UserError(f"Softmax '{n.name}': its float output feeds other operators; ESP-DL "
-                            "can only return it as a graph output")
-
-    def _transpose(self, n: onnx.NodeProto) -> None:
-        x = self.act(n.input[0], n)
-        perm = [int(p) for p in _attr(n, "perm", list(range(x.rank))[::-1])]
-        # runtime data = onnx.transpose(x.perm); onnx output = onnx.transpose(perm)
-        rt_perm = [x.perm.index(p) for p in perm]
-        name, out = self.define_output(n.output[0], n, self.shape(n.output[0]), False, x)
-        self._need_q(n, out)
-        self.emit("Transpose", n.name, [x.name], [name],
-                  {"perm": rt_perm, "quant_type": self.qtype(x.dtype)})
-        self.finish_output(out)
-
-    def _identity(self, n: onnx.NodeProto) -> None:
-        """An alias of its input (streamify turns a no-op Pad into an Identity); a real
-        Identity node only where a graph output needs an operator producing it."""
-        x = self.act(n.input[0], n)
-        t = n.output[0]
-        if t not in self.graph_outputs and not any(
-                d in self.graph_outputs for q in self.q_consumers(t) for d in self.dq_outputs(q)):
-            self.acts[t] = x
-            return
-        name, out = self.define_output(t, n, x.shape, x.cl, x)
-        self.emit("Identity", n.name, [x.name], [name], {"quant_type": self.qtype(x.dtype)})
-        self.finish_output(out)
-
-    def _plain(self, n: onnx.NodeProto) -> None:
-        op = n.op_type
-        if op == "MatMul":
-            return self._gemm(n)
-        x = self.layout_as(self.act(n.input[0], n), False)
-        inputs = [x.name]
-        attrs: dict[str, Any] = {}
-        if op == "Reshape":
-            shp = self._int_const(n, 1, "shape")
-            inputs.append(self.initializer(_base(n.input[1]), shp.astype(np.int64), [0]))
-            if _attr(n, "allowzero") is not None:
-                attrs["allowzero"] = int(_attr(n, "allowzero"))
-        elif op == "Flatten":
-            attrs["axis"] = int(_attr(n, "axis", 1))
-        elif op in ("Squeeze", "Unsqueeze"):
-            axes = self._int_const(n, 1, "axes")
-            if axes is None and _attr(n, "axes") is not None:
-                axes = np.asarray(_attr(n, "axes"), np.int64)
-            if axes is not None:
-                nm = n.input[1] if len(n.input) > 1 and n.input[1] else f"{n.name}_axes"
-                inputs.append(self.initializer(_base(nm), axes.astype(np.int64), [0]))
-        elif op == "Gather":
-            idx = self._int_const(n, 1, "indices")
-            inputs.append(self.initializer(_base(n.input[1]), idx.astype(np.int64), [0]))
-            attrs["axis"] = int(_attr(n, "axis", 0))
-        name, out = self.define_output(n.output[0], n, self.shape(n.output[0]), False, x)
-        self._need_q(n, out)
-        self.emit(op, n.name, inputs, [name], {**attrs, "quant_type": self.qtype(x.dtype)})
-        self.finish_output(out)
-        return None
 
     # -- streaming --
 
-    def _streaming_cache(self, n: onnx.NodeProto) -> None:
-        if n.op_type != "StreamingCache":
-            raise UserError(f"{n.domain}.{n.op_type} '{n.name}': unknown espstream operator")
-        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        if "window_size" not in attrs or "axis" not in attrs:
-            raise UserError(f"StreamingCache '{n.name}' lacks window_size or axis")
-        if len(n.input) != 2 or len(n.output) != 2:
-            raise UserError(f"StreamingCache '{n.name}' must take (x, state) and return "
-                            "(y, next_state)")
-        state, nxt = n.input[1], n.output[1]
-        if (state, nxt) not in self.states:
-            raise UserError(f"StreamingCache '{n.name}': its state '{state}' -> '{nxt}' is not a "
-                            "pair of espstream.states (run espstream streamify)")
-        qc = None if n.input[0] in self.acts else self.qconst(n.input[0])
-        x = self._const_act(n, n.input[0], qc) if qc is not None else self.act(n.input[0], n)
-        if x.rank >= 3:
-            x = self.layout_as(x, True)
-        fa = x.runtime_axis(int(attrs["axis"]))
-        before = x.runtime_shape()[:fa]
-        if any(d != 1 for d in before):
-            raise UserError(f"StreamingCache '{n.name}': runtime shape {x.runtime_shape()} has "
-                            f"axes of size > 1 before the frame axis {fa}; ESP-DL's cache copies "
-                            "frames flatly")
-        name, out = self.define_output(n.output[0], n, self.shape(n.output[0]), x.cl, x)
-        self._need_q(n, out)
-        self.emit("StreamingCache", n.name, [x.name], [name],
-                  {"frame_axis": fa, "quant_type": self.qtype(x.dtype),
-                   "window_size": int(attrs["window_size"])})
-        self.finish_output(out)
-        if any(c.op_type != "StreamingCache" for c in self.consumers.get(state, [])):
-            raise UserError(f"state '{state}' is read by other nodes than StreamingCache "
-                            f"'{n.name}'")
-
-    def _const_act(self, n: onnx.NodeProto, name: str, qc: _QConst) -> _Act:
-        """A quantized constant read where an activation is expected (streamify's start mask:
-        a StreamingCache over int8 ones): an initializer in the runtime layout (rule 8)."""
-        if len(qc.exps) != 1 or qc.data.dtype not in (np.dtype(np.int8), np.dtype(np.int16)):
-            raise UserError(f"{n.op_type} '{n.name}': constant input '{name}' must be an int8 / "
-                            "int16 tensor with one exponent")
-        rank = qc.data.ndim
-        data = np.transpose(qc.data, perm_of(rank)) if rank >= 3 else qc.data
-        init = self.initializer(_base(name), data, qc.exps)
-        return _Act(init, qc.exps[0], list(qc.data.shape), rank >= 3, qc.data.dtype)
 
     def _check_states(self) -> None:
         """Every state pair must be a StreamingCache's (state, next_state) (rule 8)."""
@@ -1281,14 +707,29 @@ class _Lowerer:
         self.out.metadata = md
 
 
-def _attr(n: onnx.NodeProto, name: str, default: Any = None) -> Any:
+def __getattr__(name: str) -> Any:
+    """`build_lut` and `LUT_FUNCS` live in `espstream.ops.activation` now."""
+    if name in ("build_lut", "LUT_FUNCS"):
+        from espstream.ops import activation
+
+        return getattr(activation, name)
+    raise AttributeError(name)
+
+
+# the names this module used before the operator registry
+_Lowerer = Lowerer
+_Act = Act
+_QConst = QConst
+
+
+def attr(n: onnx.NodeProto, name: str, default: Any = None) -> Any:
     for a in n.attribute:
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
 
 
-def _base(name: str) -> str:
+def base_name(name: str) -> str:
     """The initializer name ESP-PPQ would use: the ONNX weight name without calibrate's suffix."""
     for suffix in ("_quantized", "_dequantized"):
         if name.endswith(suffix):

@@ -78,7 +78,6 @@ and the variants below were run against them to see which details the data can t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
@@ -96,39 +95,6 @@ _INT_RANGE = {np.dtype(np.int8): (-128, 127), np.dtype(np.int16): (-32768, 32767
 Fn = Callable[[list], list]
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def _hard_sigmoid(x: np.ndarray, node: Node) -> np.ndarray:
-    alpha = float(node.attrs.get("alpha", 0.2))
-    beta = float(node.attrs.get("beta", 0.5))
-    return np.clip(alpha * x + beta, 0.0, 1.0)
-
-
-#: Elementwise functions a node may compute through a table (float64, on real values).
-ELEMENTWISE: dict[str, Callable[[np.ndarray, Node], np.ndarray]] = {
-    "Sigmoid": lambda x, n: _sigmoid(x),
-    "Tanh": lambda x, n: np.tanh(x),
-    "Swish": lambda x, n: x * _sigmoid(x),
-    "Silu": lambda x, n: x * _sigmoid(x),
-    "HardSigmoid": _hard_sigmoid,
-    "HardSwish": lambda x, n: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0),
-    "Elu": lambda x, n: np.where(x > 0, x, float(n.attrs.get("alpha", 1.0)) * np.expm1(x)),
-    "LeakyRelu": lambda x, n: np.where(x >= 0, x, float(n.attrs.get("alpha", 0.01)) * x),
-    "Exp": lambda x, n: np.exp(x),
-    "Log": lambda x, n: np.log(x),
-    "Sqrt": lambda x, n: np.sqrt(x),
-    "Softplus": lambda x, n: np.logaddexp(0.0, x),
-    "Gelu": lambda x, n: 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0))),
-}
-
-#: Operators the simulator runs (for error messages and documentation).
-DATA_MOVEMENT = (
-    "Reshape", "Flatten", "Transpose", "Slice", "Squeeze", "Unsqueeze", "Identity", "Gather",
-)  # fmt: skip
-
-
 def target_rounding(target: str) -> str:
     try:
         return ROUNDING[target]
@@ -138,12 +104,12 @@ def target_rounding(target: str) -> str:
         ) from None
 
 
-def _round_float(y: np.ndarray, rounding: str) -> np.ndarray:
+def round_float(y: np.ndarray, rounding: str) -> np.ndarray:
     y = np.asarray(y, np.float64)
     return np.floor(y + 0.5) if rounding == "half_up" else np.rint(y)
 
 
-def _saturate(v: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def saturate(v: np.ndarray, dtype: np.dtype) -> np.ndarray:
     lo, hi = _INT_RANGE[np.dtype(dtype)]
     return np.clip(v, lo, hi).astype(dtype)
 
@@ -183,7 +149,7 @@ class Simulator:
         self.rounding = target_rounding(self.target)
         self._order = graph.topological_order()
         self._inputs = {v.name: v for v in graph.inputs}
-        self._caches: dict[str, np.ndarray | None] = {}
+        self.cache_state: dict[str, np.ndarray | None] = {}
         self._warned: set[str] = set()
         self._plan = [(node, self._compile(node)) for node in self._order]
         self.reset()
@@ -200,12 +166,12 @@ class Simulator:
 
     def reset(self) -> None:
         """Zero every StreamingCache (the runtime's `Model::reset()`)."""
-        for key in self._caches:
-            self._caches[key] = None
+        for key in self.cache_state:
+            self.cache_state[key] = None
 
     def caches(self) -> dict[str, np.ndarray | None]:
         """The frames each StreamingCache keeps, by node name (copies; None: zeros, not yet run)."""
-        return {k: None if v is None else v.copy() for k, v in self._caches.items()}
+        return {k: None if v is None else v.copy() for k, v in self.cache_state.items()}
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call of the model: graph outputs by name (caches advance by one chunk)."""
@@ -242,7 +208,7 @@ class Simulator:
 
     def dequantize(self, name: str, q: np.ndarray) -> np.ndarray:
         """Real values of a tensor of this graph: q * 2**exponent (float64)."""
-        return np.asarray(q, np.float64) * 2.0 ** self._exp(name)
+        return np.asarray(q, np.float64) * 2.0 ** self.exp(name)
 
     # ---- plumbing ------------------------------------------------------------------------
 
@@ -270,7 +236,7 @@ class Simulator:
             f"node '{node.name}' ({node.op_type}) reads '{name}', which nothing produces"
         )
 
-    def _exp(self, name: str) -> int:
+    def exp(self, name: str) -> int:
         try:
             exps = self.graph.exponents(name)
         except KeyError:
@@ -281,19 +247,19 @@ class Simulator:
             raise UserError(f"activation '{name}' has {len(exps)} exponents; expected one")
         return int(exps[0])
 
-    def _dtype(self, name: str, default: np.dtype) -> np.dtype:
+    def dtype_of(self, name: str, default: np.dtype) -> np.dtype:
         try:
             dt = self.graph.value_info(name).dtype
         except KeyError:
             return np.dtype(default)
         return np.dtype(default) if dt is None else np.dtype(dt)
 
-    def _warn_once(self, node: Node, msg: str) -> None:
+    def warn_once(self, node: Node, msg: str) -> None:
         if node.name not in self._warned:
             self._warned.add(node.name)
             log.warn(f"node '{node.name}' ({node.op_type}): {msg}")
 
-    def _init(self, node: Node, index: int, what: str) -> np.ndarray:
+    def init(self, node: Node, index: int, what: str) -> np.ndarray:
         """A constant input of a node (an initializer), by position."""
         if index >= len(node.inputs) or not node.inputs[index]:
             raise UserError(f"node '{node.name}' ({node.op_type}) has no {what} input")
@@ -306,604 +272,38 @@ class Simulator:
         return self.graph.initializers[name].data
 
     def _compile(self, node: Node) -> Fn:
-        op = node.op_type
-        if op in ("Conv",):
-            return self._conv(node)
-        if op in ("Gemm", "MatMul"):
-            return self._gemm(node)
-        if op in ("Add", "Sub"):
-            return self._add(node)
-        if op == "Mul":
-            return self._mul(node)
-        if op in ("AveragePool", "GlobalAveragePool"):
-            return self._avgpool(node)
-        if op in ("MaxPool", "GlobalMaxPool"):
-            return self._maxpool(node)
-        if op == "Relu":
-            return self._relu(node)
-        if op == "RequantizeLinear":
-            return self._requantize(node)
-        if op == "QuantizeLinear":
-            return self._quantize(node)
-        if op == "DequantizeLinear":
-            return self._dequantize(node)
-        if op == "StreamingCache":
-            return self._streaming_cache(node)
-        if op == "Concat":
-            return self._concat(node)
-        if op == "Split":
-            return self._split(node)
-        if op == "Pad":
-            return self._pad(node)
-        if op == "Softmax":
-            return self._softmax(node)
-        if op == "Clip" and "lut" not in node.attrs:
-            return self._clip(node)
-        if op in DATA_MOVEMENT:
-            return self._movement(node)
-        if op in ELEMENTWISE or "lut" in node.attrs:
-            return self._elementwise(node)
-        raise UserError(
-            f"node '{node.name}': operator '{op}' is not supported by the simulator "
-            f"(supported: {', '.join(sorted(SUPPORTED))})"
-        )
+        """The node's function, from its operator module (`espstream.ops.registry`); a node
+        with a `lut` attribute is a table lookup whatever its type (ESP-DL's LUT path)."""
+        from espstream.ops import registry
 
-    # ---- operators -----------------------------------------------------------------------
-
-    def _activation(self, node: Node) -> bool:
-        act = node.attrs.get("activation", "Linear")
-        if isinstance(act, bytes):
-            act = act.decode()
-        if act not in ("Linear", "Relu"):
+        spec = registry.sim(node.op_type)
+        lookup = registry.table_lookup()
+        if spec is None and "lut" in node.attrs and lookup is not None:
+            return lookup(self, node)
+        if spec is None:
             raise UserError(
-                f"node '{node.name}' ({node.op_type}): fused activation '{act}' is not "
-                "supported (Linear, Relu)"
+                f"node '{node.name}': operator '{node.op_type}' is not supported by the "
+                f"simulator (supported: {', '.join(registry.simulated())})"
             )
-        return act == "Relu"
+        return spec.compile(self, node)
 
-    def _shift_and_bias(
-        self, node: Node, w_name: str, n_out: int
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Per-channel right shift e_out - e_in - e_w and the bias (checked at e_in + e_w)."""
-        e_in = self._exp(node.inputs[0])
-        e_out = self._exp(node.outputs[0])
-        w_exp = np.asarray(self.graph.initializers[w_name].exponents, np.int64)
-        if w_exp.size not in (1, n_out):
-            raise UserError(
-                f"node '{node.name}': weight '{w_name}' has {w_exp.size} exponents for "
-                f"{n_out} output channels"
-            )
-        w_exp = np.broadcast_to(w_exp, (n_out,))
-        shift = (e_out - e_in - w_exp).astype(np.int64)
-        bias = None
-        if len(node.inputs) > 2 and node.inputs[2]:
-            b_name = node.inputs[2]
-            bias = self._init(node, 2, "bias").reshape(-1)
-            if bias.size != n_out:
-                raise UserError(
-                    f"node '{node.name}': bias '{b_name}' has {bias.size} values for "
-                    f"{n_out} output channels"
-                )
-            b_exp = np.asarray(self.graph.initializers[b_name].exponents, np.int64)
-            if b_exp.size not in (1, n_out):
-                raise UserError(
-                    f"node '{node.name}': bias '{b_name}' has {b_exp.size} exponents for "
-                    f"{n_out} output channels"
-                )
-            b_exp = np.broadcast_to(b_exp, (n_out,))
-            if (
-                self.target == "esp32s3"
-                and bias.dtype == np.int32
-                and (bias.min() < -(2**19) or bias.max() >= 2**19)
-            ):
-                self._warn_once(node, f"bias '{b_name}' exceeds the 20 bits of esp32s3's bias")
-            want = e_in + w_exp
-            if not np.array_equal(b_exp, want):
-                k = int(np.flatnonzero(b_exp != want)[0])
-                raise UserError(
-                    f"node '{node.name}': bias '{b_name}' channel {k} has exponent "
-                    f"{int(b_exp[k])}, but ESP-DL adds it at e_in + e_w = {int(want[k])}"
-                )
-        return shift, bias
-
-    def _conv(self, node: Node) -> Fn:
-        w = self._init(node, 1, "weight")
-        group = int(node.attrs.get("group", 1))
-        nd = w.ndim - 2  # [W, C, N] (1-D) or [H, W, C, N] (2-D)
-        if nd not in (1, 2):
-            raise UserError(
-                f"node '{node.name}': Conv weight of shape {list(w.shape)} is not 1-D or 2-D"
-            )
-        if group > 1 and w.shape[-1] == 1 and w.shape[-2] % group == 0:
-            # depthwise [.., N, 1] -> [N, .., 1]
-            kw = np.moveaxis(w, -2, 0)
-        else:
-            # [.., C/g, N] -> [N, .., C/g]
-            kw = np.moveaxis(w, -1, 0)
-        kw = np.ascontiguousarray(kw)
-        n_out = kw.shape[0]
-        shift, bias = self._shift_and_bias(node, node.inputs[1], n_out)
-        relu = self._activation(node)
-        stride = _ints(node.attrs.get("strides", [1] * nd))
-        dilation = _ints(node.attrs.get("dilations", [1] * nd))
-        pads = _ints(node.attrs.get("pads", [0] * (2 * nd)))
-        if len(stride) != nd or len(dilation) != nd or len(pads) != 2 * nd:
-            raise UserError(
-                f"node '{node.name}': strides {stride}, dilations {dilation}, pads {pads} do "
-                f"not fit a {nd}-D Conv"
-            )
-        _check_window(node, w.shape[:nd], stride, dilation, pads)
-        if bias is not None:
-            bias = bias.astype(np.int64)
-        k = self.kernels
-        rounding = self.rounding
-        prepare = getattr(k, "conv_prepared", None)
-        if prepare is not None:  # checks the arguments once, not on every call
-            run = prepare(kw, bias, stride=stride, dilation=dilation, pads=pads, groups=group,
-                          shift=shift, rounding=rounding, relu=relu)
-            return lambda args: [run(args[0])]
-
-        def fn(args: list) -> list:
-            x = args[0]
-            return [
-                k.conv(x, kw, bias, stride=stride, dilation=dilation, pads=pads, groups=group,
-                       shift=shift, rounding=rounding, relu=relu)
-            ]  # fmt: skip
-
-        return fn
-
-    def _gemm(self, node: Node) -> Fn:
-        if node.op_type == "Gemm":
-            for a, default in (("alpha", 1.0), ("beta", 1.0), ("transA", 0), ("transB", 0)):
-                if float(node.attrs.get(a, default)) != default:
-                    raise UserError(
-                        f"node '{node.name}' (Gemm): {a}={node.attrs[a]} is not supported "
-                        f"(ESP-DL's Gemm has {a}={default})"
-                    )
-        relu = self._activation(node)
-        w_name = node.inputs[1] if len(node.inputs) > 1 else ""
-        if w_name in self.graph.initializers:
-            w = self.graph.initializers[w_name].data
-            if w.ndim < 2 or int(np.prod(w.shape[:-2])) != 1:
-                raise UserError(
-                    f"node '{node.name}': constant weight of shape {list(w.shape)} must be "
-                    "[.., C, N] with leading 1s"
-                )
-            w2 = w.reshape(w.shape[-2], w.shape[-1])  # [C, N]
-            kw = np.ascontiguousarray(w2.T[:, None, :])  # [N, kW=1, C]
-            shift, bias = self._shift_and_bias(node, w_name, w2.shape[1])
-            if bias is not None:
-                bias = bias.astype(np.int64)
-            k, rounding = self.kernels, self.rounding
-            prepare = getattr(k, "conv_prepared", None)
-            if prepare is not None:  # checks the arguments once, not on every call
-                conv = prepare(kw, bias, shift=shift, rounding=rounding, relu=relu)
-            else:
-                def conv(rows: np.ndarray) -> np.ndarray:
-                    return k.conv(rows, kw, bias, shift=shift, rounding=rounding, relu=relu)
-
-            def fn(args: list) -> list:
-                x = args[0]
-                if x.shape[-1] != kw.shape[2]:
-                    raise ValueError(
-                        f"input of shape {list(x.shape)} does not fit weight [C={kw.shape[2]}, N]"
-                    )
-                lead = x.shape[:-1]
-                rows = x.reshape(-1, x.shape[-1])  # [M, C] read as NWC with W = M
-                y = conv(rows)
-                return [y.reshape(*lead, kw.shape[0])]
-
-            return fn
-        if node.op_type != "MatMul":
-            raise UserError(f"node '{node.name}' (Gemm): its weight must be a constant initializer")
-        # MatMul of two activations: exact int64 products, one rounding shift.
-        e_out = self._exp(node.outputs[0])
-        shift = e_out - self._exp(node.inputs[0]) - self._exp(node.inputs[1])
-        dtype = self._dtype(node.outputs[0], np.int8)
-        rounding = self.rounding
-
-        def fn2(args: list) -> list:
-            from espstream.kernels.reference import round_shift
-
-            acc = np.matmul(args[0].astype(np.int64), args[1].astype(np.int64))
-            v = round_shift(acc, shift, rounding)
-            if relu:
-                v = np.maximum(v, 0)
-            return [_saturate(v, dtype)]
-
-        return fn2
-
-    def _add(self, node: Node) -> Fn:
-        e_out = self._exp(node.outputs[0])
-        for name in node.inputs[:2]:
-            e = self._exp(name) if name not in self.graph.initializers else self._init_exp(name)
-            if e != e_out:
-                raise UserError(
-                    f"node '{node.name}' ({node.op_type}): input '{name}' has exponent {e} but "
-                    f"the output has {e_out}; ESP-DL adds integers at one exponent (the "
-                    "exporter must insert a RequantizeLinear)"
-                )
-        sub = node.op_type == "Sub"
-        k = self.kernels
-
-        def fn(args: list) -> list:
-            a, b = args[0], args[1]
-            _check_broadcast(a.shape, b.shape)
-            if sub:
-                return [_saturate(a.astype(np.int64) - b.astype(np.int64), a.dtype)]
-            return [k.add(a, b)]
-
-        return fn
-
-    def _init_exp(self, name: str) -> int:
+    def init_exp(self, name: str) -> int:
         exps = self.graph.initializers[name].exponents
         if len(exps) != 1:
             raise UserError(f"constant '{name}' has {len(exps)} exponents; expected one")
         return int(exps[0])
 
-    def _mul(self, node: Node) -> Fn:
-        exps = [
-            self._init_exp(n) if n in self.graph.initializers else self._exp(n)
-            for n in node.inputs[:2]
-        ]
-        shift = self._exp(node.outputs[0]) - exps[0] - exps[1]
-        dtype = self._dtype(node.outputs[0], np.int8)
-        k, rounding = self.kernels, self.rounding
 
-        def fn(args: list) -> list:
-            _check_broadcast(args[0].shape, args[1].shape)
-            return [k.mul(args[0], args[1], shift, rounding=rounding, dtype=dtype)]
-
-        return fn
-
-    def _pool_params(self, node: Node):
-        kernel = _ints(node.attrs.get("kernel_shape", []))
-        nd = len(kernel)
-        if nd not in (1, 2):
-            raise UserError(
-                f"node '{node.name}' ({node.op_type}): kernel_shape {kernel} is not 1-D or 2-D"
-            )
-        if int(node.attrs.get("ceil_mode", 0)):
-            raise UserError(f"node '{node.name}' ({node.op_type}): ceil_mode=1 is not supported")
-        stride = _ints(node.attrs.get("strides", [1] * nd))
-        dilation = _ints(node.attrs.get("dilations", [1] * nd))
-        pads = _ints(node.attrs.get("pads", [0] * (2 * nd)))
-        if len(stride) != nd or len(dilation) != nd or len(pads) != 2 * nd:
-            raise UserError(
-                f"node '{node.name}' ({node.op_type}): strides {stride}, dilations {dilation}, "
-                f"pads {pads} do not fit a {nd}-D kernel"
-            )
-        _check_window(node, kernel, stride, dilation, pads)
-        return kernel, stride, dilation, pads
-
-    def _avgpool(self, node: Node) -> Fn:
-        e_in, e_out = self._exp(node.inputs[0]), self._exp(node.outputs[0])
-        k, rounding = self.kernels, self.rounding
-        if node.op_type == "GlobalAveragePool":
-
-            def gfn(args: list) -> list:
-                x = args[0]
-                kernel = list(x.shape[1:-1])  # [1, W, C] or [1, H, W, C]
-                y = k.avgpool(x, kernel, e_in=e_in, e_out=e_out, rounding=rounding)
-                return [y]
-
-            return gfn
-        kernel, stride, dilation, pads = self._pool_params(node)
-
-        def fn(args: list) -> list:
-            return [
-                k.avgpool(args[0], kernel, stride=stride, dilation=dilation, pads=pads,
-                          e_in=e_in, e_out=e_out, rounding=rounding)
-            ]  # fmt: skip
-
-        return fn
-
-    def _maxpool(self, node: Node) -> Fn:
-        self._same_exponent(node)
-        k = self.kernels
-        if node.op_type == "GlobalMaxPool":
-            return lambda args: [k.maxpool(args[0], list(args[0].shape[1:-1]))]
-        kernel, stride, dilation, pads = self._pool_params(node)
-        return lambda args: [
-            k.maxpool(args[0], kernel, stride=stride, dilation=dilation, pads=pads)
-        ]
-
-    def _relu(self, node: Node) -> Fn:
-        shift = self._exp(node.outputs[0]) - self._exp(node.inputs[0])
-        k, rounding = self.kernels, self.rounding
-
-        def fn(args: list) -> list:
-            y = np.maximum(args[0], 0).astype(args[0].dtype)
-            return [y if shift == 0 else k.requantize(y, shift, rounding=rounding)]
-
-        return fn
-
-    def _requantize(self, node: Node) -> Fn:
-        shift = self._exp(node.outputs[0]) - self._exp(node.inputs[0])
-        if len(node.inputs) > 2 and node.inputs[2] in self.graph.initializers:
-            zp = self.graph.initializers[node.inputs[2]].data
-            if np.any(zp != 0):
-                raise UserError(f"node '{node.name}' (RequantizeLinear): non-zero zero point")
-        k, rounding = self.kernels, self.rounding
-        dtype = self._dtype(node.outputs[0], np.int8)
-        return lambda args: [k.requantize(args[0], shift, rounding=rounding, dtype=dtype)]
-
-    def _quantize(self, node: Node) -> Fn:
-        e_out = self._exp(node.outputs[0])
-        dtype = self._dtype(node.outputs[0], np.int8)
-        rounding = self.rounding
-
-        def fn(args: list) -> list:
-            y = np.asarray(args[0], np.float32) / np.float32(2.0**e_out)
-            return [_saturate(_round_float(y, rounding), dtype)]
-
-        return fn
-
-    def _dequantize(self, node: Node) -> Fn:
-        e_in = self._exp(node.inputs[0])
-        return lambda args: [(args[0].astype(np.float32) * np.float32(2.0**e_in))]
-
-    def _streaming_cache(self, node: Node) -> Fn:
-        window = int(node.attrs.get("window_size", 1))
-        axis = int(node.attrs.get("frame_axis", 1))
-        if window < 1:
-            raise UserError(f"node '{node.name}' (StreamingCache): window_size {window} < 1")
-        self._same_exponent(node)
-        key, caches = node.name, self._caches
-        caches[key] = None  # None: all zeros, allocated on the first call (as the runtime does)
-
-        def fn(args: list) -> list:
-            x = args[0]
-            if not -x.ndim <= axis < x.ndim:
-                raise ValueError(f"frame_axis {axis} is outside a rank-{x.ndim} input")
-            ax = axis % x.ndim
-            out_shape = list(x.shape)
-            out_shape[ax] += window - 1
-            kept_shape = list(x.shape)
-            kept_shape[ax] = window - 1
-            kept = caches[key]
-            if kept is None:
-                kept = np.zeros(kept_shape, x.dtype)
-            elif list(kept.shape) != kept_shape or kept.dtype != x.dtype:
-                raise ValueError(
-                    f"the chunk changed from {kept.dtype} frames of shape {list(kept.shape)} to "
-                    f"{x.dtype} {list(x.shape)} between calls; reset() first"
-                )
-            # Byte-flat, as the runtime: [kept ; chunk], then keep the tail of that output.
-            flat = np.concatenate([kept.reshape(-1), x.reshape(-1)])
-            caches[key] = flat[x.size :].reshape(kept_shape).copy()
-            return [flat.reshape(out_shape)]
-
-        return fn
-
-    def _split(self, node: Node) -> Fn:
-        axis = int(node.attrs.get("axis", 0))
-        self._same_exponent(node)
-        sizes = None
-        if len(node.inputs) > 1 and node.inputs[1]:
-            sizes = [int(v) for v in self._init(node, 1, "split").reshape(-1)]
-        elif "split" in node.attrs:
-            sizes = _ints(node.attrs["split"])
-        n_out = len(node.outputs)
-
-        def fn(args: list) -> list:
-            x = args[0]
-            dim = x.shape[axis]
-            parts = sizes
-            if parts is None:
-                if dim % n_out:
-                    raise ValueError(f"{dim} does not split into {n_out} equal parts")
-                parts = [dim // n_out] * n_out
-            if sum(parts) != dim or len(parts) != n_out:
-                raise ValueError(f"split {parts} does not fit {n_out} outputs of axis size {dim}")
-            return [np.ascontiguousarray(p) for p in np.split(x, np.cumsum(parts)[:-1], axis=axis)]
-
-        return fn
-
-    def _pad(self, node: Node) -> Fn:
-        """Pad in the runtime layout: pads [begin per axis..., end per axis...]; constant mode
-        fills with the constant input (an integer at the input's exponent) or 0."""
-        self._same_exponent(node)
-        pads = [int(v) for v in self._init(node, 1, "pads").reshape(-1)]
-        mode = node.attrs.get("mode", "constant")
-        mode = mode.decode() if isinstance(mode, bytes) else mode
-        if mode not in ("constant", "reflect", "edge"):
-            raise UserError(f"node '{node.name}' (Pad): mode '{mode}' is not supported")
-        value = 0
-        if len(node.inputs) > 2 and node.inputs[2]:
-            value = int(self._init(node, 2, "constant value").reshape(-1)[0])
-        if min(pads) < 0:
-            raise UserError(f"node '{node.name}' (Pad): negative pads {pads} are not supported")
-
-        def fn(args: list) -> list:
-            x = args[0]
-            if len(pads) != 2 * x.ndim:
-                raise ValueError(f"{len(pads)} pads for a rank-{x.ndim} input")
-            width = list(zip(pads[: x.ndim], pads[x.ndim :], strict=True))
-            if mode == "constant":
-                return [np.pad(x, width, constant_values=value)]
-            return [np.pad(x, width, mode=mode)]
-
-        return fn
-
-    def _softmax(self, node: Node) -> Fn:
-        """Softmax on the real values in float32; ESP-DL's Softmax outputs float, which is not
-        bit-exact to the chip's float library (the integer parts of a model are)."""
-        e_in = self._exp(node.inputs[0])
-        axis = int(node.attrs.get("axis", -1))
-
-        def fn(args: list) -> list:
-            x = args[0].astype(np.float32) * np.float32(2.0**e_in)
-            z = np.exp(x - x.max(axis=axis, keepdims=True))
-            return [(z / z.sum(axis=axis, keepdims=True)).astype(np.float32)]
-
-        return fn
-
-    def _clip(self, node: Node) -> Fn:
-        """A Clip without a table (16 bits): min / max inputs are integers at the input's
-        exponent; the output takes the input's exponent."""
-        shift = self._exp(node.outputs[0]) - self._exp(node.inputs[0])
-        lo = (
-            self._init(node, 1, "min").reshape(-1)[0]
-            if len(node.inputs) > 1 and node.inputs[1]
-            else None
-        )
-        hi = (
-            self._init(node, 2, "max").reshape(-1)[0]
-            if len(node.inputs) > 2 and node.inputs[2]
-            else None
-        )
-        k, rounding = self.kernels, self.rounding
-
-        def fn(args: list) -> list:
-            y = np.clip(args[0], lo, hi).astype(args[0].dtype)
-            return [y if shift == 0 else k.requantize(y, shift, rounding=rounding)]
-
-        return fn
-
-    def _concat(self, node: Node) -> Fn:
-        axis = int(node.attrs.get("axis", 0))
-        self._same_exponent(node, all_inputs=True)
-
-        def fn(args: list) -> list:
-            return [np.concatenate([a for a in args if a is not None], axis=axis)]
-
-        return fn
-
-    def _movement(self, node: Node) -> Fn:
-        self._same_exponent(node)
-        op = node.op_type
-        if op == "Identity":
-            return lambda args: [args[0].copy()]
-        if op == "Transpose":
-            perm = node.attrs.get("perm")
-            return lambda args: [
-                np.ascontiguousarray(np.transpose(args[0], None if perm is None else _ints(perm)))
-            ]
-        if op == "Flatten":
-            axis = int(node.attrs.get("axis", 1))
-
-            def flatten(args: list) -> list:
-                x = args[0]
-                a = axis % x.ndim if x.ndim else 0
-                return [x.reshape(int(np.prod(x.shape[:a])), int(np.prod(x.shape[a:])))]
-
-            return flatten
-        if op == "Reshape":
-            shape = [int(v) for v in self._init(node, 1, "shape").reshape(-1)]
-            if int(node.attrs.get("allowzero", 0)):
-                return lambda args: [args[0].reshape(shape)]
-            return lambda args: [args[0].reshape(_onnx_reshape(args[0].shape, shape))]
-        if op == "Gather":
-            idx = self._init(node, 1, "indices").astype(np.int64)
-            g_axis = int(node.attrs.get("axis", 0))
-
-            def gather(args: list) -> list:
-                x = args[0]
-                i = np.where(idx < 0, idx + x.shape[g_axis], idx)
-                return [np.ascontiguousarray(np.take(x, i, axis=g_axis))]
-
-            return gather
-        if op in ("Squeeze", "Unsqueeze"):
-            if len(node.inputs) > 1 and node.inputs[1]:
-                axes = [int(v) for v in self._init(node, 1, "axes").reshape(-1)]
-            else:
-                axes = _ints(node.attrs.get("axes", [])) or None
-            if op == "Squeeze":
-                return lambda args: [
-                    np.squeeze(args[0], axis=None if axes is None else tuple(axes))
-                ]
-            if axes is None:
-                raise UserError(f"node '{node.name}' (Unsqueeze) has no axes")
-            return lambda args: [np.expand_dims(args[0], tuple(axes))]
-        if op == "Slice":
-            return self._slice(node)
-        raise AssertionError(op)
-
-    def _slice(self, node: Node) -> Fn:
-        starts = [int(v) for v in self._init(node, 1, "starts").reshape(-1)]
-        ends = [int(v) for v in self._init(node, 2, "ends").reshape(-1)]
-        axes = (
-            [int(v) for v in self._init(node, 3, "axes").reshape(-1)]
-            if len(node.inputs) > 3 and node.inputs[3]
-            else list(range(len(starts)))
-        )
-        steps = (
-            [int(v) for v in self._init(node, 4, "steps").reshape(-1)]
-            if len(node.inputs) > 4 and node.inputs[4]
-            else [1] * len(starts)
-        )
-        if not len(starts) == len(ends) == len(axes) == len(steps):
-            raise UserError(f"node '{node.name}' (Slice): starts/ends/axes/steps lengths differ")
-        if 0 in steps:
-            raise UserError(f"node '{node.name}' (Slice): a step of 0")
-
-        def fn(args: list) -> list:
-            x = args[0]
-            index = [slice(None)] * x.ndim
-            for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
-                if not -x.ndim <= a < x.ndim:
-                    raise ValueError(f"axis {a} is outside a rank-{x.ndim} input")
-                dim = x.shape[a]
-                index[a] = slice(*_onnx_slice_bounds(s, e, st, dim))
-            return [np.ascontiguousarray(x[tuple(index)])]
-
-        return fn
-
-    def _elementwise(self, node: Node) -> Fn:
-        e_in, e_out = self._exp(node.inputs[0]), self._exp(node.outputs[0])
-        lut_name = node.attrs.get("lut")
-        if isinstance(lut_name, bytes):
-            lut_name = lut_name.decode()
-        if lut_name:
-            if lut_name not in self.graph.initializers:
-                raise UserError(f"node '{node.name}': lookup table '{lut_name}' is not in the file")
-            table = self.graph.initializers[lut_name].data.reshape(-1)
-            if table.size != 256 or table.dtype != np.int8:
-                raise UserError(
-                    f"node '{node.name}': lookup table '{lut_name}' must be 256 int8 values, "
-                    f"got {table.size} {table.dtype}"
-                )
-
-            def lut(args: list) -> list:
-                x = args[0]
-                if x.dtype != np.int8:
-                    raise ValueError(f"a 256-entry table needs int8 input, got {x.dtype}")
-                return [table[x.astype(np.int16) + 128]]
-
-            return lut
-        if node.op_type not in ELEMENTWISE:
-            raise UserError(f"node '{node.name}': operator '{node.op_type}' is not supported")
-        f = ELEMENTWISE[node.op_type]
-        dtype = self._dtype(node.outputs[0], np.int8)
-        rounding = self.rounding
-
-        def compute(q: np.ndarray) -> np.ndarray:
-            with np.errstate(over="ignore"):
-                y = f(q.astype(np.float64) * 2.0**e_in, node) * 2.0**-e_out
-            y = np.nan_to_num(y, posinf=1e9, neginf=-1e9)
-            return _saturate(_round_float(y, rounding), dtype)
-
-        table8 = compute(np.arange(-128, 128)) if dtype == np.int8 else None
-
-        def fn(args: list) -> list:
-            x = args[0]
-            if x.dtype == np.int8 and table8 is not None:
-                return [table8[x.astype(np.int16) + 128]]
-            return [compute(x)]
-
-        return fn
-
-    def _same_exponent(self, node: Node, all_inputs: bool = False) -> None:
+    def same_exponent(self, node: Node, all_inputs: bool = False) -> None:
         """Data movement copies values: warn when the file says the exponent changes."""
         try:
-            e_out = self._exp(node.outputs[0])
+            e_out = self.exp(node.outputs[0])
             names = node.inputs if all_inputs else node.inputs[:1]
             for name in names:
-                if name and name not in self.graph.initializers and self._exp(name) != e_out:
-                    self._warn_once(
+                if name and name not in self.graph.initializers and self.exp(name) != e_out:
+                    self.warn_once(
                         node,
-                        f"input '{name}' has exponent {self._exp(name)} but the output has "
+                        f"input '{name}' has exponent {self.exp(name)} but the output has "
                         f"{e_out}; the runtime copies the values unchanged",
                     )
         except UserError:
@@ -947,20 +347,12 @@ def run_chunks(
     return out
 
 
-SUPPORTED = (
-    "Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "AveragePool", "GlobalAveragePool",
-    "MaxPool", "GlobalMaxPool", "Relu", "RequantizeLinear", "QuantizeLinear",
-    "DequantizeLinear", "StreamingCache", "Concat", "Split", "Pad", "Softmax", "Clip",
-    *DATA_MOVEMENT, *ELEMENTWISE,
-)  # fmt: skip
-
-
 #: Bound on a window's pads, stride and span: far beyond any model ESP-DL runs, and small
 #: enough that a corrupt file cannot make a kernel allocate an absurd output.
 MAX_WINDOW = 1 << 16
 
 
-def _check_window(node: Node, kernel, stride, dilation, pads) -> None:
+def check_window(node: Node, kernel, stride, dilation, pads) -> None:
     """Refuse window parameters no real model has (a corrupt file's, usually)."""
     span = [int(d) * (int(k) - 1) + 1 for k, d in zip(kernel, dilation, strict=True)]
     ok = (all(1 <= int(v) <= MAX_WINDOW for v in (*stride, *dilation, *kernel))
@@ -973,13 +365,13 @@ def _check_window(node: Node, kernel, stride, dilation, pads) -> None:
         )
 
 
-def _ints(v) -> list[int]:
+def ints(v) -> list[int]:
     if isinstance(v, (int, np.integer)):
         return [int(v)]
     return [int(x) for x in v]
 
 
-def _check_broadcast(a: Sequence[int], b: Sequence[int]) -> None:
+def check_broadcast(a: Sequence[int], b: Sequence[int]) -> None:
     """ONNX multidirectional broadcasting; ESP-DL's runtime does not check it (it takes the
     larger size per axis and reads past the shorter buffer), so a mismatch is refused here."""
     for x, y in zip(reversed(a), reversed(b), strict=False):
@@ -990,7 +382,7 @@ def _check_broadcast(a: Sequence[int], b: Sequence[int]) -> None:
             )
 
 
-def _onnx_reshape(shape: tuple[int, ...], target: list[int]) -> list[int]:
+def onnx_reshape(shape: tuple[int, ...], target: list[int]) -> list[int]:
     out = [shape[i] if v == 0 and i < len(shape) else v for i, v in enumerate(target)]
     if out.count(-1) > 1:
         raise ValueError(f"reshape target {target} has more than one -1")
@@ -1005,7 +397,7 @@ def _onnx_reshape(shape: tuple[int, ...], target: list[int]) -> list[int]:
     return out
 
 
-def _onnx_slice_bounds(start: int, end: int, step: int, dim: int) -> tuple[int, int | None, int]:
+def onnx_slice_bounds(start: int, end: int, step: int, dim: int) -> tuple[int, int | None, int]:
     """ONNX Slice clamping of one axis, as a Python slice (start, stop, step)."""
     if start < 0:
         start += dim

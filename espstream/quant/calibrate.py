@@ -78,7 +78,6 @@ from espstream.quant.plan import (
     Plan,
     check_float_model,
     constants_to_initializers,
-    gemm_weight_bias,
     make_plan,
     name_nodes,
 )
@@ -397,6 +396,8 @@ class _Rewriter:
         cache: dict[tuple, gs.Variable] = {}
         for name, info in self.plan.gemms.items():
             node, onode = nodes[name], self.onnx_nodes[name]
+            from espstream.ops._linear import gemm_weight_bias
+
             w, b, cout = gemm_weight_bias(onode, self.inits)
             axis = info.channel_axis if self.per_channel else None
             w_e = weight_exponents(w, axis, self.bits, self.weight_method)
