@@ -59,7 +59,8 @@ def test_readme_operator_table_is_the_registry() -> None:
     text = (ROOT / "README.md").read_text()
     m = re.search(r"<!-- ops-table -->\n(.*?)<!-- /ops-table -->", text, re.S)
     assert m, "README.md has no generated operator table"
-    assert m.group(1) == readme_table()
+    assert m.group(1) == readme_table(), ("README's operator table is not the registry's: "
+                                          "python tests/ops/test_registry_coverage.py --write")
 
 
 def readme_table() -> str:
@@ -87,4 +88,11 @@ def test_ops_command_prints_and_writes_json(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    print(readme_table(), end="")
+    if "--write" in sys.argv:  # regenerate README.md's table after adding an operator
+        readme = ROOT / "README.md"
+        text = re.sub(r"(<!-- ops-table -->\n).*?(<!-- /ops-table -->)",
+                      lambda m: m.group(1) + readme_table() + m.group(2), readme.read_text(),
+                      flags=re.S)
+        readme.write_text(text)
+    else:
+        print(readme_table(), end="")
