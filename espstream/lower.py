@@ -2,6 +2,8 @@
 
 `lower(model, target=None)` reads the QDQ contract stated in `espstream.quant.calibrate` and
 writes what ESP-PPQ's exporter writes for the same structures (tests/data/esp-ppq fixtures).
+This module holds the contract and the mechanics (Q/DQ folding, names, layouts, requantize);
+each operator's lowering lives in its module of `espstream.ops`, found through the registry.
 
 Rules:
 1. Refusals first: a model with no QuantizeLinear / DequantizeLinear is a float model (calibrate

@@ -4,7 +4,8 @@
 runtime layout (NWC / NHWC, batch 1), each activation carrying the exponent its ValueInfo gives
 (real = q * 2**e), StreamingCache state kept across `run()` calls until `reset()`.
 `trace()` returns every intermediate tensor, for finding the first layer where a host result
-and a device result part.
+and a device result part. Each ESP-DL operator's arithmetic lives in its module of
+`espstream.ops` (found through the registry); this module is the interpreter around them.
 
 Arithmetic (ESPDL.md section 4; the target comes from `graph.target`, else the model's
 `espstream.target` metadata, else the `target=` argument):

@@ -1,4 +1,8 @@
-"""The per-operator streaming rules.
+"""The streaming rules' mechanics, the rules several operators share, and the dispatch.
+
+Each operator's rule is named by its module of `espstream.ops` (`OpSpec.stream`); the rules
+that belong to one operator live there, the shared ones (windows, pointwise, broadcast,
+reductions, normalizations) here. `apply_rule` dispatches through the registry.
 
 Each rule reads the offline node and what its inputs carry along time (see `axes`), decides
 what its outputs carry, and records what the rewrite must do: a window of past frames on an
