@@ -80,3 +80,10 @@ schema:
 
 clean:
 	rm -rf $(OUT) build *.egg-info espstream/kernels/_int8.c espstream/kernels/*.so
+
+# ESP-DL's operator test configurations (tools/ops_test/config/op_cfg.toml, not committed here)
+# exported by ESP-PPQ with test values into tests/data/ops-suite/ (issue 13; see its README.md).
+OPS_CFG ?= ../shared/espdl-ops/op_cfg.toml
+.PHONY: ops-suite
+ops-suite: bench-ppq-env
+	$(PPQ_VENV)/bin/python tools/ops_suite/generate.py $(OPS_CFG) -o tests/data/ops-suite

@@ -1,0 +1,211 @@
+"""Which configurations of ESP-DL's op_cfg.toml the suite keeps, and why.
+
+Every configuration gets a *signature*: what it exercises, with the pure sizes taken out. The
+signature holds
+- every attribute of the configuration (kernel, stride, padding, axes, mode, activation, ...),
+  except the keys that only give sizes (SIZE_KEYS);
+- the rank of each input (and of a constant operand given as `input_weight_shape`);
+- for two or more operands, the broadcast kind of every dimension (right-aligned): `=` same
+  size, `<` the first operand is 1 (broadcast), `>` the second is 1, `.` one operand has no
+  such dimension; a dimension of 1 in both is `1`;
+- the alignment class of the innermost size (16 / 8 / other: ESP-DL's SIMD kernels take other
+  code paths on unaligned sizes, and the list pairs such configurations, e.g. 48 against 49);
+  for a convolution or pooling, of the channels (innermost in ESP-DL's NHWC layout);
+- operator facts that the sizes hide: depthwise convolution (groups > 1), the channel alignment
+  classes of a convolution, a PRelu slope per channel or shared.
+Configurations with the same signature exercise the same code path; the suite keeps the one with
+the fewest elements (inputs plus constants; ties: the first in the file).
+
+Then `shrink` makes a kept configuration smaller where its sizes are free (`SHRINK`), keeping the
+signature: a dimension of 1 stays 1, every other free dimension becomes at most 3 (the same
+dimension of two operands shrinks alike, so the broadcast kind holds), the innermost dimension
+(alignment), a reduced / concatenated / softmax axis and the channels of a convolution are kept;
+the spatial size of a convolution or pooling keeps its kernel, stride, padding and the remainder
+of its last window, with at most 3 outputs per axis. A shrunk configuration records the sizes it
+came from (`shrunk_from`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+#: keys that only give sizes (the shapes are summarized by rank / broadcast / alignment)
+SIZE_KEYS = {
+    "input_shape", "export_name_prefix", "in_channels", "out_channels", "in_features",
+    "out_features", "hidden_size", "input_weight_shape", "num_parameters", "indices_shape",
+    "sequence_lens", "dispatch_table",
+}
+
+
+def shapes(cfg: dict) -> list[list[int]]:
+    """The configuration's input shapes (one list per graph input)."""
+    s = cfg["input_shape"]
+    return [list(x) for x in s] if s and isinstance(s[0], list) else [list(s)]
+
+
+def operands(cfg: dict) -> list[list[int]]:
+    """Graph inputs plus a constant operand, in operand order."""
+    xs = shapes(cfg)
+    w = cfg.get("input_weight_shape")
+    if w and cfg.get("input0_is_weight"):
+        return [list(w), *xs]
+    if w and cfg.get("input1_is_weight"):
+        return [*xs, list(w)]
+    return xs
+
+
+def align(n: int) -> str:
+    return "a16" if n % 16 == 0 else "a8" if n % 8 == 0 else "odd"
+
+
+def broadcast_kind(a: list[int], b: list[int]) -> str:
+    n = max(len(a), len(b))
+    a2 = [None] * (n - len(a)) + list(a)
+    b2 = [None] * (n - len(b)) + list(b)
+    out = []
+    for x, y in zip(a2, b2):
+        if x is None or y is None:
+            out.append(".")
+        elif x == y:
+            out.append("1" if x == 1 else "=")
+        elif x == 1:
+            out.append("<")
+        elif y == 1:
+            out.append(">")
+        else:
+            out.append("?")
+    return "".join(out)
+
+
+def elements(cfg: dict) -> int:
+    return sum(math.prod(s) for s in operands(cfg))
+
+
+def signature(op: str, cfg: dict) -> tuple:
+    attrs = tuple(sorted((k, repr(v)) for k, v in cfg.items() if k not in SIZE_KEYS))
+    ops = operands(cfg)
+    facts: list[Any] = [("ranks", tuple(len(s) for s in ops))]
+    if len(ops) >= 2 and op not in ("Concat", "MatMul", "ScatterND"):
+        facts.append(("broadcast", broadcast_kind(ops[0], ops[1])))
+    if op == "MatMul":
+        # the batch dimensions broadcast; the last two are the product's (M, K) x (K, N)
+        a, b = ops[0][:-2], ops[1][:-2]
+        facts.append(("batch", broadcast_kind(a, b) if a or b else ""))
+    if op == "Concat":
+        facts.append(("axis_size_equal", ops[0][cfg["axis"]] == ops[1][cfg["axis"]]))
+    if op in ("Conv", "ConvTranspose", "AveragePool", "MaxPool", "GlobalAveragePool",
+              "Requantize"):
+        facts.append(("channels", align(ops[0][1])))  # the innermost dim of ESP-DL's NHWC
+    else:
+        facts.append(("inner", align(max(ops, key=math.prod)[-1])))
+    if op in ("Conv", "ConvTranspose"):
+        facts.append(("depthwise", cfg["groups"] > 1))
+        facts.append(("cin", align(cfg["in_channels"])))
+        facts.append(("cout", align(cfg["out_channels"])))
+    if op == "PRelu":
+        facts.append(("per_channel", cfg["num_parameters"] > 1))
+    if op == "Requantize":
+        facts.append(("dispatch", repr(sorted(cfg.get("dispatch_table", {}).items()))))
+    if op in ("GRU", "LSTM"):
+        facts.append(("hidden", align(cfg["hidden_size"])))
+    return attrs + tuple(facts)
+
+
+def select(op: str, cfgs: list[dict]) -> list[tuple[int, dict, list[int]]]:
+    """[(index of the kept configuration, the configuration, indices it stands for)]."""
+    groups: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        groups.setdefault(signature(op, cfg), []).append(i)
+    kept = []
+    for members in groups.values():
+        best = min(members, key=lambda i: (elements(cfgs[i]), i))
+        kept.append((best, cfgs[best], members))
+    return sorted(kept, key=lambda t: t[0])
+
+
+#: operators whose sizes may shrink, and how: "free" (every non-innermost dim), "window"
+#: (spatial dims of a conv / pool), "keep-axis" (free except the axis named by `axis` / `dim`)
+SHRINK = {
+    **{op: "free" for op in (
+        "Add", "Sub", "Mul", "Div", "Sigmoid", "Tanh", "Relu", "LeakyRelu", "HardSigmoid",
+        "HardSwish", "Exp", "Log", "Sqrt", "Neg", "Swish", "Elu", "Clip", "Greater",
+        "GreaterOrEqual", "Equal", "Less", "LessOrEqual", "Pow", "Mod")},
+    "PRelu": "keep-channels",
+    "Softmax": "keep-axis", "LogSoftmax": "keep-axis", "Concat": "keep-axis",
+    "LpNormalization": "keep-axis", "Transpose": "free",
+    "Conv": "window", "AveragePool": "window", "MaxPool": "window",
+    "Requantize": "requantize",
+}
+
+#: shrink only configurations larger than this many elements
+BIG = 1024
+
+
+def _free_dims(op: str, cfg: dict, rank: int) -> set[int]:
+    """Dimensions (0-based, of an operand of `rank`) that may shrink."""
+    kind = SHRINK[op]
+    dims = set(range(rank - 1))  # never the innermost
+    if kind == "keep-axis":
+        axis = cfg.get("axis", cfg.get("dim"))
+        dims.discard(axis % rank)
+    if kind == "keep-channels" and rank >= 2:
+        dims.discard(1)
+    return dims
+
+
+def _window(n: int, k: int, s: int, p: int, d: int) -> int:
+    eff = d * (k - 1) + 1
+    out = (n + 2 * p - eff) // s + 1
+    m = n - s * (out - min(out, 3))
+    while m < 1:  # wide padding: at most 3 outputs would leave no input
+        m += s
+    return m
+
+
+def shrink(op: str, cfg: dict) -> dict:
+    if op not in SHRINK or elements(cfg) <= BIG:
+        return cfg
+    new = dict(cfg)
+    kind = SHRINK[op]
+    if kind == "window":
+        x = list(cfg["input_shape"])
+        sp = len(x) - 2
+
+        def per_axis(key, default):
+            v = cfg.get(key, default)
+            return list(v) if isinstance(v, list) else [v] * sp
+
+        k, s = per_axis("kernel_size", 1), per_axis("stride", 1)
+        p, d = per_axis("padding", 0), per_axis("dilation", 1)
+        for i in range(sp):
+            x[2 + i] = _window(x[2 + i], k[i], s[i], p[i], d[i])
+        new["input_shape"] = x
+    elif kind == "requantize":
+        x = list(cfg["input_shape"])
+        new["input_shape"] = x[:2] + [min(v, 8) for v in x[2:]]
+    else:
+        ops = operands(cfg)
+        n = max(len(o) for o in ops)
+        out = []
+        for o in ops:
+            off = n - len(o)
+            free = _free_dims(op, cfg, len(o))
+            out.append([min(v, 3) if (i in free and v > 1 and i + off != n - 1) else v
+                        for i, v in enumerate(o)])
+        w = cfg.get("input_weight_shape")
+        if w and cfg.get("input0_is_weight"):
+            new["input_weight_shape"], rest = out[0], out[1:]
+        elif w and cfg.get("input1_is_weight"):
+            new["input_weight_shape"], rest = out[-1], out[:-1]
+        else:
+            rest = out
+        new["input_shape"] = rest if isinstance(cfg["input_shape"][0], list) else rest[0]
+    if new["input_shape"] == cfg["input_shape"] and new.get("input_weight_shape") == cfg.get(
+            "input_weight_shape"):
+        return cfg
+    assert signature(op, new) == signature(op, cfg), (op, cfg, new)
+    new["shrunk_from"] = {"input_shape": cfg["input_shape"],
+                          **({"input_weight_shape": cfg["input_weight_shape"]}
+                             if "input_weight_shape" in cfg else {})}
+    return new
