@@ -21,8 +21,10 @@ signature: a dimension of 1 stays 1, every other free dimension becomes at most 
 dimension of two operands shrinks alike, so the broadcast kind holds), the innermost dimension
 (alignment), a reduced / concatenated / softmax axis and the channels of a convolution are kept;
 the spatial size of a convolution or pooling keeps its kernel, stride, padding and the remainder
-of its last window, with at most 3 outputs per axis. A shrunk configuration records the sizes it
-came from (`shrunk_from`).
+of its last window, with at most 3 outputs per axis; the channels of a convolution, pooling or
+resize above 32 become 16 + (channels mod 16), which keeps their alignment class and the
+remainder ESP-DL's unaligned loops see. A shrunk configuration records the sizes it came from
+(`shrunk_from`).
 """
 
 from __future__ import annotations
@@ -135,6 +137,7 @@ SHRINK = {
     "Softmax": "keep-axis", "LogSoftmax": "keep-axis", "Concat": "keep-axis",
     "LpNormalization": "keep-axis", "Transpose": "free",
     "Conv": "window", "AveragePool": "window", "MaxPool": "window",
+    "GlobalAveragePool": "channels", "Resize": "channels",
     "Requantize": "requantize",
 }
 
@@ -163,13 +166,29 @@ def _window(n: int, k: int, s: int, p: int, d: int) -> int:
     return m
 
 
+def fewer_channels(c: int) -> int:
+    return 16 + c % 16 if c > 32 else c
+
+
 def shrink(op: str, cfg: dict) -> dict:
     if op not in SHRINK or elements(cfg) <= BIG:
         return cfg
     new = dict(cfg)
     kind = SHRINK[op]
-    if kind == "window":
+    if kind in ("window", "channels"):
         x = list(cfg["input_shape"])
+        x[1] = fewer_channels(x[1])
+        if op == "Conv":
+            new["in_channels"] = x[1]
+            new["out_channels"] = fewer_channels(cfg["out_channels"])
+            if cfg["groups"] > 1:
+                new["groups"] = x[1]
+        if op == "Resize" and cfg.get("conv"):
+            new["in_features"] = x[1]
+            new["out_features"] = fewer_channels(cfg["out_features"])
+    if kind == "channels":
+        new["input_shape"] = x
+    elif kind == "window":
         sp = len(x) - 2
 
         def per_axis(key, default):
@@ -201,11 +220,8 @@ def shrink(op: str, cfg: dict) -> dict:
         else:
             rest = out
         new["input_shape"] = rest if isinstance(cfg["input_shape"][0], list) else rest[0]
-    if new["input_shape"] == cfg["input_shape"] and new.get("input_weight_shape") == cfg.get(
-            "input_weight_shape"):
+    if new == cfg:
         return cfg
     assert signature(op, new) == signature(op, cfg), (op, cfg, new)
-    new["shrunk_from"] = {"input_shape": cfg["input_shape"],
-                          **({"input_weight_shape": cfg["input_weight_shape"]}
-                             if "input_weight_shape" in cfg else {})}
+    new["shrunk_from"] = {k: v for k, v in cfg.items() if new.get(k) != v}
     return new

@@ -12,8 +12,10 @@ configurations `choose.select` names (the smallest one per distinct code path) m
 `c`, 8 and 16 bits (as far as the configuration's `quant_bits` allows), writing
 `<op>/<config>/<target>_<bits>.espdl`. ESP-PPQ's settings are those of ESP-DL's own generator
 (`QuantizationSettingFactory.espdl_setting()`, dispatcher "allin", the configuration's
-`dispatch_table`, `int16_lut_step=1`, the meta section's `calib_steps` random calibration
-samples, batch 1). Seeds: every configuration's weights, calibration samples and test input come
+`dispatch_table`, the meta section's `calib_steps` random calibration samples, batch 1), except
+the int16 lookup tables: ESP-DL's generator asks for `int16_lut_step=1` (a 65536-entry, 128 KB
+table per int16 activation, even a ReLU); the suite keeps ESP-PPQ's default step (a 257-entry
+table, or the step ESP-PPQ's LUT fusion stamps on the operator), which ESP-DL reads as well. Seeds: every configuration's weights, calibration samples and test input come
 from `torch.manual_seed(crc32("<op>/<config>"))`, the same for all its exports.
 
 The exports run in worker processes (one operator per worker, `--jobs` at a time); an export
@@ -174,7 +176,7 @@ def worker(out_dir: Path, meta: dict, tasks: list[dict]) -> None:
                     target=target, num_of_bits=bits, collate_fn=collate, setting=setting,
                     device="cpu", error_report=False, skip_export=False,
                     export_test_values=True, export_config=True, verbose=0,
-                    int16_lut_step=1, metadata_props={"target": target})
+                    metadata_props={"target": target})
                 if not dst.exists():
                     raise RuntimeError("ESP-PPQ returned without writing the .espdl file")
                 shutil.copyfile(dst, case_dir / f"{target}_{bits}.espdl")
