@@ -8,9 +8,9 @@ ESP-PPQ file for the target and bits: `espstream.quant.calibrate.calibrate_model
 normal samples, seed 0) and `espstream.export.export_model` on its `model.onnx`, then reads both
 `.espdl` files with `espstream.espdl.read` and compares the node sequences (ESP-DL operator
 types in order) and, where the sequences agree, each node's attributes (initializer values and
-layouts are not compared). Prints one line per configuration: `same`, `differs: ...`, or `espstream refuses:
-<first line>`; and a count per operator. The exponents differ by design (different calibration),
-so they are not compared.
+layouts are not compared). Prints one line per configuration: `same`, `differs: ...`, or
+`espstream refuses: <first line>`; and a count per operator. The exponents differ by design
+(another calibration), so they are not compared.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def compare(ppq_path: Path, onnx_path: Path, target: str, bits: int) -> str:
     if ta != tb:
         return f"differs: nodes espstream {ta} / ESP-PPQ {tb}"
     diffs = []
-    for i, ((t, x), (_, y)) in enumerate(zip(a, b)):
+    for i, ((t, x), (_, y)) in enumerate(zip(a, b, strict=True)):
         for k in sorted(set(x) | set(y)):
             if x.get(k) != y.get(k):
                 diffs.append(f"{t}#{i}.{k}: espstream {x.get(k)!r} / ESP-PPQ {y.get(k)!r}")
