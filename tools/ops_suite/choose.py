@@ -66,7 +66,7 @@ def broadcast_kind(a: list[int], b: list[int]) -> str:
     a2 = [None] * (n - len(a)) + list(a)
     b2 = [None] * (n - len(b)) + list(b)
     out = []
-    for x, y in zip(a2, b2):
+    for x, y in zip(a2, b2, strict=True):
         if x is None or y is None:
             out.append(".")
         elif x == y:
@@ -99,6 +99,8 @@ def signature(op: str, cfg: dict) -> tuple:
     if op in ("Conv", "ConvTranspose", "AveragePool", "MaxPool", "GlobalAveragePool",
               "Requantize"):
         facts.append(("channels", align(ops[0][1])))  # the innermost dim of ESP-DL's NHWC
+    elif op == "MatMul":  # the innermost dims of the product: K (of A) and N (of B)
+        facts.append(("inner", (align(ops[0][-1]), align(ops[1][-1]))))
     else:
         facts.append(("inner", align(max(ops, key=math.prod)[-1])))
     if op in ("Conv", "ConvTranspose"):
@@ -138,6 +140,7 @@ SHRINK = {
     "LpNormalization": "keep-axis", "Transpose": "free",
     "Conv": "window", "AveragePool": "window", "MaxPool": "window",
     "GlobalAveragePool": "channels", "Resize": "channels",
+    "ConvTranspose": "transpose", "MatMul": "matmul", "Pad": "pad",
     "Requantize": "requantize",
 }
 
@@ -170,15 +173,46 @@ def fewer_channels(c: int) -> int:
     return 16 + c % 16 if c > 32 else c
 
 
+def _matmul(cfg: dict, new: dict) -> None:
+    """Batch dims above 1 become 2 (broadcasts kept), the rows M at most 4; K and N kept."""
+    ops = operands(cfg)
+    out = []
+    for j, o in enumerate(ops):
+        o = [v if i == 0 else min(v, 2) for i, v in enumerate(o[:-2])] + o[-2:]
+        if j == 0 and len(o) >= 2:
+            o[-2] = min(o[-2], 4)
+        out.append(o)
+    if cfg.get("input1_is_weight") and cfg.get("input_weight_shape"):
+        new["input_shape"], new["input_weight_shape"] = out[0], out[1]
+    else:
+        new["input_shape"] = out
+
+
+def _pad(cfg: dict, new: dict) -> None:
+    """Unpadded dims at most 2; padded ones (torch order: from the last dim) at most
+    max(3, largest pad + 1) (reflect needs a pad below the size); the innermost kept."""
+    x = list(cfg["input_shape"])
+    pads = [int(p) for p in cfg["pads"]]
+    need = {len(x) - 1 - i // 2: 0 for i in range(len(pads))}
+    for i, p in enumerate(pads):
+        d = len(x) - 1 - i // 2
+        need[d] = max(need[d], p)
+    for d in range(len(x) - 1):
+        x[d] = min(x[d], max(3, need[d] + 1)) if d in need else min(x[d], 2)
+    new["input_shape"] = x
+
+
 def shrink(op: str, cfg: dict) -> dict:
-    if op not in SHRINK or elements(cfg) <= BIG:
+    if op not in SHRINK:
+        return cfg
+    kind = SHRINK[op]
+    if elements(cfg) <= BIG and kind not in ("window", "transpose", "matmul"):
         return cfg
     new = dict(cfg)
-    kind = SHRINK[op]
-    if kind in ("window", "channels"):
+    if kind in ("window", "channels", "transpose"):
         x = list(cfg["input_shape"])
         x[1] = fewer_channels(x[1])
-        if op == "Conv":
+        if op in ("Conv", "ConvTranspose"):
             new["in_channels"] = x[1]
             new["out_channels"] = fewer_channels(cfg["out_channels"])
             if cfg["groups"] > 1:
@@ -188,6 +222,12 @@ def shrink(op: str, cfg: dict) -> dict:
             new["out_features"] = fewer_channels(cfg["out_features"])
     if kind == "channels":
         new["input_shape"] = x
+    elif kind == "transpose":  # any input size is valid for a transposed convolution
+        new["input_shape"] = x[:2] + [min(v, 4) for v in x[2:]]
+    elif kind == "matmul":
+        _matmul(cfg, new)
+    elif kind == "pad":
+        _pad(cfg, new)
     elif kind == "window":
         sp = len(x) - 2
 

@@ -15,8 +15,9 @@ configurations `choose.select` names (the smallest one per distinct code path) m
 `dispatch_table`, the meta section's `calib_steps` random calibration samples, batch 1), except
 the int16 lookup tables: ESP-DL's generator asks for `int16_lut_step=1` (a 65536-entry, 128 KB
 table per int16 activation, even a ReLU); the suite keeps ESP-PPQ's default step (a 257-entry
-table, or the step ESP-PPQ's LUT fusion stamps on the operator), which ESP-DL reads as well. Seeds: every configuration's weights, calibration samples and test input come
-from `torch.manual_seed(crc32("<op>/<config>"))`, the same for all its exports.
+table, or the step ESP-PPQ's LUT fusion stamps on the operator), which ESP-DL reads as well.
+Seeds: every configuration's weights, calibration samples and test input come from
+`torch.manual_seed(crc32("<op>/<config>"))`, the same for all its exports.
 
 The exports run in worker processes (one operator per worker, `--jobs` at a time); an export
 that takes longer than `--timeout` seconds is killed, recorded as a failure, and a new worker
@@ -40,9 +41,10 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 import zlib
 from pathlib import Path
+
+import tomllib
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -188,6 +190,12 @@ def worker(out_dir: Path, meta: dict, tasks: list[dict]) -> None:
 # ---- the driver ------------------------------------------------------------------------------
 
 
+def _pump(stream, q: queue.Queue) -> None:
+    for ln in stream:
+        q.put(ln)
+    q.put(None)
+
+
 class Runner:
     """Feeds one operator's tasks to a worker process; kills it on a timeout or a crash and
     starts a new one on the remaining tasks."""
@@ -205,11 +213,11 @@ class Runner:
             proc.stdin.write(spec)
             proc.stdin.close()
             lines: queue.Queue = queue.Queue()
-            threading.Thread(target=lambda: [lines.put(ln) for ln in proc.stdout] + [lines.put(None)],
-                             daemon=True).start()
+            threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
             current, started = None, time.monotonic()
             while True:
-                wait = self.timeout if current is None else self.timeout - (time.monotonic() - started)
+                spent = 0.0 if current is None else time.monotonic() - started
+                wait = self.timeout - spent
                 # the first task also pays for the worker's imports
                 try:
                     line = lines.get(timeout=max(wait, 0.1) + (60 if not results else 0))
@@ -217,8 +225,8 @@ class Runner:
                     proc.kill()
                     proc.wait()
                     if current is not None:
-                        results[current] = {"ok": False,
-                                            "error": f"timeout: no result after {self.timeout:.0f} s"}
+                        results[current] = {
+                            "ok": False, "error": f"timeout: no result after {self.timeout:.0f} s"}
                     break
                 if line is None:  # the worker ended
                     proc.wait()
@@ -314,7 +322,7 @@ def main() -> int:
             th.join()
 
     files, failures = [], []
-    for op, tasks in tasks_by_op.items():
+    for tasks in tasks_by_op.values():
         for t in tasks:
             j, r = t["job"], results.get(t["key"], {"ok": False, "error": "not run"})
             rel = f"{j['op']}/{j['config']}/{t['target']}_{t['bits']}.espdl"
@@ -323,7 +331,8 @@ def main() -> int:
             if r["ok"]:
                 files.append({"path": rel, **entry,
                               "target_in_config": (j["config_targets"] is None
-                                                   or t["target"] in j["config_targets"])})
+                                                   or t["target"] in j["config_targets"]),
+                              "config_index": j["config_index"]})
             else:
                 failures.append({**entry, "error": r["error"]})
     configs = [{k: j[k] for k in ("op", "config", "config_index", "stands_for", "bits",
@@ -347,10 +356,22 @@ def main() -> int:
         "files": sorted(files, key=lambda f: f["path"]),
         "failures": sorted(failures, key=lambda f: (f["op"], f["config"], f["target"], f["bits"])),
     }
-    manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=False) + "\n")
+    manifest_path.write_text(dump_manifest(manifest))
     print(f"ops-suite: {len(files)} files, {len(failures)} failures -> {manifest_path} "
           f"({time.monotonic() - t0:.0f} s)")
     return 0
+
+
+def dump_manifest(manifest: dict) -> str:
+    """JSON with one line per configuration, file and failure (small, and diffs well)."""
+    parts = []
+    for k, v in manifest.items():
+        if isinstance(v, list) and v and isinstance(v[0], dict):
+            rows = ",\n  ".join(json.dumps(x, separators=(",", ":")) for x in v)
+            parts.append(f"{json.dumps(k)}: [\n  {rows}\n ]")
+        else:
+            parts.append(f"{json.dumps(k)}: {json.dumps(v)}")
+    return "{\n " + ",\n ".join(parts) + "\n}\n"
 
 
 def _versions() -> dict:

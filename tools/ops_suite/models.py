@@ -16,10 +16,9 @@ import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
+from choose import shapes  # tools/ops_suite/choose.py (generate.py puts it on sys.path)
 from onnx import TensorProto, helper
 from torch import nn
-
-from choose import shapes  # tools/ops_suite/choose.py (generate.py puts it on sys.path)
 
 
 class Lambda(nn.Module):
@@ -268,7 +267,8 @@ def recurrent(kind):
     def make(cfg):
         cls = nn.GRU if kind == "GRU" else nn.LSTM
         rnn = cls(input_size=cfg["input_shape"][-1], hidden_size=cfg["hidden_size"],
-                  num_layers=cfg.get("num_layers", 1), bidirectional=cfg.get("bidirectional", False),
+                  num_layers=cfg.get("num_layers", 1),
+                  bidirectional=cfg.get("bidirectional", False),
                   bias=cfg.get("bias", True), batch_first=cfg.get("batch_first", False))
         if kind == "GRU":
             return Lambda(lambda m, x: m.rnn(x), rnn=rnn)
