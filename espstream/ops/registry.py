@@ -91,10 +91,6 @@ class _Registry:
 _REG = _Registry()
 
 
-def _module_name(fn_module: str) -> str:
-    return fn_module.rsplit(".", 1)[-1]
-
-
 def register(spec: OpSpec) -> OpSpec:
     key = (spec.domain, spec.onnx)
     if key in _REG.ops:

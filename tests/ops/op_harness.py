@@ -9,6 +9,7 @@ that together they name every operator the module registers.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -86,8 +87,6 @@ def run_case(case: Case, target: str = "esp32p4", bits: int = 8) -> None:
             assert np.allclose(y.reshape(want.shape), want, atol=2e-2), (y, want)
             continue
         real = y.astype(np.float64) * 2.0 ** out.exponents[0]
-        import json
-
         perm = json.loads(g.metadata["espstream.layout"]).get(out.name, list(range(y.ndim)))
         real = np.transpose(real, np.argsort(perm))
         step = 2.0 ** out.exponents[0]

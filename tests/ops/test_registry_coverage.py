@@ -87,6 +87,15 @@ def test_ops_command_prints_and_writes_json(tmp_path: Path) -> None:
     assert text.splitlines()[0].startswith("ONNX") and "Conv" in text
 
 
+def test_ops_command_refuses_an_unwritable_json_path(tmp_path: Path) -> None:
+    sys.path.insert(0, str(HERE.parent))
+    from cli_util import assert_user_error, espstream
+
+    target = tmp_path / "missing" / "ops.json"
+    assert_user_error(espstream("ops", "--json", str(target)), "does not exist")
+    assert not target.parent.exists()
+
+
 if __name__ == "__main__":
     if "--write" in sys.argv:  # regenerate README.md's table after adding an operator
         readme = ROOT / "README.md"
