@@ -1,11 +1,11 @@
-"""espstream/ops/conv.py: Conv (dense, depthwise, 2-D, fused Relu / Clip), ConvTranspose."""
+"""espstream/ops/conv.py: Conv (dense, depthwise, 2-D, fused Relu / Clip)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from onnx import helper
-from op_harness import model, refused, run_case
+from op_harness import model, run_case
 
 RNG = np.random.default_rng(5)
 
@@ -35,17 +35,10 @@ def _conv(group: int = 1, act: str | None = None, nd: int = 1):
 CASES = {"Conv": _conv()}
 MORE = {"depthwise": _conv(4), "relu": _conv(act="Relu"), "clip": _conv(act="Clip"),
         "2d": _conv(nd=2)}
-NOT_LOWERED = {"ConvTranspose": "export"}
+NOT_LOWERED: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", ["Conv", *MORE])
 @pytest.mark.parametrize(("target", "bits"), [("esp32p4", 8), ("esp32s3", 8), ("c", 16)])
 def test_through_every_stage(name: str, target: str, bits: int) -> None:
     run_case({**CASES, **MORE}[name], target, bits)
-
-
-def test_conv_transpose_is_not_lowered() -> None:
-    def case():
-        return model([helper.make_node("ConvTranspose", ["x", "w"], ["y"], kernel_shape=[2],
-                                       strides=[2])], [1, 4, 8], {"w": _w(4, 4, 2)}), set()
-    refused(case, "export", "ConvTranspose")
