@@ -1,11 +1,12 @@
-"""Conv (1-D and 2-D, group 1 or depthwise) and ConvTranspose (streamed in float only).
+"""Conv (1-D and 2-D, group 1 or depthwise); ConvTranspose's streaming rule (the operator
+itself: ops/conv_transpose.py).
 
-Calibrate: a linear layer (`_linear`), weight exponents per output channel (axis 0; for
-ConvTranspose axis 1 when group is 1). Streamify: Conv is a window operator (`rule_conv`: a
-cache of `dilation * (kernel - 1)` past frames, its time padding removed); ConvTranspose
-upsamples (`rule_conv_transpose`). Lower (lower's rule 5): weights [W, C, N] / [H, W, C, N],
-depthwise [W, N, 1] / [H, W, N, 1], pads in ONNX order (ESP-DL reorders them); any other group is refused, as
-ESP-DL's Conv takes group 1 or group = channels. Simulate (sim's rule 2): int32 (int64 for
+Calibrate: a linear layer (`_linear`), weight exponents per output channel (axis 0).
+Streamify: Conv is a window operator (`rule_conv`: a cache of `dilation * (kernel - 1)` past
+frames, its time padding removed); ConvTranspose upsamples (`rule_conv_transpose`). Lower
+(lower's rule 5): weights [W, C, N] / [H, W, C, N], depthwise [W, N, 1] / [H, W, N, 1], pads in
+ONNX order (ESP-DL reorders them on loading); any other group is refused, as ESP-DL's Conv
+takes group 1 or group = channels. Simulate (sim's rule 2): int32 (int64 for
 int16) accumulation over the taps inside the input, the bias added before one rounding shift,
 the fused Relu, saturation (`kernels.conv`).
 """

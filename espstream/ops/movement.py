@@ -2,8 +2,9 @@
 Tile, Shape and Size (streamed in float only).
 
 Calibrate: the output shares the input's exponent (plan rule 4; Gather only with constant
-indices, which the lowering writes as index + dim where negative: ESP-DL reads them unchecked). Streamify: the time axis is followed through the reshaping (`rule_reshape` replaces a
-computed target shape by a constant with the chunk's frames; merging time with another axis is
+indices, which the lowering writes as index + dim where negative: ESP-DL reads them
+unchecked). Streamify: the time axis is followed through the reshaping (`rule_reshape` replaces
+a computed target shape by a constant with the chunk's frames; merging time with another axis is
 refused); Gather on time keeps only the last frame. Lower (lower's rule 3): these need the ONNX
 order, so a Transpose back to it is inserted before them; a Transpose on channels-last data
 has its perm composed. Simulate: values copied.

@@ -31,11 +31,11 @@ from espstream.quant.plan import (
     share,
 )
 from espstream.sim import (
-    kernel_pads,
     Fn,
     Simulator,
     check_window,
     ints,
+    kernel_pads,
 )
 from espstream.stream.rules import (
     rule_conv,

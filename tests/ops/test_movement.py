@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import helper
-from op_harness import model, refused, run_case
+from op_harness import model, run_case
 
 
 def _after_relu(op: str, shape=(1, 4, 8), inits=None, extra=(), **attrs):
