@@ -318,7 +318,10 @@ def cpp_files(graph: IntGraph, cname: str) -> tuple[bytes, bytes]:
         nsp = 2 if n.op_type == "Conv" and w.data.ndim == 4 else 1
         dil = list(n.attrs.get("dilations", [1, 1]))
         strides = list(n.attrs.get("strides", [1, 1]))
-        pads = list(n.attrs.get("pads", [0, 0, 0, 0]))
+        # the file's ONNX order -> the Filter's [top, bottom, left, right]
+        from espstream.sim import kernel_pads
+
+        pads = kernel_pads(list(n.attrs.get("pads", [0, 0, 0, 0])))
         if nsp == 1 and n.op_type == "Conv":
             dil, strides, pads = [1, dil[0]], [1, strides[0]], [0, 0, pads[0], pads[1]]
         h += [

@@ -27,7 +27,8 @@ Rules:
    output exponent (exact: clipping commutes with monotone rounding).
 5. Weights in the IntGraph's logical layouts: Conv [W, C, N] / [H, W, C, N], depthwise
    [W, N, 1] / [H, W, N, 1] (group == input channels == output channels only), Gemm
-   [1, 1, K, N] with transB 0 and alpha = beta = 1; pads [b0, b1, e0, e1] -> [b0, e0, b1, e1].
+   [1, 1, K, N] with transB 0 and alpha = beta = 1; pads in ONNX order
+   [b0, b1, e0, e1] (ESP-DL reorders them on loading).
    Any other Conv group is refused: ESP-DL's Conv takes group 1 or group = input channels
    (its operator support table).
 6. Elementwise nonlinearities (Sigmoid, Tanh, HardSigmoid, HardSwish, LeakyRelu, Elu, Exp, Log,

@@ -47,8 +47,11 @@ Arithmetic (ESPDL.md section 4; the target comes from `graph.target`, else the m
     after reset(), output = [kept ; chunk] and then keeps the last W - 1 frames of that
     output. Like the runtime it copies bytes flatly, which equals a concatenation on the
     frame axis only when every axis before it has size 1.
-11. Slice / Transpose / Flatten / Reshape / Concat axes and Conv pads are read as the file
-    writes them, i.e. already in the runtime layout (ESP-PPQ writes the time Slice of an
+11. Slice / Transpose / Flatten / Reshape / Concat axes are read as the file writes them,
+    i.e. already in the runtime layout; 2-D Conv / pool pads are in ONNX order [top, left,
+    bottom, right] in the file, and ESP-DL's deserializers (dl_module_conv.hpp,
+    dl_module_max_pool.hpp, dl_module_average_pool.hpp) reorder them to [top, bottom, left,
+    right], as `kernel_pads` does (ESP-PPQ writes the time Slice of an
     NWC tensor with axes [1], its Constant initializers as INT64 [1]).
 
 What the ESP-PPQ 1.3.12 fixtures (tests/data/esp-ppq, `test_outputs_value`) pin down. Their
@@ -364,6 +367,14 @@ def check_window(node: Node, kernel, stride, dilation, pads) -> None:
             f"node '{node.name}' ({node.op_type}): kernel {list(kernel)}, strides {stride}, "
             f"dilations {dilation}, pads {pads} are out of range (corrupt file?)"
         )
+
+
+def kernel_pads(pads: list[int]) -> list[int]:
+    """A Conv / pool `pads` attribute as the file holds it (ONNX order: 2-D [top, left, bottom,
+    right]) -> the kernels' order ([top, bottom, left, right]), as ESP-DL's deserializers
+    reorder it; 1-D [begin, end] is unchanged."""
+    p = [int(v) for v in pads]
+    return [p[0], p[2], p[1], p[3]] if len(p) == 4 else p
 
 
 def ints(v) -> list[int]:

@@ -41,23 +41,10 @@ INT16_LUT = ("int16 lookup table: ESP-PPQ writes a {} ({} int16 entries, interpo
 # First match wins.
 XFAIL: list[tuple[str, int | None, str | None, str | tuple | None, str]] = [
     *[(op, None, None, None, NOT_SIMULATED.format(op)) for op in (
-        "DepthToSpace", "Div", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual",
-        "ReverseSequence", "ScatterND", "SpaceToDepth")],
+        "Div", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual")],
     ("Mod", 16, None, None, INT16_LUT.format("Exp table before the Mod", 2049)
      + "; and Mod itself is not simulated"),
     ("Mod", None, None, None, NOT_SIMULATED.format("Mod")),
-    ("ConvTranspose", None, None, (
-        "transpose_conv1d_ishap_1_16_20_kshap_16_20_5_relu",
-        "transpose_conv1d_ishap_1_3_20_kshap_16_3_3_relu",
-        "transpose_conv2d_ishap_1_16_20_20_kshap_32_16_5_5",
-        "transpose_conv2d_ishap_1_16_20_20_kshap_35_16_5_5",
-        "transpose_conv2d_ishap_1_3_20_20_kshap_16_3_3_3_relu"),
-     "ESP-PPQ decomposes a strided ConvTranspose into InsertZeros + Conv; "
-     + NOT_SIMULATED.format("InsertZeros")),
-    ("Resize", None, None, None, "the reader refuses the file: ESP-PPQ writes a value_info with an "
-     "empty name (Resize's omitted roi input, node inputs ['x', '', scales]); espstream.espdl.read "
-     "raises UserError 'value info without a name' (ESP-DL's runtime loads such files); Resize "
-     "itself is not simulated either"),
     ("Pow", 16, None, None, INT16_LUT.format("Exp table before the Pow", 2049)
      + "; and Pow itself is not simulated"),
     ("Pow", None, None, None, NOT_SIMULATED.format("Pow")),

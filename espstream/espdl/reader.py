@@ -115,6 +115,8 @@ class _Reader:
             "initializer", where)
         nodes = [self.node(g.Node(i)) for i in range(g.NodeLength())]
         target = self.unblock(nodes, inits)
+        # ESP-PPQ lists the '' of an omitted optional input (Resize's roi) as a value info
+        omitted = any(not name for n in nodes for name in n.inputs)
 
         meta: dict[str, str] = {}
         for i in range(m.MetadataPropsLength()):
@@ -131,7 +133,8 @@ class _Reader:
             inputs=[self.value_info(g.Input(i)) for i in range(g.InputLength())],
             outputs=[self.value_info(g.Output(i)) for i in range(g.OutputLength())],
             value_infos=unique_by_name(
-                (self.value_info(g.ValueInfo(i)) for i in range(g.ValueInfoLength())),
+                (vi for i in range(g.ValueInfoLength())
+                 if (vi := self.value_info(g.ValueInfo(i), unnamed_ok=omitted)) is not None),
                 "value info", where),
             test_inputs=unique_by_name(
                 (self.tensor(g.TestInputsValue(i), "test input")
@@ -242,8 +245,12 @@ class _Reader:
                  12: "TYPE_PROTOS"}
         raise UserError(f"{where}: attribute type {names.get(kind, kind)} is not supported")
 
-    def value_info(self, v) -> ValueInfo:
+    def value_info(self, v, unnamed_ok: bool = False) -> ValueInfo | None:
+        """A value info; None for an unnamed one when `unnamed_ok` (a node has an omitted
+        optional input, which ESP-PPQ describes under the name '' and ESP-DL ignores)."""
         name = _s(v.Name(), "a value info name")
+        if not name and unnamed_ok:
+            return None
         if not name:
             raise UserError("the .espdl file has a value info without a name")
         where = f"value info '{name}'"

@@ -1,11 +1,12 @@
-"""Conv (1-D and 2-D, group 1 or depthwise) and ConvTranspose (streamed in float only).
+"""Conv (1-D and 2-D, group 1 or depthwise); ConvTranspose's streaming rule (the operator
+itself: ops/conv_transpose.py).
 
-Calibrate: a linear layer (`_linear`), weight exponents per output channel (axis 0; for
-ConvTranspose axis 1 when group is 1). Streamify: Conv is a window operator (`rule_conv`: a
-cache of `dilation * (kernel - 1)` past frames, its time padding removed); ConvTranspose
-upsamples (`rule_conv_transpose`). Lower (lower's rule 5): weights [W, C, N] / [H, W, C, N],
-depthwise [W, N, 1] / [H, W, N, 1], pads [b0, e0, b1, e1]; any other group is refused, as
-ESP-DL's Conv takes group 1 or group = channels. Simulate (sim's rule 2): int32 (int64 for
+Calibrate: a linear layer (`_linear`), weight exponents per output channel (axis 0).
+Streamify: Conv is a window operator (`rule_conv`: a cache of `dilation * (kernel - 1)` past
+frames, its time padding removed); ConvTranspose upsamples (`rule_conv_transpose`). Lower
+(lower's rule 5): weights [W, C, N] / [H, W, C, N], depthwise [W, N, 1] / [H, W, N, 1], pads in
+ONNX order (ESP-DL reorders them on loading); any other group is refused, as ESP-DL's Conv
+takes group 1 or group = channels. Simulate (sim's rule 2): int32 (int64 for
 int16) accumulation over the taps inside the input, the bias added before one rounding shift,
 the fused Relu, saturation (`kernels.conv`).
 """
@@ -31,7 +32,7 @@ from espstream.ops._linear import (
 )
 from espstream.ops.registry import ESPPPQ_FIXTURE, OpSpec, SimSpec, register, register_sim
 from espstream.quant.plan import PlanCtx
-from espstream.sim import Fn, Simulator, check_window, ints
+from espstream.sim import Fn, Simulator, check_window, ints, kernel_pads
 from espstream.stream.axes import WARM_ALL, Time
 from espstream.stream.rules import (
     Ctx,
@@ -49,10 +50,6 @@ MODULE = "conv"
 
 def calibrate_conv(pc: PlanCtx, n: onnx.NodeProto, float_outs: list[str]) -> None:
     calibrate_linear(pc, n, float_outs, lambda attrs, w: 0)
-
-
-def calibrate_conv_transpose(pc: PlanCtx, n: onnx.NodeProto, float_outs: list[str]) -> None:
-    calibrate_linear(pc, n, float_outs, lambda attrs, w: 1 if attrs.get("group", 1) == 1 else None)
 
 
 def rule_conv_transpose(ctx: Ctx, node: gs.Node) -> None:
@@ -155,8 +152,8 @@ def conv_params(lw: Lowerer, n: onnx.NodeProto, x: Act) -> tuple[dict, list[str]
     pads = [int(p) for p in attr(n, "pads", [0] * (2 * nsp))]
     if auto_pad == "VALID":
         pads = [0] * (2 * nsp)
-    if nsp == 2:
-        pads = [pads[0], pads[2], pads[1], pads[3]]
+    # 2-D pads stay in ONNX order [top, left, bottom, right]: ESP-DL's Conv deserializer
+    # reorders them to [top, bottom, left, right] itself (dl_module_conv.hpp)
     attrs = {
         "dilations": [int(d) for d in attr(n, "dilations", [1] * nsp)],
         "group": group,
@@ -197,7 +194,7 @@ def sim_conv(sim: Simulator, node: Node) -> Fn:
     relu = fused_relu(sim, node)
     stride = ints(node.attrs.get("strides", [1] * nd))
     dilation = ints(node.attrs.get("dilations", [1] * nd))
-    pads = ints(node.attrs.get("pads", [0] * (2 * nd)))
+    pads = kernel_pads(ints(node.attrs.get("pads", [0] * (2 * nd))))
     if len(stride) != nd or len(dilation) != nd or len(pads) != 2 * nd:
         raise UserError(
             f"node '{node.name}': strides {stride}, dilations {dilation}, pads {pads} do "
@@ -228,7 +225,4 @@ register(OpSpec("Conv", MODULE, calibrate=calibrate_conv,
                 calibrate_rule="weight per channel, bias at e_in + e_w, fuses Relu / Clip",
                 stream=rule_conv, stream_rule="window: cache of dilation * (kernel - 1) frames",
                 lower=lower_conv, espdl=("Conv",)))
-register(OpSpec("ConvTranspose", MODULE, calibrate=calibrate_conv_transpose,
-                calibrate_rule="weight per channel, bias at e_in + e_w",
-                stream=rule_conv_transpose, stream_rule="upsampling window, output cropped"))
 register_sim(SimSpec("Conv", MODULE, sim_conv, ESPPPQ_FIXTURE))

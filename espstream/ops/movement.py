@@ -1,9 +1,10 @@
 """Data movement: Reshape, Flatten, Squeeze, Unsqueeze, Transpose, Gather, Identity (lowered),
 Tile, Shape and Size (streamed in float only).
 
-Calibrate: the output shares the input's exponent (plan rule 4; Gather is not calibrated
-yet). Streamify: the time axis is followed through the reshaping (`rule_reshape` replaces a
-computed target shape by a constant with the chunk's frames; merging time with another axis is
+Calibrate: the output shares the input's exponent (plan rule 4; Gather only with constant
+indices, which the lowering writes as index + dim where negative: ESP-DL reads them
+unchecked). Streamify: the time axis is followed through the reshaping (`rule_reshape` replaces
+a computed target shape by a constant with the chunk's frames; merging time with another axis is
 refused); Gather on time keeps only the last frame. Lower (lower's rule 3): these need the ONNX
 order, so a Transpose back to it is inserted before them; a Transpose on channels-last data
 has its perm composed. Simulate: values copied.
@@ -30,6 +31,7 @@ from espstream.ops.registry import (
     register_sim,
 )
 from espstream.quant.plan import (
+    PlanCtx,
     share,
 )
 from espstream.sim import (
@@ -50,6 +52,15 @@ from espstream.stream.rules import (
 )
 
 MODULE = "movement"
+
+
+def calibrate_gather(pc: PlanCtx, n: onnx.NodeProto, float_outs: list[str]) -> None:
+    """Data movement (plan rule 4) with constant indices: ESP-DL's Gather reads its indices
+    from the model."""
+    if len(n.input) < 2 or n.input[1] not in pc.inits:
+        raise UserError(f"node {n.name!r} (Gather): its indices are computed; ESP-DL's Gather "
+                        "takes constant indices")
+    share(pc, n, float_outs)
 
 
 def rule_gather(ctx: Ctx, node: gs.Node) -> None:
@@ -250,8 +261,19 @@ def lower_plain(lw: Lowerer, n: onnx.NodeProto) -> None:
             inputs.append(lw.initializer(base_name(nm), axes.astype(np.int64), [0]))
     elif op == "Gather":
         idx = lw.int_const(n, 1, "indices")
-        inputs.append(lw.initializer(base_name(n.input[1]), idx.astype(np.int64), [0]))
-        attrs["axis"] = int(attr(n, "axis", 0))
+        if idx is None:
+            raise UserError(f"Gather '{n.name}': its indices must be a constant")
+        ax = int(attr(n, "axis", 0))
+        dim = x.shape[ax]
+        if not isinstance(dim, int):
+            raise UserError(f"Gather '{n.name}': axis {ax} has no fixed length")
+        idx = np.asarray(idx, np.int64)
+        if np.any(idx < -dim) or np.any(idx >= dim):
+            raise UserError(f"Gather '{n.name}': an index is out of range for length {dim}")
+        # ESP-DL adds an index to the address unchecked: negatives are written as index + dim
+        idx = np.where(idx < 0, idx + dim, idx)
+        inputs.append(lw.initializer(base_name(n.input[1]), idx, [0]))
+        attrs["axis"] = ax
     name, out = lw.define_output(n.output[0], n, lw.shape(n.output[0]), False, x)
     lw.need_q(n, out)
     lw.emit(op, n.name, inputs, [name], {**attrs, "quant_type": lw.qtype(x.dtype)})
@@ -289,8 +311,10 @@ def sim_movement(sim: Simulator, node: Node) -> Fn:
 
         def gather(args: list) -> list:
             x = args[0]
-            i = np.where(idx < 0, idx + x.shape[g_axis], idx)
-            return [np.ascontiguousarray(np.take(x, i, axis=g_axis))]
+            if np.any(idx < 0) or np.any(idx >= x.shape[g_axis]):
+                raise UserError(f"node '{node.name}' (Gather): indices {idx.min()}..{idx.max()} "
+                                f"outside [0, {x.shape[g_axis]}) (ESP-DL reads them unchecked)")
+            return [np.ascontiguousarray(np.take(x, idx, axis=g_axis))]
 
         return gather
     if op in ("Squeeze", "Unsqueeze"):
@@ -324,7 +348,8 @@ register(OpSpec("Unsqueeze", MODULE, calibrate=share, calibrate_rule=_SHARE,
 register(OpSpec("Transpose", MODULE, calibrate=share, calibrate_rule=_SHARE,
                 stream=rule_transpose, stream_rule="time axis moves", lower=lower_transpose,
                 espdl=("Transpose",)))
-register(OpSpec("Gather", MODULE, stream=rule_gather,
+register(OpSpec("Gather", MODULE, calibrate=calibrate_gather,
+                calibrate_rule="input's exponent; constant indices only", stream=rule_gather,
                 stream_rule="off time; on time the last frame only", lower=lower_plain,
                 espdl=("Gather",)))
 register(OpSpec("Identity", MODULE, calibrate=share, calibrate_rule=_SHARE, stream=rule_unary,

@@ -35,6 +35,7 @@ from espstream.sim import (
     Simulator,
     check_window,
     ints,
+    kernel_pads,
 )
 from espstream.stream.rules import (
     rule_conv,
@@ -61,8 +62,7 @@ def lower_pool(lw: Lowerer, n: onnx.NodeProto) -> None:
                 "NOTSET", "VALID"):
             raise UserError(f"{n.op_type} '{n.name}': auto_pad is not supported; give pads")
         pads = [int(p) for p in attr(n, "pads", [0] * (2 * nsp))]
-        if nsp == 2:
-            pads = [pads[0], pads[2], pads[1], pads[3]]
+        # 2-D pads stay in ONNX order: ESP-DL's pool deserializers reorder them themselves
         attrs = {
             "ceil_mode": int(attr(n, "ceil_mode", 0)),
             "kernel_shape": [int(k) for k in attr(n, "kernel_shape")],
@@ -90,7 +90,7 @@ def _pool_params(sim: Simulator, node: Node):
         raise UserError(f"node '{node.name}' ({node.op_type}): ceil_mode=1 is not supported")
     stride = ints(node.attrs.get("strides", [1] * nd))
     dilation = ints(node.attrs.get("dilations", [1] * nd))
-    pads = ints(node.attrs.get("pads", [0] * (2 * nd)))
+    pads = kernel_pads(ints(node.attrs.get("pads", [0] * (2 * nd))))
     if len(stride) != nd or len(dilation) != nd or len(pads) != 2 * nd:
         raise UserError(
             f"node '{node.name}' ({node.op_type}): strides {stride}, dilations {dilation}, "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import helper
-from op_harness import model, refused, run_case
+from op_harness import model, run_case
 
 
 def _after_relu(op: str, shape=(1, 4, 8), inits=None, extra=(), **attrs):
@@ -28,11 +28,12 @@ CASES = {
     "Squeeze": _after_relu("Squeeze", shape=(1, 1, 8), inits={"a": _i64(1)}, extra=("a",)),
     "Unsqueeze": _after_relu("Unsqueeze", inits={"a": _i64(1)}, extra=("a",)),
     "Transpose": _after_relu("Transpose", perm=[0, 2, 1]),
+    "Gather": _after_relu("Gather", inits={"i": _i64(0, -1, 2)}, extra=("i",), axis=2),
     "Identity": lambda: (model([helper.make_node("Relu", ["x"], ["r"]),
                                 helper.make_node("Identity", ["r"], ["y"])], [1, 4, 8]),
                          {"Identity"}),
 }
-NOT_LOWERED = {"Gather": "calibrate", "Tile": "calibrate", "Shape": "calibrate",
+NOT_LOWERED = {"Tile": "calibrate", "Shape": "calibrate",
                "Size": "calibrate"}
 
 
@@ -42,6 +43,16 @@ def test_through_every_stage(op: str, target: str, bits: int) -> None:
     run_case(CASES[op], target, bits)
 
 
-def test_gather_is_not_calibrated_yet() -> None:
-    refused(_after_relu("Gather", inits={"i": _i64(0, 2)}, extra=("i",), axis=1), "calibrate",
-            "operator Gather is not supported by calibrate")
+def test_gather_negative_indices_are_written_non_negative() -> None:
+    """ESP-DL adds an index to the address unchecked: the export holds index + dim."""
+    from op_harness import _data
+
+    from espstream.export import export_model
+    from espstream.quant import calibrate_model
+
+    m, _ = _after_relu("Gather", inits={"i": _i64(-1, 0)}, extra=("i",), axis=2)()
+    data, _ = _data(m)
+    g = export_model(calibrate_model(m, data, target="esp32p4", bits=8,
+                                     report_samples=0).model).graph
+    node = next(n for n in g.nodes if n.op_type == "Gather")
+    assert g.initializers[node.inputs[1]].data.tolist() == [7, 0]
