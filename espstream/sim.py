@@ -28,9 +28,11 @@ Arithmetic (ESPDL.md section 4; the target comes from `graph.target`, else the m
    Shapes must broadcast the ONNX way: ESP-DL itself does not check, and with mismatched
    frame counts it reads past the end of the shorter buffer.
 5. Mul: saturate(round_shift(q0 * q1, e_out - e0 - e1)).
-6. Elementwise nonlinearities (Swish, Sigmoid, Tanh, ...): int8 data with a `lut` attribute
-   is looked up as table[q + 128]; without a table the simulator builds the same table as
-   saturate(round(f(q * 2**e_in) * 2**-e_out)) in float64 (int16: computed per element).
+6. Elementwise nonlinearities (Swish, Sigmoid, Tanh, ...): an 8-bit node with a `lut`
+   attribute is looked up as table[q + 128]; without a table the simulator builds the same
+   table as saturate(round(f(q * 2**e_in) * 2**-e_out)) in float64. A 16-bit node is computed
+   per element that way whatever `lut` it carries: ESP-DL's deserializers read the table only at
+   8 bits (LUT and Gelu nodes excepted: their int16 tables are read nearest neighbour).
 7. AveragePool (and GlobalAveragePool): the float path of ESP-DL, in float32: sum of
    q * 2**e_in over the taps, times float32(1 / kernel_area), divided by 2**e_out, rounded
    and saturated; the divisor is always the full kernel area (count_include_pad unread).
@@ -277,19 +279,30 @@ class Simulator:
 
     def _compile(self, node: Node) -> Fn:
         """The node's function, from its operator module (`espstream.ops.registry`); a node
-        with a `lut` attribute is a table lookup whatever its type (ESP-DL's LUT path)."""
+        whose `lut` table ESP-DL's module uses instead of its arithmetic (`SimSpec.lut`: most
+        activations at 8 bits, LUT and Gelu always) is a table lookup."""
         from espstream.ops import registry
 
         spec = registry.sim(node.op_type)
-        lookup = registry.table_lookup()
-        if spec is None and "lut" in node.attrs and lookup is not None:
-            return lookup(self, node)
         if spec is None:
             raise UserError(
                 f"node '{node.name}': operator '{node.op_type}' is not supported by the "
                 f"simulator (supported: {', '.join(registry.simulated())})"
             )
+        lookup = registry.table_lookup()
+        if node.attrs.get("lut") and lookup is not None and (
+                spec.lut == "always" or (spec.lut == "s8" and self._is_8bit(node))):
+            return lookup(self, node)
         return spec.compile(self, node)
+
+    def _is_8bit(self, node: Node) -> bool:
+        """ESP-DL's deserializers decide by the node's quant_type; without one, by its input."""
+        qt = node.attrs.get("quant_type")
+        if isinstance(qt, bytes):
+            qt = qt.decode()
+        if isinstance(qt, str) and qt:
+            return qt == "S8"
+        return bool(node.inputs) and self.dtype_of(node.inputs[0], np.int8) == np.int8
 
     def init_exp(self, name: str) -> int:
         exps = self.graph.initializers[name].exponents

@@ -203,12 +203,12 @@ def test_cli_lists_every_unsupported_operator(tmp_path):
     relus = [n for n in q.graph.node if n.op_type == "Relu"]
     relus[0].op_type = "Elu"  # supported (a LUT) ...
     relus[1].op_type = "Erf"
-    relus[2].op_type = "Neg"
+    relus[2].op_type = "Sin"
     p = tmp_path / "bad.onnx"
     onnx.save(q, p)
     proc = espstream("export", p, "-o", tmp_path / "m.espdl")
     line = assert_user_error(proc, "2 operator(s)", f"Erf '{relus[1].name}'",
-                             f"Neg '{relus[2].name}'")
+                             f"Sin '{relus[2].name}'")
     assert "Elu" not in line
     assert not (tmp_path / "m.espdl").exists()
 

@@ -124,7 +124,9 @@ def test_weights_match_the_qdq_model():
     conv1 = g.node("/conv1/Conv")
     w = inits["/conv1/Conv.folded_weight_quantized"]  # ONNX [N, C, kH, kW]
     assert np.array_equal(g.initializers[conv1.inputs[1]].data, w.transpose(2, 3, 1, 0))
-    assert conv1.attrs["pads"] == [2, 0, 1, 1]  # ONNX [2, 1, 0, 1]: top, bottom, left, right
+    # ONNX order [top, left, bottom, right], as ESP-PPQ writes it: ESP-DL's Conv deserializer
+    # reorders it to [top, bottom, left, right] on loading
+    assert conv1.attrs["pads"] == [2, 1, 0, 1]
     assert conv1.attrs["activation"] == "Relu"
     dw = g.node("/ds/dw/Conv")
     wd = inits["ds.dw.weight_quantized"]  # [16, 1, 3, 3] -> [3, 3, 16, 1]

@@ -223,7 +223,8 @@ def test_conv2d_stride_dilation_layout(backend: str) -> None:
     g = conv_graph(
         [1, H, W, C], w, [e_w], bias, [e_in + e_w], e_in, e_out,
         {"activation": "Linear", "dilations": [dh, dw], "group": 1, "kernel_shape": [kh, kw],
-         "pads": list(pads), "strides": [sh, sw]},
+         # the file holds ONNX order [top, left, bottom, right]
+         "pads": [pads[0], pads[2], pads[1], pads[3]], "strides": [sh, sw]},
     )  # fmt: skip
     got = run1(g, x, backend)
     oh = (H + pads[0] + pads[1] - dh * (kh - 1) - 1) // sh + 1
@@ -250,7 +251,7 @@ def test_depthwise_layout(nd: int) -> None:
     x = RNG.integers(-128, 128, shape).astype(np.int8)
     wshape = (K, C, 1) if nd == 1 else (2, K, C, 1)  # [W, N, 1] / [H, W, N, 1]
     w = RNG.integers(-128, 128, wshape).astype(np.int8)
-    pads = [K - 1, 0] if nd == 1 else [1, 0, K - 1, 0]
+    pads = [K - 1, 0] if nd == 1 else [1, K - 1, 0, 0]  # 2-D: [top, left, bottom, right]
     g = conv_graph(shape, w, [-6], None, None, -3, -2,
                    {"activation": "Linear", "group": C, "kernel_shape": list(wshape[:-2]),
                     "pads": pads})  # fmt: skip
@@ -404,7 +405,8 @@ def test_global_average_pool_and_maxpool() -> None:
         assert got[0, 0, 0, c] == sat(rnd(Fraction(int(x[0, :, :, c].sum()), 12), "half_up"))
     g = make_graph(
         [Node("MaxPool", "m", ["x"], ["y"],
-              {"kernel_shape": [2, 2], "pads": [1, 0, 1, 0], "strides": [2, 2]})],
+              # [top, left, bottom, right]
+              {"kernel_shape": [2, 2], "pads": [1, 1, 0, 0], "strides": [2, 2]})],
         [], acts, ["x"], ["y"],
     )  # fmt: skip
     got = run1(g, x)
@@ -507,7 +509,7 @@ def test_pad_split_gather() -> None:
             Node("Gather", "gather", ["x", "idx"], ["g"], {"axis": 1}),
         ],
         [_i64("pads", [0, 2, 0, 0, 0, 1]), Tensor("cval", np.array(-7, np.int8), [-2]),
-         _i64("sizes", [1, 4]), _i64("idx", [-1, 0])],
+         _i64("sizes", [1, 4]), _i64("idx", [2, 0])],
         acts, ["x"], ["g"],
     )  # fmt: skip
     v = Simulator(g).trace({"x": x})
@@ -515,6 +517,10 @@ def test_pad_split_gather() -> None:
     assert v["e"][0].tolist() == [[1, 2, 2], [1, 2, 2], [1, 2, 2], [3, 4, 4], [5, 6, 6]]
     assert v["s1"].shape == (1, 1, 3) and v["s2"].shape == (1, 4, 3)
     assert v["g"][0].tolist() == [[5, 6], [1, 2]]
+    # ESP-DL adds an index to the address unchecked: a negative one is refused, not wrapped
+    g.initializers["idx"] = _i64("idx", [-1, 0])
+    with pytest.raises(UserError, match=r"indices -1\.\.0 outside \[0, 3\)"):
+        Simulator(g).trace({"x": x})
 
 
 def test_softmax_is_float_and_clip16() -> None:

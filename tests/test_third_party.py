@@ -9,8 +9,8 @@
 2. `pytorch-converted/`: every convolution and pooling case. `optimize` (after the opset
    upgrade) must reproduce the shipped output; the calibrated model run by the integer simulator
    must stay within an error bound derived from its quantization steps (see `error_bound`).
-   What ESP-DL cannot run (3-D, grouped non-depthwise convolution, ConvTranspose) must be
-   refused by `export` with a message naming it.
+   What ESP-DL cannot run (3-D, grouped non-depthwise convolution) must be refused by
+   `export` with a message naming it; ConvTranspose runs as InsertZeros + Conv.
 """
 
 from __future__ import annotations
@@ -191,8 +191,6 @@ REFUSED = {
     "test_Conv2d_depthwise_with_multiplier": "ESP-DL supports group 1 or depthwise",
     "test_MaxPool1d_stride_padding_dilation": "dilation is not supported by ESP-DL",
     "test_MaxPool2d_stride_padding_dilation": "dilation is not supported by ESP-DL",
-    "test_ConvTranspose2d": "ConvTranspose 'ConvTranspose_0'",
-    "test_ConvTranspose2d_no_bias": "ConvTranspose 'ConvTranspose_0'",
 }
 
 
@@ -275,20 +273,24 @@ def error_bound(case: str, fm: onnx.ModelProto, cal, x: np.ndarray) -> np.ndarra
     s_in, s_out = 2.0 ** cal.exponents[inp], 2.0 ** cal.exponents[outp]
     if "Conv" not in case:
         return np.full((1,) * x.ndim, s_in / 2 + s_out / 2)
-    conv = next(n for n in fm.graph.node if n.op_type == "Conv")
+    kinds = ("Conv", "ConvTranspose")
+    conv = next(n for n in fm.graph.node if n.op_type in kinds)
     w = numpy_helper.to_array(next(t for t in fm.graph.initializer if t.name == conv.input[1]))
+    # output channels: axis 0 of a Conv's weight, axis 1 of a ConvTranspose's (group 1 here)
+    n_axis = 1 if conv.op_type == "ConvTranspose" else 0
+    n_out = w.shape[n_axis]
     (e_w,) = cal.weight_exponents.values()  # the one Conv's
-    s_w = np.broadcast_to(2.0 ** np.asarray(e_w, np.float64), (w.shape[0],))
+    s_w = np.broadcast_to(2.0 ** np.asarray(e_w, np.float64), (n_out,))
     ones = onnx.ModelProto()
     ones.CopyFrom(fm)
-    node = next(n for n in ones.graph.node if n.op_type == "Conv")
+    node = next(n for n in ones.graph.node if n.op_type in kinds)
     del node.input[2:]
     del ones.graph.initializer[:]
     ones.graph.initializer.append(numpy_helper.from_array(np.ones_like(w), node.input[1]))
     absx = (np.abs(x) + s_in / 2).astype(np.float32)
     window = np.concatenate([ort_run(ones, {inp: absx[i : i + 1]})[0] for i in range(len(x))])
     chan = (1, -1) + (1,) * (x.ndim - 2)
-    abs_w = np.abs(w.astype(np.float64)).reshape(w.shape[0], -1).sum(1)
+    abs_w = np.moveaxis(np.abs(w.astype(np.float64)), n_axis, 0).reshape(n_out, -1).sum(1)
     return (s_w.reshape(chan) / 2 * window.astype(np.float64)
             + (s_in / 2 * abs_w + s_in * s_w / 2).reshape(chan) + s_out / 2)
 

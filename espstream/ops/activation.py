@@ -7,8 +7,9 @@ depend on its range. Lower (lower's rule 6): in 8 bits a 256-entry int8 table
 `<Op>_lut_<k>` at the output's exponent, indexed by q + 128, entry
 saturate(round(f(q * 2^e_in) / 2^e_out)) with the target's rounding; in 16 bits the node
 without a table (Clip: min / max as int16 at the input's exponent). Simulate (sim's rule 6):
-a table lookup where the file has a table, else the same table computed in float64 (int16:
-per element).
+an 8-bit node's table where the file has one, else the same table computed in float64; a
+16-bit node per element in float64, its `lut` ignored as ESP-DL's modules do (`LUT` and Gelu
+nodes read theirs: int16 tables nearest neighbour, `table16`).
 """
 
 from __future__ import annotations
@@ -231,33 +232,48 @@ def lower_table_op(lw: Lowerer, n: onnx.NodeProto) -> None:
 # ---- simulate ------------------------------------------------------------------------------
 
 
-def sim_table(sim: Simulator, node: Node) -> Fn:
-    e_in, e_out = sim.exp(node.inputs[0]), sim.exp(node.outputs[0])
+def sim_lookup(sim: Simulator, node: Node) -> Fn:
+    """The file's `lut` table: 256 int8 entries indexed by q + 128, or an int16 table read
+    nearest neighbour (`table16`)."""
     lut_name = node.attrs.get("lut")
     if isinstance(lut_name, bytes):
         lut_name = lut_name.decode()
-    if lut_name:
-        if lut_name not in sim.graph.initializers:
-            raise UserError(f"node '{node.name}': lookup table '{lut_name}' is not in the file")
-        table = sim.graph.initializers[lut_name].data.reshape(-1)
-        if table.size != 256 or table.dtype != np.int8:
-            raise UserError(
-                f"node '{node.name}': lookup table '{lut_name}' must be 256 int8 values, "
-                f"got {table.size} {table.dtype}"
-            )
+    if not lut_name or lut_name not in sim.graph.initializers:
+        raise UserError(f"node '{node.name}': lookup table '{lut_name}' is not in the file")
+    table = sim.graph.initializers[lut_name].data.reshape(-1)
+    if table.dtype == np.int16:
+        return table16(node.name, lut_name, table, sim.rounding)
+    if table.size != 256 or table.dtype != np.int8:
+        raise UserError(
+            f"node '{node.name}': lookup table '{lut_name}' must be 256 int8 values or "
+            f"2^16 / step + 1 int16 values, got {table.size} {table.dtype}"
+        )
 
-        def lut(args: list) -> list:
-            x = args[0]
-            if x.dtype != np.int8:
-                raise ValueError(f"a 256-entry table needs int8 input, got {x.dtype}")
-            return [table[x.astype(np.int16) + 128]]
+    def lut(args: list) -> list:
+        x = args[0]
+        if x.dtype != np.int8:
+            raise UserError(f"node '{node.name}': a 256-entry table needs int8 input, "
+                            f"got {x.dtype}")
+        return [table[x.astype(np.int16) + 128]]
 
-        return lut
+    return lut
+
+
+def sim_table(sim: Simulator, node: Node) -> Fn:
+    """f computed from the exponents: a 256-entry table in 8 bits, per element in 16 (the
+    node's own `lut`, when ESP-DL reads it, is dispatched to `sim_lookup` by the simulator)."""
+    e_in, e_out = sim.exp(node.inputs[0]), sim.exp(node.outputs[0])
     if node.op_type not in ELEMENTWISE:
         raise UserError(f"node '{node.name}': operator '{node.op_type}' is not supported")
     f = ELEMENTWISE[node.op_type]
     dtype = sim.dtype_of(node.outputs[0], np.int8)
     rounding = sim.rounding
+    if dtype.kind == "f":  # a float node (quant_type F32): ESP-DL's float path
+        def in_float(args: list) -> list:
+            with np.errstate(all="ignore"):
+                return [f(np.asarray(args[0], np.float32), node).astype(dtype)]
+
+        return in_float
 
     def compute(q: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):
@@ -276,9 +292,41 @@ def sim_table(sim: Simulator, node: Node) -> Fn:
     return fn
 
 
+def table16_index(x: np.ndarray, shift: int, rounding: str) -> np.ndarray:
+    """ESP-DL's int16 table index (dl_base_lut.cpp, nearest neighbour): u = x + 32768, then
+    u / 2^shift rounded half up (esp32s3, C path) or half to even (esp32p4's PIE v2)."""
+    u = x.astype(np.int32) + 32768
+    if shift == 0:
+        return u
+    idx, rem = u >> shift, u & ((1 << shift) - 1)
+    half = 1 << (shift - 1)
+    up = rem > half if rounding == "half_even" else rem >= half
+    if rounding == "half_even":
+        up |= (rem == half) & ((idx & 1) == 1)
+    return idx + up
+
+
+def table16(node_name: str, lut_name: str, table: np.ndarray, rounding: str) -> Fn:
+    """An int16 LUT: 2^16 / step + 1 entries, step a power of two (ESP-DL's LUT module)."""
+    # ESP-DL: step = 65536 / (entries - 1); step 1 indexes x + 32768 directly
+    step = 65536 // max(table.size - 1, 1)
+    if table.size < 2 or step & (step - 1) or (step > 1 and table.size != 65536 // step + 1):
+        raise UserError(f"node '{node_name}': int16 lookup table '{lut_name}' has {table.size} "
+                        "entries; ESP-DL needs 2^16 / step + 1 with step a power of two")
+    shift = step.bit_length() - 1
+
+    def lut16(args: list) -> list:
+        x = args[0]
+        if x.dtype != np.int16:
+            raise ValueError(f"an int16 table needs int16 input, got {x.dtype}")
+        return [table[table16_index(x, shift, rounding)]]
+
+    return lut16
+
+
 def sim_clip(sim: Simulator, node: Node) -> Fn:
-    """A Clip without a table (16 bits): min / max inputs are integers at the input's
-    exponent; the output takes the input's exponent."""
+    """A Clip without a table (16 bits, or 8 without `lut`): min / max inputs are integers at
+    the input's exponent; the output takes the input's exponent."""
     shift = sim.exp(node.outputs[0]) - sim.exp(node.inputs[0])
     lo = (
         sim.init(node, 1, "min").reshape(-1)[0]
@@ -299,11 +347,7 @@ def sim_clip(sim: Simulator, node: Node) -> Fn:
     return fn
 
 
-def sim_clip_or_table(sim: Simulator, node: Node) -> Fn:
-    return sim_table(sim, node) if "lut" in node.attrs else sim_clip(sim, node)
-
-
-register_table_lookup(sim_table)
+register_table_lookup(sim_lookup)
 
 
 # ---- the table -----------------------------------------------------------------------------
@@ -335,8 +379,11 @@ register(OpSpec("Clip", MODULE, calibrate=own, calibrate_rule="own exponent",
                 lower=lower_table_op, espdl=("Clip",)))
 
 # Swish is pinned by the ESP-PPQ fixtures (tutorial_tcn's SiLU tables); the others by NumPy only
+# ESP-DL reads their `lut` at 8 bits only; Gelu's deserializer is the LUT module's own
 for _op in ("Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Exp", "Log",
-            "Sqrt", "Softplus", "Gelu", "Silu"):
-    register_sim(SimSpec(_op, MODULE, sim_table, NUMPY_ORACLE))
-register_sim(SimSpec("Swish", MODULE, sim_table, ESPPPQ_FIXTURE))
-register_sim(SimSpec("Clip", MODULE, sim_clip_or_table, NUMPY_ORACLE))
+            "Sqrt", "Softplus", "Silu"):
+    register_sim(SimSpec(_op, MODULE, sim_table, NUMPY_ORACLE, lut="s8"))
+register_sim(SimSpec("Gelu", MODULE, sim_table, NUMPY_ORACLE, lut="always"))
+register_sim(SimSpec("LUT", MODULE, sim_lookup, NUMPY_ORACLE, lut="always"))
+register_sim(SimSpec("Swish", MODULE, sim_table, ESPPPQ_FIXTURE, lut="s8"))
+register_sim(SimSpec("Clip", MODULE, sim_clip, NUMPY_ORACLE, lut="s8"))

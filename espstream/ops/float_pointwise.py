@@ -23,7 +23,7 @@ MODULE = "float_pointwise"
 # (op, f(0) == 0, never negative, keeps the sign)
 _UNARY = [
     ("Selu", True, False, False), ("Celu", True, False, False), ("Softsign", True, False, False),
-    ("Reciprocal", False, False, False), ("Neg", True, False, False), ("Abs", True, True, False),
+    ("Reciprocal", False, False, False), ("Abs", True, True, False),
     ("Erf", True, False, False), ("Mish", True, False, False), ("Sign", True, False, False),
     ("Floor", True, False, False), ("Ceil", True, False, False), ("Round", True, False, False),
     ("Cast", True, False, True), ("Dropout", True, False, True), ("Not", False, False, False),

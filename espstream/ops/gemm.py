@@ -156,11 +156,13 @@ def sim_gemm(sim: Simulator, node: Node) -> Fn:
     w_name = node.inputs[1] if len(node.inputs) > 1 else ""
     if w_name in sim.graph.initializers:
         w = sim.graph.initializers[w_name].data
-        if w.ndim < 2 or int(np.prod(w.shape[:-2])) != 1:
+        if w.ndim < 2:
             raise UserError(
                 f"node '{node.name}': constant weight of shape {list(w.shape)} must be "
-                "[.., C, N] with leading 1s"
+                "[.., C, N]"
             )
+        if int(np.prod(w.shape[:-2])) != 1:
+            return _batched_constant(sim, node, w, w_name, relu)
         w2 = w.reshape(w.shape[-2], w.shape[-1])  # [C, N]
         kw = np.ascontiguousarray(w2.T[:, None, :])  # [N, kW=1, C]
         shift, bias = shift_and_bias(sim, node, w_name, w2.shape[1])
@@ -204,6 +206,27 @@ def sim_gemm(sim: Simulator, node: Node) -> Fn:
         return [saturate(v, dtype)]
 
     return fn2
+
+
+def _batched_constant(sim: Simulator, node: Node, w: np.ndarray, w_name: str, relu: bool) -> Fn:
+    """MatMul by a constant with batch dims: broadcast batched products, exact in int64, one
+    rounding shift per output channel (ESP-DL's MatMul reads a constant B like an activation)."""
+    from espstream.kernels.reference import round_shift
+
+    if node.op_type != "MatMul" or (len(node.inputs) > 2 and node.inputs[2]):
+        raise UserError(f"node '{node.name}': a batched constant weight needs a MatMul "
+                        "without bias")
+    shift, _ = shift_and_bias(sim, node, w_name, w.shape[-1])
+    w64 = w.astype(np.int64)
+    dtype = sim.dtype_of(node.outputs[0], np.int8)
+    rounding = sim.rounding
+
+    def fn(args: list) -> list:
+        acc = np.matmul(args[0].astype(np.int64), w64)
+        v = round_shift(acc, shift, rounding)
+        return [saturate(np.maximum(v, 0) if relu else v, dtype)]
+
+    return fn
 
 
 register(OpSpec("Gemm", MODULE, calibrate=calibrate_gemm,

@@ -69,12 +69,18 @@ class OpSpec:
 
 @dataclass(frozen=True)
 class SimSpec:
-    """How the simulator computes one ESP-DL operator: `compile(sim, node) -> fn(args) -> outs`."""
+    """How the simulator computes one ESP-DL operator: `compile(sim, node) -> fn(args) -> outs`.
+
+    lut: when ESP-DL's module replaces its own arithmetic by the file's `lut` table: "" never
+        (the attribute is ignored), "s8" in 8-bit nodes only (what most activation modules'
+        deserializers do), "always" (the LUT module itself, and Gelu).
+    """
 
     espdl: str
     module: str
     compile: Callable[..., Callable[[list], list]]
     checked: str = NUMPY_ORACLE
+    lut: str = ""
 
 
 @dataclass
@@ -83,7 +89,7 @@ class _Registry:
     sims: dict[str, SimSpec] = field(default_factory=dict)
     # lowering rules that claim a node before its operator's rule (patterns over several nodes)
     lower_patterns: list[Callable[..., bool]] = field(default_factory=list)
-    # how the simulator computes a node that carries a 256-entry `lut`, whatever its type
+    # how the simulator computes a node whose `lut` table ESP-DL uses (`SimSpec.lut`)
     table_lookup: Callable[..., Callable[[list], list]] | None = None
     loaded: bool = False
 

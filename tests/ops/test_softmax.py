@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from onnx import helper
-from op_harness import model, refused, run_case
+from op_harness import model, run_case
 
 
 def _softmax():
@@ -13,9 +13,14 @@ def _softmax():
     return model(nodes, [1, 6]), {"Softmax"}
 
 
-CASES = {"Softmax": _softmax}
-NOT_LOWERED = {"LogSoftmax": "export", "Hardmax": "calibrate",
-               "LayerNormalization": "calibrate", "LpNormalization": "calibrate"}
+def _log_softmax():
+    nodes = [helper.make_node("Tanh", ["x"], ["t"]),
+             helper.make_node("LogSoftmax", ["t"], ["y"], axis=-1)]
+    return model(nodes, [1, 6]), {"LogSoftmax"}
+
+
+CASES = {"Softmax": _softmax, "LogSoftmax": _log_softmax}
+NOT_LOWERED = {"Hardmax": "calibrate"}
 
 
 @pytest.mark.parametrize(("target", "bits"), [("esp32p4", 8), ("esp32s3", 8), ("c", 16)])
@@ -23,9 +28,6 @@ def test_softmax(target: str, bits: int) -> None:
     run_case(CASES["Softmax"], target, bits)
 
 
-def test_log_softmax_is_not_lowered() -> None:
-    def case():
-        nodes = [helper.make_node("Tanh", ["x"], ["t"]),
-                 helper.make_node("LogSoftmax", ["t"], ["y"], axis=-1)]
-        return model(nodes, [1, 6]), set()
-    refused(case, "export", "LogSoftmax")
+@pytest.mark.parametrize(("target", "bits"), [("esp32p4", 8), ("esp32s3", 16), ("c", 8)])
+def test_log_softmax(target: str, bits: int) -> None:
+    run_case(CASES["LogSoftmax"], target, bits)
