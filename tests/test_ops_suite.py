@@ -166,3 +166,23 @@ def test_summary() -> None:
     # a file that is neither expected to fail nor passing is a failure of test_file already;
     # here: no operator is silently absent
     assert all(r["pass"] + r["xfail"] <= r["files"] for r in per_op.values())
+
+
+def test_registry_claims_match_the_suite() -> None:
+    """An ESP-DL operator the registry says is checked by ESP-DL's golden values appears in a
+    file expected to pass (int8 exact, int16 +-1: what ESP-DL's CI asserts); every operator
+    such files hold is claimed as pinned (golden or an ESP-PPQ fixture), so `espstream ops`
+    says what is really checked."""
+    from espstream.ops import registry
+
+    if not FILES:
+        pytest.skip("no ops-suite data")
+    pinned: set[str] = set()
+    for f in FILES:
+        if xfail_reason(f) is None:
+            pinned |= {n.op_type for n in read((DATA / f["path"]).read_bytes()).nodes}
+    claims = {s.espdl: s.checked for s in registry.all_sims()}
+    golden = {op for op, c in claims.items() if c == registry.ESPDL_GOLDEN}
+    assert golden - pinned == set(), "claimed golden without a passing int8 file"
+    assert {op for op in pinned if claims.get(op) == registry.NUMPY_ORACLE} == set()
+    assert pinned - set(claims) == set(), "files hold operators the simulator lacks"

@@ -27,6 +27,7 @@ from espstream.errors import UserError
 from espstream.intgraph import Node
 from espstream.lower import Act, Lowerer
 from espstream.ops.registry import (
+    ESPDL_GOLDEN,
     ESPPPQ_FIXTURE,
     NUMPY_ORACLE,
     OpSpec,
@@ -382,8 +383,10 @@ register(OpSpec("Clip", MODULE, calibrate=own, calibrate_rule="own exponent",
 # ESP-DL reads their `lut` at 8 bits only; Gelu's deserializer is the LUT module's own
 for _op in ("Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Exp", "Log",
             "Sqrt", "Softplus", "Silu"):
-    register_sim(SimSpec(_op, MODULE, sim_table, NUMPY_ORACLE, lut="s8"))
+    # all but Softplus and Silu pinned by the operator suite (values ESP-DL checks on chips)
+    register_sim(SimSpec(_op, MODULE, sim_table,
+                         NUMPY_ORACLE if _op in ("Softplus", "Silu") else ESPDL_GOLDEN, lut="s8"))
 register_sim(SimSpec("Gelu", MODULE, sim_table, NUMPY_ORACLE, lut="always"))
-register_sim(SimSpec("LUT", MODULE, sim_lookup, NUMPY_ORACLE, lut="always"))
+register_sim(SimSpec("LUT", MODULE, sim_lookup, ESPDL_GOLDEN, lut="always"))
 register_sim(SimSpec("Swish", MODULE, sim_table, ESPPPQ_FIXTURE, lut="s8"))
-register_sim(SimSpec("Clip", MODULE, sim_clip, NUMPY_ORACLE, lut="s8"))
+register_sim(SimSpec("Clip", MODULE, sim_clip, ESPDL_GOLDEN, lut="s8"))

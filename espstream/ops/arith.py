@@ -19,8 +19,8 @@ from espstream.errors import UserError
 from espstream.intgraph import Node
 from espstream.lower import Act, Lowerer
 from espstream.ops.registry import (
+    ESPDL_GOLDEN,
     ESPPPQ_FIXTURE,
-    NUMPY_ORACLE,
     OpSpec,
     SimSpec,
     register,
@@ -123,5 +123,5 @@ register(OpSpec("Div", MODULE, stream=rule_broadcast, stream_rule=_BROADCAST,
 for _op in ("Pow", "Max", "Min", "Sum", "Mean", "Mod", "BitShift"):
     register(OpSpec(_op, MODULE, stream=rule_broadcast, stream_rule=_BROADCAST))
 register_sim(SimSpec("Add", MODULE, sim_add, ESPPPQ_FIXTURE))
-register_sim(SimSpec("Sub", MODULE, sim_add, NUMPY_ORACLE))
-register_sim(SimSpec("Mul", MODULE, sim_mul, NUMPY_ORACLE))
+register_sim(SimSpec("Sub", MODULE, sim_add, ESPDL_GOLDEN))
+register_sim(SimSpec("Mul", MODULE, sim_mul, ESPDL_GOLDEN))

@@ -18,8 +18,8 @@ from espstream.errors import UserError
 from espstream.intgraph import Node
 from espstream.lower import Act, Lowerer, QConst, attr, base_name
 from espstream.ops.registry import (
+    ESPDL_GOLDEN,
     ESPPPQ_FIXTURE,
-    NUMPY_ORACLE,
     OpSpec,
     SimSpec,
     register,
@@ -448,7 +448,7 @@ register(OpSpec("Pad", MODULE, calibrate=share, calibrate_rule="input's exponent
 register(OpSpec("Slice", MODULE, calibrate=share, calibrate_rule="input's exponent",
                 stream=rule_slice, stream_rule="crop / stride / last M frames on time",
                 lower=lower_slice, espdl=("Slice",)))
-register_sim(SimSpec("Concat", MODULE, sim_concat, NUMPY_ORACLE))
-register_sim(SimSpec("Split", MODULE, sim_split, NUMPY_ORACLE))
-register_sim(SimSpec("Pad", MODULE, sim_pad, NUMPY_ORACLE))
+register_sim(SimSpec("Concat", MODULE, sim_concat, ESPDL_GOLDEN))
+register_sim(SimSpec("Split", MODULE, sim_split, ESPDL_GOLDEN))
+register_sim(SimSpec("Pad", MODULE, sim_pad, ESPDL_GOLDEN))
 register_sim(SimSpec("Slice", MODULE, sim_slice, ESPPPQ_FIXTURE))

@@ -28,7 +28,7 @@ from espstream.intgraph import Node
 from espstream.lower import Act, Lowerer, attr, base_name
 from espstream.ops._linear import bias, calibrate_linear, lower_linear, weight
 from espstream.ops.conv import rule_conv_transpose
-from espstream.ops.registry import ESPPPQ_FIXTURE, OpSpec, SimSpec, register, register_sim
+from espstream.ops.registry import ESPDL_GOLDEN, OpSpec, SimSpec, register, register_sim
 from espstream.quant.plan import PlanCtx
 from espstream.sim import Fn, Simulator, ints
 
@@ -138,4 +138,4 @@ register(OpSpec("ConvTranspose", MODULE, calibrate=calibrate_conv_transpose,
                 calibrate_rule="weight per channel, bias at e_in + e_w, fuses Relu / Clip",
                 stream=rule_conv_transpose, stream_rule="upsampling window, output cropped",
                 lower=lower_conv_transpose, espdl=("InsertZeros", "Conv")))
-register_sim(SimSpec("InsertZeros", MODULE, sim_insert_zeros, ESPPPQ_FIXTURE))
+register_sim(SimSpec("InsertZeros", MODULE, sim_insert_zeros, ESPDL_GOLDEN))

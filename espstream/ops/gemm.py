@@ -27,8 +27,8 @@ from espstream.ops._linear import (
     weight,
 )
 from espstream.ops.registry import (
+    ESPDL_GOLDEN,
     ESPPPQ_FIXTURE,
-    NUMPY_ORACLE,
     OpSpec,
     SimSpec,
     register,
@@ -238,4 +238,4 @@ register(OpSpec("MatMul", MODULE, calibrate=calibrate_matmul,
                 stream=rule_matmul, stream_rule="pointwise over rows; time contracted: refused",
                 lower=lower_matmul, espdl=("MatMul",)))
 register_sim(SimSpec("Gemm", MODULE, sim_gemm, ESPPPQ_FIXTURE))
-register_sim(SimSpec("MatMul", MODULE, sim_gemm, NUMPY_ORACLE))
+register_sim(SimSpec("MatMul", MODULE, sim_gemm, ESPDL_GOLDEN))

@@ -24,6 +24,7 @@ from espstream.errors import UserError
 from espstream.intgraph import Node
 from espstream.lower import Lowerer, attr, base_name
 from espstream.ops.registry import (
+    ESPDL_GOLDEN,
     NUMPY_ORACLE,
     OpSpec,
     SimSpec,
@@ -359,5 +360,7 @@ register(OpSpec("Tile", MODULE, stream=rule_tile, stream_rule="not along time"))
 register(OpSpec("Shape", MODULE, stream=rule_shape, stream_rule="only into a Reshape's shape"))
 register(OpSpec("Size", MODULE, stream=rule_shape, stream_rule="only into a Reshape's shape"))
 for _op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Gather"):
-    register_sim(SimSpec(_op, MODULE, sim_movement, NUMPY_ORACLE))
-register_sim(SimSpec("Transpose", MODULE, sim_movement, NUMPY_ORACLE))
+    # all but Identity pinned by the operator suite (values ESP-DL checks on chips)
+    register_sim(SimSpec(_op, MODULE, sim_movement,
+                         NUMPY_ORACLE if _op == "Identity" else ESPDL_GOLDEN))
+register_sim(SimSpec("Transpose", MODULE, sim_movement, ESPDL_GOLDEN))

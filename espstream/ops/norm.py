@@ -36,7 +36,7 @@ from espstream.intgraph import Node
 from espstream.lower import Lowerer, attr
 from espstream.ops.reduce import round_f32, sqrt_newton
 from espstream.ops.registry import (
-    ESPPPQ_FIXTURE,
+    ESPDL_GOLDEN,
     OpSpec,
     SimSpec,
     register,
@@ -340,6 +340,6 @@ register(OpSpec("RMSNormalization", MODULE, calibrate=own,
 register(OpSpec("LpNormalization", MODULE, calibrate=own, calibrate_rule="own exponent",
                 stream=stream_norm, stream_rule=_NORM, lower=lower_lpnorm,
                 espdl=("LpNormalization",)))
-register_sim(SimSpec("LayerNormalization", MODULE, sim_layernorm, ESPPPQ_FIXTURE))
-register_sim(SimSpec("RMSNormalization", MODULE, sim_rmsnorm, ESPPPQ_FIXTURE))
-register_sim(SimSpec("LpNormalization", MODULE, sim_lpnorm, ESPPPQ_FIXTURE))
+register_sim(SimSpec("LayerNormalization", MODULE, sim_layernorm, ESPDL_GOLDEN))
+register_sim(SimSpec("RMSNormalization", MODULE, sim_rmsnorm, ESPDL_GOLDEN))
+register_sim(SimSpec("LpNormalization", MODULE, sim_lpnorm, ESPDL_GOLDEN))

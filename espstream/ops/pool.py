@@ -19,6 +19,7 @@ from espstream.errors import UserError
 from espstream.intgraph import Node
 from espstream.lower import Lowerer, attr
 from espstream.ops.registry import (
+    ESPDL_GOLDEN,
     ESPPPQ_FIXTURE,
     NUMPY_ORACLE,
     OpSpec,
@@ -150,6 +151,6 @@ register(OpSpec("LpPool", MODULE, stream=rule_conv, stream_rule=_WINDOW))
 register(OpSpec("GlobalLpPool", MODULE, stream=rule_mixes_all, stream_first=True,
                 stream_rule="refused on a time axis (mixes every frame)"))
 register_sim(SimSpec("AveragePool", MODULE, sim_avgpool, ESPPPQ_FIXTURE))
-register_sim(SimSpec("GlobalAveragePool", MODULE, sim_avgpool, NUMPY_ORACLE))
-register_sim(SimSpec("MaxPool", MODULE, sim_maxpool, NUMPY_ORACLE))
+register_sim(SimSpec("GlobalAveragePool", MODULE, sim_avgpool, ESPDL_GOLDEN))
+register_sim(SimSpec("MaxPool", MODULE, sim_maxpool, ESPDL_GOLDEN))
 register_sim(SimSpec("GlobalMaxPool", MODULE, sim_maxpool, NUMPY_ORACLE))

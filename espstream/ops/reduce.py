@@ -36,7 +36,7 @@ from espstream.errors import UserError
 from espstream.intgraph import Node
 from espstream.lower import Lowerer, attr, perm_of
 from espstream.ops.registry import (
-    ESPPPQ_FIXTURE,
+    ESPDL_GOLDEN,
     OpSpec,
     SimSpec,
     register,
@@ -305,7 +305,7 @@ for _op in REDUCE_OPS:
     register(OpSpec(_op, MODULE, calibrate=share if _same else own,
                     calibrate_rule="input's exponent" if _same else "own exponent",
                     stream=rule_reduce, stream_rule=_RED, lower=lower_reduce, espdl=(_op,)))
-    register_sim(SimSpec(_op, MODULE, sim_reduce, ESPPPQ_FIXTURE))
+    register_sim(SimSpec(_op, MODULE, sim_reduce, ESPDL_GOLDEN))
 for _op in ("ArgMax", "ArgMin"):
     register(OpSpec(_op, MODULE, stream=rule_reduce, stream_rule=_RED))
 register(OpSpec("CumSum", MODULE, stream=rule_mixes_all, stream_first=True,

@@ -19,7 +19,6 @@ from espstream.lower import Lowerer, base_name
 from espstream.ops.activation import build_lut
 from espstream.ops.registry import (
     ESPDL_GOLDEN,
-    NUMPY_ORACLE,
     OpSpec,
     SimSpec,
     register,
@@ -159,6 +158,6 @@ register(OpSpec("Relu", MODULE, calibrate=own, calibrate_rule="own exponent (fus
 register(OpSpec("PRelu", MODULE, calibrate=own_with_constants,
                 calibrate_rule="own exponent; slope its own", stream=rule_broadcast,
                 stream_rule="broadcast", lower=lower_prelu, espdl=("PRelu",)))
-register_sim(SimSpec("Relu", MODULE, sim_relu, NUMPY_ORACLE, lut="s8"))
+register_sim(SimSpec("Relu", MODULE, sim_relu, ESPDL_GOLDEN, lut="s8"))
 # int16 pinned by the operator suite (ESP-PPQ files ESP-DL checks on chips, +-1)
 register_sim(SimSpec("PRelu", MODULE, sim_prelu, ESPDL_GOLDEN, lut="s8"))

@@ -35,7 +35,7 @@ import onnx_graphsurgeon as gs
 from espstream.errors import UserError
 from espstream.intgraph import Node
 from espstream.lower import Lowerer, attr, base_name
-from espstream.ops.registry import ESPPPQ_FIXTURE, OpSpec, SimSpec, register, register_sim
+from espstream.ops.registry import ESPDL_GOLDEN, OpSpec, SimSpec, register, register_sim
 from espstream.quant.plan import PlanCtx, share
 from espstream.sim import Fn, Simulator, round_float, saturate
 from espstream.stream.axes import Time
@@ -269,4 +269,4 @@ def sim_resize(sim: Simulator, node: Node) -> Fn:
 register(OpSpec("Resize", MODULE, calibrate=calibrate_resize, calibrate_rule="input's exponent",
                 stream=rule_resize, stream_rule="time on an axis it does not resize",
                 lower=lower_resize, espdl=("Resize",), bits=(8,)))
-register_sim(SimSpec("Resize", MODULE, sim_resize, ESPPPQ_FIXTURE))
+register_sim(SimSpec("Resize", MODULE, sim_resize, ESPDL_GOLDEN))

@@ -22,7 +22,7 @@ import onnx_graphsurgeon as gs
 from espstream.errors import UserError
 from espstream.intgraph import Node
 from espstream.lower import Lowerer, attr, base_name
-from espstream.ops.registry import ESPPPQ_FIXTURE, OpSpec, SimSpec, register, register_sim
+from espstream.ops.registry import ESPDL_GOLDEN, OpSpec, SimSpec, register, register_sim
 from espstream.quant.plan import PlanCtx, share
 from espstream.sim import Fn, Simulator
 from espstream.stream.axes import Time
@@ -114,4 +114,4 @@ register(OpSpec("ReverseSequence", MODULE, calibrate=calibrate_reverse,
                 calibrate_rule="input's exponent", stream=rule_reverse,
                 stream_rule="refused on its time / batch axis", lower=lower_reverse,
                 espdl=("ReverseSequence",)))
-register_sim(SimSpec("ReverseSequence", MODULE, sim_reverse, ESPPPQ_FIXTURE))
+register_sim(SimSpec("ReverseSequence", MODULE, sim_reverse, ESPDL_GOLDEN))

@@ -26,7 +26,7 @@ import onnx_graphsurgeon as gs
 from espstream.errors import UserError
 from espstream.intgraph import Node
 from espstream.lower import Act, Lowerer, attr, base_name
-from espstream.ops.registry import ESPPPQ_FIXTURE, OpSpec, SimSpec, register, register_sim
+from espstream.ops.registry import ESPDL_GOLDEN, OpSpec, SimSpec, register, register_sim
 from espstream.quant.plan import PlanCtx, requant
 from espstream.sim import Fn, Simulator
 from espstream.stream.axes import Summary, Time
@@ -147,4 +147,4 @@ register(OpSpec("ScatterND", MODULE, calibrate=calibrate_scatter,
                 calibrate_rule="own exponent, data and updates requantized to it",
                 stream=rule_scatter, stream_rule="refused on time", lower=lower_scatter,
                 espdl=("ScatterND",)))
-register_sim(SimSpec("ScatterND", MODULE, sim_scatter, ESPPPQ_FIXTURE))
+register_sim(SimSpec("ScatterND", MODULE, sim_scatter, ESPDL_GOLDEN))

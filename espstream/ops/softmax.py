@@ -20,8 +20,7 @@ from espstream.errors import UserError
 from espstream.intgraph import Node, ValueInfo
 from espstream.lower import Act, Lowerer, attr
 from espstream.ops.registry import (
-    ESPPPQ_FIXTURE,
-    NUMPY_ORACLE,
+    ESPDL_GOLDEN,
     OpSpec,
     SimSpec,
     register,
@@ -119,5 +118,5 @@ register(OpSpec("LogSoftmax", MODULE, calibrate=float_output, calibrate_rule="fl
                 stream=rule_softmax, stream_rule=_NORM, lower=lower_softmax,
                 espdl=("LogSoftmax",)))
 register(OpSpec("Hardmax", MODULE, stream=rule_softmax, stream_rule=_NORM))
-register_sim(SimSpec("Softmax", MODULE, sim_softmax, NUMPY_ORACLE))
-register_sim(SimSpec("LogSoftmax", MODULE, sim_log_softmax, ESPPPQ_FIXTURE))
+register_sim(SimSpec("Softmax", MODULE, sim_softmax, ESPDL_GOLDEN))
+register_sim(SimSpec("LogSoftmax", MODULE, sim_log_softmax, ESPDL_GOLDEN))

@@ -33,7 +33,7 @@ import onnx_graphsurgeon as gs
 from espstream.errors import UserError
 from espstream.intgraph import Node
 from espstream.lower import Act, Lowerer, attr
-from espstream.ops.registry import ESPPPQ_FIXTURE, OpSpec, SimSpec, register, register_sim
+from espstream.ops.registry import ESPDL_GOLDEN, OpSpec, SimSpec, register, register_sim
 from espstream.quant.plan import share
 from espstream.sim import Fn, Simulator
 from espstream.stream.axes import Time
@@ -223,5 +223,5 @@ register(OpSpec("DepthToSpace", MODULE, calibrate=share, calibrate_rule="input's
 register(OpSpec("SpaceToDepth", MODULE, calibrate=share, calibrate_rule="input's exponent",
                 stream=rule_space_depth, stream_rule=_STREAM, lower=lower_space_to_depth,
                 espdl=("SpaceToDepth",)))
-register_sim(SimSpec("DepthToSpace", MODULE, sim_depth_to_space, ESPPPQ_FIXTURE))
-register_sim(SimSpec("SpaceToDepth", MODULE, sim_space_to_depth, ESPPPQ_FIXTURE))
+register_sim(SimSpec("DepthToSpace", MODULE, sim_depth_to_space, ESPDL_GOLDEN))
+register_sim(SimSpec("SpaceToDepth", MODULE, sim_space_to_depth, ESPDL_GOLDEN))

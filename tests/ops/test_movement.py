@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import helper
-from op_harness import model, run_case
+from op_harness import model, run_case, unary
 
 
 def _after_relu(op: str, shape=(1, 4, 8), inits=None, extra=(), **attrs):
@@ -56,3 +56,10 @@ def test_gather_negative_indices_are_written_non_negative() -> None:
                                      report_samples=0).model).graph
     node = next(n for n in g.nodes if n.op_type == "Gather")
     assert g.initializers[node.inputs[1]].data.tolist() == [7, 0]
+
+
+@pytest.mark.parametrize(("target", "bits"), [("esp32p4", 8), ("c", 16)])
+def test_a_model_of_data_movement_only(target: str, bits: int) -> None:
+    """No operator with an exponent of its own: the input's exponent carries through (ESP-DL's
+    operator suite has such models; calibrate used to refuse them as 'nothing to calibrate')."""
+    run_case(unary("Transpose", perm=[0, 2, 1]), target, bits)

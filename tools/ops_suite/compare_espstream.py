@@ -4,8 +4,9 @@
         [--bits 8] [--ops Conv Add ...] [--json out.json]
 
 Runs in the project's environment (.venv). For every configuration of the manifest that has an
-ESP-PPQ file for the target and bits: `espstream.quant.calibrate.calibrate_model` (8 standard-
-normal samples, seed 0) and `espstream.export.export_model` on its `model.onnx`, then reads both
+ESP-PPQ file for the target and bits: `espstream.optimize.optimize_model` (as `convert` runs it),
+`espstream.quant.calibrate.calibrate_model` (8 standard-normal samples, seed 0) and
+`espstream.export.export_model` on its `model.onnx`, then reads both
 `.espdl` files with `espstream.espdl.read` and compares the node sequences (ESP-DL operator
 types in order) and, where the sequences agree, each node's attributes (initializer values and
 layouts are not compared). Prints one line per configuration: `same`, `differs: ...`, or
@@ -27,6 +28,7 @@ import onnx
 from espstream.errors import UserError
 from espstream.espdl import read
 from espstream.export import export_model
+from espstream.optimize import optimize_model
 from espstream.quant.calibrate import calibrate_model
 from espstream.quant.data import model_inputs, random_data
 
@@ -52,6 +54,7 @@ def nodes(g) -> list[tuple[str, dict]]:
 def compare(ppq_path: Path, onnx_path: Path, target: str, bits: int) -> str:
     model = onnx.load(str(onnx_path))
     try:
+        model = optimize_model(model).model
         calib = random_data(model_inputs(model), 8, 0)
         q = calibrate_model(model, calib, target=target, bits=bits, report_samples=0).model
         ours = export_model(q, target).graph
