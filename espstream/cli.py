@@ -18,6 +18,9 @@ from espstream import __version__, log
 from espstream.errors import EspstreamError, UserError
 from espstream.modelio import real_stdout, stdout_reserved_for_output
 
+#: ESP-DL 3.3's target names and 'c' (espstream.targets maps each onto one of three arithmetics)
+TARGET_NAMES = ["esp32p4", "esp32s31", "esp32s3", "esp32", "esp32s2", "esp32c2", "esp32c3",
+                "esp32c5", "esp32c6", "c"]
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -146,7 +149,7 @@ def optimize(
 @click.option("-d", "--data", metavar="PATH", help="Calibration data: .npy, .npz or a folder.")
 @click.option("--random", "random_n", type=int, metavar="N", help="Use N standard-normal samples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
-@click.option("--target", type=click.Choice(["esp32p4", "esp32s3", "c"]), default="esp32p4",
+@click.option("--target", type=click.Choice(TARGET_NAMES), default="esp32p4",
               show_default=True)
 @click.option("--bits", type=click.Choice(["8", "16"]), default="8", show_default=True)
 @click.option("--method", type=click.Choice(["minmax", "percentile", "kl", "mse"]), default=None,
@@ -244,19 +247,27 @@ def calibrate(
 )
 @click.argument("file", default="-")
 @click.option("--json", "json_path", metavar="PATH", help="Write the same as JSON ('-': stdout).")
+@click.option("--target", type=click.Choice(TARGET_NAMES), default=None,
+              help=".espdl: the chip, where the file does not record it [default: recorded, or "
+              "told by the filter layout].")
+@click.option("--model", "member", metavar="NAME", help="A packed file's model (by name).")
+@click.option("--key", metavar="KEYFILE", help="The AES-128 key of an encrypted model.")
 @click.option("-q", "--quiet", is_flag=True, help="Silence stderr except errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def inspect(file: str, json_path: str | None, quiet: bool, debug: bool) -> None:
+def inspect(file: str, json_path: str | None, target: str | None, member: str | None,
+            key: str | None, quiet: bool, debug: bool) -> None:
     """Show what an .onnx or .espdl file holds: operators, exponents, caches, test values."""
     import json as jsonlib
 
     from espstream import inspect as inspection
     from espstream import modelio, report
+    from espstream.espdl.crypt import read_key
 
     log.set_quiet(quiet)
     check_report_path(json_path)
     label = "<stdin>" if file == "-" else file
-    info = inspection.inspect_bytes(modelio.read_bytes(file), label)
+    k = read_key(key) if key else None
+    info = inspection.inspect_bytes(modelio.read_bytes(file), label, target, member, k)
     inspection.print_summary(info)
     if json_path == "-":
         click.echo(jsonlib.dumps(info, indent=2, default=report._jsonable))
@@ -360,13 +371,20 @@ def streamify(
               help="Streamify OFFLINE at each chunk size and check each (no STREAMING then).")
 @click.option("--axis", multiple=True, metavar="INPUT:AXIS", help="With --chunks: as streamify.")
 @click.option("--overrides", metavar="FILE.json", help="As streamify (also used for analysis).")
+@click.option("--target", type=click.Choice(TARGET_NAMES), default=None,
+              help=".espdl: the chip to simulate, where the files do not record it [default: "
+              "recorded, or told by the filter layout].")
+@click.option("--model", "members", metavar="NAME", multiple=True,
+              help=".espdl: a packed file's model; twice for OFFLINE and STREAMING.")
+@click.option("--key", metavar="KEYFILE", help=".espdl: the AES-128 key of encrypted models.")
 @click.option("--json", "json_path", metavar="PATH", help="Write a JSON report to PATH.")
 @click.option("-q", "--quiet", is_flag=True, help="Silence stderr except errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def verify(
     offline: str, streaming: tuple[str, ...], data: str | None, random_n: int | None, seed: int,
     frames: int | None, engine: str | None, chunks: str | None, axis: tuple[str, ...],
-    overrides: str | None, json_path: str | None, quiet: bool, debug: bool,
+    overrides: str | None, target: str | None, members: tuple[str, ...], key: str | None,
+    json_path: str | None, quiet: bool, debug: bool,
 ) -> None:
     """Check that STREAMING, run chunk by chunk, equals OFFLINE over whole sequences.
 
@@ -395,9 +413,15 @@ def verify(
                             "arithmetic of the .espdl files)")
         if chunks is not None:
             raise UserError("--chunks streamifies ONNX models; give OFFLINE.espdl STREAMING.espdl")
+        if len(members) > (2 if one else 1):
+            raise UserError("--model: give one name per .espdl file (OFFLINE, then STREAMING)")
         verify_int8.verify_espdl_command(offline, one, v.load_data(data) if data else None,
-                                         random_n, seed, engine, json_path)  # fmt: skip
+                                         random_n, seed, engine, json_path, target=target,
+                                         model=list(members), key=key)  # fmt: skip
         return
+    if target or members or key:
+        raise UserError("--target, --model and --key are for .espdl files (an ONNX model "
+                        "records its target from calibrate)")
     if (chunks is None) == (one is None):
         raise UserError(
             "give either STREAMING.onnx (check that model) or --chunks N,N,... (streamify "
@@ -442,13 +466,16 @@ def verify(
 )
 @click.argument("input", default="-")
 @stage
-@click.option("--target", type=click.Choice(["esp32p4", "esp32s3", "c"]), default=None,
+@click.option("--target", type=click.Choice(TARGET_NAMES), default=None,
               help="Must match the target the model was calibrated for [default: that one].")
 @click.option("--test-data", metavar="PATH", help="Embed test values: .npy (or .npz by input).")
 @click.option("--test-random", is_flag=True, help="Embed test values from a random input.")
 @click.option("--format", "fmt", type=click.Choice(["espdl", "cpp"]), default="espdl",
               show_default=True, help="cpp: NAME_coefficient.cpp/.hpp into -o FOLDER.")
 @click.option("--name", metavar="NAME", help="Model name (graph name; C++ namespace and files).")
+@click.option("--encrypt-key", metavar="KEYFILE",
+              help="Encrypt the .espdl with this AES-128 key (ESP-DL's mode 1): 16 raw bytes, "
+              "32 hex digits or ESP-PPQ's 0x.., list.")
 def export(
     input: str,
     output: str,
@@ -458,6 +485,7 @@ def export(
     test_random: bool,
     fmt: str,
     name: str | None,
+    encrypt_key: str | None,
 ) -> None:
     """Lower a QDQ model (streaming or not) to an ESP-DL .espdl file or C++ coefficients."""
     from pathlib import Path
@@ -479,15 +507,71 @@ def export(
         check_cpp_folder(output)
     if test_data:
         modelio.check_output_path(output, test_data)
+    key = None
+    if encrypt_key:
+        from espstream.espdl.crypt import read_key
+
+        if fmt != "espdl":
+            raise UserError("--encrypt-key encrypts .espdl files; --format cpp writes C++")
+        modelio.check_output_path(output, encrypt_key)
+        key = read_key(encrypt_key)
     model = modelio.load_model(input)
     data = read_test_data(test_data) if test_data else None
     if fmt == "cpp" and not name:
         name = Path(input).stem.split(".")[0] if input != "-" else None
     result = export_model(model, target=target, test_data=data, test_random=test_random,
                           fmt=fmt, name=name)
+    if key is not None:
+        from espstream.espdl.crypt import encrypt
+
+        result.data = encrypt(result.data, key)
+        log.info("encrypted with AES-128-CTR (ESP-DL mode 1); load it with the same key")
     print_summary(result)
     write_files(result, output, fmt)
-    report.write_json(json_path, result.to_json())
+    report.write_json(json_path, {**result.to_json(), "encrypted": key is not None})
+
+
+@cli.command(
+    context_settings=CONTEXT,
+    epilog=example(
+        "espstream pack model.espdl streaming_model.espdl -o models.espdl\n"
+        "espstream pack a.espdl b.espdl -o m.espdl --name off --name st --format pdl2"
+    ),
+)
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="The packed file.")
+@click.option("--format", "fmt", type=click.Choice(["pdl3", "pdl2", "pdl1"]), default="pdl3",
+              show_default=True, help="pdl3: with version, size and SHA-256; pdl1: EDL1 files.")
+@click.option("--name", "names", multiple=True, metavar="NAME",
+              help="Member names, one per input in the order given [default: file names].")
+@click.option("--package-version", default="v1.0", show_default=True,
+              help="PDL3 package version (ASCII, at most 15 characters).")
+@click.option("--json", "json_path", metavar="PATH", help="Also write a JSON report to PATH.")
+@click.option("-q", "--quiet", is_flag=True, help="Silence stderr except errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def pack(inputs: tuple[str, ...], output: str, fmt: str, names: tuple[str, ...],
+         package_version: str, json_path: str | None, quiet: bool, debug: bool) -> None:
+    """Pack .espdl models into one file, byte for byte as ESP-DL's pack_espdl_models.py.
+
+    Members are ordered by their paths (sorted, as the script does) and loaded on the chip by
+    name: dl::Model(data, "model.espdl", ...). Encrypted members are packed as they are.
+    """
+    from espstream import modelio, report
+    from espstream.espdl import pack as packing
+
+    log.set_quiet(quiet)
+    check_report_path(json_path)
+    modelio.check_output_path(output, *inputs)
+    if output == "-" and real_stdout().isatty():
+        raise UserError("refusing to write a binary package to the terminal; use -o FILE")
+    with stdout_reserved_for_output():
+        data, members = packing.pack_files(list(inputs), list(names) or None, fmt,
+                                           package_version)
+        pkg = packing.unpack(data)  # what a reader will see (and a check of our own bytes)
+        log.info(f"packed {len(members)} model(s) as {fmt.upper()}: {', '.join(members)}; "
+                 f"{len(data)} bytes" + (f", SHA-256 {pkg.sha256}" if pkg.sha256 else ""))
+        modelio.write_bytes(data, output)
+    report.write_json(json_path, {**pkg.to_json(), "file": output})
 
 
 @cli.command(
@@ -502,7 +586,7 @@ def export(
 @click.option("-d", "--data", metavar="PATH", help="Calibration data: .npy, .npz or a folder.")
 @click.option("--random", "random_n", type=int, metavar="N", help="Use N standard-normal samples.")
 @click.option("--chunk", type=int, metavar="N", help="Stream N input frames per call.")
-@click.option("--target", type=click.Choice(["esp32p4", "esp32s3", "c"]), default="esp32p4",
+@click.option("--target", type=click.Choice(TARGET_NAMES), default="esp32p4",
               show_default=True)
 @click.option("--bits", type=click.Choice(["8", "16"]), default="8", show_default=True)
 @click.option("--method", type=click.Choice(["minmax", "percentile", "kl", "mse"]), default=None,

@@ -11,6 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from espstream import log
+from espstream.errors import UserError
 from espstream.espdl import read as read_espdl
 from espstream.espdl.reader import HEADER
 from espstream.graph import count_ops
@@ -18,10 +19,16 @@ from espstream.modelio import parse_model
 from espstream.report import table
 
 
-def inspect_bytes(data: bytes, label: str) -> dict[str, Any]:
-    """Describe a file's content; the format is told by its first bytes, not its name."""
-    if data[:4] == b"EDL2" or label.endswith(".espdl"):
-        return inspect_espdl(data)
+def inspect_bytes(data: bytes, label: str, target: str | None = None,
+                  model: str | None = None, key: bytes | None = None) -> dict[str, Any]:
+    """Describe a file's content; the format is told by its first bytes, not its name.
+
+    .espdl only: target (`--target`, checked against the file), model (a packed file's
+    member), key (an encrypted model's AES key)."""
+    if data[:4] == b"EDL2" or data[:3] == b"PDL" or label.endswith(".espdl"):
+        return inspect_espdl(data, target, model, key)
+    if target is not None or model is not None or key is not None:
+        raise UserError("--target, --model and --key are for .espdl files")
     return inspect_onnx(parse_model(data, label))
 
 
@@ -95,9 +102,24 @@ def _tensor_row(t) -> dict[str, Any]:
             "layout": t.layout, "exponents": list(t.exponents), "bytes": int(t.data.nbytes)}
 
 
-def inspect_espdl(data: bytes) -> dict[str, Any]:
+def inspect_espdl(data: bytes, target: str | None = None, model: str | None = None,
+                  key: bytes | None = None) -> dict[str, Any]:
+    from espstream.espdl.open import open_model
+    from espstream.targets import resolve
+
+    opened = open_model(data, model, key)
+    file_bytes = len(data)
+    data = opened.data
     graph = read_espdl(data)
     magic, mode, length, _ = HEADER.unpack_from(data, 0)
+    if opened.encrypted:
+        mode = 1
+    try:
+        chosen = resolve(graph, target).to_json()
+    except UserError as e:
+        if target is not None:
+            raise
+        chosen = {"target": None, "reason": str(e)}
     caches = []
     for n in graph.nodes:
         if n.op_type == "StreamingCache":
@@ -115,8 +137,10 @@ def inspect_espdl(data: bytes) -> dict[str, Any]:
     return {
         "format": "espdl",
         "header": {"magic": magic.decode(), "mode": mode, "payload_bytes": length,
-                   "file_bytes": len(data)},
-        "target": graph.target,
+                   "file_bytes": file_bytes},
+        **opened.to_json(),
+        "target": chosen["target"],
+        "target_choice": chosen,
         "metadata": {k: _maybe_json(v) for k, v in graph.metadata.items()},
         "inputs": [{"name": v.name, "dtype": str(v.dtype), "shape": v.shape,
                     "exponents": v.exponents} for v in graph.inputs],
@@ -160,8 +184,22 @@ def print_summary(info: dict[str, Any]) -> None:
             log.info(table(("cache", "tensor", "window", "axis"), rows))
         return
     h = info["header"]
-    log.info(f".espdl {h['magic']} mode {h['mode']}, payload {h['payload_bytes']} bytes, "
-             f"file {h['file_bytes']} bytes, target {info['target']}")
+    pkg = info.get("package")
+    if pkg:
+        log.info(f"packed {pkg['format']}" + (f" version {pkg['version']}, SHA-256 ok"
+                                               if pkg["format"] == "PDL3" else "")
+                 + f", {len(pkg['models'])} model(s): "
+                 + ", ".join(m["name"] for m in pkg["models"]) + f"; showing {info['member']}")
+    mode = "1 (encrypted, decrypted with the key)" if info.get("encrypted") else h["mode"]
+    log.info(f".espdl {h['magic']} mode {mode}, payload {h['payload_bytes']} bytes, "
+             f"file {h['file_bytes']} bytes")
+    c = info["target_choice"]
+    if c["target"]:
+        from espstream.targets import chip
+
+        log.info(f"target {chip(c['target']).describe()}: {c['reason']}")
+    else:
+        log.info(f"target unknown: {c['reason']}")
     for v in info["inputs"]:
         log.info(f"input  {v['name']}: {v['dtype']} {v['shape']} exponents {v['exponents']}")
     for v in info["outputs"]:

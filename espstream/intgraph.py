@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from espstream.errors import UserError
+from espstream.targets import CHIPS as _CHIPS
 
-#: Targets the writer knows the weight layout of.
-TARGETS = ("c", "esp32s3", "esp32p4")
+#: Targets the writer knows the weight layout of: ESP-DL 3.3's names and 'c' (espstream.targets).
+TARGETS = tuple(_CHIPS)
 
 #: ONNX / ESP-DL TensorDataType code -> numpy dtype (only the types a tensor can be read as).
 CODE_TO_DTYPE: dict[int, np.dtype] = {
@@ -266,8 +267,10 @@ class IntGraph:
     metadata: the model's metadata_props, in order.
     target: 'c', 'esp32s3' or 'esp32p4' (decides the filter byte layout and the arithmetic);
         None when unknown (a file with no filters). The reader infers it from the filters'
-        layout doc strings: plain -> 'c'; blocked with per-channel exponents -> 'esp32p4',
-        blocked per-tensor -> 'esp32s3'.
+        layout doc strings where they leave one arithmetic, or takes the `espstream.target`
+        the file records (`espstream.targets.resolve`); any ESP-DL target name is accepted.
+    layout_targets: set by the reader: the arithmetics ('c', 'esp32s3', 'esp32p4') whose
+        kernels read the file's filter layout; None when it has no filters.
     ir_version, opset_import, producer_name, producer_version, domain, model_version,
     doc_string, graph_doc_string: the Model / Graph header fields, as in the file
         (ESP-PPQ 1.3.12 writes ir_version 7 and nothing else).
@@ -291,6 +294,7 @@ class IntGraph:
     model_version: int = 0
     doc_string: str | None = None
     graph_doc_string: str | None = None
+    layout_targets: tuple[str, ...] | None = field(default=None, compare=False)
 
     # ---- lookups -------------------------------------------------------------------------
 

@@ -78,6 +78,7 @@ from espstream.errors import UserError
 from espstream.espdl import layout as espdl_layout
 from espstream.intgraph import TARGETS, IntGraph, Node, Tensor, ValueInfo
 from espstream.quant import scheme
+from espstream.targets import same_arithmetic
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 STREAM_DOMAIN = "espstream"
@@ -168,7 +169,7 @@ def check_target(model: onnx.ModelProto, target: str | None) -> str:
     if rec is not None and rec not in TARGETS:
         raise UserError(f"the model records espstream.target {rec!r}, which is not one of "
                         f"{', '.join(TARGETS)}")
-    if target is not None and rec is not None and target != rec:
+    if target is not None and rec is not None and not same_arithmetic(target, rec):
         raise UserError(f"--target {target} differs from the target the model was calibrated for "
                         f"({rec}): its exponents follow {rec}'s rounding and bias width; "
                         f"recalibrate with --target {target} or drop --target")
@@ -694,6 +695,8 @@ class Lowerer:
         md: dict[str, str] = {}
         layouts = {v.name: self._layout_of(v.name) for v in (*self.out.inputs, *self.out.outputs)}
         md["espstream.layout"] = json.dumps(layouts)
+        if self.out.target is not None:  # so a reader need not guess it from the layout
+            md["espstream.target"] = self.out.target
         if self.states or "espstream.chunk" in self.meta:
             for k in ("espstream.chunk", "espstream.delay", "espstream.warmup"):
                 if k in self.meta:

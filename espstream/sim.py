@@ -102,12 +102,10 @@ Fn = Callable[[list], list]
 
 
 def target_rounding(target: str) -> str:
-    try:
-        return ROUNDING[target]
-    except KeyError:
-        raise UserError(
-            f"unknown target '{target}': the simulator knows {', '.join(ROUNDING)}"
-        ) from None
+    """Rounding of any ESP-DL target name (espstream.targets maps it onto an arithmetic)."""
+    from espstream.targets import arithmetic
+
+    return ROUNDING[arithmetic(target)]
 
 
 def round_float(y: np.ndarray, rounding: str) -> np.ndarray:
@@ -126,7 +124,8 @@ class Simulator:
     graph: the model (from `espstream.espdl.read` or `espstream.lower.lower`).
     kernels: `espstream.kernels` (Cython, default) or `espstream.kernels.reference` (NumPy);
         both give the same bits.
-    target: overrides the graph's target (decides the rounding).
+    target: overrides the graph's target (decides the rounding): any ESP-DL target name
+        (`espstream.targets`: esp32p4 / esp32s31, esp32s3, esp32 / esp32s2 / esp32c*, or 'c').
     check_shapes: refuse inputs whose shape differs from the graph input's (the runtime only
         takes the declared shape); False lets an offline model run on any length.
     """
@@ -147,11 +146,13 @@ class Simulator:
         self.kernels = kernels
         self.check_shapes = check_shapes
         self.target = target or graph.target or graph.metadata.get("espstream.target")
-        if self.target is None:
-            raise UserError(
-                f"graph '{graph.name}': its target is unknown (no filters and no "
-                "espstream.target metadata); pass target='esp32p4', 'esp32s3' or 'c'"
-            )
+        if self.target is None:  # the file leaves it open: one clear error naming the choices
+            from espstream.targets import resolve
+
+            self.target = resolve(graph, None, f"graph '{graph.name}'").target
+        from espstream.targets import arithmetic
+
+        self.arithmetic = arithmetic(self.target)  # 'esp32p4', 'esp32s3' or 'c'
         self.rounding = target_rounding(self.target)
         self._order = graph.topological_order()
         self._inputs = {v.name: v for v in graph.inputs}

@@ -94,14 +94,17 @@ def compare_ints(name: str, want: np.ndarray, got: np.ndarray, tolerance: int) -
                     tolerance, max_lsb <= tolerance)  # fmt: skip
 
 
-def check_test_values(graph: IntGraph, kernels: Any = None) -> list[IntCheck]:
-    """Run the file's test inputs and compare with its test outputs (Model::test())."""
+def check_test_values(graph: IntGraph, kernels: Any = None,
+                      target: str | None = None) -> list[IntCheck]:
+    """Run the file's test inputs and compare with its test outputs (Model::test()).
+
+    target: the chip to simulate (`espstream.targets`); default the graph's own."""
     if not graph.test_inputs or not graph.test_outputs:
         raise UserError(
             "the file holds no test values (test_inputs_value / test_outputs_value); export "
             "it with --test-data or --test-random, or compare it with a second file"
         )
-    sim = Simulator(graph, kernels)
+    sim = Simulator(graph, kernels, target)
     feeds = {}
     for vi in graph.inputs:
         if vi.name not in graph.test_inputs:
@@ -149,7 +152,7 @@ def _frame_axis(offline: IntGraph, streaming: IntGraph) -> int:
 
 
 def _espdl_samples(
-    graph: IntGraph, data: Any, random: int | None, seed: int
+    graph: IntGraph, data: Any, random: int | None, seed: int, target: str | None = None
 ) -> list[dict[str, np.ndarray]]:
     """Integer sequences in the runtime layout for the offline file's inputs."""
     from espstream.quant import scheme
@@ -160,7 +163,8 @@ def _espdl_samples(
         if graph.test_inputs and all(n in graph.test_inputs for n in names):
             return [{n: graph.test_inputs[n].data for n in names}]
         random = 4
-    rounding = target_rounding(graph.target or graph.metadata.get("espstream.target", "c"))
+    rounding = target_rounding(target or graph.target or graph.metadata.get("espstream.target")
+                               or "c")
     if data is None:
         rng = np.random.default_rng(seed)
         data = {}
@@ -202,8 +206,10 @@ def verify_espdl_pair(
     random: int | None = None,
     seed: int = 0,
     kernels: Any = None,
+    target: str | None = None,
 ):
-    """Streaming file chunk by chunk vs offline file (module docstring, 2)."""
+    """Streaming file chunk by chunk vs offline file (module docstring, 2); `target` the chip
+    both run as (default each graph's own)."""
     from espstream.sim import run_chunks
     from espstream.verify import OutputCheck, VerifyResult, _accumulate, _take
 
@@ -218,15 +224,15 @@ def verify_espdl_pair(
             f"{sorted(st_in)}"
         )
     chunk = int(st_in[off_in.name].shape[axis])
-    samples = _espdl_samples(offline, data, random, seed)
+    samples = _espdl_samples(offline, data, random, seed, target)
     T = int(samples[0][off_in.name].shape[axis])
     if T % chunk:
         raise UserError(f"{T} frames is not a whole number of chunks of {chunk}")
     delay = json.loads(streaming.metadata.get("espstream.delay", "{}"))
     warmup = json.loads(streaming.metadata.get("espstream.warmup", "{}"))
     res = VerifyResult(engine="int8", chunk=chunk, frames=T, samples=len(samples))
-    off_sim = Simulator(offline, kernels)
-    st_sim = Simulator(streaming, kernels)
+    off_sim = Simulator(offline, kernels, target)
+    st_sim = Simulator(streaming, kernels, target)
     checks: dict[str, OutputCheck] = {}
     for sample in samples:
         ref = off_sim.run(sample)
@@ -481,7 +487,7 @@ def is_espdl(path: str | None) -> bool:
         return True
     try:
         with open(path, "rb") as f:
-            return f.read(3) == b"EDL"
+            return f.read(3) in (b"EDL", b"PDL")
     except OSError:
         return False
 
@@ -494,42 +500,54 @@ def verify_espdl_command(
     seed: int,
     engine: str | None,
     json_path: str | None,
+    target: str | None = None,
+    model: list[str] | None = None,
+    key: str | None = None,
 ) -> None:
-    """`espstream verify FILE.espdl [STREAMING.espdl]`: print, write JSON, raise CheckFailed."""
-    from espstream import espdl, report
+    """`espstream verify FILE.espdl [STREAMING.espdl]`: print, write JSON, raise CheckFailed.
+
+    target: `--target` (else recorded in the file or told by its layout, `espstream.targets`);
+    model: `--model NAME` for packed files (one name for both files, or one per file);
+    key: `--key KEYFILE` for encrypted ones.
+    """
+    from espstream import report
     from espstream.errors import CheckFailed
-    from espstream.modelio import read_bytes
+    from espstream.espdl.open import load_graph
+    from espstream.targets import resolve, resolve_pair
 
     if engine not in (None, "int8"):
         raise UserError(f"--engine {engine}: an .espdl file runs only in the int8 simulator")
     if streaming is not None and not is_espdl(streaming):
         raise UserError(f"{streaming}: compare an .espdl file with another .espdl file")
 
-    def load(path: str) -> IntGraph:
-        try:
-            return espdl.read(read_bytes(path, ".espdl file"))
-        except UserError as e:
-            raise UserError(f"{path}: {e}") from None
-
-    off = load(offline)
+    names = list(model or [])
+    off = load_graph(offline, model=names[0] if names else None, key=key)
     if streaming is None:
         if data is not None or random is not None:
             raise UserError(
                 "--data / --random need a second file (OFFLINE.espdl STREAMING.espdl); one "
                 "file is checked against its own test values"
             )
-        checks = check_test_values(off)
+        chosen = resolve(off, target, offline)
+        checks = check_test_values(off, target=chosen.target)
+        log.info(f"verify {offline}: {chosen.describe()}")
         print_int_checks(f"verify {offline}: embedded test values (Model::test())", checks)
         ok = all(c.ok for c in checks)
-        report.write_json(json_path, {"ok": ok, "file": offline, "target": off.target,
+        report.write_json(json_path, {"ok": ok, "file": offline, "target": chosen.target,
+                                      "target_choice": chosen.to_json(),
                                       "outputs": [c.to_json() for c in checks]})  # fmt: skip
         if not ok:
             raise CheckFailed("; ".join(c.describe() for c in checks if not c.ok))
         return
-    res = verify_espdl_pair(off, load(streaming), data, random, seed)
+    st = load_graph(streaming, model=names[-1] if names else None, key=key)
+    chosen = resolve_pair(off, st, target, (offline, streaming))
+    log.info(f"verify {offline} {streaming}: {chosen.describe()}")
+    res = verify_espdl_pair(off, st, data, random, seed, target=chosen.target)
     from espstream.verify import print_result
 
     print_result(res)
-    report.write_json(json_path, {"ok": res.ok, "runs": [res.to_json()]})
+    report.write_json(json_path, {"ok": res.ok, "target": chosen.target,
+                                  "target_choice": chosen.to_json(),
+                                  "runs": [res.to_json()]})
     if not res.ok:
         raise CheckFailed(espdl_failure(res))

@@ -219,7 +219,8 @@ def test_read_matches_esp_ppq_info_dump(path):
 @pytest.mark.parametrize("path", FIXTURES, ids=IDS)
 def test_read_fixture_structure(path):
     g = fixture_graph(path)
-    assert g.target == path.parent.name
+    # ESP-PPQ records no target; S3 files (blocked, per-tensor) fit esp32p4 as well
+    assert g.target == (None if path.parent.name == "esp32s3" else path.parent.name)
     assert g.name == "main_graph" and g.ir_version == 7 and g.metadata == {}
     assert [v.name for v in g.inputs] == ["x"] and [v.name for v in g.outputs] == ["y"]
     assert g.inputs[0].dtype == np.int8 and g.inputs[0].shape[0] == 1
@@ -443,6 +444,9 @@ def test_synthetic_graph_round_trip(target):
     g = synthetic_graph(target)
     data = write(g)
     back = read(data)
+    if target == "esp32s3":  # blocked, per-tensor: the file alone cannot tell S3 from P4
+        assert back.target is None and back.layout_targets == ("esp32s3", "esp32p4")
+        back.target = target
     assert back.diff(g) == []
     assert back == g
     assert back.nodes[-1].attrs["f"] == float(np.float32(0.1))  # FLOAT attributes are 32-bit
@@ -493,7 +497,10 @@ def test_filter_bytes_hand_written_orders(target):
     assert list(np.frombuffer(_raw_of(data, "w"), np.int8)[:36]) == expected
     assert list(np.frombuffer(_raw_of(data, "dw"), np.int8)[:36]) == expected_dw
     assert list(np.frombuffer(_raw_of(data, "w16"), "<i2")[:9]) == list(range(9))
-    assert read(data) == g
+    back = read(data)
+    assert back.target == (None if target == "esp32s3" else target)  # S3 or P4: not told
+    back.target = target
+    assert back == g
 
 
 @settings(max_examples=150, deadline=None)
@@ -543,7 +550,7 @@ def test_writer_refuses_inconsistent_graphs():
     with pytest.raises(UserError, match="stored under 'lut'"):
         write(g)
     g = synthetic_graph("c")
-    g.target = "esp32"
+    g.target = "esp32x9"
     with pytest.raises(UserError, match="unknown target"):
         write(g)
     g = synthetic_graph("c")
@@ -627,8 +634,8 @@ def test_hostile_headers():
     _user_error(GOOD[:10], "shorter than its 16-byte header")
     _user_error(b"\x89PNG" + GOOD[4:], r"not an \.espdl file: magic")
     _user_error(_with_header(body, magic=b"EDL1"), "EDL1")
-    _user_error(_with_header(body, magic=b"PDL2"), "packed multi-model")
-    _user_error(_with_header(body, mode=1), "encrypted .espdl files .* not supported")
+    _user_error(_with_header(body, magic=b"PDL2"), "packed file")
+    _user_error(_with_header(body, mode=1), "wrong key|give its key with --key")
     _user_error(_with_header(body, mode=7), "unknown .espdl mode 7")
     _user_error(_with_header(body, length=len(body) + 16), "truncated")
     _user_error(_with_header(body, length=0xFFFFFFFF), "truncated")

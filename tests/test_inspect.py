@@ -12,10 +12,11 @@ PPQ = ROOT / "tests/data/esp-ppq"
 def test_inspect_streaming_espdl_json(tmp_path):
     out = tmp_path / "info.json"
     path = PPQ / "tutorial_tcn/esp32s3/streaming.espdl"
-    proc = espstream("inspect", path, "--json", out)
+    proc = espstream("inspect", path, "--json", out, "--target", "esp32s3")
     assert proc.returncode == 0, proc.stderr.decode()
     info = json.loads(out.read_text())
     assert info["format"] == "espdl" and info["target"] == "esp32s3"
+    assert info["target_choice"]["reason"] == "given with --target"
     assert info["header"]["magic"] == "EDL2" and info["header"]["mode"] == 0
     assert info["header"]["file_bytes"] == path.stat().st_size
     # ESP-PPQ's streaming tutorial: caches of window 3, 5, 3, 3 on 32-channel int8 tensors

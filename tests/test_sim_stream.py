@@ -37,7 +37,9 @@ CHUNK = {"tutorial_tcn": 3, "stream_tcn": 4}
 
 
 def fixture(model: str, target: str, kind: str) -> IntGraph:
-    return read((DATA / model / target / f"{kind}.espdl").read_bytes())
+    g = read((DATA / model / target / f"{kind}.espdl").read_bytes())
+    g.target = g.target or target  # ESP-PPQ records none; S3's layout fits P4 too
+    return g
 
 
 def cache_graph(window: int, shape: list[int], axis: int = 1) -> IntGraph:

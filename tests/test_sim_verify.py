@@ -27,9 +27,10 @@ IDS = [f"{p.parent.parent.name}-{p.parent.name}" for p in FIXTURES]
 @pytest.mark.parametrize("path", FIXTURES, ids=IDS)
 def test_cli_verify_espdl_test_values_pass(path: Path, tmp_path: Path) -> None:
     report = tmp_path / "v.json"
-    proc = espstream("verify", path, "--json", report)
+    proc = espstream("verify", path, "--json", report, "--target", path.parent.name)
     assert proc.returncode == 0, proc.stderr.decode()
     assert "100.0%" in proc.stderr.decode()
+    assert f"target {path.parent.name} (" in proc.stderr.decode()
     rep = json.loads(report.read_text())
     assert rep["ok"] is True
     [out] = rep["outputs"]
@@ -120,7 +121,7 @@ def test_espdl_pair_exact_once_residuals_aligned() -> None:
     d = DATA / "stream_tcn" / "esp32s3"
     off = read((d / "offline.espdl").read_bytes())
     st = align_residuals(read((d / "streaming.espdl").read_bytes()), 4)
-    res = verify_espdl_pair(off, st)  # the offline file's own test input
+    res = verify_espdl_pair(off, st, target="esp32s3")  # the offline file's own test input
     assert res.ok and res.chunk == 4 and res.frames == 64
     [o] = res.outputs
     assert (o.kind, o.compared, o.max_abs, o.exact) == ("time", 64, 0.0, 1.0)

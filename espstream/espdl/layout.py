@@ -151,10 +151,10 @@ def check_dims(name: str, dims: tuple[int, ...], use: FilterUse, fl: FilterLayou
 def filter_layout(target: str, dims: tuple[int, ...], use: FilterUse) -> str:
     """The layout name ESP-PPQ gives a filter with these dims on this target."""
     spatial = "W" if use.op_type == "Conv" and len(dims) == 3 else "HW"
-    if target == PLAIN_TARGET:
+    from espstream.targets import arithmetic
+
+    if arithmetic(target) == PLAIN_TARGET:
         return f"{spatial}CN" if use.depthwise else f"N{spatial}C"
-    if target not in BLOCKED_TARGETS:
-        raise UserError(f"unknown target '{target}'; expected one of c, esp32s3, esp32p4")
     a = use.align
     n = _out_channels(dims, use)
     return f"(N/{a}){spatial}C{a}" + ("_UNALIGNED" if n % a else "")
@@ -251,11 +251,12 @@ def unpack(flat: np.ndarray, dims: tuple[int, ...], fl: FilterLayout, use: Filte
     return logical
 
 
-def infer_target(filters: list[tuple[str, FilterLayout, int]]) -> str | None:
-    """The target a file's filters were written for, from (name, layout, exponent count).
+def layout_arithmetics(filters: list[tuple[str, FilterLayout, int]]) -> tuple[str, ...] | None:
+    """The arithmetics (`espstream.targets`) whose kernels read these filters, from (name,
+    layout, exponent count); None when there are no filters.
 
-    Plain layouts -> 'c'; blocked layouts -> 'esp32p4' when some filter carries per-channel
-    exponents (P4 quantizes weights per channel), else 'esp32s3'. No filters -> None.
+    Plain layouts -> ('c',); blocked with some per-channel exponents -> ('esp32p4',) (only
+    PIE v2 reads per-channel weights); blocked per-tensor -> ('esp32s3', 'esp32p4').
     """
     plain = [n for n, fl, _ in filters if fl.align == 0]
     blocked = [n for n, fl, _ in filters if fl.align != 0]
@@ -265,7 +266,13 @@ def infer_target(filters: list[tuple[str, FilterLayout, int]]) -> str | None:
             f"('{blocked[0]}'); a file is written for one target"
         )
     if plain:
-        return PLAIN_TARGET
+        return (PLAIN_TARGET,)
     if blocked:
-        return "esp32p4" if any(k > 1 for _, fl, k in filters) else "esp32s3"
+        return ("esp32p4",) if any(k > 1 for _, fl, k in filters) else ("esp32s3", "esp32p4")
     return None
+
+
+def infer_target(filters: list[tuple[str, FilterLayout, int]]) -> str | None:
+    """The one arithmetic the filters allow, else None (ambiguous, or no filters)."""
+    got = layout_arithmetics(filters)
+    return got[0] if got and len(got) == 1 else None

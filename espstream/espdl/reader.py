@@ -41,8 +41,16 @@ MAX_DIM = 2**31 - 1
 _RAW_DATA_VT = 20
 
 
-def read(data: bytes) -> IntGraph:
-    """Parse a `.espdl` file's bytes into an IntGraph (filters unblocked, target inferred)."""
+def read(data: bytes, model: str | None = None, key: bytes | None = None) -> IntGraph:
+    """Parse a `.espdl` file's bytes into an IntGraph (filters unblocked, target inferred).
+
+    Packed files (PDL2 / PDL3) give the member `model`; encrypted models need the 16-byte
+    AES `key` (`espstream.espdl.open`)."""
+    if data[:3] == b"PDL" or model is not None or (len(data) >= 8 and data[:4] == MAGIC
+                                                   and data[4:8] == b"\x01\0\0\0"):
+        from espstream.espdl.open import open_model
+
+        data = open_model(data, model, key).data
     buf = payload(data)
     verify(buf)
     try:
@@ -62,12 +70,12 @@ def payload(data: bytes) -> bytes:
         if magic == b"EDL1":
             raise UserError("old EDL1 .espdl files are not supported; re-export as EDL2")
         if magic[:3] == b"PDL":
-            raise UserError("packed multi-model .espdl files (PDL) are not supported; "
-                            "export each model to its own file")
+            raise UserError("a packed multi-model .espdl file (PDL): read it with "
+                            "espstream.espdl.read(data, model=NAME)")
         raise UserError(f"not an .espdl file: magic {magic!r}, expected b'EDL2'")
     if mode == 1:
-        raise UserError("encrypted .espdl files (mode 1, AES) are not supported; "
-                        "export the model without encryption")
+        raise UserError("the model is encrypted (mode 1, AES-128-CTR); give its key with "
+                        "--key KEYFILE")
     if mode != 0:
         raise UserError(f"unknown .espdl mode {mode} (0 is plain, 1 encrypted)")
     body = len(data) - HEADER.size
@@ -114,7 +122,7 @@ class _Reader:
             (self.tensor(g.Initializer(i), "initializer") for i in range(g.InitializerLength())),
             "initializer", where)
         nodes = [self.node(g.Node(i)) for i in range(g.NodeLength())]
-        target = self.unblock(nodes, inits)
+        allowed = self.unblock(nodes, inits)
         # ESP-PPQ lists the '' of an omitted optional input (Resize's roi) as a value info
         omitted = any(not name for n in nodes for name in n.inputs)
 
@@ -126,7 +134,7 @@ class _Reader:
                 raise UserError(f"the .espdl metadata_props repeat the key '{key}'")
             meta[key] = _s(e.Value(), f"metadata '{key}'") or ""
 
-        return IntGraph(
+        graph = IntGraph(
             name=gname,
             nodes=nodes,
             initializers=inits,
@@ -143,7 +151,6 @@ class _Reader:
                 (self.tensor(g.TestOutputsValue(i), "test output")
                  for i in range(g.TestOutputsValueLength())), "test output", where),
             metadata=meta,
-            target=target,
             ir_version=m.IrVersion(),
             opset_import=[
                 (_s(m.OpsetImport(i).Domain(), "an opset domain"), m.OpsetImport(i).Version())
@@ -155,7 +162,10 @@ class _Reader:
             model_version=m.ModelVersion(),
             doc_string=_s(m.DocString(), "the model doc_string"),
             graph_doc_string=_s(g.DocString(), "the graph doc_string"),
+            layout_targets=allowed,
         )
+        graph.target = resolved_target(graph)
+        return graph
 
     def tensor(self, t: FbTensor, kind: str) -> Tensor:
         name = _s(t.Name(), f"the name of a {kind}")
@@ -286,8 +296,9 @@ class _Reader:
             doc_string=_s(v.DocString(), f"{where} doc_string"),
         )
 
-    def unblock(self, nodes: list[Node], inits: dict[str, Tensor]) -> str | None:
-        """Undo the filters' per-target byte order in place; return the inferred target."""
+    def unblock(self, nodes: list[Node], inits: dict[str, Tensor]) -> tuple[str, ...] | None:
+        """Undo the filters' per-target byte order in place; return the arithmetics the
+        layout allows (`layout.layout_arithmetics`)."""
         uses = layout.filter_uses(nodes, inits)
         seen = []
         for name, t in inits.items():
@@ -301,4 +312,17 @@ class _Reader:
             layout.check_dims(name, t.dims, use, fl)
             t.data = layout.unpack(t.data.reshape(-1), t.dims, fl, use)
             seen.append((name, fl, len(t.exponents)))
-        return layout.infer_target(seen)
+        return layout.layout_arithmetics(seen)
+
+
+def resolved_target(graph: IntGraph) -> str | None:
+    """The target recorded in the file or the one its layout allows (`espstream.targets`),
+    None when the file leaves it open (then the simulator needs one given)."""
+    from espstream.targets import resolve
+
+    try:
+        return resolve(graph).target
+    except UserError:
+        if graph.metadata.get("espstream.target") is not None:
+            raise  # a recorded target the file contradicts (or an unknown name)
+        return None

@@ -31,6 +31,7 @@ from espstream.espdl.fbs.AttributeF import CreateAttributeF
 from espstream.espdl.fbs.AttributeI import CreateAttributeI
 from espstream.espdl.reader import HEADER, MAGIC
 from espstream.intgraph import TARGETS, IntGraph, Node, Tensor, ValueInfo, dtype_code
+from espstream.targets import arithmetic
 
 _I64 = np.iinfo(np.int64)
 
@@ -129,7 +130,7 @@ class _Writer:
             raise UserError(f"filter '{t.name}' has {len(t.exponents)} exponents; expected one "
                             f"per tensor or one per output channel ({n})")
         target = self.g.target
-        if target is not None and (target == layout.PLAIN_TARGET) != (fl.align == 0):
+        if target is not None and (arithmetic(target) == layout.PLAIN_TARGET) != (fl.align == 0):
             raise UserError(f"filter '{t.name}' has layout '{fl.name}', which is not a "
                             f"{target} layout; set its doc string with "
                             "espdl.layout.filter_layout for that target")

@@ -250,7 +250,7 @@ def shift_and_bias(sim: Simulator, node: Node, w_name: str, n_out: int
             )
         b_exp = np.broadcast_to(b_exp, (n_out,))
         if (
-            sim.target == "esp32s3"
+            sim.arithmetic == "esp32s3"
             and bias.dtype == np.int32
             and (bias.min() < -(2**19) or bias.max() >= 2**19)
         ):

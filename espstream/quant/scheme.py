@@ -45,12 +45,17 @@ TARGETS: dict[str, Target] = {
 
 
 def get_target(name: str) -> Target:
-    try:
-        return TARGETS[name]
-    except KeyError:
+    """The arithmetic of any ESP-DL target name (espstream.targets), under that name."""
+    from dataclasses import replace
+
+    from espstream.targets import CHIPS
+
+    chip = CHIPS.get(name) if isinstance(name, str) else None
+    if chip is None:
         raise UserError(
-            f"--target {name!r}: unknown target; choose one of {', '.join(TARGETS)}"
-        ) from None
+            f"--target {name!r}: unknown target; choose one of {', '.join(CHIPS)}"
+        )
+    return replace(TARGETS[chip.arithmetic], name=name)
 
 
 def check_bits(bits: int) -> int:
