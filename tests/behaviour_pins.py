@@ -212,7 +212,8 @@ def compute() -> dict[str, str]:
             from espstream.sim import Simulator
 
             out[f"fixture/{rel}/sim"] = _h_arrays(
-                Simulator(g).run({k: v.data for k, v in g.test_inputs.items()}))
+                Simulator(g, target=g.target or fx.parent.name)  # S3 files record none
+                .run({k: v.data for k, v in g.test_inputs.items()}))
     return out
 
 

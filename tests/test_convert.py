@@ -354,4 +354,4 @@ def test_python_api_refuses_like_the_cli():
     with pytest.raises(UserError, match="--chunk -1"):
         convert_model(m, random=2, chunk=-1)
     with pytest.raises(UserError, match="unknown target"):
-        convert_model(m, random=2, target="esp32")
+        convert_model(m, random=2, target="esp32h2")
