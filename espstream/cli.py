@@ -520,11 +520,8 @@ def export(
     if fmt == "cpp" and not name:
         name = Path(input).stem.split(".")[0] if input != "-" else None
     result = export_model(model, target=target, test_data=data, test_random=test_random,
-                          fmt=fmt, name=name)
+                          fmt=fmt, name=name, encrypt_key=key)
     if key is not None:
-        from espstream.espdl.crypt import encrypt
-
-        result.data = encrypt(result.data, key)
         log.info("encrypted with AES-128-CTR (ESP-DL mode 1); load it with the same key")
     print_summary(result)
     write_files(result, output, fmt)

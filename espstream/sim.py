@@ -436,3 +436,15 @@ def onnx_slice_bounds(start: int, end: int, step: int, dim: int) -> tuple[int, i
     start = min(max(start, -1), dim - 1)
     end = min(max(end, -1), dim - 1)
     return start, (None if end < 0 else end), step
+
+
+def load(path, target: str | None = None, model: str | None = None,
+         key: str | bytes | None = None, kernels: ModuleType | None = None) -> Simulator:
+    """A Simulator for an `.espdl` file: any ESP-DL file (single, packed with `model` naming
+    the member, encrypted with `key` a key file path or the 16 key bytes), for `target` (else
+    the one the file records or its layout tells; `espstream.targets.resolve`)."""
+    from espstream.espdl.open import load_graph
+    from espstream.targets import resolve
+
+    graph = load_graph(str(path), model=model, key=key)
+    return Simulator(graph, kernels, resolve(graph, target, str(path)).target)

@@ -27,7 +27,8 @@ from cli_util import espstream
 
 HERE = Path(__file__).resolve().parent / "bad_inputs"
 CASES = json.loads((HERE / "manifest.json").read_text())["cases"]
-STAGES = {"optimize", "calibrate", "streamify", "verify", "export", "inspect", "convert"}
+STAGES = {"optimize", "calibrate", "streamify", "verify", "export", "inspect", "convert",
+          "pack"}
 
 
 def snapshot() -> dict[str, str]:

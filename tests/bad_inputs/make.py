@@ -345,6 +345,33 @@ CASES = [
          "onnx_truncated.onnx: not an ONNX model", None),
     case("inspect_json_to_missing_folder", "inspect {in}/tiny.espdl --json {out}/missing/i.json",
          "missing does not exist", "{out}/missing/i.json"),
+    # packed files (PDL3) and encrypted models (issue 17)
+    case("inspect_pack_bad_hash", "inspect {in}/espdl_pack_bad_hash.espdl",
+         "PDL3 SHA-256 mismatch", None),
+    case("inspect_pack_truncated_header", "inspect {in}/espdl_pack_header_cut.espdl",
+         "shorter than its 60-byte header", None),
+    case("verify_pack_truncated", "verify {in}/espdl_pack_truncated.espdl",
+         "truncated PDL3 file: package_size", None),
+    case("verify_pack_needs_model", "verify {in}/espdl_pack2.espdl {in}/espdl_pack2.espdl",
+         "holds 2 models: a.espdl, b.espdl; choose one with --model NAME", None),
+    case("inspect_pack_unknown_model", "inspect {in}/espdl_pack2.espdl --model c.espdl",
+         "no model of that name", None),
+    case("inspect_encrypted_without_key", "inspect {in}/espdl_encrypted.espdl",
+         "is encrypted (ESP-DL mode 1, AES-128-CTR); give its key with --key", None),
+    case("verify_encrypted_wrong_key",
+         "verify {in}/espdl_encrypted.espdl --key {in}/key_wrong.key", "wrong key", None),
+    case("inspect_key_file_not_a_key",
+         "inspect {in}/espdl_encrypted.espdl --key {in}/key_short.key",
+         "not an AES-128 key", None),
+    case("export_encrypt_key_not_a_key",
+         "export {in}/tiny.qdq.onnx -q --encrypt-key {in}/key_short.key -o {out}/o.espdl",
+         "not an AES-128 key", "{out}/o.espdl"),
+    case("pack_a_packed_file", "pack {in}/espdl_pack2.espdl -o {out}/p.espdl",
+         "is itself a packed file", "{out}/p.espdl"),
+    case("pack_pdl1_of_edl2", "pack {in}/tiny.espdl --format pdl1 -o {out}/p.espdl",
+         "--format pdl1: it packs EDL1 files", "{out}/p.espdl"),
+    case("pack_truncated_member", "pack {in}/espdl_truncated.espdl -o {out}/p.espdl",
+         "truncated .espdl file", "{out}/p.espdl"),
 ]
 
 
@@ -405,6 +432,7 @@ def bad_files(valid: dict[str, bytes]) -> dict[str, bytes]:
         + espdl_b[12:],
         "espdl_random.espdl": b"EDL2" + rng.integers(0, 256, 200, dtype=np.uint8).tobytes(),
         "espdl_empty.espdl": b"",
+        **_packed_and_encrypted(espdl_b),
         # data files
         "data_nan.npy": _npy(nan),
         "data_inf.npy": _npy(inf),
@@ -420,6 +448,29 @@ def bad_files(valid: dict[str, bytes]) -> dict[str, bytes]:
         # streamify overrides
         "overrides_not_json.json": b"{\"tensors\": {\"h\": {\"window\": 3}",
         "overrides_bad_value.json": b"{\"tensors\": {\"h\": {\"window\": -4}}}",
+    }
+
+
+KEY = bytes(range(0xA0, 0xB0))  # the key of espdl_encrypted.espdl
+
+
+def _packed_and_encrypted(espdl_b: bytes) -> dict[str, bytes]:
+    """PDL3 packages of tiny.espdl (bad digest, cut header, cut body), an encrypted copy and
+    key files (a wrong key, a file too short to be one)."""
+    from espstream.espdl import crypt
+    from espstream.espdl.pack import pack
+
+    two = pack([("a.espdl", espdl_b), ("b.espdl", espdl_b)])
+    bad = bytearray(two)
+    bad[len(two) - 100] ^= 0x01  # a model byte changed after packing
+    return {
+        "espdl_pack2.espdl": two,
+        "espdl_pack_bad_hash.espdl": bytes(bad),
+        "espdl_pack_header_cut.espdl": two[:40],
+        "espdl_pack_truncated.espdl": two[: len(two) - 64],
+        "espdl_encrypted.espdl": crypt.encrypt(espdl_b, KEY),
+        "key_wrong.key": bytes(range(16)),
+        "key_short.key": b"0x01, 0x02\n",
     }
 
 
