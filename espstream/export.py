@@ -66,8 +66,10 @@ def export_model(
     fmt: str = "espdl",
     name: str | None = None,
     seed: int = 0,
+    encrypt_key: bytes | None = None,
 ) -> ExportResult:
-    """Lower `model` and serialise it (rules in the module docstring)."""
+    """Lower `model` and serialise it (rules in the module docstring); `encrypt_key` (16
+    bytes) writes ESP-DL's encrypted .espdl (mode 1, `espstream.espdl.crypt`)."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if test_data is not None and test_random:
@@ -78,8 +80,14 @@ def export_model(
         graph.name = name
     if test_data is not None or test_random:
         add_test_values(graph, test_data, seed if test_random else None)
+    if encrypt_key is not None and fmt != "espdl":
+        raise UserError("--encrypt-key encrypts .espdl files; --format cpp writes C++")
     if fmt == "espdl":
         data = write(graph)
+        if encrypt_key is not None:
+            from espstream.espdl.crypt import encrypt
+
+            data = encrypt(data, encrypt_key)
         files = {f"{name or 'model'}.espdl": data}
     else:
         cname = c_identifier(name or graph.name or "model")
