@@ -598,15 +598,19 @@ def pack(inputs: tuple[str, ...], output: str, fmt: str, names: tuple[str, ...],
 @click.option("--verify-samples", type=int, default=4, show_default=True, metavar="N",
               help="Samples of the data the checks run on.")
 @click.option("-v", "--verbose", is_flag=True, help="Also print every stage's own report.")
+@click.option("--offline-too", is_flag=True,
+              help="With --chunk: also write the offline model (test values: the whole first "
+              "sample) to OUTPUT.offline.espdl, for ESP-DL's streaming tutorial loop.")
 def convert(
     input: str, output: str, json_path: str | None, data: str | None, random_n: int | None,
     chunk: int | None, target: str, bits: str, method: str | None, seed: int,
     input_shape: tuple[str, ...], axis: tuple[str, ...], overrides: str | None,
     test_data: str | None, no_test_values: bool, verify_samples: int, verbose: bool,
+    offline_too: bool,
 ) -> None:
     """Optimize, calibrate, streamify, export and verify in one step; the .espdl only if ok."""
     from espstream import modelio, report
-    from espstream.convert import FIRST_SAMPLE, convert_model, print_summary
+    from espstream.convert import FIRST_SAMPLE, convert_model, offline_path, print_summary
     from espstream.errors import CheckFailed
     from espstream.export import read_test_data
     from espstream.stream import overrides as ovr
@@ -617,6 +621,12 @@ def convert(
     if test_data and no_test_values:
         raise UserError("give --test-data or --no-test-values, not both")
     modelio.check_output_path(output, input, *(p for p in (data, test_data, overrides) if p))
+    if offline_too:
+        if output == "-":
+            raise UserError("--offline-too writes a second file beside -o FILE.espdl; give a "
+                            "file, not stdout")
+        modelio.check_output_path(offline_path(output), input,
+                                  *(p for p in (data, test_data, overrides) if p))
     if output == "-" and real_stdout().isatty():
         raise UserError("refusing to write a binary model to the terminal; use -o FILE.espdl")
     model = modelio.load_model(input)
@@ -625,13 +635,15 @@ def convert(
         model, data, random=random_n, chunk=chunk, target=target, bits=int(bits), method=method,
         seed=seed, input_shapes=parse_input_shapes(input_shape), axes=parse_axes(axis),
         overrides=ovr.load(overrides) if overrides else None, test_data=tdata,
-        verify_samples=verify_samples, verbose=verbose,
+        verify_samples=verify_samples, verbose=verbose, offline_too=offline_too,
     )
     print_summary(result, output if output != "-" else "stdout")
     report.write_json(json_path, {**result.to_json(), "written": result.ok, "file": output})
     if not result.ok:
         raise CheckFailed(f"{result.failure()}; {output} was not written")
     modelio.write_bytes(result.data, output)
+    if result.offline is not None:
+        modelio.write_bytes(result.offline.data, offline_path(output))
 
 
 def _quiet_libraries(debug: bool) -> None:

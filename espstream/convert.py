@@ -108,6 +108,8 @@ class ConvertResult:
     sqnr: dict[str, dict[str, float]] = field(default_factory=dict)  # output -> dB
     seconds: dict[str, float] = field(default_factory=dict)  # stage -> seconds, in run order
     notes: list[str] = field(default_factory=list)
+    offline: ExportResult | None = None  # offline_too: the offline .espdl (espstream.offline_pair)
+    pair: dict[str, Any] | None = None  # offline_pair.report of the two files
 
     @property
     def ok(self) -> bool:
@@ -161,6 +163,8 @@ class ConvertResult:
             "seconds": {k: round(v, 4) for k, v in self.seconds.items()},
             "total_seconds": round(sum(self.seconds.values()), 4),
             "notes": self.notes,
+            "offline_file_bytes": len(self.offline.data) if self.offline else None,
+            "offline_pair": self.pair,
             "stages": {
                 "optimize": self.optimized.to_json(),
                 "calibrate": self.calibrated.to_json(),
@@ -238,6 +242,7 @@ def convert_model(
     test_data: Any = FIRST_SAMPLE,
     verify_samples: int = 4,
     verbose: bool = False,
+    offline_too: bool = False,
 ) -> ConvertResult:
     """Optimize, calibrate, streamify (with `chunk`), export and verify `model` (module doc).
 
@@ -245,6 +250,8 @@ def convert_model(
     optimized model's inputs), or `random` N standard-normal samples (`seed`).
     test_data: FIRST_SAMPLE (the data's first sample), an array / {input: array} in the ONNX
     layout, or None for no test values.
+    offline_too: with `chunk`, also export the offline model, its test values the whole first
+    sample, checked as ESP-DL's streaming tutorial uses the pair (`espstream.offline_pair`).
     """
     if (data is None) == (random is None):
         raise UserError("give calibration data with -d/--data PATH, or --random N (not both)")
@@ -252,6 +259,12 @@ def convert_model(
         raise UserError(f"--chunk {chunk}: must be a positive number of frames")
     if verify_samples < 1:
         raise UserError(f"--verify-samples {verify_samples}: give a positive number")
+    if offline_too and chunk is None:
+        raise UserError("--offline-too writes the offline file beside a streaming one; give "
+                        "--chunk N")
+    if offline_too and test_data is None:
+        raise UserError("--offline-too needs test values (the tutorial's loop splits the "
+                        "offline test input into chunks); drop --no-test-values")
     from espstream.quant import scheme
 
     scheme.get_target(target)
@@ -320,6 +333,11 @@ def convert_model(
     exported = clock.run("export", lambda: export_model(to_export, target=target,
                                                         test_data=test_data))
     _progress(clock, "export", f"{len(exported.data)} bytes")
+    offline = None
+    if offline_too:
+        offline = clock.run("export", lambda: export_model(cal.model, target=target,
+                                                           test_data=test_data))
+        _progress(clock, "export", f"offline {len(offline.data)} bytes")
     if verbose:
         from espstream.export import print_summary as print_export
 
@@ -327,6 +345,7 @@ def convert_model(
     result = ConvertResult(
         data=exported.data, options=options, optimized=opt, calibrated=cal, streamed=streamed,
         exported=exported, notes=list(cal.notes) + (list(streamed.notes) if streamed else []),
+        offline=offline,
     )
 
     # -- the checks ---------------------------------------------------------------------------
@@ -373,6 +392,15 @@ def convert_model(
     result.sqnr, check = sq
     result.checks.append(check)
     result.checks.append(clock.run("verify.espdl", lambda: _espdl_check(exported.data)))
+    if offline is not None:
+        from espstream import offline_pair
+
+        result.checks.append(clock.run("verify.espdl", lambda: _espdl_check(offline.data)))
+        result.checks[-1].name = "offline " + result.checks[-1].name
+        result.pair = offline_pair.report(offline.graph, exported.graph)
+        result.checks.append(Check("offline pair", result.pair["ok"],
+                                   f"{result.pair['exponents']}; {result.pair['split']}",
+                                   {"pair": result.pair}))
     _progress(clock, "verify", "ok" if result.ok else "FAILED",
               stages=[k for k in clock.seconds if k.startswith("verify")])
     result.seconds = dict(clock.seconds)
@@ -513,9 +541,26 @@ def print_summary(result: ConvertResult, output: str | None = None) -> None:
     log.info(f"parameters:   {count} values, {nbytes} bytes")
     where = f" -> {output}" if output else ""
     log.info(f"file size:    {len(result.data)} bytes{where}")
+    if result.offline is not None:
+        log.info(f"offline file: {len(result.offline.data)} bytes"
+                 + (f" -> {offline_path(output)}" if output and output != "stdout" else ""))
+    if result.streamed is not None:
+        from espstream.offline_pair import delay_notes
+
+        for n in delay_notes(result.exported.graph):
+            log.info(n)
     log.info(f"time:         {time_line(result.seconds)}")
     for n in result.notes:
         log.warn(n)
+
+
+def offline_path(output: str) -> str:
+    """Where `--offline-too` writes the offline file: m.espdl -> m.offline.espdl."""
+    from pathlib import Path
+
+    p = Path(output)
+    stem = p.name[: -len(".espdl")] if p.name.endswith(".espdl") else p.name
+    return str(p.with_name(stem + ".offline.espdl"))
 
 
 def time_line(seconds: dict[str, float]) -> str:
