@@ -646,6 +646,46 @@ def convert(
         modelio.write_bytes(result.offline.data, offline_path(output))
 
 
+@cli.command(
+    "app", context_settings=CONTEXT,
+    epilog=example(
+        "espstream app m.offline.espdl m.espdl -o kws_app --target esp32s3\n"
+        "cd kws_app && idf.py set-target esp32s3 && idf.py build flash monitor"
+    ),
+)
+@click.argument("models", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, metavar="DIR", help="The project folder (new).")
+@click.option("--target", type=click.Choice(TARGET_NAMES), required=True,
+              help="The chip (ESP-IDF's target name).")
+@click.option("--name", default="espstream_app", show_default=True, help="Project name.")
+@click.option("--key", metavar="KEYFILE", help="The AES-128 key of encrypted models "
+              "(written into app_main.cpp).")
+@click.option("--state", "states", multiple=True, metavar="IN:OUT",
+              help="A recurrent state input and the output copied back into it (repeatable).")
+@click.option("-q", "--quiet", is_flag=True, help="Silence stderr except errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def app_command(models: tuple[str, ...], output: str, target: str, name: str,
+                key: str | None, states: tuple[str, ...], quiet: bool, debug: bool) -> None:
+    """Write a minimal ESP-IDF project that packs, loads, checks and profiles the models.
+
+    Not built here: espstream has no ESP-IDF; build it with idf.py (see its README.md).
+    """
+    from espstream.app import make_app, write_app
+    from espstream.espdl.crypt import read_key
+
+    log.set_quiet(quiet)
+    pairs = []
+    for s in states:
+        a, sep, b = s.partition(":")
+        if not sep or not a or not b:
+            raise UserError(f"--state {s!r}: expected IN:OUT")
+        pairs.append((a, b))
+    files = make_app(list(models), target, name, read_key(key) if key else None, pairs)
+    written = write_app(files, output)
+    log.info(f"wrote {len(written)} files into {output}: ESP-IDF project for {target} "
+             "(not built here; see its README.md)")
+
+
 def _quiet_libraries(debug: bool) -> None:
     """onnx-graphsurgeon and onnxruntime log chatty warnings; keep them for --debug."""
     if debug:

@@ -28,7 +28,7 @@ from cli_util import espstream
 HERE = Path(__file__).resolve().parent / "bad_inputs"
 CASES = json.loads((HERE / "manifest.json").read_text())["cases"]
 STAGES = {"optimize", "calibrate", "streamify", "verify", "export", "inspect", "convert",
-          "pack"}
+          "pack", "app"}
 
 
 def snapshot() -> dict[str, str]:

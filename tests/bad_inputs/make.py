@@ -372,6 +372,11 @@ CASES = [
          "--format pdl1: it packs EDL1 files", "{out}/p.espdl"),
     case("pack_truncated_member", "pack {in}/espdl_truncated.espdl -o {out}/p.espdl",
          "truncated .espdl file", "{out}/p.espdl"),
+    case("app_encrypted_without_key",
+         "app {in}/espdl_encrypted.espdl -o {out}/app --target esp32p4",
+         "is encrypted", "{out}/app"),
+    case("app_corrupt_model", "app {in}/espdl_flipped_root.espdl -o {out}/app --target esp32p4",
+         "corrupt .espdl payload", "{out}/app"),
 ]
 
 
