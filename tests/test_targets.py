@@ -176,3 +176,26 @@ def test_inspect_states_the_target(tmp_path):
     assert proc.returncode == 0
     info = json.loads((tmp_path / "j.json").read_text())
     assert info["target"] is None and "give --target" in info["target_choice"]["reason"]
+
+
+@pytest.mark.parametrize(("name", "layout_of", "per_channel"), [
+    ("esp32s31", ("esp32p4",), True), ("esp32c3", ("c",), False)])
+def test_convert_for_an_esp_dl_name_records_it(name, layout_of, per_channel, tmp_path):
+    """calibrate / export take any ESP-DL name: its arithmetic decides, the name is recorded."""
+    import onnx
+
+    from espstream.convert import convert_model
+
+    root = Path(__file__).resolve().parents[1]
+    r = convert_model(onnx.load(root / "models" / "tutorial_tcn.onnx"),
+                      root / "models" / "tutorial_tcn.calib.npy", chunk=3, target=name)
+    assert r.ok, r.failure()
+    g = read(r.data)
+    assert g.metadata["espstream.target"] == name == g.target
+    assert g.layout_targets == layout_of
+    assert any(len(t.exponents) > 1 for t in g.initializers.values()) == per_channel
+    p = tmp_path / "m.espdl"
+    p.write_bytes(r.data)
+    proc = espstream("verify", p)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert f"target {name} (" in proc.stderr.decode()

@@ -126,7 +126,7 @@ def sim_prelu(sim: Simulator, node: Node) -> Fn:
     e_in, e_out = sim.exp(node.inputs[0]), sim.exp(node.outputs[0])
     alpha = sim.init(node, 1, "slope").reshape(-1)
     e_a = sim.init_exp(node.inputs[1])
-    target = sim.target
+    target = sim.arithmetic  # esp32s31 is PIE v2 like esp32p4 (espstream.targets)
 
     def fn(args: list) -> list:
         x = args[0]
