@@ -104,9 +104,15 @@ def _tensor_row(t) -> dict[str, Any]:
 
 def inspect_espdl(data: bytes, target: str | None = None, model: str | None = None,
                   key: bytes | None = None) -> dict[str, Any]:
+    from espstream.espdl import pack
     from espstream.espdl.open import open_model
     from espstream.targets import resolve
 
+    if pack.is_packed(data) and model is None:
+        pkg = pack.unpack(data)
+        if len(pkg.members) > 1:  # a table of the members; --model NAME shows one
+            return {"format": "espdl-package", "package": pkg.to_json(), "file_bytes": len(data),
+                    "encrypted": {m.name: m.data[4:8] == b"\x01\0\0\0" for m in pkg.members}}
     opened = open_model(data, model, key)
     file_bytes = len(data)
     data = opened.data
@@ -182,6 +188,16 @@ def print_summary(info: dict[str, Any]) -> None:
             rows = [(c["node"], c["input"], c.get("window_size"), c.get("axis"))
                     for c in info["streaming_caches"]]
             log.info(table(("cache", "tensor", "window", "axis"), rows))
+        return
+    if info["format"] == "espdl-package":
+        pkg = info["package"]
+        log.info(f"packed {pkg['format']}" + (f" version {pkg['version']}, SHA-256 ok"
+                                               if pkg["format"] == "PDL3" else "")
+                 + f", {info['file_bytes']} bytes; show one model with --model NAME")
+        log.info(table(("model", "offset", "bytes", "encrypted"),
+                       [(m["name"], m["offset"], m["bytes"],
+                         "yes" if info["encrypted"][m["name"]] else "no")
+                        for m in pkg["models"]]))
         return
     h = info["header"]
     pkg = info.get("package")

@@ -103,6 +103,13 @@ def test_cli_verify_and_inspect_packed(tmp_path):
     assert info["package"]["sha256"] == pk.read_bytes()[24:56].hex()
     assert_user_error(espstream("verify", pk, "--target", "esp32p4"), "holds 2 models",
                       "--model NAME")
+    proc = espstream("inspect", pk, "--json", tmp_path / "p.json")  # no --model: the members
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "show one model with --model NAME" in proc.stderr.decode()
+    info = json.loads((tmp_path / "p.json").read_text())
+    assert info["format"] == "espdl-package"
+    assert [m["name"] for m in info["package"]["models"]] == ["model.espdl",
+                                                              "streaming_model.espdl"]
     assert_user_error(espstream("inspect", OFF, "--model", "x"), "a single model")
 
 
