@@ -145,3 +145,36 @@ def test_corrupt_packages_are_one_error():
         packing.unpack(good[:-16])
     with pytest.raises(UserError, match="truncated packed file"):
         packing.unpack((PACK / "tutorial.pdl2.espdl").read_bytes()[:30000])
+
+
+def _mutations():
+    from hypothesis import strategies as st
+
+    return st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), min_size=1,
+                    max_size=6)
+
+
+@pytest.mark.parametrize("fixture", ["tutorial.pdl2.espdl", "old.pdl1.espdl"])
+def test_mutated_headers_are_user_errors(fixture):
+    """Byte changes in the header and entry table of a package without a digest: unpack and
+    read either succeed or raise UserError, nothing else (hypothesis)."""
+    from hypothesis import given, settings
+
+    base = (PACK / fixture).read_bytes()
+
+    @settings(max_examples=150, deadline=None)
+    @given(_mutations())
+    def run(changes):
+        b = bytearray(base)
+        for at, v in changes:
+            if at < len(b):
+                b[at] = v
+        try:
+            pkg = packing.unpack(bytes(b))
+            for m in pkg.members:
+                if pkg.format != "pdl1":
+                    read(bytes(b), model=m.name)
+        except UserError:
+            pass
+
+    run()
