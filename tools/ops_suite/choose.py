@@ -40,10 +40,24 @@ SIZE_KEYS = {
 }
 
 
-def shapes(cfg: dict) -> list[list[int]]:
+def shapes(cfg: dict, op: str | None = None) -> list[list[int]]:
     """The configuration's input shapes (one list per graph input)."""
     s = cfg["input_shape"]
-    return [list(x) for x in s] if s and isinstance(s[0], list) else [list(s)]
+    xs = [list(x) for x in s] if s and isinstance(s[0], list) else [list(s)]
+    if op in ("GRU", "LSTM"):  # : the initial state(s) as graph inputs (see models)
+        xs += recurrent_states(cfg, op == "LSTM")
+    return xs
+
+
+def recurrent_states(cfg: dict, cell: bool) -> list[list[int]]:
+    """initial_h (and LSTM's initial_c with `cell`) of a GRU / LSTM configuration:
+    [directions * layers, batch, hidden]. ESP-PPQ 1.3.12 cannot quantize a GRU / LSTM without
+    an initial_h input (its alignment pass reads input 5: IndexError), so the suite's recurrent
+    models take their initial state as graph inputs, as a streaming model does."""
+    x = cfg["input_shape"]
+    batch = x[0] if cfg.get("batch_first") else x[1]
+    d = (2 if cfg.get("bidirectional") else 1) * cfg.get("num_layers", 1)
+    return [[d, batch, cfg["hidden_size"]]] * (2 if cell else 1)
 
 
 def operands(cfg: dict) -> list[list[int]]:

@@ -148,7 +148,7 @@ def worker(out_dir: Path, meta: dict, tasks: list[dict]) -> None:
                         input_names=[f"x{i}" if len(in_shapes) > 1 else "x"
                                      for i in range(len(in_shapes))])
                 built[job["config"]] = str(onnx_path)
-            in_shapes = choose.shapes(cfg)
+            in_shapes = choose.shapes(cfg, job["op"])
             target, bits = t["target"], t["bits"]
             setting = QuantizationSettingFactory.espdl_setting()
             setting.dispatcher = "allin"

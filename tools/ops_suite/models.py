@@ -270,9 +270,11 @@ def recurrent(kind):
                   num_layers=cfg.get("num_layers", 1),
                   bidirectional=cfg.get("bidirectional", False),
                   bias=cfg.get("bias", True), batch_first=cfg.get("batch_first", False))
+        # the initial state is a graph input (choose.recurrent_states says why)
         if kind == "GRU":
-            return Lambda(lambda m, x: m.rnn(x), rnn=rnn)
-        return Lambda(lambda m, x: (lambda o: (o[0], o[1][0], o[1][1]))(m.rnn(x)), rnn=rnn)
+            return Lambda(lambda m, x, h0: m.rnn(x, h0), rnn=rnn)
+        return Lambda(lambda m, x, h0, c0: (lambda o: (o[0], o[1][0], o[1][1]))(
+            m.rnn(x, (h0, c0))), rnn=rnn)
     return make
 
 
@@ -431,4 +433,4 @@ def build(op: str, cfg: dict):
     model = BUILDERS[op](cfg)
     if isinstance(model, nn.Module):
         model.eval()
-    return model, shapes(cfg)
+    return model, shapes(cfg, op)
