@@ -9,15 +9,20 @@ hidden (and cell) state becomes a state pair fed as initial_h (initial_c) and ta
 from __future__ import annotations
 
 import functools
+import json
 import math
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from espstream.errors import UserError
 from espstream.intgraph import Node
 from espstream.kernels.reference import round_shift
+from espstream.lower import Act, Lowerer, base_name
+from espstream.ops._linear import weight
 from espstream.ops.registry import (
     ESPDL_GOLDEN,
     OpSpec,
@@ -25,6 +30,9 @@ from espstream.ops.registry import (
     register,
     register_sim,
 )
+from espstream.quant import scheme
+from espstream.quant.observers import weight_exponents
+from espstream.quant.plan import FLOAT, OWN, SHARE, Layer, Plan, PlanCtx
 from espstream.sim import _INT_RANGE, Fn, Simulator
 from espstream.stream.axes import WARM_ALL, Summary, Time
 from espstream.stream.rules import (
@@ -99,6 +107,362 @@ def rule_recurrent(ctx: Ctx, node: gs.Node) -> None:
             ok = not warm and ctx.ends_aligned(xt)
             ctx.set(o, Summary(lag=0, warm=bool(warm), comparable=ok))
 
+
+
+# ---- calibrate ------------------------------------------------------------------------------
+
+#: the finest gate exponent chosen: ESP-DL builds a float sigmoid and a tanh table per node
+#: with (6.3 + 3.5) * 2^-e entries (2^-10: about 40 KB of RAM per GRU / LSTM)
+GATE_EXP_MIN = -10
+#: ESP-PPQ 1.3.12's fixed gate exponent (GRU_QUANT_EXPONENT / LSTM_QUANT_EXPONENT), used where
+#: no data reaches the layer as a whole sequence (streaming calibration)
+GATE_EXP_ESPPPQ = -9
+#: headroom over the largest observed pre-activation: the int16 sums wrap on the chip
+GATE_HEADROOM = 1.25
+#: calibration samples run to observe the gate pre-activations
+GATE_SAMPLES = 64
+
+
+def _attr(n: onnx.NodeProto, key: str, default=None):
+    for a in n.attribute:
+        if a.name == key:
+            v = onnx.helper.get_attribute_value(a)
+            return v.decode() if isinstance(v, bytes) else v
+    return default
+
+
+def check_rnn_attrs(n: onnx.NodeProto) -> int:
+    """The refusals ESP-DL's GRU / LSTM imply (one line each); returns the direction count."""
+    op, where = n.op_type, f"node {n.name!r} ({n.op_type})"
+    if op == "RNN":
+        raise UserError(f"{where}: ESP-DL has no RNN operator (GRU and LSTM only)")
+    if op == "GRU" and int(_attr(n, "linear_before_reset", 0)) != 1:
+        raise UserError(f"{where}: linear_before_reset=0 (Keras' GRU); ESP-DL's GRU computes "
+                        "only linear_before_reset=1 (PyTorch's) and creates no module otherwise")
+    if op == "LSTM" and int(_attr(n, "input_forget", 0)) != 0:
+        raise UserError(f"{where}: input_forget=1 (coupled input and forget gates) is not "
+                        "computed by ESP-DL's LSTM")
+    direction = _attr(n, "direction", "forward")
+    if direction == "reverse":
+        raise UserError(f"{where}: direction 'reverse'; ESP-DL reads only 'bidirectional' and "
+                        "runs anything else forward")
+    for key in ("activations", "activation_alpha", "activation_beta", "clip"):
+        if _attr(n, key) is not None:
+            raise UserError(f"{where}: attribute {key!r} is set; ESP-DL ignores it (default "
+                            "sigmoid / tanh gates, no clip), so the chip would compute "
+                            "something else")
+    if len(n.input) > 4 and n.input[4]:
+        raise UserError(f"{where}: sequence_lens is given; ESP-DL ignores it (every sequence "
+                        "runs to its full length)")
+    if op == "LSTM" and len(n.input) > 7 and n.input[7]:
+        raise UserError(f"{where}: peephole weights P are not computed by ESP-DL's LSTM")
+    return 2 if direction == "bidirectional" else 1
+
+
+def calibrate_rnn(pc: PlanCtx, n: onnx.NodeProto, float_outs: list[str]) -> None:
+    """GRU / LSTM.
+
+    1. W and R float constants (per tensor: ESP-DL reads one exponent each), B a constant or
+       absent; X an activation.
+    2. Y gets an exponent of its own; Y_h shares it; initial_h, a graph input read only here,
+       adopts it (ESP-DL copies initial_h into the state without rescaling), a constant is
+       stored at it; a computed initial_h is refused.
+    3. LSTM: Y_c and initial_c are int16 at the gate exponent (no Q/DQ: the fake-quant model
+       keeps Y_c float); initial_c must be a constant (a graph input is not supported yet),
+       Y_c may only be a graph output.
+    4. The gate exponent is chosen from the data (`choose_gate_exponents`), biases are int16 at
+       it (`quantize_recurrent`).
+    """
+    plan, inits = pc.plan, pc.inits
+    dirs = check_rnn_attrs(n)
+    where = f"node {n.name!r} ({n.op_type})"
+    if n.input[0] not in plan.state:
+        raise UserError(f"{where}: its input X is a constant; fold it with `espstream optimize`")
+    for k, what in ((1, "W"), (2, "R")):
+        if not pc.const_float(n.input[k]):
+            raise UserError(f"{where}: its weight {what} is not a float constant")
+    if len(n.input) > 3 and n.input[3] and not pc.const_float(n.input[3]):
+        raise UserError(f"{where}: its bias B is not a float constant")
+    y = n.output[0] if n.output and n.output[0] else ""
+    yh = n.output[1] if len(n.output) > 1 and n.output[1] else ""
+    main = y or yh
+    if not main:
+        raise UserError(f"{where}: neither Y nor Y_h is used")
+    plan.state[main] = OWN
+    plan.layers.append(Layer(n.name, n.op_type, "own", [n.name], main))
+    if y and yh:
+        plan.state[yh] = SHARE
+        plan.share_root[yh] = plan.root(main)
+    info: dict = {"dirs": dirs, "x": n.input[0], "y": main, "h0": "", "h0_const": False,
+                  "c0_const": False}
+    h0 = n.input[5] if len(n.input) > 5 and n.input[5] else ""
+    if h0:
+        if h0 in inits:
+            info["h0_const"] = True
+        elif h0 in plan.inputs and len(pc.consumers.get(h0, [])) == 1:
+            plan.adopt.append((main, [h0]))
+        else:
+            raise UserError(f"{where}: initial_h {h0!r} is computed (or read elsewhere); ESP-DL "
+                            "copies initial_h into the state as it is, so it must be a graph "
+                            "input read only here, or a constant")
+        info["h0"] = h0
+    if n.op_type == "LSTM":
+        c0 = n.input[6] if len(n.input) > 6 and n.input[6] else ""
+        if c0 and c0 not in inits:
+            raise UserError(f"{where}: initial_c {c0!r} is not a constant; an LSTM cell state "
+                            "as a model input is not supported yet")
+        info["c0_const"] = bool(c0)
+        yc = n.output[2] if len(n.output) > 2 and n.output[2] else ""
+        if yc:
+            if pc.consumers.get(yc):
+                raise UserError(f"{where}: Y_c is read by another node; ESP-DL's Y_c is int16 "
+                                "at the gate exponent and may only be a graph output")
+            plan.state[yc] = FLOAT
+    plan.recurrent[n.name] = info
+
+
+def _float_rnn_preacts(kind: str, w, r, b, x, h_prev, c0, dirs: int) -> tuple[float, float]:
+    """max |pre-activation| (what ESP-DL holds in int16 at the gate exponent) and max |c| of
+    one sample, in float64: x [seq, I], h_prev [seq, dirs, H] (the state before each step)."""
+    G = 3 if kind == "GRU" else 4
+    top = 0.0
+    cmax = 0.0
+    for d in range(dirs):
+        H = r.shape[2]
+        wb = b[d, :G * H] if b is not None else 0.0
+        rb = b[d, G * H:] if b is not None else 0.0
+        ic = x @ w[d].T + wb  # [seq, G*H]
+        hc = h_prev[:, d] @ r[d].T + rb
+        if kind == "GRU":
+            top = max(top, float(np.abs(ic).max()), float(np.abs(hc).max()),
+                      float(np.abs(ic[:, :2 * H] + hc[:, :2 * H]).max()))
+        else:
+            s = ic + hc
+            top = max(top, float(np.abs(ic).max()), float(np.abs(s).max()))
+            sg = 1.0 / (1.0 + np.exp(-s))
+            i_g, f_g, g_g = sg[:, :H], sg[:, 2 * H:3 * H], np.tanh(s[:, 3 * H:])
+            c = np.zeros(H) if c0 is None else c0[d].astype(np.float64)
+            steps = range(len(x)) if d == 0 else range(len(x) - 1, -1, -1)
+            for t in steps:
+                c = f_g[t] * c + i_g[t] * g_g[t]
+                cmax = max(cmax, float(np.abs(c).max()))
+    return top, cmax
+
+
+def choose_gate_exponents(fm: onnx.ModelProto, plan: Plan, data, stream=None) -> None:
+    """Per GRU / LSTM: the finest exponent (not below GATE_EXP_MIN) at which GATE_HEADROOM
+    times the largest |W.x + b_w|, |R.h + b_r|, their sums (and LSTM's |c|) fits int16, over
+    up to GATE_SAMPLES calibration samples run in float (onnxruntime for X, Y and
+    initial_h, NumPy for the gates); a streaming calibration takes ESP-PPQ's -9."""
+    from espstream.quant import engine
+
+    inits = {t.name: t for t in fm.graph.initializer}
+    nodes = {n.name: n for n in fm.graph.node}
+    if stream is not None:
+        for info in plan.recurrent.values():
+            info["gate_exp"] = GATE_EXP_ESPPPQ
+        return
+    names = []
+    for name, info in plan.recurrent.items():
+        n = nodes[name]
+        names += [n.input[0], n.output[0]] + ([info["h0"]] if info["h0"] else [])
+    names = [x for x in dict.fromkeys(names) if x]
+    sess = engine.session(engine.with_outputs(fm, names))
+    outs = [o.name for o in sess.get_outputs()]
+    top = {k: 0.0 for k in plan.recurrent}
+    for i, sample in enumerate(data):
+        if i >= GATE_SAMPLES:
+            break
+        vals = dict(zip(outs, sess.run(None, sample), strict=True))
+        vals.update({k: v for k, v in sample.items()})
+        for name, info in plan.recurrent.items():
+            n = nodes[name]
+            w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
+            r = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64)
+            b = (numpy_helper.to_array(inits[n.input[3]]).astype(np.float64)
+                 if len(n.input) > 3 and n.input[3] else None)
+            dirs, H = info["dirs"], r.shape[2]
+            layout = int(_attr(n, "layout", 0))
+            x = vals[n.input[0]]
+            x = x[0] if layout == 1 else x[:, 0]  # batch 1
+            y = vals[n.output[0]]  # [seq, dirs, 1, H] (layout 0)
+            y = (y[0] if layout == 1 else y[:, :, 0]).astype(np.float64)  # [seq, dirs, H]
+            h0 = np.zeros((dirs, H))
+            if info["h0"]:
+                src = vals.get(info["h0"])
+                if src is None:
+                    src = numpy_helper.to_array(inits[info["h0"]])
+                h0 = np.asarray(src, np.float64).reshape(dirs, H)
+            h_prev = np.empty_like(y)
+            h_prev[0, 0], h_prev[1:, 0] = h0[0], y[:-1, 0]
+            if dirs == 2:
+                h_prev[-1, 1], h_prev[:-1, 1] = h0[1], y[1:, 1]
+            c0 = None
+            if info["c0_const"]:
+                c0 = numpy_helper.to_array(inits[n.input[6]]).astype(np.float64).reshape(dirs, H)
+            m, cm = _float_rnn_preacts(n.op_type, w, r, b, x.astype(np.float64), h_prev, c0,
+                                       dirs)
+            top[name] = max(top[name], m, cm)
+    for name, info in plan.recurrent.items():
+        need = top[name] * GATE_HEADROOM / 32767.0
+        e = math.ceil(math.log2(need)) if need > 0 else GATE_EXP_MIN
+        info["gate_exp"] = max(GATE_EXP_MIN, e)
+
+
+def quantize_recurrent(rw, nodes: dict) -> None:
+    """The calibrate rewriter's part for GRU / LSTM (`espstream.quant.calibrate._Rewriter`):
+    W and R as integers per tensor (the weight method's exponent), B as int32 values within
+    int16 at the gate exponent (ESP-DL reads int16; ONNX's DequantizeLinear of an 8-bit
+    model takes no int16), a constant initial_h at Y's exponent, a constant initial_c as int16
+    values at the gate exponent."""
+    for name, info in rw.plan.recurrent.items():
+        node, onode = nodes[name], rw.onnx_nodes[name]
+        ge = info["gate_exp"]
+        exps = []
+        for k in (1, 2):
+            w = numpy_helper.to_array(rw.inits[onode.input[k]]).astype(np.float64)
+            e = int(weight_exponents(w, None, rw.bits, rw.weight_method)[0])
+            exps.append(e)
+            q = scheme.quantize(w, e, rw.bits, "half_even")
+            node.inputs[k] = rw._int_const(onode.input[k], np.asarray(q), np.array([e]), None)
+        rw.weight_exps[name] = exps
+        if len(onode.input) > 3 and onode.input[3]:
+            b = numpy_helper.to_array(rw.inits[onode.input[3]]).astype(np.float64)
+            raw = np.rint(np.ldexp(b, -ge))
+            rw.bias_clipped[name] = int(np.sum(np.abs(raw) > 32767))
+            bq = np.clip(raw, -32768, 32767).astype(np.int32)
+            rw.bias_exps[name] = [ge]
+            node.inputs[3] = rw._int_const(onode.input[3], bq, np.array([ge]), None)
+        if info["h0_const"]:
+            h = numpy_helper.to_array(rw.inits[info["h0"]]).astype(np.float64)
+            e = rw.exps[info["y"]]
+            q = np.asarray(scheme.quantize(h, e, rw.bits, "half_even"))
+            node.inputs[5] = rw._int_const(info["h0"], q, np.array([e]), None)
+        if info["c0_const"]:
+            c = numpy_helper.to_array(rw.inits[onode.input[6]]).astype(np.float64)
+            q = np.clip(np.rint(np.ldexp(c, -ge)), -32768, 32767).astype(np.int32)
+            node.inputs[6] = rw._int_const(onode.input[6], q, np.array([ge]), None)
+
+
+# ---- lower ------------------------------------------------------------------------------------
+
+
+def _gate_exponent(lw: Lowerer, n: onnx.NodeProto) -> int:
+    raw = lw.meta.get("espstream.gate_exponents")
+    table = json.loads(raw) if raw else {}
+    if n.name not in table:
+        raise UserError(f"{n.op_type} '{n.name}': the model records no gate exponent for it "
+                        "(espstream.gate_exponents): quantize it with espstream calibrate")
+    return int(table[n.name])
+
+
+def lower_rnn(lw: Lowerer, n: onnx.NodeProto) -> None:
+    """ESP-DL's GRU / LSTM node as ESP-PPQ 1.3.12 writes it (tests/data/ops-suite): inputs
+    [X, W, R, B, '', initial_h(, initial_c)] (trailing empties dropped), W / R int per tensor in
+    ONNX's [dirs, G*H, I] / [dirs, G*H, H] layout, B int16 [dirs, 2*G*H] at the gate exponent;
+    attributes hidden_size, gate_exponent, quant_type, and direction / layout /
+    linear_before_reset / input_forget as the ONNX node has them; outputs Y [seq, dirs, 1, H],
+    Y_h [dirs, 1, H] at one exponent, LSTM Y_c int16 [dirs, 1, H] at the gate exponent. X is
+    read in ONNX order (a Transpose from channels-last is inserted before it)."""
+    dirs = check_rnn_attrs(n)
+    where = f"{n.op_type} '{n.name}'"
+    G = 3 if n.op_type == "GRU" else 4
+    H = int(_attr(n, "hidden_size"))
+    ge = _gate_exponent(lw, n)
+    x = lw.layout_as(lw.act(n.input[0], n), False)
+    shape = [int(d) if isinstance(d, int) else d for d in x.shape]
+    layout = int(_attr(n, "layout", 0))
+    if len(shape) != 3:
+        raise UserError(f"{where}: input of rank {len(shape)}, expected [seq, batch, input]")
+    batch = shape[0] if layout == 1 else shape[1]
+    if batch != 1:
+        raise UserError(f"{where}: batch {batch}; ESP-DL's {n.op_type} computes batch 1 only")
+    seq = shape[1] if layout == 1 else shape[0]
+    ins = [x.name]
+    for k, what in ((1, "W"), (2, "R")):
+        qc = weight(lw, n, k, what)
+        if len(qc.exps) != 1:
+            raise UserError(f"{where}: {what} is quantized per channel; ESP-DL reads one "
+                            "exponent per weight")
+        if qc.data.dtype != x.dtype:
+            raise UserError(f"{where}: {what} is {qc.data.dtype}, X {x.dtype}; ESP-DL reads "
+                            "both at one width")
+        ins.append(lw.initializer(base_name(n.input[k]), qc.data, qc.exps))
+    if len(n.input) > 3 and n.input[3]:
+        qc = weight(lw, n, 3, "bias")
+        if qc.exps != [ge]:
+            raise UserError(f"{where}: bias at 2^{qc.exps}, gate exponent {ge}: quantize the "
+                            "model with espstream calibrate")
+        b = qc.data.astype(np.int64).reshape(dirs, 2 * G * H)
+        if b.min(initial=0) < -32768 or b.max(initial=0) > 32767:
+            raise UserError(f"{where}: bias values beyond int16")
+        ins.append(lw.initializer(base_name(n.input[3]), b.astype(np.int16), [ge]))
+    else:
+        ins.append("")
+    ins.append("")  # sequence_lens: ESP-DL reads initial_h at input 5
+    y_name = n.output[0] if n.output and n.output[0] else ""
+    yh_name = n.output[1] if len(n.output) > 1 and n.output[1] else ""
+    main = y_name or yh_name
+    qs = lw.q_consumers(main)
+    if not qs:
+        raise UserError(f"{where}: its output {main!r} is not quantized: not a calibrated model")
+    e_y, dtype = lw.q_exp_dtype(qs[0])
+    states = [("initial_h", 5, e_y, dtype)]
+    if n.op_type == "LSTM":
+        states.append(("initial_c", 6, ge, np.dtype(np.int16)))
+    for what, k, e, dt in states:
+        if len(n.input) <= k or not n.input[k]:
+            ins.append("")
+            continue
+        src = n.input[k]
+        if src in lw.acts:
+            a = lw.acts[src]
+            if a.exp != e or a.dtype != dt:
+                raise UserError(f"{where}: {what} is {a.dtype} at 2^{a.exp}, ESP-DL needs {dt} "
+                                f"at 2^{e}")
+            ins.append(lw.layout_as(a, False).name)
+            continue
+        qc = lw.qconst(src)
+        if qc is None or qc.exps != [e]:
+            raise UserError(f"{where}: {what} must be an integer activation or constant at "
+                            f"2^{e}: quantize the model with espstream calibrate")
+        ins.append(lw.initializer(base_name(src), qc.data.astype(dt).reshape(dirs, 1, H), [e]))
+    while ins and ins[-1] == "":
+        ins.pop()
+    y_shape = [seq, dirs, 1, H] if layout == 0 else [1, seq, dirs, H]
+    h_shape = [dirs, 1, H] if layout == 0 else [1, dirs, H]
+    at = len(lw.out.nodes)  # the node goes before any requantization of its outputs
+    outs = []
+    for k, (fname, shp) in enumerate(((y_name, y_shape), (yh_name, h_shape))):
+        if not fname:
+            a = Act(lw.fresh(f"{n.name}_{'Y' if k == 0 else 'Y_h'}"), e_y, shp, False, dtype)
+            lw.value_info(a)
+            outs.append(a.name)
+            continue
+        name, a = lw.define_output(fname, n, shp, False)
+        lw.need_q(n, a)
+        if a.exp != e_y or a.dtype != dtype:
+            raise UserError(f"{where}: Y and Y_h must share one exponent (ESP-DL writes the "
+                            "same integers to both)")
+        lw.finish_output(a)
+        outs.append(name)
+    if n.op_type == "LSTM":
+        yc_name = n.output[2] if len(n.output) > 2 and n.output[2] else ""
+        yc = Act(yc_name or lw.fresh(f"{n.name}_Y_c"), ge, h_shape, False, np.dtype(np.int16))
+        if yc_name:
+            name, a = lw.define_output(yc_name, n, h_shape, False, natural=yc)
+            lw.finish_output(a)
+            outs.append(name)
+        else:
+            lw.value_info(yc)
+            outs.append(yc.name)
+    attrs = {"hidden_size": H, "gate_exponent": ge, "quant_type": lw.qtype(x.dtype)}
+    for key in ("direction", "layout", "linear_before_reset", "input_forget"):
+        v = _attr(n, key)
+        if v is not None:
+            attrs[key] = v
+    lw.emit(n.op_type, n.name, ins, outs, attrs)
+    lw.out.nodes.insert(at, lw.out.nodes.pop())
 
 
 # ---- ESP-DL's arithmetic --------------------------------------------------------------------
@@ -451,8 +815,13 @@ def _declared(sim: Simulator, name: str) -> list | None:
         return None
 
 
-for _op in ("GRU", "LSTM", "RNN"):
-    register(OpSpec(_op, MODULE, stream=rule_recurrent,
-                    stream_rule="state pair (initial_h / Y_h, initial_c / Y_c)"))
+for _op in ("GRU", "LSTM"):
+    register(OpSpec(_op, MODULE, calibrate=calibrate_rnn,
+                    calibrate_rule="W, R per tensor; B int16 at a gate exponent from the data; "
+                                   "Y, Y_h, initial_h one exponent",
+                    stream=rule_recurrent,
+                    stream_rule="state pair (initial_h / Y_h, initial_c / Y_c)",
+                    lower=lower_rnn, espdl=(_op,)))
+register(OpSpec("RNN", MODULE, stream=rule_recurrent, stream_rule="state pair (initial_h / Y_h)"))
 for _op in ("GRU", "LSTM"):
     register_sim(SimSpec(_op, MODULE, sim_rnn, ESPDL_GOLDEN))

@@ -251,6 +251,10 @@ def calibrate_model(
     else:
         observers, batched = observe(fm, plan.observed(), data, opts.batch, opts.bins)
     exps = choose_exponents(plan, observers, opts)
+    if plan.recurrent:  # GRU / LSTM: gate exponents from the data (espstream.ops.recurrent)
+        from espstream.ops.recurrent import choose_gate_exponents
+
+        choose_gate_exponents(fm, plan, data, stream)
     per_channel = target.per_channel if opts.per_channel is None else opts.per_channel
     rw = _Rewriter(fm, plan, exps, target, opts.bits, per_channel, opts.weight_method)
     qm = rw.run()
@@ -264,6 +268,11 @@ def calibrate_model(
     }
     if opts.method == "percentile":
         meta["espstream.percentile"] = repr(float(opts.percentile))
+    if plan.recurrent:
+        import json
+
+        meta["espstream.gate_exponents"] = json.dumps(
+            {k: v["gate_exp"] for k, v in plan.recurrent.items()}, sort_keys=True)
     if stream is not None and stream.source == "options":
         meta.update(stream.metadata())  # the hand-written model's streaming facts
     set_metadata(qm, meta)
@@ -382,6 +391,10 @@ class _Rewriter:
         self.zp = gs.Constant(self.names.new(f"zero_point_int{self.bits}"), np.array(0, self.qdt))
         nodes = {n.name: n for n in self.graph.nodes}
         self._weights(nodes)
+        if self.plan.recurrent:
+            from espstream.ops.recurrent import quantize_recurrent
+
+            quantize_recurrent(self, nodes)
         self._activations(tensors)
         self._requant_and_constants(nodes)
         self.graph.cleanup().toposort()

@@ -94,6 +94,9 @@ class Plan:
     const_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     # (state input, state output) pairs whose exponents must be one (rule 10)
     ties: list[tuple[str, str]] = field(default_factory=list)
+    # GRU / LSTM node -> what `espstream.ops.recurrent` quantizes itself (its weights, biases,
+    # constant states and gate exponent; see that module)
+    recurrent: dict[str, dict] = field(default_factory=dict)
 
     def observed(self) -> list[str]:
         """Tensors whose exponent comes from an observer."""
