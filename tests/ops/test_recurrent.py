@@ -1,14 +1,336 @@
-"""espstream/ops/recurrent.py: a GRU streams with its hidden state as a state pair."""
+"""espstream/ops/recurrent.py: GRU and LSTM through calibrate, export and the simulator; ESP-DL's
+arithmetic (the vectorized kernel against the element-by-element oracle); the refusals; the
+streaming state pair. ESP-DL's own values (ESP-PPQ exports of op_cfg.toml's GRU / LSTM
+configurations) judge the simulator in tests/test_ops_suite.py."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
-from onnx import helper
-from op_harness import model
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+from op_harness import _data, model, refused, run_case
 
+from espstream.errors import UserError
+from espstream.export import export_model, quantize_input
+from espstream.ops import recurrent as rec
+from espstream.quant import calibrate_model
+from espstream.sim import Simulator
 from espstream.stream.streamify import streamify_model
+
+TARGETS = ("esp32p4", "esp32s3", "c")
+
+
+def _rnn(kind: str = "GRU", H: int = 8, inp: int = 6, seq: int = 5, bias: bool = True,
+         dirs: int = 1, seed: int = 0, scale: float = 0.4, **attrs):
+    """x [1, seq, I] -> Transpose -> GRU / LSTM -> Squeeze(axis 2) -> y [seq, dirs, H]."""
+    G = 3 if kind == "GRU" else 4
+
+    def build():
+        rng = np.random.default_rng(seed)
+        inits = {"w": (rng.standard_normal((dirs, G * H, inp)) * scale).astype(np.float32),
+                 "r": (rng.standard_normal((dirs, G * H, H)) * scale).astype(np.float32),
+                 "ax": np.asarray([2], np.int64)}
+        ins = ["xt", "w", "r"]
+        if bias:
+            inits["b"] = (rng.standard_normal((dirs, 2 * G * H)) * 0.3).astype(np.float32)
+            ins.append("b")
+        a = dict(attrs)
+        if kind == "GRU":
+            a.setdefault("linear_before_reset", 1)
+        if dirs == 2:
+            a["direction"] = "bidirectional"
+        nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+                 helper.make_node(kind, ins, ["y4"], hidden_size=H, **a),
+                 helper.make_node("Squeeze", ["y4", "ax"], ["y"])]
+        return model(nodes, [1, seq, inp], inits, opset=14), {kind}
+    return build
+
+
+CASES = {"GRU": _rnn("GRU"), "LSTM": _rnn("LSTM")}
+NOT_LOWERED = {"RNN": "calibrate"}
+
+
+@pytest.mark.parametrize("op", sorted(CASES))
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("dirs", [1, 2])
+def test_int8_through_every_stage(op: str, target: str, dirs: int) -> None:
+    run_case(_rnn(op, dirs=dirs), target, 8)
+
+
+def _qdq_and_sim(case, target: str, bits: int):
+    m, _ = case()
+    data, x = _data(m)
+    res = calibrate_model(m, data, target=target, bits=bits, report_samples=0)
+    g = export_model(res.model).graph
+    return res, g, x
+
+
+@pytest.mark.parametrize("op", sorted(CASES))
+@pytest.mark.parametrize("target", TARGETS)
+def test_int16_within_the_gate_resolution(op: str, target: str) -> None:
+    """int16: the simulator against onnxruntime on the QDQ model (float gates). ESP-DL's gates
+    read tables at step 2^gate_exp and the dot products are int16 at that exponent, so the
+    difference is bounded by a few gate steps per time step, not by the output grid."""
+    res, g, x = _qdq_and_sim(_rnn(op), target, 16)
+    ge = json.loads(dict((p.key, p.value) for p in res.model.metadata_props)[
+        "espstream.gate_exponents"])
+    (e_gate,) = ge.values()
+    sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sim = Simulator(g)
+    out = g.outputs[0]
+    for k in range(3):
+        want = sess.run(None, {"x": x[k:k + 1]})[0]
+        y = sim.run({"x": quantize_input(g, "x", x[k:k + 1])})[out.name]
+        real = y.astype(np.float64) * 2.0 ** out.exponents[0]
+        err = np.abs(real.reshape(want.shape) - want)
+        assert err.max() <= 5 * want.shape[0] * 2.0 ** e_gate, err.max()
+
+
+def test_export_is_what_esp_ppq_writes() -> None:
+    """The node ESP-DL reads: inputs [X, W, R, B], int16 bias at the gate exponent, W / R per
+    tensor at the input's width, Y [seq, dirs, 1, H], Y_h at Y's exponent, LSTM Y_c int16 at
+    the gate exponent."""
+    m, _ = _rnn("LSTM", H=4, inp=3, seq=2)()
+    lstm = next(n for n in m.graph.node if n.op_type == "LSTM")
+    lstm.output.extend(["yh", "yc"])
+    m.graph.output.extend([helper.make_tensor_value_info("yh", TensorProto.FLOAT, [1, 1, 4]),
+                           helper.make_tensor_value_info("yc", TensorProto.FLOAT, [1, 1, 4])])
+    data, _ = _data(m)
+    res = calibrate_model(m, data, target="esp32s3", bits=8, report_samples=0)
+    g = export_model(res.model).graph
+    node = next(n for n in g.nodes if n.op_type == "LSTM")
+    ge = node.attrs["gate_exponent"]
+    assert node.attrs["hidden_size"] == 4 and node.attrs["quant_type"] == "S8"
+    assert len(node.inputs) == 4
+    w, r, b = (g.initializers[node.inputs[k]] for k in (1, 2, 3))
+    assert w.data.dtype == np.int8 and w.data.shape == (1, 16, 3) and len(w.exponents) == 1
+    assert r.data.dtype == np.int8 and r.data.shape == (1, 16, 4)
+    assert b.data.dtype == np.int16 and b.data.shape == (1, 32) and b.exponents == [ge]
+    vi = {n: g.value_info(n) for n in node.outputs}
+    assert vi[node.outputs[0]].shape == [2, 1, 1, 4]
+    assert vi[node.outputs[0]].exponents == vi[node.outputs[1]].exponents
+    assert vi[node.outputs[2]].dtype == np.int16 and vi[node.outputs[2]].exponents == [ge]
+    outs = Simulator(g).run({"x": quantize_input(g, "x", _data(m)[1][:1])})
+    assert outs["yc"].dtype == np.int16
+
+
+def _with_initial_state(kind: str, h0_input: bool):
+    """GRU / LSTM whose initial_h is a graph input (h0) or a zero constant (PyTorch's default
+    state, folded), its Y_h a graph output."""
+    def build():
+        m, ops = _rnn(kind, H=4, inp=3, seq=4)()
+        n = next(n for n in m.graph.node if n.op_type == kind)
+        ins = list(n.input) + [""] * (6 - len(n.input))
+        ins[5] = "h0"
+        if kind == "LSTM":
+            ins.append("c0")
+            m.graph.initializer.append(numpy_helper.from_array(np.zeros((1, 1, 4), np.float32),
+                                                               "c0"))
+        del n.input[:]
+        n.input.extend(ins)
+        n.output.append("yh")
+        m.graph.output.append(helper.make_tensor_value_info("yh", TensorProto.FLOAT, [1, 1, 4]))
+        if h0_input:
+            m.graph.input.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT,
+                                                               [1, 1, 4]))
+        else:
+            m.graph.initializer.append(numpy_helper.from_array(np.zeros((1, 1, 4), np.float32),
+                                                               "h0"))
+        onnx.checker.check_model(m)
+        return m, ops
+    return build
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM"])
+def test_constant_initial_state_is_stored_at_its_exponents(kind: str) -> None:
+    res, g, x = _qdq_and_sim(_with_initial_state(kind, False), "esp32p4", 8)
+    node = next(n for n in g.nodes if n.op_type == kind)
+    h0 = g.initializers[node.inputs[5]]
+    assert h0.exponents == g.value_info(node.outputs[0]).exponents and not h0.data.any()
+    if kind == "LSTM":
+        c0 = g.initializers[node.inputs[6]]
+        assert c0.data.dtype == np.int16 and c0.exponents == [node.attrs["gate_exponent"]]
+    sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = sess.run(["yh"], {"x": x[:1]})[0]
+    got = Simulator(g).run({"x": quantize_input(g, "x", x[:1])})["yh"]
+    step = 2.0 ** g.value_info("yh").exponents[0]
+    assert np.abs(got * step - want).max() <= 2 * step
+
+
+def test_initial_h_graph_input_shares_the_output_exponent() -> None:
+    """ESP-DL copies initial_h into its state without rescaling: calibrate gives the graph
+    input h0 the exponent of Y / Y_h."""
+    m, _ = _with_initial_state("GRU", True)()
+    rng = np.random.default_rng(1)
+    import tempfile
+    from pathlib import Path
+
+    from espstream.quant import model_inputs, read_calibration_data
+    d = Path(tempfile.mkdtemp()) / "c.npz"
+    np.savez(d, x=rng.standard_normal((8, 1, 4, 3)).astype(np.float32),
+             h0=(rng.uniform(-0.9, 0.9, (8, 1, 1, 4))).astype(np.float32))
+    data = read_calibration_data(str(d), model_inputs(m))
+    res = calibrate_model(m, data, target="c", bits=8, report_samples=0)
+    g = export_model(res.model).graph
+    e = {v.name: v.exponents for v in (*g.inputs, *g.outputs)}
+    assert e["h0"] == e["yh"] == e["y"]
+    h = rng.uniform(-0.9, 0.9, (1, 1, 4)).astype(np.float32)
+    x = rng.standard_normal((1, 4, 3)).astype(np.float32)
+    sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    want = sess.run(["yh"], {"x": x, "h0": h})[0]
+    got = Simulator(g).run({"x": quantize_input(g, "x", x), "h0": quantize_input(g, "h0", h)})
+    step = 2.0 ** e["yh"][0]
+    assert np.abs(got["yh"] * step - want).max() <= 2 * step
+
+
+def test_gate_exponent_follows_the_data() -> None:
+    """Small weights: the finest gate exponent (GATE_EXP_MIN); large ones: coarse enough that
+    no observed pre-activation wraps int16."""
+    fine, _, _ = _qdq_and_sim(_rnn("GRU", scale=0.05), "c", 8)
+    coarse, _, _ = _qdq_and_sim(_rnn("GRU", scale=400.0), "c", 8)
+    ge = [next(iter(json.loads(dict((p.key, p.value) for p in r.model.metadata_props)[
+        "espstream.gate_exponents"]).values())) for r in (fine, coarse)]
+    assert ge[0] == rec.GATE_EXP_MIN
+    assert ge[1] > rec.GATE_EXP_MIN + 2
+
+
+# ---- refusals --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("case", "words"), [
+    (_rnn("GRU", linear_before_reset=0), "linear_before_reset=0"),
+    (_rnn("LSTM", input_forget=1), "input_forget=1"),
+    (_rnn("GRU", direction="reverse"), "reverse"),
+    (_rnn("GRU", clip=1.0), "'clip'"),
+    (_rnn("LSTM", activations=["Sigmoid", "Tanh", "Relu"]), "'activations'"),
+])
+def test_refused_at_calibrate(case, words: str) -> None:
+    refused(case, "calibrate", words)
+
+
+def test_rnn_is_refused() -> None:
+    def build():
+        rng = np.random.default_rng(0)
+        nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+                 helper.make_node("RNN", ["xt", "w", "r"], ["y4"], hidden_size=3),
+                 helper.make_node("Squeeze", ["y4", "ax"], ["y"])]
+        return model(nodes, [1, 4, 2], {"w": rng.standard_normal((1, 3, 2)).astype(np.float32),
+                                        "r": rng.standard_normal((1, 3, 3)).astype(np.float32),
+                                        "ax": np.asarray([2], np.int64)}, opset=14), set()
+    refused(build, "calibrate", "RNN")
+
+
+def test_batch_two_is_refused_at_export() -> None:
+    def build():  # x [1, 3, 6] read as [seq 1, batch 3, 6]
+        rng = np.random.default_rng(0)
+        nodes = [helper.make_node("GRU", ["x", "w", "r"], ["y"], hidden_size=2,
+                                  linear_before_reset=1)]
+        return model(nodes, [1, 3, 6], {"w": rng.standard_normal((1, 6, 6)).astype(np.float32),
+                                        "r": rng.standard_normal((1, 6, 2)).astype(np.float32)},
+                     opset=14), {"GRU"}
+    refused(build, "export", "batch 3")
+
+
+def test_sim_refuses_what_esp_dl_does_not_create() -> None:
+    _, g, _ = _qdq_and_sim(_rnn("GRU"), "c", 8)
+    node = next(n for n in g.nodes if n.op_type == "GRU")
+    node.attrs["linear_before_reset"] = 0
+    with pytest.raises(UserError, match="linear_before_reset=0"):
+        Simulator(g)
+
+
+# ---- ESP-DL's arithmetic ----------------------------------------------------------------------
+
+
+@st.composite
+def _params(draw):
+    kind = draw(st.sampled_from(["GRU", "LSTM"]))
+    bits = draw(st.sampled_from([8, 16]))
+    target = draw(st.sampled_from(TARGETS))
+    H = draw(st.integers(1, 6))
+    inp = draw(st.sampled_from([1, 3, 8, 16]))  # 8 / 16: the PIE paths
+    seq = draw(st.integers(1, 4))
+    dirs = draw(st.integers(1, 2))
+    G = 3 if kind == "GRU" else 4
+    dt = np.int8 if bits == 8 else np.int16
+    lo, hi = (-128, 127) if bits == 8 else (-32768, 32767)
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    ge = draw(st.integers(-12, -6))
+    e_x = draw(st.integers(-9, -3)) if bits == 8 else draw(st.integers(-16, -10))
+    e_y = (-7 if bits == 8 else -15) + draw(st.integers(-1, 1))
+    e_w = (-8 if bits == 8 else -16) + draw(st.integers(-2, 2))
+    e_r = e_w + draw(st.integers(-1, 1))
+
+    def ints(shape, a=lo, b=hi):
+        return rng.integers(a, b + 1, shape).astype(dt)
+    bias = draw(st.booleans())
+    wb = [rng.integers(-3000, 3000, G * H) if bias else None for _ in range(dirs)]
+    rb = [rng.integers(-3000, 3000, G * H) if bias else None for _ in range(dirs)]
+    p = rec.RnnParams(kind, H, [ints((G * H, inp)) for _ in range(dirs)],
+                      [ints((G * H, H)) for _ in range(dirs)], wb, rb, ge,
+                      ge - (e_x + e_w), ge - (e_y + e_r), e_y, np.dtype(dt), target)
+    x = ints((seq, inp))
+    h0 = ints((dirs, H)) if draw(st.booleans()) else None
+    c0 = rng.integers(-20000, 20000, (dirs, H)).astype(np.int16) \
+        if kind == "LSTM" and draw(st.booleans()) else None
+    return p, x, h0, c0
+
+
+@settings(max_examples=60, deadline=None)
+@given(_params())
+def test_kernel_equals_the_element_by_element_oracle(case) -> None:
+    p, x, h0, c0 = case
+    got = rec.rnn_forward(p, x, h0, c0)
+    want = rec.rnn_oracle(p, x, h0, c0)
+    for a, b in zip(got, want, strict=True):
+        if a is None:
+            assert b is None
+            continue
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("e", [-12, -10, -9, -6])
+def test_gate_tables_as_esp_dl_builds_them(e: int) -> None:
+    """Entries f(i * 2^e) for i in 0..qmax with qmax = int(bound / 2^e) + 1, the negative half
+    mirrored, indices beyond the table clamped; the values are the float functions' within
+    float32 rounding."""
+    for kind, f, bound in (("sigmoid", lambda v: 1 / (1 + np.exp(-v)), 6.3),
+                           ("tanh", np.tanh, 3.5)):
+        t = rec.gate_table(kind, e)
+        assert t.qmax == int(np.float32(bound) / np.float32(2.0**e)) + 1 and t.qmin == -t.qmax
+        idx = np.arange(-t.qmax - 5, t.qmax + 6)
+        got = t.get(idx)
+        want = f(np.clip(idx, -t.qmax, t.qmax) * 2.0**e)
+        assert np.abs(got - want).max() < 3e-7
+        assert got[0] == got[5] and got[-1] == got[-6]
+
+
+def test_dot_product_paths() -> None:
+    """The C path converts the accumulator to float before rounding: past 2^24 that moves a
+    value below a half onto it (then rounded up); the PIE path (esp32s3 / esp32p4, length a
+    multiple of 8, shift >= 0) rounds the exact integer."""
+    shift, x = 12, 1500
+    y = (2047 - 32767 * x) % 4096  # acc = 32767 x + y = k * 4096 + 2047, in [2^25, 2^26)
+    m = np.zeros((1, 8), np.int16)
+    m[0, :2] = (32767, 1)
+    v = np.zeros(8, np.int16)
+    v[:2] = (x, y)
+    acc = 32767 * x + y
+    assert acc % 4096 == 2047 and 2**25 < acc < 2**26
+    k = acc >> shift
+    assert rec.mat_vec(m, v, shift, "esp32s3")[0] == k  # exact: 2047 / 4096 rounds down
+    assert rec.mat_vec(m, v, shift, "c")[0] == k + 1  # float32(acc) = k * 4096 + 2048, half up
+    assert rec.mat_vec(m[:, :7], v[:7], shift, "esp32s3")[0] == k + 1  # length 7: C path
+
+
+# ---- streaming ---------------------------------------------------------------------------------
 
 
 def test_gru_state_becomes_a_state_pair() -> None:

@@ -18,7 +18,7 @@ from espstream.ops import registry
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
-STREAM_ONLY = ("quantize", "recurrent", "float_pointwise")
+STREAM_ONLY = ("quantize", "float_pointwise")
 
 
 def _test_module(name: str):
