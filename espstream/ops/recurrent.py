@@ -578,8 +578,14 @@ class RnnParams:
     target: str
 
 
-def rnn_forward(p: RnnParams, x: np.ndarray, h0: np.ndarray | None, c0: np.ndarray | None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """fmaf(a, b, c): one rounding (the float32 product is exact in float64; the float64 sum
+    is then rounded to float32, a double rounding that differs from fmaf only in rare ties)."""
+    return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(F32)
+
+
+def rnn_forward(p: RnnParams, x: np.ndarray, h0: np.ndarray | None, c0: np.ndarray | None,
+                fused: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """ESP-DL's forward_template, vectorized over the hidden units: x [seq, I] ->
     Y [seq, dirs, H], Y_h [dirs, H], Y_c [dirs, H] (LSTM; int16 at the gate exponent).
 
@@ -592,6 +598,11 @@ def rnn_forward(p: RnnParams, x: np.ndarray, h0: np.ndarray | None, c0: np.ndarr
        h = round(o * tanh[c] * 2^-e_y), saturated.
     4. Direction 1 (bidirectional) walks the sequence backwards with the second weights and
        its own slice of initial_h / initial_c; Y holds both directions per step.
+
+    `fused=True` computes the three multiply-adds of the update (GRU: ic_n + r * hc_n and
+    ... + z * h; LSTM: f * c + ...) as fused multiply-adds, as ESP-DL built with -ffast-math
+    -O3 may on chips with a hardware FMA (esp32s3 MADD.S, esp32p4 fmadd.s): a measure of how
+    far a chip may part from the simulator, not the simulator's arithmetic.
     """
     H, t = p.hidden, p.target
     lo, hi = _INT_RANGE[np.dtype(p.dtype)]
@@ -616,10 +627,11 @@ def rnn_forward(p: RnnParams, x: np.ndarray, h0: np.ndarray | None, c0: np.ndarr
                     hc = wrap16(hc + p.rb[d])
                 zr = sig.get(ic[:2 * H] + hc[:2 * H])
                 z, r = zr[:H], zr[H:]
-                idx = round_c(ic[2 * H:].astype(F32) + r * hc[2 * H:].astype(F32), t)
+                hn, icn = hc[2 * H:].astype(F32), ic[2 * H:].astype(F32)
+                idx = round_c(_fma(r, hn, icn) if fused else icn + r * hn, t)
                 n = tanh.get(idx)
                 tmp = ((F32(1) - z) * n) * resc_y
-                tmp = tmp + z * h.astype(F32)
+                tmp = _fma(z, h.astype(F32), tmp) if fused else tmp + z * h.astype(F32)
                 h = sat(round_c(tmp, t), lo, hi)
             else:
                 if p.wb[d] is not None:
@@ -628,7 +640,8 @@ def rnn_forward(p: RnnParams, x: np.ndarray, h0: np.ndarray | None, c0: np.ndarr
                     g4 = wrap16(ic + hc)
                 i_g, o_g = sig.get(g4[:H]), sig.get(g4[H:2 * H])
                 f_g, g_g = sig.get(g4[2 * H:3 * H]), tanh.get(g4[3 * H:])
-                tmp = f_g * c.astype(F32) + (i_g * g_g) * resc_c
+                ig = (i_g * g_g) * resc_c
+                tmp = _fma(f_g, c.astype(F32), ig) if fused else f_g * c.astype(F32) + ig
                 c = wrap16(round_c(tmp, t))
                 tmp = (o_g * tanh.get(c)) * resc_y
                 h = sat(round_c(tmp, t), lo, hi)
