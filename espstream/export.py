@@ -166,6 +166,10 @@ def add_test_values(graph: IntGraph, data: np.ndarray | dict[str, np.ndarray] | 
             raise UserError(f"the model has {len(names)} inputs ({', '.join(names)}); give test "
                             "data as an .npz with one array per input name")
         data = {names[0]: data}
+    data = dict(data)
+    for st in json.loads(graph.metadata.get("espstream.recurrent_states", "[]")):
+        if st["input"] not in data:  # a GRU / LSTM state: the zero state a stream starts from
+            data[st["input"]] = np.zeros(onnx_shape(graph, st["input"]), np.float32)
     missing = [n for n in names if n not in data]
     if missing:
         raise UserError(f"no test data for input(s) {', '.join(missing)}")

@@ -361,8 +361,10 @@ class IntGraph:
 
     @property
     def streaming(self) -> bool:
-        """Whether the model carries StreamingCache state."""
-        return any(n.op_type == "StreamingCache" for n in self.nodes)
+        """Whether the model carries state: StreamingCache nodes, or a GRU / LSTM state the
+        application feeds back (metadata espstream.recurrent_states)."""
+        return (any(n.op_type == "StreamingCache" for n in self.nodes)
+                or "espstream.recurrent_states" in self.metadata)
 
     def cache_bytes(self, node: Node) -> int | None:
         """Bytes a StreamingCache keeps between calls: (window - 1) frames of its input, which

@@ -273,11 +273,42 @@ class Lowerer:
         if raw is None:
             return []
         try:
-            pairs = json.loads(raw)
-            return [(str(a), str(b)) for a, b in pairs]
+            pairs = [(str(a), str(b)) for a, b in json.loads(raw)]
         except (ValueError, TypeError):
             raise UserError("metadata espstream.states is not a JSON list of "
                             "[state input, state output] pairs") from None
+        from espstream.ops.recurrent import recurrent_pair_node
+
+        # a GRU / LSTM state stays a graph input / output pair (ESP-DL keeps no recurrent
+        # state between calls): the application copies the output to the input
+        self.recurrent_pairs = [(a, b) for a, b in pairs
+                                if recurrent_pair_node(self.model, a, b) is not None]
+        return [p for p in pairs if p not in self.recurrent_pairs]
+
+    def _recurrent_input(self, name: str) -> bool:
+        """A GRU / LSTM state input streamify added to a calibrated model (no Q/DQ: its values
+        are the state output's, already on its grid): an integer input at the exponent
+        ESP-DL reads it at (Y_h's; Y_c's gate exponent), in ONNX order."""
+        from espstream.ops.recurrent import recurrent_pair_node, state_exponent
+
+        for a, b in getattr(self, "recurrent_pairs", []):
+            if a == name:
+                node, k = recurrent_pair_node(self.model, a, b)
+                e, dtype = state_exponent(self, node, k)
+                act = Act(name, e, self.shape(name), False, dtype)
+                self.out.inputs.append(ValueInfo(name, dtype, act.runtime_shape(), [e]))
+                self.value_info(act)
+                self.acts[name] = act
+                return True
+        return False
+
+    def _recurrent_states(self) -> list[dict]:
+        out = []
+        for a, b in getattr(self, "recurrent_pairs", []):
+            vi = self.out.value_infos.get(a)
+            out.append({"input": a, "output": b, "exponent": vi.exponents[0] if vi else None,
+                        "dtype": np.dtype(vi.dtype).name if vi else None})
+        return out
 
     # ---- names / emit ----------------------------------------------------------------------
 
@@ -493,6 +524,8 @@ class Lowerer:
             if name in self.state_inputs:
                 continue
             qs = self.q_consumers(name)
+            if not qs and self._recurrent_input(name):
+                continue
             if not qs:
                 if any(c.op_type == "StreamingCache" for c in self.consumers.get(name, [])):
                     continue
@@ -697,6 +730,9 @@ class Lowerer:
         md["espstream.layout"] = json.dumps(layouts)
         if self.out.target is not None:  # so a reader need not guess it from the layout
             md["espstream.target"] = self.out.target
+        recurrent = self._recurrent_states()
+        if recurrent:
+            md["espstream.recurrent_states"] = json.dumps(recurrent)
         if self.states or "espstream.chunk" in self.meta:
             for k in ("espstream.chunk", "espstream.delay", "espstream.warmup"):
                 if k in self.meta:

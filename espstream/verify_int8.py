@@ -319,7 +319,12 @@ class Int8Runner:
         self.sim = Simulator(self.graph, kernels)
         self.layout = json.loads(self.graph.metadata.get("espstream.layout", "{}"))
         meta = {p.key: p.value for p in model.metadata_props}
-        self.states = [tuple(p) for p in json.loads(meta.get("espstream.states", "[]"))]
+        # a GRU / LSTM state is a real input / output pair of the graph (fed back by the
+        # caller); only the StreamingCache states live in the simulator
+        fed_back = {r["input"] for r in json.loads(
+            self.graph.metadata.get("espstream.recurrent_states", "[]"))}
+        self.states = [tuple(p) for p in json.loads(meta.get("espstream.states", "[]"))
+                       if p[0] not in fed_back]
         from espstream.quant import scheme
 
         self._scheme = scheme

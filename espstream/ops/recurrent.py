@@ -439,7 +439,9 @@ def lower_rnn(lw: Lowerer, n: onnx.NodeProto) -> None:
             lw.value_info(a)
             outs.append(a.name)
             continue
-        name, a = lw.define_output(fname, n, shp, False)
+        # Y_h without Q/DQ: streamify's state output, on Y's grid
+        nat = Act(fname, e_y, shp, False, dtype) if not lw.q_consumers(fname) else None
+        name, a = lw.define_output(fname, n, shp, False, natural=nat)
         lw.need_q(n, a)
         if a.exp != e_y or a.dtype != dtype:
             raise UserError(f"{where}: Y and Y_h must share one exponent (ESP-DL writes the "
@@ -838,3 +840,57 @@ for _op in ("GRU", "LSTM"):
 register(OpSpec("RNN", MODULE, stream=rule_recurrent, stream_rule="state pair (initial_h / Y_h)"))
 for _op in ("GRU", "LSTM"):
     register_sim(SimSpec(_op, MODULE, sim_rnn, ESPDL_GOLDEN))
+
+
+# ---- streaming: the recurrent state as a model input / output pair -----------------------------
+
+_PASS = ("QuantizeLinear", "DequantizeLinear", "Identity")
+
+
+def recurrent_pair_node(model: onnx.ModelProto, a: str, b: str) -> tuple[onnx.NodeProto, int] | None:
+    """(the GRU / LSTM, state index 0 = h / 1 = c) when the state pair (a, b) is a recurrent
+    layer's: `a` reaches only that node's initial_h (initial_c) through Q / DQ / Identity, and
+    `b` is its Y_h (Y_c) through them; None otherwise."""
+    cons: dict[str, list[onnx.NodeProto]] = {}
+    prod: dict[str, onnx.NodeProto] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            cons.setdefault(i, []).append(n)
+        for o in n.output:
+            prod[o] = n
+    hits = []
+    todo = [a]
+    while todo:
+        t = todo.pop()
+        for c in cons.get(t, []):
+            if c.op_type in _PASS and c.input[0] == t:
+                todo.extend(c.output)
+            elif c.op_type in ("GRU", "LSTM") and t in c.input[5:7]:
+                hits.append((c, list(c.input).index(t) - 5))
+            else:
+                return None
+    if len(hits) != 1:
+        return None
+    node, k = hits[0]
+    t = b
+    while t in prod and prod[t] is not node:
+        p = prod[t]
+        if p.op_type not in _PASS:
+            return None
+        t = p.input[0]
+    if prod.get(t) is not node or list(node.output).index(t) != 1 + k:
+        return None
+    return node, k
+
+
+def state_exponent(lw: Lowerer, node: onnx.NodeProto, k: int) -> tuple[int, np.dtype]:
+    """(exponent, dtype) ESP-DL reads a GRU / LSTM state at: initial_h at Y's (Y_h's),
+    initial_c int16 at the gate exponent."""
+    if k == 1:
+        return _gate_exponent(lw, node), np.dtype(np.int16)
+    for o in node.output[:2]:
+        qs = lw.q_consumers(o) if o else []
+        if qs:
+            return lw.q_exp_dtype(qs[0])
+    raise UserError(f"{node.op_type} '{node.name}': neither Y nor Y_h is quantized: not a "
+                    "calibrated model")

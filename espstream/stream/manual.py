@@ -50,10 +50,14 @@ def _states(model: onnx.ModelProto) -> list[tuple[str, str]]:
 
 
 def manual_pairs(model: onnx.ModelProto) -> list[tuple[str, str]]:
-    """State pairs of `model` whose state input no StreamingCache reads."""
+    """State pairs of `model` whose state input no StreamingCache reads (and which are not a
+    GRU / LSTM state, which stays a model input / output pair)."""
+    from espstream.ops.recurrent import recurrent_pair_node
+
     cached = {n.input[1] for n in model.graph.node
               if n.domain == cache_fn.DOMAIN and n.op_type == cache_fn.OP and len(n.input) > 1}
-    return [(a, b) for a, b in _states(model) if a not in cached]
+    return [(a, b) for a, b in _states(model)
+            if a not in cached and recurrent_pair_node(model, a, b) is None]
 
 
 class NotAWindow(UserError):
