@@ -847,7 +847,8 @@ for _op in ("GRU", "LSTM"):
 _PASS = ("QuantizeLinear", "DequantizeLinear", "Identity")
 
 
-def recurrent_pair_node(model: onnx.ModelProto, a: str, b: str) -> tuple[onnx.NodeProto, int] | None:
+def recurrent_pair_node(model: onnx.ModelProto, a: str, b: str
+                        ) -> tuple[onnx.NodeProto, int] | None:
     """(the GRU / LSTM, state index 0 = h / 1 = c) when the state pair (a, b) is a recurrent
     layer's: `a` reaches only that node's initial_h (initial_c) through Q / DQ / Identity, and
     `b` is its Y_h (Y_c) through them; None otherwise."""
