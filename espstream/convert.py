@@ -46,6 +46,7 @@ so that a Makefile target cannot ship a model that failed its verification).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -537,7 +538,16 @@ def print_summary(result: ConvertResult, output: str | None = None) -> None:
                    [[c.name, "ok" if c.ok else "FAILED", c.detail] for c in result.checks]))
     count, nbytes = result.parameters
     states = len(result.streamed.caches) if result.streamed else 0
-    log.info(f"state memory: {result.state_bytes} bytes ({states} cache(s))")
+    g = result.exported.graph
+    rec = json.loads(g.metadata.get("espstream.recurrent_states", "[]"))
+    if rec:  # GRU / LSTM states are model inputs / outputs, held by the application
+        app = sum(g.value_info(r["input"]).dtype.itemsize
+                  * int(np.prod(g.value_info(r["input"]).shape)) for r in rec)
+        log.info(f"state memory: {result.state_bytes} bytes in StreamingCaches, {app} bytes of "
+                 f"{len(rec)} recurrent state(s) the application copies back each call "
+                 f"({states} state(s) in all)")
+    else:
+        log.info(f"state memory: {result.state_bytes} bytes ({states} cache(s))")
     log.info(f"parameters:   {count} values, {nbytes} bytes")
     where = f" -> {output}" if output else ""
     log.info(f"file size:    {len(result.data)} bytes{where}")

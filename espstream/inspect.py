@@ -159,6 +159,8 @@ def inspect_espdl(data: bytes, target: str | None = None, model: str | None = No
         "parameter_bytes": int(sum(t.data.nbytes for t in graph.initializers.values())),
         "streaming_caches": caches,
         "cache_bytes": sum(c["bytes"] or 0 for c in caches),
+        # GRU / LSTM states: ESP-DL keeps none between calls, the application feeds them back
+        "recurrent_states": json.loads(graph.metadata.get("espstream.recurrent_states", "[]")),
         "test_inputs": [_tensor_row(t) for t in graph.test_inputs.values()],
         "test_outputs": [_tensor_row(t) for t in graph.test_outputs.values()],
     }
@@ -232,6 +234,10 @@ def print_summary(info: dict[str, Any]) -> None:
                 for c in info["streaming_caches"]]
         log.info(table(("cache", "window", "frame axis", "bytes"), rows))
         log.info(f"cache bytes: {info['cache_bytes']}")
+    for r in info.get("recurrent_states", []):
+        log.info(f"recurrent state: the application copies output {r['output']} to input "
+                 f"{r['input']} after each call ({r['dtype']}, exponent {r['exponent']}; zeros "
+                 "at the start of a stream)")
     tests = info["test_inputs"] + info["test_outputs"]
     if tests:
         log.info(table(("test value", "type", "dims", "exponents"),

@@ -344,3 +344,33 @@ def test_gru_state_becomes_a_state_pair() -> None:
     res = streamify_model(m, 2, axes={"x": 0})
     meta = {p.key: p.value for p in res.model.metadata_props}
     assert len(json.loads(meta["espstream.states"])) == 1
+
+
+@pytest.mark.parametrize(("kind", "target", "bits"), [("GRU", "esp32p4", 8), ("GRU", "c", 16),
+                                                       ("LSTM", "esp32s3", 8),
+                                                       ("LSTM", "esp32p4", 16)])
+def test_convert_streams_with_the_state_fed_back(kind: str, target: str, bits: int) -> None:
+    """convert --chunk: the state is a model input / output pair of the .espdl (ESP-DL keeps
+    none between calls), recorded in its metadata and shown by inspect; the int8 check runs
+    the exported model chunk by chunk with the state fed back and matches offline exactly."""
+    from espstream.convert import convert_model
+    from espstream.inspect import inspect_espdl
+
+    m, _ = _rnn(kind, seq=12)()
+    res = convert_model(m, random=8, chunk=4, axes={"x": 1}, target=target, bits=bits)
+    assert all(c.ok for c in res.checks), [(c.name, c.detail) for c in res.checks]
+    names = [c.name for c in res.checks]
+    exact = next(c for c in res.checks if "streaming == offline" in c.name and "int8" in c.name)
+    assert "max |err| 0 " in exact.detail, exact.detail
+    assert any("test values" in n for n in names)
+    info = inspect_espdl(res.data)
+    rec_states = info["recurrent_states"]
+    assert len(rec_states) == (2 if kind == "LSTM" else 1)
+    ins = {v["name"]: v for v in info["inputs"]}
+    outs = {v["name"]: v for v in info["outputs"]}
+    for r in rec_states:
+        assert ins[r["input"]]["exponents"] == outs[r["output"]]["exponents"] == [r["exponent"]]
+        assert r["input"] in {t["name"] for t in info["test_inputs"]}
+    if kind == "LSTM":
+        c = next(r for r in rec_states if ".c." in r["input"])
+        assert c["dtype"] == "int16"
