@@ -45,6 +45,20 @@ from espstream.stream.rules import (
 MODULE = "recurrent"
 
 
+def _state_value(ctx: Ctx, t: gs.Tensor) -> np.ndarray | None:
+    """A constant initial state's value; in a calibrated model, the integers behind its
+    DequantizeLinear (zero stays zero at any scale, with zero point 0)."""
+    v = ctx.consts.value(t)
+    if v is not None or not t.inputs or t.inputs[0].op != "DequantizeLinear":
+        return v
+    dq = t.inputs[0]
+    q = ctx.consts.value(dq.inputs[0])
+    zp = ctx.consts.value(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2].name else 0
+    if q is None or zp is None or np.any(zp):
+        return None
+    return q
+
+
 def rule_recurrent(ctx: Ctx, node: gs.Node) -> None:
     """GRU, LSTM, RNN along the time axis.
 
@@ -83,7 +97,7 @@ def rule_recurrent(ctx: Ctx, node: gs.Node) -> None:
     for k in range(n_states):
         slot = 5 + k
         if len(node.inputs) > slot and node.inputs[slot].name:
-            v = ctx.consts.value(node.inputs[slot])
+            v = _state_value(ctx, node.inputs[slot])
             if v is None or np.any(v):
                 raise unsupported(node, "starts from a non-zero or computed initial state")
         shape = [batch, 1, hidden] if layout == 1 else [1, batch, hidden]
@@ -111,9 +125,11 @@ def rule_recurrent(ctx: Ctx, node: gs.Node) -> None:
 
 # ---- calibrate ------------------------------------------------------------------------------
 
-#: the finest gate exponent chosen: ESP-DL builds a float sigmoid and a tanh table per node
-#: with (6.3 + 3.5) * 2^-e entries (2^-10: about 40 KB of RAM per GRU / LSTM)
-GATE_EXP_MIN = -10
+#: the finest gate exponent chosen, per width: ESP-DL builds a float sigmoid and a tanh table
+#: per node with (6.3 + 3.5) * 2^-e entries (2^-10: about 40 KB of RAM per GRU / LSTM, 2^-12:
+#: 160 KB). The gates' step bounds the layer's accuracy: at 2^-10 an int16 LSTM measured 3.5 dB
+#: below its fake-quant model (float gates), at 2^-12 within the 3 dB verify allows.
+GATE_EXP_MIN = {8: -10, 16: -12}
 #: ESP-PPQ 1.3.12's fixed gate exponent (GRU_QUANT_EXPONENT / LSTM_QUANT_EXPONENT), used where
 #: no data reaches the layer as a whole sequence (streaming calibration)
 GATE_EXP_ESPPPQ = -9
@@ -249,8 +265,9 @@ def _float_rnn_preacts(kind: str, w, r, b, x, h_prev, c0, dirs: int) -> tuple[fl
     return top, cmax
 
 
-def choose_gate_exponents(fm: onnx.ModelProto, plan: Plan, data, stream=None) -> None:
-    """Per GRU / LSTM: the finest exponent (not below GATE_EXP_MIN) at which GATE_HEADROOM
+def choose_gate_exponents(fm: onnx.ModelProto, plan: Plan, data, stream=None,
+                          bits: int = 8) -> None:
+    """Per GRU / LSTM: the finest exponent (not below GATE_EXP_MIN[bits]) at which GATE_HEADROOM
     times the largest |W.x + b_w|, |R.h + b_r|, their sums (and LSTM's |c|) fits int16, over
     up to GATE_SAMPLES calibration samples run in float (onnxruntime for X, Y and
     initial_h, NumPy for the gates); a streaming calibration takes ESP-PPQ's -9."""
@@ -305,8 +322,8 @@ def choose_gate_exponents(fm: onnx.ModelProto, plan: Plan, data, stream=None) ->
             top[name] = max(top[name], m, cm)
     for name, info in plan.recurrent.items():
         need = top[name] * GATE_HEADROOM / 32767.0
-        e = math.ceil(math.log2(need)) if need > 0 else GATE_EXP_MIN
-        info["gate_exp"] = max(GATE_EXP_MIN, e)
+        e = math.ceil(math.log2(need)) if need > 0 else GATE_EXP_MIN[bits]
+        info["gate_exp"] = max(GATE_EXP_MIN[bits], e)
 
 
 def quantize_recurrent(rw, nodes: dict) -> None:

@@ -254,7 +254,7 @@ def calibrate_model(
     if plan.recurrent:  # GRU / LSTM: gate exponents from the data (espstream.ops.recurrent)
         from espstream.ops.recurrent import choose_gate_exponents
 
-        choose_gate_exponents(fm, plan, data, stream)
+        choose_gate_exponents(fm, plan, data, stream, opts.bits)
     per_channel = target.per_channel if opts.per_channel is None else opts.per_channel
     rw = _Rewriter(fm, plan, exps, target, opts.bits, per_channel, opts.weight_method)
     qm = rw.run()

@@ -190,14 +190,14 @@ def test_initial_h_graph_input_shares_the_output_exponent() -> None:
 
 
 def test_gate_exponent_follows_the_data() -> None:
-    """Small weights: the finest gate exponent (GATE_EXP_MIN); large ones: coarse enough that
+    """Small weights: the finest gate exponent (GATE_EXP_MIN[8]); large ones: coarse enough that
     no observed pre-activation wraps int16."""
     fine, _, _ = _qdq_and_sim(_rnn("GRU", scale=0.05), "c", 8)
     coarse, _, _ = _qdq_and_sim(_rnn("GRU", scale=400.0), "c", 8)
     ge = [next(iter(json.loads(dict((p.key, p.value) for p in r.model.metadata_props)[
         "espstream.gate_exponents"]).values())) for r in (fine, coarse)]
-    assert ge[0] == rec.GATE_EXP_MIN
-    assert ge[1] > rec.GATE_EXP_MIN + 2
+    assert ge[0] == rec.GATE_EXP_MIN[8]
+    assert ge[1] > rec.GATE_EXP_MIN[8] + 2
 
 
 # ---- refusals --------------------------------------------------------------------------------
