@@ -286,21 +286,26 @@ class Lowerer:
         return [p for p in pairs if p not in self.recurrent_pairs]
 
     def _recurrent_input(self, name: str) -> bool:
-        """A GRU / LSTM state input streamify added to a calibrated model (no Q/DQ: its values
-        are the state output's, already on its grid): an integer input at the exponent
-        ESP-DL reads it at (Y_h's; Y_c's gate exponent), in ONNX order."""
-        from espstream.ops.recurrent import recurrent_pair_node, state_exponent
+        """A GRU / LSTM state graph input without Q/DQ (streamify's state input of a calibrated
+        model, whose values are the state output's, already on its grid; or an LSTM's
+        initial_c, which calibrate leaves float): an integer input at the exponent ESP-DL reads
+        it at (Y_h's; int16 at the gate exponent for initial_c), in ONNX order."""
+        from espstream.ops.recurrent import c_input_node, recurrent_pair_node, state_exponent
 
-        for a, b in getattr(self, "recurrent_pairs", []):
-            if a == name:
-                node, k = recurrent_pair_node(self.model, a, b)
-                e, dtype = state_exponent(self, node, k)
-                act = Act(name, e, self.shape(name), False, dtype)
-                self.out.inputs.append(ValueInfo(name, dtype, act.runtime_shape(), [e]))
-                self.value_info(act)
-                self.acts[name] = act
-                return True
-        return False
+        found = [recurrent_pair_node(self.model, a, b)
+                 for a, b in getattr(self, "recurrent_pairs", []) if a == name]
+        c_node = c_input_node(self, name)
+        if c_node is not None:
+            found.append((c_node, 1))
+        if not found:
+            return False
+        node, k = found[0]
+        e, dtype = state_exponent(self, node, k)
+        act = Act(name, e, self.shape(name), False, dtype)
+        self.out.inputs.append(ValueInfo(name, dtype, act.runtime_shape(), [e]))
+        self.value_info(act)
+        self.acts[name] = act
+        return True
 
     def _recurrent_states(self) -> list[dict]:
         out = []

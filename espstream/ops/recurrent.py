@@ -1,9 +1,24 @@
-"""GRU, LSTM and RNN: streamed in float with their state as a model input / output pair; not
-calibrated or lowered yet.
+"""GRU and LSTM: calibrated, streamed with their state as a model input / output pair,
+lowered to ESP-DL's `GRU` / `LSTM` and simulated as ESP-DL 3.3.9's C code computes them
+(dl_module_gru.hpp, dl_module_lstm.hpp, dl_base_dotprod.cpp, dl_math.hpp); RNN streams in float
+only (ESP-DL has no RNN).
 
-Streamify (`rule_recurrent`): forward only, on the sequence axis, zero initial state; the
-hidden (and cell) state becomes a state pair fed as initial_h (initial_c) and taken from Y_h
-(Y_c).
+Calibrate (`calibrate_rnn`, `choose_gate_exponents`, `quantize_recurrent`): W and R per tensor,
+B int16 at a gate exponent chosen from the data, Y / Y_h / initial_h one exponent, LSTM Y_c and
+initial_c int16 at the gate exponent; the gate exponent is recorded in the metadata
+`espstream.gate_exponents`. Refused with one line: linear_before_reset=0, input_forget=1,
+direction reverse, activations / clip / sequence_lens / peepholes, RNN; batch > 1 at export.
+Streamify (`rule_recurrent`): forward only, on the sequence axis, zero initial state (also a
+calibrated one behind its DequantizeLinear); the hidden (and cell) state becomes a state pair
+fed as initial_h (initial_c) and taken from Y_h (Y_c). Lower (`lower_rnn`): the node as ESP-PPQ
+1.3.12 writes it; a recurrent state pair stays a graph input / output pair (ESP-DL keeps no
+recurrent state between calls; `recurrent_pair_node`, metadata espstream.recurrent_states).
+Simulate (`sim_rnn` -> `rnn_forward`, twin `rnn_oracle`): the rules of `rnn_forward`.
+
+What the chip may compute otherwise: ESP-DL is built with -ffast-math -O3, so the float update's
+multiply-adds may be fused on chips with an FMA (esp32s3, esp32p4; `rnn_forward(fused=True)`,
+benchmarks/recurrent_fma.py); expf on the chip (newlib) and on the host may differ in the last
+bit of a table entry.
 """
 
 from __future__ import annotations
@@ -184,8 +199,8 @@ def calibrate_rnn(pc: PlanCtx, n: onnx.NodeProto, float_outs: list[str]) -> None
        adopts it (ESP-DL copies initial_h into the state without rescaling), a constant is
        stored at it; a computed initial_h is refused.
     3. LSTM: Y_c and initial_c are int16 at the gate exponent (no Q/DQ: the fake-quant model
-       keeps Y_c float); initial_c must be a constant (a graph input is not supported yet),
-       Y_c may only be a graph output.
+       keeps them float); initial_c is a constant or a graph input read only here; Y_c may
+       only be a graph output.
     4. The gate exponent is chosen from the data (`choose_gate_exponents`), biases are int16 at
        it (`quantize_recurrent`).
     """
@@ -225,9 +240,17 @@ def calibrate_rnn(pc: PlanCtx, n: onnx.NodeProto, float_outs: list[str]) -> None
     if n.op_type == "LSTM":
         c0 = n.input[6] if len(n.input) > 6 and n.input[6] else ""
         if c0 and c0 not in inits:
-            raise UserError(f"{where}: initial_c {c0!r} is not a constant; an LSTM cell state "
-                            "as a model input is not supported yet")
-        info["c0_const"] = bool(c0)
+            users = pc.consumers.get(c0, [])
+            if c0 not in plan.inputs or len(users) != 1 or list(users[0].input).count(c0) != 1:
+                raise UserError(f"{where}: initial_c {c0!r} is computed (or read elsewhere); "
+                                "ESP-DL reads it as int16 at the gate exponent, so it must be "
+                                "a graph input read only here, or a constant")
+            # no Q/DQ (an 8-bit model has no int16 QuantizeLinear): lower declares the input
+            # int16 at the gate exponent (`c_input_exponent`)
+            plan.state.pop(c0)
+            plan.inputs.remove(c0)
+            plan.layers = [la for la in plan.layers if la.output != c0]
+        info["c0_const"] = bool(c0) and c0 in inits
         yc = n.output[2] if len(n.output) > 2 and n.output[2] else ""
         if yc:
             if pc.consumers.get(yc):
@@ -899,6 +922,15 @@ def recurrent_pair_node(model: onnx.ModelProto, a: str, b: str
     if prod.get(t) is not node or list(node.output).index(t) != 1 + k:
         return None
     return node, k
+
+
+def c_input_node(lw: Lowerer, name: str) -> onnx.NodeProto | None:
+    """The LSTM whose initial_c is the graph input `name` (calibrate leaves it float)."""
+    users = lw.consumers.get(name, [])
+    if len(users) == 1 and users[0].op_type == "LSTM" and len(users[0].input) > 6 \
+            and users[0].input[6] == name and list(users[0].input).count(name) == 1:
+        return users[0]
+    return None
 
 
 def state_exponent(lw: Lowerer, node: onnx.NodeProto, k: int) -> tuple[int, np.dtype]:
