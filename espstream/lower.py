@@ -549,7 +549,9 @@ class Lowerer:
                     f"graph input '{name}' has shape {[d if d else '?' for d in shape]}: ESP-DL "
                     f"needs fixed input shapes: fix them before calibrating with --input-shape "
                     f"{name}:{dims}{hint} (optimize and convert take it)")
-            a = Act(name, e, shape, True, dtype)
+            # a GRU / LSTM state input in ONNX order, as its state output is
+            rec_in = name in {a for a, _ in getattr(self, "recurrent_pairs", [])}
+            a = Act(name, e, shape, not rec_in, dtype)
             self.out.inputs.append(ValueInfo(name, dtype, a.runtime_shape(), [e]))
             self.value_info(a)
             for q in qs:

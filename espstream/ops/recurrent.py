@@ -173,6 +173,10 @@ def check_rnn_attrs(n: onnx.NodeProto) -> int:
     if op == "LSTM" and int(_attr(n, "input_forget", 0)) != 0:
         raise UserError(f"{where}: input_forget=1 (coupled input and forget gates) is not "
                         "computed by ESP-DL's LSTM")
+    if int(_attr(n, "layout", 0)) != 0:
+        raise UserError(f"{where}: layout=1 (batch first); ESP-DL's {op} declares its outputs "
+                        "[seq, directions, batch, hidden] whatever the layout: export the model "
+                        "with layout 0 (PyTorch writes a Transpose before the layer)")
     direction = _attr(n, "direction", "forward")
     if direction == "reverse":
         raise UserError(f"{where}: direction 'reverse'; ESP-DL reads only 'bidirectional' and "
@@ -322,11 +326,8 @@ def choose_gate_exponents(fm: onnx.ModelProto, plan: Plan, data, stream=None,
             b = (numpy_helper.to_array(inits[n.input[3]]).astype(np.float64)
                  if len(n.input) > 3 and n.input[3] else None)
             dirs, H = info["dirs"], r.shape[2]
-            layout = int(_attr(n, "layout", 0))
-            x = vals[n.input[0]]
-            x = x[0] if layout == 1 else x[:, 0]  # batch 1
-            y = vals[n.output[0]]  # [seq, dirs, 1, H] (layout 0)
-            y = (y[0] if layout == 1 else y[:, :, 0]).astype(np.float64)  # [seq, dirs, H]
+            x = vals[n.input[0]][:, 0]  # layout 0 (check_rnn_attrs), batch 1
+            y = vals[n.output[0]][:, :, 0].astype(np.float64)  # [seq, dirs, H]
             h0 = np.zeros((dirs, H))
             if info["h0"]:
                 src = vals.get(info["h0"])
@@ -469,8 +470,7 @@ def lower_rnn(lw: Lowerer, n: onnx.NodeProto) -> None:
         ins.append(lw.initializer(base_name(src), qc.data.astype(dt).reshape(dirs, 1, H), [e]))
     while ins and ins[-1] == "":
         ins.pop()
-    y_shape = [seq, dirs, 1, H] if layout == 0 else [1, seq, dirs, H]
-    h_shape = [dirs, 1, H] if layout == 0 else [1, dirs, H]
+    y_shape, h_shape = [seq, dirs, 1, H], [dirs, 1, H]  # layout 0 (check_rnn_attrs)
     at = len(lw.out.nodes)  # the node goes before any requantization of its outputs
     outs = []
     for k, (fname, shp) in enumerate(((y_name, y_shape), (yh_name, h_shape))):
@@ -843,7 +843,6 @@ def sim_rnn(sim: Simulator, node: Node) -> Fn:
     p = RnnParams(kind, H, [w[d] for d in range(dirs)], [r[d] for d in range(dirs)], wb, rb,
                   gate_exp, gate_exp - (e_x + sim.init_exp(node.inputs[1])),
                   gate_exp - (e_h + sim.init_exp(node.inputs[2])), e_y, dtype, sim.target)
-    shapes = [_declared(sim, o) for o in outs]
 
     def fn(args: list) -> list:
         x = args[0]
@@ -856,18 +855,12 @@ def sim_rnn(sim: Simulator, node: Node) -> Fn:
         h0 = args[5].reshape(dirs, H) if h_in else None
         c0 = args[6].reshape(dirs, H) if c_in else None
         y, yh, yc = rnn_forward(p, xs, h0, c0)
-        res = [y, yh, yc]
-        return [v.reshape(s) if s is not None and all(isinstance(k, int) for k in s) else v
-                for v, s in zip(res[:len(outs)], shapes, strict=False)]
+        # the shapes ESP-DL's get_output_shape gives, whatever the layout (batch 1)
+        res = [y.reshape(y.shape[0], dirs, 1, H), yh.reshape(dirs, 1, H),
+               None if yc is None else yc.reshape(dirs, 1, H)]
+        return res[:len(outs)]
 
     return fn
-
-
-def _declared(sim: Simulator, name: str) -> list | None:
-    try:
-        return sim.graph.value_info(name).shape if name else None
-    except KeyError:
-        return None
 
 
 for _op in ("GRU", "LSTM"):

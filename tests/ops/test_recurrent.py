@@ -208,6 +208,7 @@ def test_gate_exponent_follows_the_data() -> None:
     (_rnn("LSTM", input_forget=1), "input_forget=1"),
     (_rnn("GRU", direction="reverse"), "reverse"),
     (_rnn("GRU", clip=1.0), "'clip'"),
+    (_rnn("GRU", layout=1), "layout=1"),
     (_rnn("LSTM", activations=["Sigmoid", "Tanh", "Relu"]), "'activations'"),
 ])
 def test_refused_at_calibrate(case, words: str) -> None:
@@ -429,3 +430,52 @@ def test_pytorch_zero_state_is_folded_and_streams(kind: str, dynamic_time: bool)
         return  # convert needs fixed shapes for --random; the fold is what this case checks
     res = convert_model(m, random=8, chunk=2, axes={"x": 1})
     assert all(c.ok for c in res.checks), [(c.name, c.detail) for c in res.checks]
+
+
+def test_hand_written_state_pair_is_kept_as_model_io() -> None:
+    """A VAD-like model with explicit h input / Y_h output, calibrated with --state h:hn on
+    whole sequences: h adopts Y's exponent, export keeps (h, hn) as a graph input / output pair
+    in the same layout and records it; the simulator, fed back by hand, equals one offline run
+    of the same integer layer over the whole sequence."""
+    from espstream.quant import stream_calib
+
+    H, inp = 8, 6
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "w": (rng.standard_normal((1, 3 * H, inp)) * 0.4).astype(np.float32),
+        "r": (rng.standard_normal((1, 3 * H, H)) * 0.4).astype(np.float32),
+        "b": (rng.standard_normal((1, 6 * H)) * 0.3).astype(np.float32)}.items()]
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+             helper.make_node("GRU", ["xt", "w", "r", "b", "", "h"], ["y", "hn"], hidden_size=H,
+                              linear_before_reset=1)]
+    g = helper.make_graph(nodes, "vad", [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, inp]),
+        helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, H])], [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 1, 1, H]),
+        helper.make_tensor_value_info("hn", TensorProto.FLOAT, [1, 1, H])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    spec = stream_calib.stream_spec(m, ["h:hn"], None, {"x": 1})
+    data = stream_calib.random_sequences(m, spec, 8, 0)
+    res = calibrate_model(m, data, target="esp32s3", bits=8, report_samples=0, stream=spec)
+    gr = export_model(res.model).graph
+    e = {v.name: (v.exponents, v.shape) for v in (*gr.inputs, *gr.outputs)}
+    assert e["h"] == e["hn"]
+    (pair,) = json.loads(gr.metadata["espstream.recurrent_states"])
+    assert (pair["input"], pair["output"]) == ("h", "hn")
+    sim = Simulator(gr)
+    x = rng.standard_normal((1, 12, inp)).astype(np.float32)
+    perm = json.loads(gr.metadata["espstream.layout"])["x"]  # ONNX -> runtime order
+    state = np.zeros(e["h"][1], np.int8)
+    ys = []
+    for k in range(3):
+        out = sim.run({"x": quantize_input(gr, "x", x[:, 4 * k:4 * k + 4]), "h": state})
+        state = out["hn"]
+        ys.append(out["y"])
+    node = next(n for n in gr.nodes if n.op_type == "GRU")
+    whole = Simulator(gr, check_shapes=False)
+    xt = np.concatenate([quantize_input(gr, "x", x[:, 4 * k:4 * k + 4]) for k in range(3)],
+                        axis=perm.index(1))
+    full = whole.trace({"x": xt, "h": np.zeros(e["h"][1], np.int8)})
+    np.testing.assert_array_equal(np.concatenate(ys).reshape(-1),
+                                  full[node.outputs[0]].reshape(-1))
