@@ -334,12 +334,24 @@ def run_chunks(
     """Feed whole sequences to a streaming model one chunk per call, from its current state.
 
     Each input is cut on `axis` into chunks of the size its graph input declares there; the
-    sequences must be a whole number of chunks, all inputs the same number. Returns the
-    outputs of every call, in order.
+    sequences must be a whole number of chunks, all inputs the same number. A GRU / LSTM state
+    input (metadata espstream.recurrent_states) starts from zeros (or the value given) and is
+    fed the state output of each call, as the application does. Returns the outputs of every
+    call, in order.
     """
+    import json
+
+    recurrent = json.loads(sim.graph.metadata.get("espstream.recurrent_states", "[]"))
+    state: dict[str, np.ndarray] = {}
+    for r in recurrent:
+        vi = sim.graph.value_info(r["input"])
+        state[r["input"]] = np.asarray(inputs[r["input"]]) if r["input"] in inputs else \
+            np.zeros(vi.shape, vi.dtype)
     counts = set()
     sizes = {}
     for vi in sim.graph.inputs:
+        if vi.name in state:
+            continue
         if vi.name not in inputs:
             raise UserError(f"no value given for input '{vi.name}'")
         x = np.asarray(inputs[vi.name])
@@ -361,7 +373,10 @@ def run_chunks(
             n: np.take(np.asarray(inputs[n]), range(k * c, (k + 1) * c), axis=axis)
             for n, c in sizes.items()
         }
-        out.append(sim.run(feed))
+        res = sim.run({**feed, **state})
+        for r in recurrent:
+            state[r["input"]] = res[r["output"]]
+        out.append(res)
     return out
 
 

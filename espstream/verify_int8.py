@@ -218,7 +218,10 @@ def verify_espdl_pair(
     axis = _frame_axis(offline, streaming)
     off_in = offline.inputs[0]
     st_in = {v.name: v for v in streaming.inputs}
-    if set(st_in) != {v.name for v in offline.inputs}:
+    # GRU / LSTM states: inputs of the streaming file only, fed back by run_chunks
+    fed_back = {r["input"] for r in json.loads(
+        streaming.metadata.get("espstream.recurrent_states", "[]"))}
+    if set(st_in) - fed_back != {v.name for v in offline.inputs}:
         raise UserError(
             f"the files have different inputs: {sorted(v.name for v in offline.inputs)} vs "
             f"{sorted(st_in)}"
@@ -230,6 +233,8 @@ def verify_espdl_pair(
         raise UserError(f"{T} frames is not a whole number of chunks of {chunk}")
     delay = json.loads(streaming.metadata.get("espstream.delay", "{}"))
     warmup = json.loads(streaming.metadata.get("espstream.warmup", "{}"))
+    time_axes = json.loads(streaming.metadata.get("espstream.time_axes", "{}"))
+    frame_axis = axis
     res = VerifyResult(engine="int8", chunk=chunk, frames=T, samples=len(samples))
     off_sim = Simulator(offline, kernels, target)
     st_sim = Simulator(streaming, kernels, target)
@@ -238,7 +243,7 @@ def verify_espdl_pair(
         ref = off_sim.run(sample)
         st_sim.reset()
         try:
-            calls = run_chunks(st_sim, sample, axis)
+            calls = run_chunks(st_sim, sample, frame_axis)
         except UserError as e:
             for name in ref:
                 chk = checks.setdefault(name, OutputCheck(name, "?", atol=0.0, rtol=0.0))
@@ -253,6 +258,9 @@ def verify_espdl_pair(
                 checks[name] = OutputCheck(name, "?", skipped="not an output of the streaming file")
                 continue
             last = outs[-1]
+            # the output's own frame axis (a recurrent layer's output may have it elsewhere
+            # than the input has)
+            axis = int(time_axes.get(name, frame_axis))
             same_rest = last.ndim == r.ndim > axis and (
                 np.delete(r.shape, axis).tolist() == np.delete(last.shape, axis).tolist()
             )
