@@ -145,9 +145,6 @@ def rule_recurrent(ctx: Ctx, node: gs.Node) -> None:
 #: 160 KB). The gates' step bounds the layer's accuracy: at 2^-10 an int16 LSTM measured 3.5 dB
 #: below its fake-quant model (float gates), at 2^-12 within the 3 dB verify allows.
 GATE_EXP_MIN = {8: -10, 16: -12}
-#: ESP-PPQ 1.3.12's fixed gate exponent (GRU_QUANT_EXPONENT / LSTM_QUANT_EXPONENT), used where
-#: no data reaches the layer as a whole sequence (streaming calibration)
-GATE_EXP_ESPPPQ = -9
 #: headroom over the largest observed pre-activation: the int16 sums wrap on the chip
 GATE_HEADROOM = 1.25
 #: calibration samples run to observe the gate pre-activations
@@ -296,58 +293,61 @@ def choose_gate_exponents(fm: onnx.ModelProto, plan: Plan, data, stream=None,
                           bits: int = 8) -> None:
     """Per GRU / LSTM: the finest exponent (not below GATE_EXP_MIN[bits]) at which GATE_HEADROOM
     times the largest |W.x + b_w|, |R.h + b_r|, their sums (and LSTM's |c|) fits int16, over
-    up to GATE_SAMPLES calibration samples run in float (onnxruntime for X, Y and
-    initial_h, NumPy for the gates); a streaming calibration takes ESP-PPQ's -9."""
+    up to GATE_SAMPLES calibration samples (a streaming calibration: chunks, states fed back)
+    run in float: onnxruntime for X, Y and the initial states, NumPy for the gates."""
     from espstream.quant import engine
 
     inits = {t.name: t for t in fm.graph.initializer}
     nodes = {n.name: n for n in fm.graph.node}
-    if stream is not None:
-        for info in plan.recurrent.values():
-            info["gate_exp"] = GATE_EXP_ESPPPQ
-        return
     names = []
     for name, info in plan.recurrent.items():
         n = nodes[name]
-        names += [n.input[0], n.output[0]] + ([info["h0"]] if info["h0"] else [])
-    names = [x for x in dict.fromkeys(names) if x]
-    sess = engine.session(engine.with_outputs(fm, names))
-    outs = [o.name for o in sess.get_outputs()]
+        names += [n.input[0], n.output[0], info["h0"]]
+        if n.op_type == "LSTM" and len(n.input) > 6 and not info["c0_const"]:
+            names.append(n.input[6])
+    names = [x for x in dict.fromkeys(names) if x and x not in inits]
     top = {k: 0.0 for k in plan.recurrent}
-    for i, sample in enumerate(data):
+    if stream is not None:
+        from espstream.quant.stream_calib import StreamRunner
+
+        runner = StreamRunner(fm, names, stream, batch=1)
+        runs = (dict(zip(names, vals, strict=True)) for _, vals in runner.run(data))
+    else:
+        sess = engine.session(engine.with_outputs(fm, names))
+        outs = [o.name for o in sess.get_outputs()]
+        runs = ({**dict(zip(outs, sess.run(None, s), strict=True)), **s} for s in data)
+    for i, vals in enumerate(runs):
         if i >= GATE_SAMPLES:
             break
-        vals = dict(zip(outs, sess.run(None, sample), strict=True))
-        vals.update({k: v for k, v in sample.items()})
         for name, info in plan.recurrent.items():
-            n = nodes[name]
-            w = numpy_helper.to_array(inits[n.input[1]]).astype(np.float64)
-            r = numpy_helper.to_array(inits[n.input[2]]).astype(np.float64)
-            b = (numpy_helper.to_array(inits[n.input[3]]).astype(np.float64)
-                 if len(n.input) > 3 and n.input[3] else None)
-            dirs, H = info["dirs"], r.shape[2]
-            x = vals[n.input[0]][:, 0]  # layout 0 (check_rnn_attrs), batch 1
-            y = vals[n.output[0]][:, :, 0].astype(np.float64)  # [seq, dirs, H]
-            h0 = np.zeros((dirs, H))
-            if info["h0"]:
-                src = vals.get(info["h0"])
-                if src is None:
-                    src = numpy_helper.to_array(inits[info["h0"]])
-                h0 = np.asarray(src, np.float64).reshape(dirs, H)
-            h_prev = np.empty_like(y)
-            h_prev[0, 0], h_prev[1:, 0] = h0[0], y[:-1, 0]
-            if dirs == 2:
-                h_prev[-1, 1], h_prev[:-1, 1] = h0[1], y[1:, 1]
-            c0 = None
-            if info["c0_const"]:
-                c0 = numpy_helper.to_array(inits[n.input[6]]).astype(np.float64).reshape(dirs, H)
-            m, cm = _float_rnn_preacts(n.op_type, w, r, b, x.astype(np.float64), h_prev, c0,
-                                       dirs)
-            top[name] = max(top[name], m, cm)
+            top[name] = max(top[name], _gate_range(nodes[name], info, vals, inits))
     for name, info in plan.recurrent.items():
         need = top[name] * GATE_HEADROOM / 32767.0
         e = math.ceil(math.log2(need)) if need > 0 else GATE_EXP_MIN[bits]
         info["gate_exp"] = max(GATE_EXP_MIN[bits], e)
+
+
+def _gate_range(n: onnx.NodeProto, info: dict, vals: dict, inits: dict) -> float:
+    """The largest int16 quantity (`_float_rnn_preacts`) of one run of node `n`."""
+    def arr(name: str) -> np.ndarray:
+        v = vals.get(name)
+        return np.asarray(numpy_helper.to_array(inits[name]) if v is None else v, np.float64)
+
+    w, r = arr(n.input[1]), arr(n.input[2])
+    b = arr(n.input[3]) if len(n.input) > 3 and n.input[3] else None
+    dirs, H = info["dirs"], r.shape[2]
+    x = arr(n.input[0])[:, 0]  # layout 0 (check_rnn_attrs), batch 1
+    y = arr(n.output[0])[:, :, 0]  # [seq, dirs, H]
+    h0 = arr(info["h0"]).reshape(dirs, H) if info["h0"] else np.zeros((dirs, H))
+    h_prev = np.empty_like(y)
+    h_prev[0, 0], h_prev[1:, 0] = h0[0], y[:-1, 0]
+    if dirs == 2:
+        h_prev[-1, 1], h_prev[:-1, 1] = h0[1], y[1:, 1]
+    c0 = None
+    if n.op_type == "LSTM" and len(n.input) > 6 and n.input[6]:
+        c0 = arr(n.input[6]).reshape(dirs, H)
+    m, cm = _float_rnn_preacts(n.op_type, w, r, b, x, h_prev, c0, dirs)
+    return max(m, cm)
 
 
 def quantize_recurrent(rw, nodes: dict) -> None:
