@@ -14,13 +14,17 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
-    """Export `graph`, keeping the IR version, opsets, functions and metadata of `like`."""
+    """Export `graph`, keeping the IR version, opsets, functions and metadata of `like`; the
+    default domain's opset is the graph's when a pass raised it (optimize's fuse_layernorm)."""
     model = gs.export_onnx(graph, do_type_check=False)
+    opsets = [onnx.helper.make_opsetid(o.domain, max(o.version, graph.opset)
+                                       if o.domain in ("", "ai.onnx") else o.version)
+              for o in like.opset_import]
     # IR < 4 wants initializers listed as inputs; an upgraded opset may need a newer IR anyway
-    needed = onnx.helper.find_min_ir_version_for(list(like.opset_import), ignore_unknown=True)
+    needed = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
     model.ir_version = max(like.ir_version, needed, 4)
     del model.opset_import[:]
-    model.opset_import.extend(like.opset_import)
+    model.opset_import.extend(opsets)
     exported = {(f.domain, f.name) for f in model.functions}
     model.functions.extend(f for f in like.functions if (f.domain, f.name) not in exported)
     model.producer_name = like.producer_name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from espstream import log
+from espstream.optimize.fold_expand import expand_of_constant
 
 
 def fold_constants(graph: gs.Graph) -> bool:
@@ -18,10 +19,15 @@ def fold_constants(graph: gs.Graph) -> bool:
     2. Nodes left without consumers are removed.
     3. Evaluation errors leave the graph as it was (folding is an optimisation, never a
        reason to fail).
+    4. An If whose condition folds to a constant is left for `inline_if` (onnx-graphsurgeon's
+       own flattening can leave an If output without a producer).
+    5. An Expand or Tile of a constant is left for `fold_expand`, which keeps the constant
+       small where the consumers broadcast it anyway.
     """
     before = _signature(graph)
     try:
-        graph.fold_constants(fold_shapes=True, error_ok=True)
+        graph.fold_constants(fold_shapes=True, error_ok=True, flatten_subgraphs=False,
+                             should_exclude_node=expand_of_constant)
     except Exception as e:  # onnx-graphsurgeon raises plain exceptions on exotic graphs
         log.warn(f"constant folding skipped: {type(e).__name__}: {e}")
         return False

@@ -13,19 +13,31 @@ from espstream.graph import count_ops, export_model, import_graph, input_shapes
 from espstream.optimize.base import Pass
 from espstream.optimize.batchnorm_to_affine import batchnorm_to_affine
 from espstream.optimize.check import Comparison, compare
+from espstream.optimize.einsum_to_matmul import einsum_to_matmul
 from espstream.optimize.eliminate_dead import eliminate_dead
 from espstream.optimize.fold_batchnorm import fold_batchnorm
 from espstream.optimize.fold_constants import fold_constants
+from espstream.optimize.fold_expand import fold_expand
 from espstream.optimize.fold_pad import fold_pad
 from espstream.optimize.fold_scale import fold_scale
+from espstream.optimize.fuse_layernorm import fuse_layernorm
+from espstream.optimize.inline_if import inline_if
 from espstream.optimize.merge_affine import merge_affine
+from espstream.optimize.minmax_to_clip import minmax_to_clip
+from espstream.optimize.remove_cast import remove_cast
 from espstream.optimize.remove_identity import remove_identity
 from espstream.optimize.share_initializers import share_initializers
 from espstream.optimize.sum_to_add import sum_to_add
 
 PASSES: tuple[Pass, ...] = (
     Pass("fold_constants", fold_constants),
+    Pass("inline_if", inline_if),  # conditions fold_constants made constant
+    Pass("fold_expand", fold_expand),  # the Expand / Tile of constants fold_constants leaves
+    Pass("remove_cast", remove_cast),  # before remove_identity, which removes what it leaves
     Pass("remove_identity", remove_identity),
+    Pass("fuse_layernorm", fuse_layernorm),
+    Pass("minmax_to_clip", minmax_to_clip),
+    Pass("einsum_to_matmul", einsum_to_matmul),
     Pass("fold_pad", fold_pad),
     Pass("fold_batchnorm", fold_batchnorm),
     Pass("fold_scale", fold_scale),
