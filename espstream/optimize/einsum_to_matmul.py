@@ -25,7 +25,8 @@ def parse_matmul_equation(equation: str) -> tuple[str, str, str] | None:
 
 def matmul_plan(a: str, b: str, out: str) -> tuple[list[int], list[int], list[int]] | None:
     """Permutations (of a, of b, of the MatMul's result) that make `a,b->out` the MatMul
-    [batch..., m, k] x [batch..., k, n] -> [batch..., m, n]; None when it is not one."""
+    [extra..., batch..., m, k] x [batch..., k, n] -> [extra..., batch..., m, n] (or the extra
+    letters on b's side); None when it is not one."""
     contracted = [c for c in a if c in b and c not in out]
     if len(contracted) != 1 or any(c not in a and c not in b for c in out):
         return None
@@ -35,12 +36,13 @@ def matmul_plan(a: str, b: str, out: str) -> tuple[list[int], list[int], list[in
     batch = [c for c in out if c in a and c in b]
     ms = [c for c in out if c in a and c not in b]
     ns = [c for c in out if c in b and c not in a]
-    if len(ms) != 1 or len(ns) != 1:
+    if not ms or not ns or (len(ms) > 1 and len(ns) > 1):
         return None
-    m, n = ms[0], ns[0]
-    perm_a = [a.index(c) for c in batch + [m, k]]
-    perm_b = [b.index(c) for c in batch + [k, n]]
-    result = "".join(batch + [m, n])
+    # extra letters of one operand lead it; MatMul broadcasts the other over them
+    (*xa, m), (*xb, n) = ms, ns
+    perm_a = [a.index(c) for c in xa + batch + [m, k]]
+    perm_b = [b.index(c) for c in xb + batch + [k, n]]
+    result = "".join(xa + xb + batch + [m, n])
     perm_out = [result.index(c) for c in out]
     return perm_a, perm_b, perm_out
 
@@ -60,12 +62,15 @@ def einsum_to_matmul(graph: gs.Graph) -> bool:
     1. The equation is explicit (`->`), has two operands, no ellipsis and no letter twice in
        one term.
     2. Exactly one letter k is summed, and it appears in both operands; the other letters
-       are in the output: batch letters (in both operands), one letter m (only in the first)
-       and one letter n (only in the second). Both operands' data types are floats.
-    3. The first operand is transposed to [batch..., m, k], the second to [batch..., k, n]
-       (batch letters in the output's order; a Transpose that keeps the order is not written),
-       a MatMul computes [batch..., m, n] (broadcasting size-1 batch axes as Einsum does), and
-       a Transpose puts the result in the output's order, writing the Einsum's output tensor.
+       are in the output: batch letters (in both operands), letters only in the first and
+       letters only in the second, at least one of each and more than one on one side at
+       most. Of the one-side letters the last in the output's order is m (first operand) or
+       n (second); the others are extra letters. Both operands' types are floats.
+    3. The first operand is transposed to [extra..., batch..., m, k], the second to
+       [extra..., batch..., k, n] (only one of them has extra letters; letters in the
+       output's order; a Transpose that keeps the order is not written); a MatMul computes
+       [extra..., batch..., m, n] (broadcasting the operand without the extra axes over them)
+       and a Transpose puts the result in the output's order, writing the Einsum's output.
     4. Anything else (a vector operand, two summed letters, a trace) is left as it is.
     """
     changed = False

@@ -65,7 +65,8 @@ def minmax_to_clip(graph: gs.Graph) -> bool:
         bound = gs.Constant(f"{node.name or node.outputs[0].name}.bound", np.array(c))
         inputs = [x, bound] if node.op == "Max" else [x, gs.Variable.empty(), bound]
         node.op = "Clip"
-        node.inputs[:] = inputs
+        node.inputs.clear()
+        node.inputs.extend(inputs)
         node.attrs.clear()
         changed = True
     changed |= _merge_clips(graph)
@@ -93,11 +94,13 @@ def _merge_clips(graph: gs.Graph) -> bool:
                for p, q in ((lo1, hi1), (lo2, hi2), (lo, hi))):
             continue  # an empty interval or none in common: Clip's min > max case, keep both
         name = outer.name or outer.outputs[0].name
-        outer.inputs[:] = [
+        bounds = [
             inner.inputs[0],
             gs.Constant(f"{name}.min", lo.reshape(())) if lo is not None else gs.Variable.empty(),
             gs.Constant(f"{name}.max", hi.reshape(())) if hi is not None else gs.Variable.empty(),
         ]
+        outer.inputs.clear()
+        outer.inputs.extend(bounds)
         inner.inputs.clear()
         inner.outputs.clear()
         changed = True
