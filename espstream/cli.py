@@ -149,6 +149,8 @@ def optimize(
 @click.option("-d", "--data", metavar="PATH", help="Calibration data: .npy, .npz or a folder.")
 @click.option("--random", "random_n", type=int, metavar="N", help="Use N standard-normal samples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
+@click.option("--input-value", "input_values", multiple=True, metavar="NAME=V",
+              help="With --random: input NAME holds V (integer / boolean inputs need one).")
 @click.option("--target", type=click.Choice(TARGET_NAMES), default="esp32p4",
               show_default=True)
 @click.option("--bits", type=click.Choice(["8", "16"]), default="8", show_default=True)
@@ -180,6 +182,7 @@ def calibrate(
     data: str | None,
     random_n: int | None,
     seed: int,
+    input_values: tuple[str, ...],
     target: str,
     bits: str,
     method: str | None,
@@ -207,11 +210,14 @@ def calibrate(
         random_data,
         read_calibration_data,
     )
-    from espstream.quant.data import warn_random
+    from espstream.quant.data import parse_input_values, warn_random
     from espstream.quant.plan import check_float_model
 
     if (data is None) == (random_n is None):
         raise UserError("give calibration data with -d/--data PATH, or --random N (not both)")
+    values = parse_input_values(input_values)
+    if values and random_n is None:
+        raise UserError("--input-value goes with --random (the data give every input)")
     modelio.check_output_path(output, input)
     if data:
         modelio.check_output_path(output, data)
@@ -230,7 +236,7 @@ def calibrate(
         calib = stream_calib.random_sequences(model, stream, n_random, seed)
     else:
         warn_random()
-        calib = random_data(inputs, n_random, seed)
+        calib = random_data(inputs, n_random, seed, values)
     result = calibrate_model(
         model, calib, target=target, bits=int(bits), method=method or DEFAULT_METHOD,
         percentile=percentile, per_channel=per_channel, weight_method=weight_method, batch=batch,
@@ -589,6 +595,8 @@ def pack(inputs: tuple[str, ...], output: str, fmt: str, names: tuple[str, ...],
 @click.option("--method", type=click.Choice(["minmax", "percentile", "kl", "mse"]), default=None,
               help="Activation exponent choice [default: mse].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
+@click.option("--input-value", "input_values", multiple=True, metavar="NAME=V",
+              help="With --random: input NAME holds V (integer / boolean inputs need one).")
 @click.option("--input-shape", multiple=True, metavar="NAME:D0,D1,...", help="As optimize.")
 @click.option("--axis", multiple=True, metavar="INPUT:AXIS", help="As streamify.")
 @click.option("--overrides", metavar="FILE.json", help="As streamify.")
@@ -604,7 +612,8 @@ def pack(inputs: tuple[str, ...], output: str, fmt: str, names: tuple[str, ...],
 def convert(
     input: str, output: str, json_path: str | None, data: str | None, random_n: int | None,
     chunk: int | None, target: str, bits: str, method: str | None, seed: int,
-    input_shape: tuple[str, ...], axis: tuple[str, ...], overrides: str | None,
+    input_values: tuple[str, ...], input_shape: tuple[str, ...], axis: tuple[str, ...],
+    overrides: str | None,
     test_data: str | None, no_test_values: bool, verify_samples: int, verbose: bool,
     offline_too: bool,
 ) -> None:
@@ -613,11 +622,15 @@ def convert(
     from espstream.convert import FIRST_SAMPLE, convert_model, offline_path, print_summary
     from espstream.errors import CheckFailed
     from espstream.export import read_test_data
+    from espstream.quant.data import parse_input_values
     from espstream.stream import overrides as ovr
     from espstream.stream.streamify import parse_axes
 
     if (data is None) == (random_n is None):
         raise UserError("give calibration data with -d/--data PATH, or --random N (not both)")
+    values = parse_input_values(input_values)
+    if values and random_n is None:
+        raise UserError("--input-value goes with --random (the data give every input)")
     if test_data and no_test_values:
         raise UserError("give --test-data or --no-test-values, not both")
     modelio.check_output_path(output, input, *(p for p in (data, test_data, overrides) if p))
@@ -633,7 +646,8 @@ def convert(
     tdata = None if no_test_values else (read_test_data(test_data) if test_data else FIRST_SAMPLE)
     result = convert_model(
         model, data, random=random_n, chunk=chunk, target=target, bits=int(bits), method=method,
-        seed=seed, input_shapes=parse_input_shapes(input_shape), axes=parse_axes(axis),
+        seed=seed, random_values=values, input_shapes=parse_input_shapes(input_shape),
+        axes=parse_axes(axis),
         overrides=ovr.load(overrides) if overrides else None, test_data=tdata,
         verify_samples=verify_samples, verbose=verbose, offline_too=offline_too,
     )

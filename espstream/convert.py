@@ -213,17 +213,22 @@ def _samples(data: CalibrationData, n: int) -> list[dict[str, np.ndarray]]:
 
 def _stacked(samples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Samples of batch 1 -> {input: [N, ...]}, the form verify takes."""
+    scalar = next((k for k, x in samples[0].items() if np.ndim(x) == 0), None)
+    if scalar is not None:
+        raise UserError(f"input {scalar!r} is a scalar (rank 0): the streaming checks cut every "
+                        "input into chunks along time; convert it without --chunk")
     return {k: np.concatenate([s[k] for s in samples], axis=0) for k in samples[0]}
 
 
-def _check_random_possible(model: onnx.ModelProto, input_shapes, seed: int) -> None:
+def _check_random_possible(model: onnx.ModelProto, input_shapes, seed: int,
+                           values: dict[str, float] | None = None) -> None:
     """--random needs fixed input dimensions: say so before any stage runs on the model."""
     from espstream.optimize.runner import fix_input_shapes
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     fix_input_shapes(probe, input_shapes or {})
-    random_data(model_inputs(probe), 1, seed)
+    random_data(model_inputs(probe), 1, seed, values)
 
 
 def convert_model(
@@ -237,6 +242,7 @@ def convert_model(
     method: str | None = None,
     per_channel: bool | None = None,
     seed: int = 0,
+    random_values: dict[str, float] | None = None,
     input_shapes: dict[str, list[int]] | None = None,
     axes: dict[str, int] | None = None,
     overrides: Any = None,
@@ -248,7 +254,8 @@ def convert_model(
     """Optimize, calibrate, streamify (with `chunk`), export and verify `model` (module doc).
 
     data: calibration data (a .npy / .npz / folder path, or `CalibrationData` read against the
-    optimized model's inputs), or `random` N standard-normal samples (`seed`).
+    optimized model's inputs), or `random` N standard-normal samples (`seed`; `random_values`
+    {input: value} for inputs noise cannot stand for).
     test_data: FIRST_SAMPLE (the data's first sample), an array / {input: array} in the ONNX
     layout, or None for no test values.
     offline_too: with `chunk`, also export the offline model, its test values the whole first
@@ -273,7 +280,7 @@ def convert_model(
     method = method or DEFAULT_METHOD
     _check_offline_float(model)
     if random is not None:
-        _check_random_possible(model, input_shapes, seed)
+        _check_random_possible(model, input_shapes, seed, random_values)
     verify_int8.register()
     clock = _Clock()
     options = {"chunk": chunk, "target": target, "bits": bits, "method": method,
@@ -306,7 +313,7 @@ def convert_model(
         from espstream.quant.data import warn_random
 
         warn_random()
-        calib = random_data(inputs, random, seed)  # type: ignore[arg-type]
+        calib = random_data(inputs, random, seed, random_values)  # type: ignore[arg-type]
     cal = clock.run("calibrate", lambda: calibrate_model(
         opt.model, calib, target=target, bits=bits, method=method, per_channel=per_channel,
         report_samples=32 if verbose else 0))
@@ -356,7 +363,7 @@ def convert_model(
             "optimize", c.passed,
             f"optimized vs input model: max |err| {c.max_abs:.3g} (rtol 1e-4, atol 1e-5)",
             {"comparison": c.to_json()}))
-    stacked = _stacked(samples)
+    stacked = _stacked(samples) if chunk is not None else {}
 
     def use_exported_graph() -> None:
         """The model export lowered (streaming, or the offline QDQ model without a chunk) runs

@@ -124,10 +124,12 @@ def quantize_input(graph: IntGraph, name: str, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if x.ndim == len(want) - 1:
         x = x[None]
+    elif not want and x.size == 1:
+        x = x.reshape(())  # a scalar (0-d) input given as one value
     if x.ndim != len(want):
         raise UserError(f"test data for input '{name}' has shape {list(x.shape)}; expected "
                         f"{want} (ONNX layout, batch first)")
-    x = x[:1]
+    x = x[:1] if x.ndim else x
     if graph.streaming and "espstream.time_axes" in graph.metadata:
         axes = json.loads(graph.metadata["espstream.time_axes"])
         if name in axes:
@@ -146,7 +148,7 @@ def quantize_input(graph: IntGraph, name: str, x: np.ndarray) -> np.ndarray:
     bits = 8 if vi.dtype == np.int8 else 16
     q = scheme.quantize(x, vi.exponent, bits, scheme.get_target(graph.target).rounding)
     perm = _layouts(graph).get(name, list(range(q.ndim)))
-    return np.ascontiguousarray(np.transpose(q, perm))
+    return np.array(np.transpose(q, perm), order="C")  # ascontiguousarray makes 0-d 1-D
 
 
 def add_test_values(graph: IntGraph, data: np.ndarray | dict[str, np.ndarray] | None,

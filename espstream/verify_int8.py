@@ -350,7 +350,10 @@ class Int8Runner:
         vi = self.graph.value_info(name)
         perm = self.layout.get(name, list(range(np.ndim(x))))
         bits = 16 if vi.dtype == np.int16 else 8
-        q = self._scheme.quantize(np.asarray(x), vi.exponent, bits, self.sim.rounding)
+        x = np.asarray(x)
+        q = self._scheme.quantize(x, vi.exponent, bits, self.sim.rounding).reshape(x.shape)
+        if not perm:
+            return np.array(q, order="C")  # a 0-d input (ascontiguousarray would make it 1-D)
         return np.ascontiguousarray(np.transpose(q, perm))
 
     def to_onnx_layout(self, name: str, q: np.ndarray) -> np.ndarray:

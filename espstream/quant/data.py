@@ -104,7 +104,7 @@ class _Array:
                 f"{self.label}: input {self.spec.name!r}, sample {i}: contains {bad}; "
                 "calibration data must be finite"
             )
-        return np.ascontiguousarray(x, dtype=self.spec.dtype)
+        return np.require(x, self.spec.dtype, "C")  # (ascontiguousarray makes a 0-d array 1-D)
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -216,30 +216,68 @@ def read_calibration_data(
     return data
 
 
-def random_data(inputs: list[InputSpec], n: int, seed: int = 0) -> CalibrationData:
-    """n standard-normal samples (float inputs only); a fixed shape is required."""
+def random_data(inputs: list[InputSpec], n: int, seed: int = 0,
+                values: dict[str, float] | None = None) -> CalibrationData:
+    """n samples of noise, for a model with fixed input dimensions.
+
+    1. A float input of any rank (a 0-d scalar too) gets standard-normal values.
+    2. An input named in `values` (`--input-value NAME=V`) holds V everywhere, in its own type:
+       what noise cannot stand for (a sample rate, a length, a flag). An integer or boolean
+       input must be named there; the error lists every such input.
+    3. A dimension that is symbolic (other than the batch axis, which becomes 1) is an error.
+    """
     if n <= 0:
         raise UserError(f"--random {n}: give a positive number of samples")
+    values = dict(values or {})
+    unknown = sorted(set(values) - {s.name for s in inputs})
+    if unknown:
+        raise UserError(f"--input-value {unknown[0]}: the model has no input {unknown[0]!r} "
+                        f"(inputs: {', '.join(s.name for s in inputs) or 'none'})")
+    unset = [s for s in inputs if s.dtype.kind != "f" and s.name not in values]
+    if unset:
+        names = ", ".join(f"{s.name!r} ({s.dtype}, shape {s.shape_text()})" for s in unset)
+        raise UserError(
+            f"--random makes float noise only; give the value of input {names} with "
+            f"--input-value {unset[0].name}=VALUE (e.g. a sample rate or a length), or give --data"
+        )
     arrays = {}
     rng = np.random.default_rng(seed)
     for s in inputs:
-        if any(d is None for d in s.shape[1:]) or not s.shape:
+        if any(d is None for d in s.shape[1:]):
             raise UserError(
                 f"input {s.name!r} has shape {s.shape_text()}: --random needs fixed dimensions; "
                 "fix them with `espstream optimize --input-shape` or give --data"
             )
-        if s.dtype.kind != "f":
-            raise UserError(
-                f"input {s.name!r} has element type {s.dtype}: --random makes float data only; "
-                "give --data"
-            )
         shape = (n, *[1 if d is None else d for d in s.shape])
-        arrays[s.name] = _Array("--random", s, rng.standard_normal(shape).astype(s.dtype))
+        if s.name in values:
+            try:
+                arr = np.full(shape, values[s.name]).astype(s.dtype)
+            except (TypeError, ValueError, OverflowError):
+                raise UserError(f"--input-value {s.name}={values[s.name]}: not a {s.dtype} "
+                                "value") from None
+        else:
+            arr = rng.standard_normal(shape).astype(s.dtype)
+        arrays[s.name] = _Array("--random", s, arr)
     data = CalibrationData(inputs)
     data._add("--random", arrays)
     data.random_seed = seed
     data.description = f"--random {n} (standard normal, seed {seed})"
     return data
+
+
+def parse_input_values(items: tuple[str, ...] | list[str]) -> dict[str, float]:
+    """`--input-value NAME=V` (repeatable) -> {NAME: V}."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, text = item.rpartition("=")
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if not sep or not name or value is None or not np.isfinite(value):
+            raise UserError(f"--input-value {item}: expected NAME=NUMBER")
+        out[name] = int(value) if value.is_integer() else value
+    return out
 
 
 def warn_random() -> None:

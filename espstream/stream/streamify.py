@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 
 from espstream import log
 from espstream.errors import UserError
-from espstream.optimize.check import malformed_is_user_error
+from espstream.optimize.check import malformed_is_user_error, onnxruntime_failure
 from espstream.stream import cache as cache_fn
 from espstream.stream import overrides as ovr
 from espstream.stream.axes import (
@@ -145,21 +145,40 @@ def analyze(
     shapes.update(fixed)
     ctx = Ctx(graph=graph, consts=consts, shapes=shapes, opset=opset)
     ctx.frames = max(frame_count.values())
+    moved: dict[str, dict[str, int]] = {}  # window / delay overrides of quantized graph inputs
     for inp in graph.inputs:
         ax = found.axes.get(inp.name)
         if ax is not None:
             T = frame_count[inp.name]
             ctx.set(inp, Time(axis=ax, valid=T, length=T))
-            _apply_tensor_override(ctx, inp, ov.get(inp.name))
+            spec = ov.get(inp.name)
+            dq = _input_dequantized(inp) if {"window", "delay"} & set(spec) else None
+            if dq is not None:  # a QDQ model: the cache goes behind the input's Q/DQ pair
+                moved[dq.name] = spec
+            else:
+                _apply_tensor_override(ctx, inp, spec)
     for node in list(graph.nodes):
         if any("axis" in ov.get(o.name) for o in node.outputs):
             _framewise(ctx, node, ov)
         else:
             apply_rule(ctx, node)
         for o in node.outputs:
-            _apply_tensor_override(ctx, o, ov.get(o.name))
+            _apply_tensor_override(ctx, o, {**moved.get(o.name, {}), **ov.get(o.name)})
     outputs = {o.name: ctx.info.get(o.name) for o in graph.outputs}
     return Analysis(ctx, dict(found.axes), dict(found.why), frame_count, outputs)
+
+
+def _input_dequantized(x: gs.Tensor) -> gs.Tensor | None:
+    """The DequantizeLinear output of graph input x's QuantizeLinear -> DequantizeLinear pair
+    (calibrate quantizes every time input so), when that pair is all that reads x: a window or
+    delay override of x belongs there, or the cache would hold float frames ESP-DL never has."""
+    if len(x.outputs) != 1 or x.outputs[0].op != "QuantizeLinear":
+        return None
+    q = x.outputs[0].outputs[0]
+    if q.outputs and len(q.outputs) == 1 and q.outputs[0].op == "DequantizeLinear" \
+            and q not in q.outputs[0].outputs:
+        return q.outputs[0].outputs[0]
+    return None
 
 
 def _apply_tensor_override(ctx: Ctx, t: gs.Tensor, spec: dict[str, int]) -> None:
@@ -315,9 +334,58 @@ def streamify_model(
     axes: dict[str, int] | None = None,
     overrides: Any = None,
 ) -> StreamifyResult:
-    """Convert `model` to a streaming model taking `chunk` input frames per call."""
+    """Convert `model` to a streaming model taking `chunk` input frames per call. The model
+    written is run once in onnxruntime: a `window` override too small for what reads it is
+    refused with the smallest window that works; any other failure is a bug (RuntimeError)."""
     with malformed_is_user_error(model):
-        return _streamify(model, chunk, axes, overrides)
+        result = _streamify(model, chunk, axes, overrides)
+        why = onnxruntime_failure(result.model)
+        if why is not None:
+            _refuse_small_window(model, chunk, axes, overrides, why)
+            raise RuntimeError(f"streamify wrote a model onnxruntime cannot run ({why})")
+        return result
+
+
+def _runs(model: onnx.ModelProto, chunk: int, axes, ov: ovr.Overrides) -> bool:
+    try:
+        return onnxruntime_failure(_streamify(model, chunk, axes, ov).model) is None
+    except UserError:
+        return False
+
+
+def _refuse_small_window(model: onnx.ModelProto, chunk: int, axes, overrides: Any,
+                         why: str) -> None:
+    """Raise UserError naming the `window` override at fault and the smallest one that runs
+    (searched by bisection up to the tensor's offline length; more frames never hurt), when
+    enlarging one window override makes the streaming model run."""
+    ov = ovr.parse(overrides)
+    windows = {n: s["window"] for n, s in ov.tensors.items() if "window" in s}
+    if not windows:
+        return
+    an = analyze(copy.deepcopy(model), axes=axes, overrides=ov)
+    for name, w in windows.items():
+        inf = an.ctx.info.get(name)
+        hi = getattr(inf, "length", None)
+        if not isinstance(hi, int) or hi <= w:
+            continue
+
+        def with_window(v: int, name: str = name) -> ovr.Overrides:
+            tensors = copy.deepcopy(ov.tensors)
+            tensors[name]["window"] = v
+            return ovr.Overrides(tensors)
+
+        if not _runs(model, chunk, axes, with_window(hi)):
+            continue  # not this window's fault
+        lo = w  # fails
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if _runs(model, chunk, axes, with_window(mid)):
+                hi = mid
+            else:
+                lo = mid
+        raise UserError(
+            f"--overrides: window {w} on {name!r} is too small for what reads it (the streaming "
+            f"model would not run in onnxruntime: {why}); the smallest window that works is {hi}")
 
 
 def _streamify(model: onnx.ModelProto, chunk: int, axes: dict[str, int] | None,
