@@ -529,7 +529,7 @@ def export(
                           fmt=fmt, name=name, encrypt_key=key)
     if key is not None:
         log.info("encrypted with AES-128-CTR (ESP-DL mode 1); load it with the same key")
-    print_summary(result)
+    print_summary(result, output)
     write_files(result, output, fmt)
     report.write_json(json_path, {**result.to_json(), "encrypted": key is not None})
 

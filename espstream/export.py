@@ -225,9 +225,18 @@ def _report(graph: IntGraph, files: dict[str, bytes], fmt: str) -> dict[str, Any
     return rep
 
 
-def print_summary(result: ExportResult) -> None:
+def print_summary(result: ExportResult, output: str | None = None) -> None:
+    """The stderr report; `output` is where the files go (`-o`: a path, '-' stdout, or the C++
+    folder), so the line names what the user will find, not the export's own file names."""
+    from pathlib import Path
+
     r = result.report
-    files = ", ".join(f"{k} ({v} bytes)" for k, v in r["files"].items())
+    names = dict(r["files"])
+    if output is not None and r["format"] == "espdl":
+        names = {("stdout" if output == "-" else output): v for v in names.values()}
+    elif output is not None:
+        names = {str(Path(output) / k): v for k, v in names.items()}
+    files = ", ".join(f"{k} ({v} bytes)" for k, v in names.items())
     ops = ", ".join(f"{k} x{v}" for k, v in sorted(r["ops"].items()))
     log.info(f"export: target {r['target']}, {r['nodes']} nodes ({ops}); {files}")
     log.info(f"parameters {r['parameter_bytes']} bytes"

@@ -320,11 +320,12 @@ class VerifyResult:
     samples: int
     outputs: list[OutputCheck] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    refused: str | None = None  # why this chunk size could not be streamed (verify --chunks)
 
     @property
     def ok(self) -> bool:
         compared = [o for o in self.outputs if not o.skipped]
-        return bool(compared) and all(o.ok for o in compared)
+        return self.refused is None and bool(compared) and all(o.ok for o in compared)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -335,18 +336,26 @@ class VerifyResult:
             "ok": self.ok,
             "outputs": [o.to_json() for o in self.outputs],
             "notes": self.notes,
+            "refused": self.refused,
         }
 
     def failure(self) -> str:
+        if self.refused is not None:
+            return f"chunk {self.chunk}: not checked: {self.refused}"
         bad = [o for o in self.outputs if not o.skipped and not o.ok]
         if bad:
             o = bad[0]
+            shape = next((n for n in self.notes if n.startswith(f"{o.name}: shape ")), None)
+            if shape is not None:
+                return f"chunk {self.chunk}: output {shape}"
             return (
                 f"chunk {self.chunk}: output {o.name!r} differs from offline: max |err| "
                 f"{o.max_abs:.3g} (tolerance {o.atol:.3g} + {o.rtol:.3g}*|ref|), first at frame "
                 f"{o.first_diff}"
             )
-        return f"chunk {self.chunk}: no output could be compared ({'; '.join(self.notes)})"
+        reasons = [f"output {o.name!r}: {o.skipped}" for o in self.outputs if o.skipped]
+        why = "; ".join(reasons + self.notes) or "the model has no outputs"
+        return f"chunk {self.chunk}: no output could be compared ({why})"
 
     def raise_if_failed(self) -> None:
         if not self.ok:
@@ -679,6 +688,9 @@ def compare_output(chk: OutputCheck, res: VerifyResult, r: np.ndarray, g: np.nda
 def print_result(res: VerifyResult) -> None:
     from espstream.report import table
 
+    if res.refused is not None:
+        log.info(f"verify: engine {res.engine}, chunk {res.chunk}: not checked: {res.refused}")
+        return
     rows = []
     for o in res.outputs:
         if o.skipped:
@@ -707,13 +719,21 @@ def verify_chunks(
     overrides: Any = None,
     **kw: Any,
 ) -> list[VerifyResult]:
-    """Streamify `offline` at each chunk size and verify each."""
+    """Streamify `offline` at each chunk size and verify each. A size streamify or verify
+    refuses (a UserError) is a result with `refused` set, and the other sizes are still
+    checked; when every size is refused, the first refusal is raised."""
     from espstream.stream.streamify import streamify_model
 
     out = []
     for c in chunks:
-        sm = streamify_model(offline, c, axes=axes, overrides=overrides)
-        out.append(verify_models(offline, sm.model, overrides=overrides, **kw))
+        try:
+            sm = streamify_model(offline, c, axes=axes, overrides=overrides)
+            out.append(verify_models(offline, sm.model, overrides=overrides, **kw))
+        except UserError as e:
+            out.append(VerifyResult(engine=kw.get("engine") or "float", chunk=c, frames=0,
+                                    samples=0, refused=str(e)))
+    if out and all(r.refused is not None for r in out):
+        raise UserError("; ".join(f"--chunks {r.chunk}: {r.refused}" for r in out))
     return out
 
 
