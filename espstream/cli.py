@@ -105,6 +105,8 @@ def cli() -> None:
 )
 @click.option("--list-passes", is_flag=True, help="List the passes and exit.")
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime equivalence check.")
+@click.option("--check-tolerance", type=float, default=1.0, show_default=True, metavar="F",
+              help="Multiply the check's tolerances by F (its failure says which F would pass).")
 @click.option("--upgrade-opset", is_flag=True,
               help="Convert a model older than opset 11 to opset 13 with onnx.version_converter "
               "(said on stderr) instead of refusing it.")
@@ -116,6 +118,7 @@ def optimize(
     skip: tuple[str, ...],
     list_passes: bool,
     no_check: bool,
+    check_tolerance: float,
     upgrade_opset: bool,
 ) -> None:
     """Fold constants, BatchNorm and padding; clean the graph; check it is unchanged."""
@@ -129,12 +132,13 @@ def optimize(
     modelio.check_output_path(output, input)
     model = modelio.load_model(input, upgrade_opset=upgrade_opset)
     result = optimize_model(
-        model, input_shapes=parse_input_shapes(input_shape), skip=list(skip), check=not no_check
+        model, input_shapes=parse_input_shapes(input_shape), skip=list(skip), check=not no_check,
+        check_tolerance=check_tolerance,
     )
     print_summary(result)
-    modelio.save_model(result.model, output)
     report.write_json(json_path, result.to_json())
-    result.raise_if_check_failed()
+    result.raise_if_check_failed()  # before writing: a model that failed its check is not kept
+    modelio.save_model(result.model, output)
 
 
 @cli.command(
@@ -598,6 +602,8 @@ def pack(inputs: tuple[str, ...], output: str, fmt: str, names: tuple[str, ...],
 @click.option("--input-value", "input_values", multiple=True, metavar="NAME=V",
               help="With --random: input NAME holds V (integer / boolean inputs need one).")
 @click.option("--input-shape", multiple=True, metavar="NAME:D0,D1,...", help="As optimize.")
+@click.option("--check-tolerance", type=float, default=1.0, show_default=True, metavar="F",
+              help="As optimize: multiply the optimize check's tolerances by F.")
 @click.option("--axis", multiple=True, metavar="INPUT:AXIS", help="As streamify.")
 @click.option("--overrides", metavar="FILE.json", help="As streamify.")
 @click.option("--test-data", metavar="PATH",
@@ -612,8 +618,8 @@ def pack(inputs: tuple[str, ...], output: str, fmt: str, names: tuple[str, ...],
 def convert(
     input: str, output: str, json_path: str | None, data: str | None, random_n: int | None,
     chunk: int | None, target: str, bits: str, method: str | None, seed: int,
-    input_values: tuple[str, ...], input_shape: tuple[str, ...], axis: tuple[str, ...],
-    overrides: str | None,
+    input_values: tuple[str, ...], input_shape: tuple[str, ...], check_tolerance: float,
+    axis: tuple[str, ...], overrides: str | None,
     test_data: str | None, no_test_values: bool, verify_samples: int, verbose: bool,
     offline_too: bool,
 ) -> None:
@@ -647,7 +653,7 @@ def convert(
     result = convert_model(
         model, data, random=random_n, chunk=chunk, target=target, bits=int(bits), method=method,
         seed=seed, random_values=values, input_shapes=parse_input_shapes(input_shape),
-        axes=parse_axes(axis),
+        check_tolerance=check_tolerance, axes=parse_axes(axis),
         overrides=ovr.load(overrides) if overrides else None, test_data=tdata,
         verify_samples=verify_samples, verbose=verbose, offline_too=offline_too,
     )
