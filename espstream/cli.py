@@ -239,8 +239,8 @@ def calibrate(
         warn_random()
         calib = stream_calib.random_sequences(model, stream, n_random, seed)
     else:
-        warn_random()
         calib = random_data(inputs, n_random, seed, values)
+        warn_random()
     result = calibrate_model(
         model, calib, target=target, bits=int(bits), method=method or DEFAULT_METHOD,
         percentile=percentile, per_channel=per_channel, weight_method=weight_method, batch=batch,
