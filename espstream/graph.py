@@ -17,9 +17,13 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto) -> onnx.ModelProto:
     """Export `graph`, keeping the IR version, opsets, functions and metadata of `like`; the
     default domain's opset is the graph's when a pass raised it (optimize's fuse_layernorm)."""
     model = gs.export_onnx(graph, do_type_check=False)
-    opsets = [onnx.helper.make_opsetid(o.domain, max(o.version, graph.opset)
-                                       if o.domain in ("", "ai.onnx") else o.version)
-              for o in like.opset_import]
+    opsets = []
+    for o in like.opset_import:  # copies, so an unchanged model serialises byte for byte
+        opset = onnx.OperatorSetIdProto()
+        opset.CopyFrom(o)
+        if o.domain in ("", "ai.onnx") and graph.opset > o.version:
+            opset.version = graph.opset
+        opsets.append(opset)
     # IR < 4 wants initializers listed as inputs; an upgraded opset may need a newer IR anyway
     needed = onnx.helper.find_min_ir_version_for(opsets, ignore_unknown=True)
     model.ir_version = max(like.ir_version, needed, 4)

@@ -53,8 +53,9 @@ def test_list_passes():
     proc = espstream("optimize", "--list-passes")
     names = [line.split()[0] for line in proc.stdout.decode().splitlines()]
     assert names == [
-        "fold_constants", "remove_identity", "fold_pad", "fold_batchnorm", "fold_scale",
-        "batchnorm_to_affine", "merge_affine", "sum_to_add", "share_initializers",
+        "fold_constants", "inline_if", "fold_expand", "remove_cast", "remove_identity",
+        "fuse_layernorm", "minmax_to_clip", "einsum_to_matmul", "fold_pad", "fold_batchnorm",
+        "fold_scale", "batchnorm_to_affine", "merge_affine", "sum_to_add", "share_initializers",
         "eliminate_dead",
     ]
 
