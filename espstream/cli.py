@@ -107,6 +107,8 @@ def cli() -> None:
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime equivalence check.")
 @click.option("--check-tolerance", type=float, default=1.0, show_default=True, metavar="F",
               help="Multiply the check's tolerances by F (its failure says which F would pass).")
+@click.option("--input-value", "input_values", multiple=True, metavar="NAME=V",
+              help="The check feeds input NAME the value V (integer inputs are zeros otherwise).")
 @click.option("--upgrade-opset", is_flag=True,
               help="Convert a model older than opset 11 to opset 13 with onnx.version_converter "
               "(said on stderr) instead of refusing it.")
@@ -119,11 +121,13 @@ def optimize(
     list_passes: bool,
     no_check: bool,
     check_tolerance: float,
+    input_values: tuple[str, ...],
     upgrade_opset: bool,
 ) -> None:
     """Fold constants, BatchNorm and padding; clean the graph; check it is unchanged."""
     from espstream import modelio, report
     from espstream.optimize import PASSES, optimize_model, print_summary
+    from espstream.quant.data import parse_input_values
 
     if list_passes:
         for p in PASSES:
@@ -133,7 +137,7 @@ def optimize(
     model = modelio.load_model(input, upgrade_opset=upgrade_opset)
     result = optimize_model(
         model, input_shapes=parse_input_shapes(input_shape), skip=list(skip), check=not no_check,
-        check_tolerance=check_tolerance,
+        check_tolerance=check_tolerance, input_values=parse_input_values(input_values),
     )
     print_summary(result)
     report.write_json(json_path, result.to_json())

@@ -293,7 +293,8 @@ def convert_model(
 
     # -- the stages ---------------------------------------------------------------------------
     opt = clock.run("optimize", lambda: optimize_model(model, input_shapes=input_shapes,
-                                                      check_tolerance=check_tolerance))
+                                                      check_tolerance=check_tolerance,
+                                                      input_values=random_values))
     _progress(clock, "optimize", f"{sum(opt.ops_before.values())} -> "
               f"{sum(opt.ops_after.values())} nodes")
     if verbose:

@@ -217,3 +217,18 @@ def test_failed_check_says_by_how_much_and_how_to_accept(deep_model, tmp_path):
     ok = espstream("optimize", src, "-o", out, "--check-tolerance", factor, "-q")
     assert ok.returncode == 0, ok.stderr.decode()
     assert out.exists()
+
+
+def test_optimize_check_feeds_the_given_input_value(tmp_path):
+    from espstream.optimize.check import random_inputs
+
+    model = scalar_and_int_model()
+    feeds = random_inputs(model, values={"n": 16000})
+    assert feeds["n"].dtype == np.int64 and int(feeds["n"]) == 16000
+    assert int(random_inputs(model)["n"]) == 0  # integers are zeros unless given
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    ok = espstream("optimize", src, "-o", tmp_path / "o.onnx", "--input-value", "n=3", "-q")
+    assert ok.returncode == 0, ok.stderr.decode()
+    assert_user_error(espstream("optimize", src, "-o", tmp_path / "p.onnx", "--input-value",
+                                "m=3"), "no input 'm'")

@@ -159,8 +159,11 @@ def malformed_is_user_error(model: onnx.ModelProto) -> Iterator[None]:
         raise
 
 
-def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
-    """Standard-normal inputs for float inputs, zeros for the rest; unknown dims get a default."""
+def random_inputs(model: onnx.ModelProto, seed: int = 0,
+                  values: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Standard-normal inputs for float inputs, zeros for the rest, or the value `values` gives
+    an input (`--input-value NAME=V`: a sample rate, a length); unknown dims get a default."""
+    values = values or {}
     rng = np.random.default_rng(seed)
     elem = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.input}
     feeds = {}
@@ -170,7 +173,9 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray
         if shape != dims:
             log.warn(f"input {name!r} has unknown dimensions {dims}; checking with {shape}")
         dtype = np_dtype(elem[name])
-        if np.issubdtype(dtype, np.floating):
+        if name in values:
+            feeds[name] = np.full(shape, values[name]).astype(dtype)
+        elif np.issubdtype(dtype, np.floating):
             feeds[name] = rng.standard_normal(shape).astype(dtype)
         else:
             feeds[name] = np.zeros(shape, dtype=dtype)
@@ -188,10 +193,10 @@ def declared_output_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
 
 
 def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, seed: int = 0,
-            scale: float = 1.0) -> Comparison:
+            scale: float = 1.0, values: dict[str, float] | None = None) -> Comparison:
     """Outputs of `candidate` against `reference`, matched by name, on one random input: each
     element within rtol * |ref| + the output's atol (`output_tolerance`), times `scale`."""
-    feeds = random_inputs(reference, seed)
+    feeds = random_inputs(reference, seed, values)
     try:
         ref_sess = session(reference)
     except Exception as e:

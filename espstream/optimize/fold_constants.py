@@ -20,13 +20,17 @@ def fold_constants(graph: gs.Graph) -> bool:
     3. Evaluation errors leave the graph as it was (folding is an optimisation, never a
        reason to fail).
     4. An If whose condition folds to a constant is left for `inline_if` (onnx-graphsurgeon's
-       own flattening can leave an If output without a producer).
+       own flattening can leave an If output without a producer). Subgraphs are not folded
+       until they are inlined: a folded Constant lets onnxruntime check the shapes of a branch
+       that is never taken (Silero VAD's Squeeze of a time axis that is 1 only in the other
+       sample rate's branch) and refuse the whole model.
     5. An Expand or Tile of a constant is left for `fold_expand`, which keeps the constant
        small where the consumers broadcast it anyway.
     """
     before = _signature(graph)
     try:
         graph.fold_constants(fold_shapes=True, error_ok=True, flatten_subgraphs=False,
+                             recurse_subgraphs=False,
                              should_exclude_node=expand_of_constant)
     except Exception as e:  # onnx-graphsurgeon raises plain exceptions on exotic graphs
         log.warn(f"constant folding skipped: {type(e).__name__}: {e}")

@@ -11,6 +11,7 @@ import onnx
 from espstream import log
 from espstream.errors import CheckFailed, UserError, first_line
 from espstream.graph import count_ops, export_model, import_graph, input_shapes
+from espstream.graph import input_shapes as input_shapes_of
 from espstream.optimize.base import Pass
 from espstream.optimize.batchnorm_to_affine import batchnorm_to_affine
 from espstream.optimize.check import Comparison, compare
@@ -138,9 +139,11 @@ def optimize_model(
     check: bool = True,
     seed: int = 0,
     check_tolerance: float = 1.0,
+    input_values: dict[str, float] | None = None,
 ) -> OptimizeResult:
     """The `optimize` stage as a function. The input model is not modified. `check_tolerance`
-    multiplies the check's tolerances (`check.output_tolerance`)."""
+    multiplies the check's tolerances (`check.output_tolerance`); `input_values` gives the
+    check's value of an input noise cannot stand for (an integer sample rate)."""
     if not check_tolerance > 0 or not np.isfinite(check_tolerance):
         raise UserError(f"--check-tolerance {check_tolerance}: give a positive factor")
     skip = list(skip)
@@ -162,7 +165,10 @@ def optimize_model(
     onnx.checker.check_model(optimized)
     result = OptimizeResult(optimized, count_ops(original), count_ops(optimized), applied, rounds)
     if check:
-        result.check = compare(reference, optimized, seed, check_tolerance)
+        unknown = sorted(set(input_values or {}) - set(input_shapes_of(reference)))
+        if unknown:
+            raise UserError(f"--input-value {unknown[0]}: the model has no input {unknown[0]!r}")
+        result.check = compare(reference, optimized, seed, check_tolerance, input_values)
     return result
 
 

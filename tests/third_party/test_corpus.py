@@ -20,6 +20,9 @@ FETCH = "not fetched: run `make third-party` (downloads the pinned wheel from Py
 
 # name, file, options fixing the shapes (and integer inputs) the model is deployed with
 CORPUS = [
+    ("silero-vad default", "silero-vad/silero_vad.onnx",
+     ["--input-shape", "input:1,512", "--input-shape", "state:2,1,128", "--input-value",
+      "sr=16000"], ["--input-value", "sr=16000"]),
     ("silero-vad 16k op15", "silero-vad/silero_vad_16k_op15.onnx",
      ["--input-shape", "input:1,512", "--input-shape", "state:2,1,128"], ["--input-value",
                                                                           "sr=16000"]),
