@@ -2,7 +2,8 @@
 
 Each model goes through the real CLI: `optimize` must succeed with its check passing (silero's
 nested Ifs crashed it before `inline_if`), and `convert --random` either writes the .espdl with
-every check passing or is refused with one line (exit 2) naming operators it does not support;
+every check passing (models marked "ok") or is refused with one line (exit 2) naming operators
+it does not support (models marked "refused");
 never exit 3. A model not fetched is skipped with the reason.
 """
 
