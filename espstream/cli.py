@@ -16,7 +16,7 @@ import click
 
 from espstream import __version__, log
 from espstream.errors import EspstreamError, UserError
-from espstream.modelio import real_stdout, stdout_reserved_for_output
+from espstream.stdio import real_stdout, stdout_reserved_for_output
 
 #: ESP-DL 3.3's target names and 'c' (espstream.targets maps each onto one of three arithmetics)
 TARGET_NAMES = ["esp32p4", "esp32s31", "esp32s3", "esp32", "esp32s2", "esp32c2", "esp32c3",
@@ -711,14 +711,14 @@ def app_command(models: tuple[str, ...], output: str, target: str, name: str,
 
 
 def _quiet_libraries(debug: bool) -> None:
-    """onnx-graphsurgeon and onnxruntime log chatty warnings; keep them for --debug."""
+    """onnx-graphsurgeon and onnxruntime log chatty warnings; keep them for --debug. They are
+    quieted when first imported, not imported here: `--version`, `--help` and commands that never
+    touch them start without paying for them."""
     if debug:
         return
-    import onnx_graphsurgeon as gs
-    import onnxruntime as ort
+    from espstream.lazy_quiet import quiet_on_import
 
-    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
-    ort.set_default_logger_severity(3)
+    quiet_on_import()
 
 
 def main(argv: list[str] | None = None) -> None:

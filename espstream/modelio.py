@@ -6,7 +6,6 @@ leaves a partial output behind, and an output that would overwrite the input is 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import tempfile
@@ -21,25 +20,9 @@ MIN_OPSET = 11
 UPGRADE_OPSET = 13  # what `upgrade_opset=True` converts an older model to
 STDIO = "-"
 
-# While a CLI command runs, sys.stdout points at stderr so that no library's print can corrupt
-# a model piped to the next stage; the real stdout is kept here for the model itself.
-_real_stdout = None
-
-
-@contextlib.contextmanager
-def stdout_reserved_for_output():
-    """Send stray prints to stderr; `write_bytes(..., '-')` still reaches the real stdout."""
-    global _real_stdout
-    saved, _real_stdout = _real_stdout, sys.stdout
-    sys.stdout = sys.stderr
-    try:
-        yield
-    finally:
-        sys.stdout, _real_stdout = _real_stdout, saved
-
-
-def real_stdout():
-    return _real_stdout if _real_stdout is not None else sys.stdout
+# stdout kept for the model while stray prints go to stderr: `espstream.stdio` (no onnx import,
+# so `espstream --version` stays fast)
+from espstream.stdio import real_stdout, stdout_reserved_for_output  # noqa: E402, F401
 
 
 def _label(path: str) -> str:
