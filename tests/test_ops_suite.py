@@ -39,8 +39,6 @@ NOT_SIMULATED = "the simulator does not implement ESP-DL's {} (UserError: not su
 XFAIL: list[tuple[str, int | None, str | None, str | tuple | None, str]] = [
     *[(op, None, None, None, NOT_SIMULATED.format(op)) for op in (
         "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual")],
-    ("Mod", None, None, None, NOT_SIMULATED.format("Mod")),
-    ("Pow", None, None, None, NOT_SIMULATED.format("Pow")),
 ]
 
 

@@ -43,7 +43,7 @@ from espstream.stream.rules import (
 MODULE = "arith"
 
 
-def lower_elementwise(lw: Lowerer, n: onnx.NodeProto) -> None:
+def lower_elementwise(lw: Lowerer, n: onnx.NodeProto, attrs: dict | None = None) -> None:
     ops, cl = lw.operands(n, list(n.input))
     acts = [o for o in ops if isinstance(o, Act)]
     if not acts:
@@ -64,7 +64,7 @@ def lower_elementwise(lw: Lowerer, n: onnx.NodeProto) -> None:
         else:
             inputs.append(lw.const_input(n, nm, o, rank, cl,
                                             out.exp if same_exp else None))
-    lw.emit(n.op_type, n.name, inputs, [name], {"quant_type": lw.qtype(out.dtype)})
+    lw.emit(n.op_type, n.name, inputs, [name], {"quant_type": lw.qtype(out.dtype), **(attrs or {})})
     lw.finish_output(out)
 
 

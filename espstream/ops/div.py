@@ -27,23 +27,14 @@ from __future__ import annotations
 import numpy as np
 
 from espstream.intgraph import Node
-from espstream.ops._elemwise import F32, broadcast_pair, inner_d0, scale
+from espstream.ops._elemwise import F32, LIMITS, broadcast_pair, inner_d0, scale, store
 from espstream.ops.arith import lower_elementwise
 from espstream.ops.registry import ESPDL_GOLDEN, OpSpec, SimSpec, register, register_sim
 from espstream.quant.plan import own_with_constants
-from espstream.sim import Fn, Simulator, round_float
+from espstream.sim import Fn, Simulator
 from espstream.stream.rules import rule_broadcast
 
 MODULE = "div"
-_LIMITS = {np.dtype(np.int8): (-128, 127), np.dtype(np.int16): (-32768, 32767)}
-
-
-def _store(y: np.ndarray, rounding: str, dtype: np.dtype) -> np.ndarray:
-    """round, then truncate<int32> into the type (ESP-DL's `tool::truncate`)."""
-    lo, hi = _LIMITS[np.dtype(dtype)]
-    with np.errstate(invalid="ignore"):
-        r = round_float(np.nan_to_num(y, nan=0.0, posinf=hi, neginf=lo), rounding)
-    return np.clip(r, lo, hi).astype(dtype)
 
 
 def div_int(q0: np.ndarray, q1: np.ndarray, shift: int, rounding: str, dtype: np.dtype,
@@ -57,8 +48,8 @@ def div_int(q0: np.ndarray, q1: np.ndarray, shift: int, rounding: str, dtype: np
             y = fa * (rs / fb).astype(F32)
         else:
             y = (fa * rs).astype(F32) / fb
-    out = _store(y.astype(F32), rounding, dtype)
-    lo, hi = _LIMITS[np.dtype(dtype)]
+    out = store(y.astype(F32), rounding, dtype)
+    lo, hi = LIMITS[np.dtype(dtype)]
     out = np.where(b == 0, np.where(a > 0, hi, lo), out)
     return np.where(a == 0, 0, out).astype(dtype)
 
@@ -70,19 +61,19 @@ def div_table(first: int, shift: int, rounding: str, kind: str) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if kind == "1_n":
             v = F32(F32(first) * rs)
-            t = _store((v / i).astype(F32), rounding, np.dtype(np.int8))
+            t = store((v / i).astype(F32), rounding, np.dtype(np.int8))
             t[128] = 127 if v > 0 else -128
         else:
             r = F32(rs / F32(first))
-            t = _store((i * r).astype(F32), rounding, np.dtype(np.int8))
+            t = store((i * r).astype(F32), rounding, np.dtype(np.int8))
             t[128] = 0
     return t
 
 
 def sim_div(sim: Simulator, node: Node) -> Fn:
     g = sim.graph
-    shapes = [g.value_info(n).shape if n not in g.initializers else list(g.initializers[n].data.shape)
-              for n in node.inputs[:2]]
+    shapes = [list(g.initializers[n].data.shape) if n in g.initializers
+              else g.value_info(n).shape for n in node.inputs[:2]]
     out_shape = g.value_info(node.outputs[0]).shape
     dtype = sim.dtype_of(node.outputs[0], np.int8)
     d0_0, d0_1, _ = inner_d0(shapes[0], shapes[1], out_shape)
