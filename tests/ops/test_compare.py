@@ -158,3 +158,16 @@ def test_fit_exponent() -> None:
     assert compare.fit_exponent(np.float32([1.0]), np.dtype(np.int8)) == -6  # 64 <= 127
     assert compare.fit_exponent(np.float32([100.0]), np.dtype(np.int8)) == 0
     assert compare.fit_exponent(np.float32([1.0]), np.dtype(np.int16)) == -14
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_streams_equal_to_offline(op: str) -> None:
+    """Streamify's broadcast rule: the chunked model (bool output) equals the offline one."""
+    from espstream.stream.streamify import streamify_model
+    from espstream.verify import verify_models
+
+    m, _ = CASES[op]()
+    r = streamify_model(m, 2, axes={"x": 2})
+    assert op in {n.op_type for n in r.model.graph.node}
+    v = verify_models(m, r.model, random=2)
+    assert v.ok, v.failure()

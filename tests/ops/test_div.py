@@ -105,3 +105,15 @@ def test_inner_function_choice() -> None:
     assert inner_d0([1, 4, 5, 1], [1, 4, 5, 16], [1, 4, 5, 16]) == (1, 16, 16)
     assert inner_d0([5], [2, 3, 4, 5], [2, 3, 4, 5]) == (5, 5, 5)
     assert inner_d0([2, 3], [2, 3], [2, 3]) == (6, 6, 6)
+
+
+def test_streams_equal_to_offline() -> None:
+    """Streamify's broadcast rule: the chunked model equals the offline one (verify)."""
+    from espstream.stream.streamify import streamify_model
+    from espstream.verify import verify_models
+
+    m, _ = CASES["Div"]()
+    r = streamify_model(m, 2, axes={"x": 2})
+    assert "Div" in {n.op_type for n in r.model.graph.node}
+    v = verify_models(m, r.model, random=2)
+    assert v.ok, v.failure()

@@ -64,3 +64,15 @@ def test_kernel_matches_scalar_oracle(b16, e0, e1, eo, rounding, seed) -> None:
 def test_sign_follows_dividend() -> None:
     f = np.float32
     assert fmod0(f([-7.0, 7.0, 5.0]), f([3.0, -3.0, 0.0])).tolist() == [-1.0, 1.0, 0.0]
+
+
+def test_streams_equal_to_offline() -> None:
+    """Streamify's broadcast rule: the chunked model equals the offline one (verify)."""
+    from espstream.stream.streamify import streamify_model
+    from espstream.verify import verify_models
+
+    m, _ = CASES["Mod"]()
+    r = streamify_model(m, 2, axes={"x": 2})
+    assert "Mod" in {n.op_type for n in r.model.graph.node}
+    v = verify_models(m, r.model, random=2)
+    assert v.ok, v.failure()

@@ -79,3 +79,15 @@ def test_hand_values() -> None:
     for rounding, want in (("half_up", 5), ("half_even", 4)):
         q = float_binary(np.int8([-3]), np.int8([64]), -1, -5, -1, np.power, rounding, np.int8)
         assert q.tolist() == [want]
+
+
+def test_streams_equal_to_offline() -> None:
+    """Streamify's broadcast rule: the chunked model equals the offline one (verify)."""
+    from espstream.stream.streamify import streamify_model
+    from espstream.verify import verify_models
+
+    m, _ = CASES["Pow"]()
+    r = streamify_model(m, 2, axes={"x": 2})
+    assert "Pow" in {n.op_type for n in r.model.graph.node}
+    v = verify_models(m, r.model, random=2)
+    assert v.ok, v.failure()
