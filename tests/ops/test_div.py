@@ -31,6 +31,15 @@ def _case_two():
     return model(nodes, [1, 4, 8], {"one": np.ones(1, np.float32)}), {"Div"}
 
 
+def _case_scalar(first: bool):
+    def case():  # a one-element operand: ESP-DL's int8 table path (rule 3)
+        ins = ["c", "x"] if first else ["x", "c"]
+        nodes = [helper.make_node("Div", ins, ["y"])]
+        c = np.array([1.7 if first else 0.6], np.float32)
+        return model(nodes, [1, 4, 8], {"c": c}), {"Div"}
+    return case
+
+
 CASES = {"Div": _case_const}
 NOT_LOWERED: dict[str, str] = {}
 
@@ -42,6 +51,12 @@ def test_through_every_stage(target: str, bits: int) -> None:
 
 def test_two_activations() -> None:
     run_case(_case_two)
+
+
+@pytest.mark.parametrize("first", [False, True])
+@pytest.mark.parametrize(("target", "bits"), [("esp32p4", 8), ("c", 16)])
+def test_scalar_operand(first: bool, target: str, bits: int) -> None:
+    run_case(_case_scalar(first), target, bits)
 
 
 def _oracle(a: int, b: int, shift: int, rounding: str, bits: int, mode: str) -> int:
