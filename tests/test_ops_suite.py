@@ -36,12 +36,7 @@ FILES = MANIFEST["files"]
 NOT_SIMULATED = "the simulator does not implement ESP-DL's {} (UserError: not supported)"
 # (op, bits or None, target or None, config substring / tuple of config names / None, reason).
 # First match wins.
-XFAIL: list[tuple[str, int | None, str | None, str | tuple | None, str]] = [
-    *[(op, None, None, None, NOT_SIMULATED.format(op)) for op in (
-        "Div", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual")],
-    ("Mod", None, None, None, NOT_SIMULATED.format("Mod")),
-    ("Pow", None, None, None, NOT_SIMULATED.format("Pow")),
-]
+XFAIL: list[tuple[str, int | None, str | None, str | tuple | None, str]] = []
 
 
 def xfail_reason(f: dict) -> str | None:

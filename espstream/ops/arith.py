@@ -1,5 +1,5 @@
-"""Elementwise arithmetic: Add, Sub, Mul (Div lowered as written, not yet calibrated or
-simulated), and the broadcast operators streamify carries through in float.
+"""Elementwise arithmetic: Add, Sub, Mul (Div, Pow, Mod have modules of their own), and the
+broadcast operators streamify carries through in float.
 
 Calibrate: Add / Sub requantize their inputs to the output's exponent (plan rule 5); Mul's
 output gets its own exponent and a float constant operand its own per-tensor one (rule 6).
@@ -43,7 +43,7 @@ from espstream.stream.rules import (
 MODULE = "arith"
 
 
-def lower_elementwise(lw: Lowerer, n: onnx.NodeProto) -> None:
+def lower_elementwise(lw: Lowerer, n: onnx.NodeProto, attrs: dict | None = None) -> None:
     ops, cl = lw.operands(n, list(n.input))
     acts = [o for o in ops if isinstance(o, Act)]
     if not acts:
@@ -64,7 +64,7 @@ def lower_elementwise(lw: Lowerer, n: onnx.NodeProto) -> None:
         else:
             inputs.append(lw.const_input(n, nm, o, rank, cl,
                                             out.exp if same_exp else None))
-    lw.emit(n.op_type, n.name, inputs, [name], {"quant_type": lw.qtype(out.dtype)})
+    lw.emit(n.op_type, n.name, inputs, [name], {"quant_type": lw.qtype(out.dtype), **(attrs or {})})
     lw.finish_output(out)
 
 
@@ -118,9 +118,7 @@ register(OpSpec("Mul", MODULE, calibrate=own_with_constants,
                 calibrate_rule="own exponent; constants their own",
                 stream=rule_broadcast, stream_rule=_BROADCAST, lower=lower_elementwise,
                 espdl=("Mul",)))
-register(OpSpec("Div", MODULE, stream=rule_broadcast, stream_rule=_BROADCAST,
-                lower=lower_elementwise, espdl=("Div",)))
-for _op in ("Pow", "Max", "Min", "Sum", "Mean", "Mod", "BitShift"):
+for _op in ("Max", "Min", "Sum", "Mean", "BitShift"):
     register(OpSpec(_op, MODULE, stream=rule_broadcast, stream_rule=_BROADCAST))
 register_sim(SimSpec("Add", MODULE, sim_add, ESPPPQ_FIXTURE))
 register_sim(SimSpec("Sub", MODULE, sim_add, ESPDL_GOLDEN))

@@ -34,6 +34,5 @@ _UNARY = [
 for _op, _zero, _nonneg, _sign in _UNARY:
     register(OpSpec(_op, MODULE, stream=rule_unary, stream_rule="pointwise", zero_keeping=_zero,
                     nonneg=_nonneg, keep_sign=_sign))
-for _op in ("Where", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or",
-            "Xor"):
+for _op in ("Where", "And", "Or", "Xor"):
     register(OpSpec(_op, MODULE, stream=rule_broadcast, stream_rule="broadcast"))

@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 from espstream.errors import UserError
 from espstream.intgraph import Node
 from espstream.ops.registry import (
+    ESPDL_GOLDEN,
     ESPPPQ_FIXTURE,
     NUMPY_ORACLE,
     OpSpec,
@@ -84,4 +85,5 @@ for _op in ("QuantizeLinear", "DequantizeLinear"):
     register(OpSpec(_op, MODULE, stream=stream_qdq, stream_rule="pointwise", keep_sign=True))
 register_sim(SimSpec("RequantizeLinear", MODULE, sim_requantize, ESPPPQ_FIXTURE))
 register_sim(SimSpec("QuantizeLinear", MODULE, sim_quantize, NUMPY_ORACLE))
-register_sim(SimSpec("DequantizeLinear", MODULE, sim_dequantize, NUMPY_ORACLE))
+# pinned by the ops suite's float32 Pow files (Exp -> DequantizeLinear -> Pow)
+register_sim(SimSpec("DequantizeLinear", MODULE, sim_dequantize, ESPDL_GOLDEN))
