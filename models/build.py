@@ -183,6 +183,41 @@ class Builder:
         steps = self.constant(f"{p}/Constant_11", [1])
         return self.node("Slice", [x, starts, ends, axes, steps], f"{p}/Slice_1")
 
+    def recurrent(
+        self,
+        kind: str,
+        x: str,
+        scope: str,
+        cin: int,
+        hidden: int,
+        state: Sequence[str] = (),
+        state_out: Sequence[str] = (),
+    ) -> str:
+        """nn.GRU / nn.LSTM (one layer, forward, batch 1) as PyTorch exports it: x [T, 1, cin] ->
+        Y [T, 1, 1, hidden]. PyTorch's GRU is linear_before_reset=1. Weights U(-k, k), k =
+        1/sqrt(hidden), as PyTorch initialises them. `state`: graph inputs fed as initial_h
+        (and initial_c); `state_out`: the graph outputs Y_h (and Y_c) are written to."""
+        gates = 3 if kind == "GRU" else 4
+        k = 1.0 / np.sqrt(hidden)
+
+        def uniform(shape: Sequence[int]) -> np.ndarray:
+            return self.rng.uniform(-k, k, shape).astype(np.float32)
+
+        p = _param(scope)
+        w = self.init(f"onnx::{kind}_{p}.w", uniform([1, gates * hidden, cin]))
+        r = self.init(f"onnx::{kind}_{p}.r", uniform([1, gates * hidden, hidden]))
+        b = self.init(f"onnx::{kind}_{p}.b", uniform([1, 2 * gates * hidden]))
+        name = f"/{scope}/{kind}"
+        assert name not in self._names, name
+        self._names.add(name)
+        out = f"{name}_output_0"
+        attrs: dict[str, object] = {"hidden_size": hidden}
+        if kind == "GRU":
+            attrs["linear_before_reset"] = 1
+        self.nodes.append(helper.make_node(
+            kind, [x, w, r, b, "", *state], [out, *state_out], name=name, **attrs))
+        return out
+
     # -- model ------------------------------------------------------------------------------
     def model(
         self,
@@ -192,6 +227,8 @@ class Builder:
         y: str,
         out_shape: Sequence[int],
         doc: str,
+        extra_inputs: Sequence[tuple[str, Sequence[int]]] = (),
+        extra_outputs: Sequence[tuple[str, Sequence[int]]] = (),
     ) -> onnx.ModelProto:
         # The last node's output becomes the graph output `y`.
         last = self.nodes[-1]
@@ -203,8 +240,10 @@ class Builder:
         graph = helper.make_graph(
             self.nodes,
             name,
-            [helper.make_tensor_value_info(x, TensorProto.FLOAT, list(in_shape))],
-            [helper.make_tensor_value_info(y, TensorProto.FLOAT, list(out_shape))],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s))
+             for n, s in [(x, in_shape), *extra_inputs]],
+            [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(s))
+             for n, s in [(y, out_shape), *extra_outputs]],
             initializer=self.inits,
         )
         model = helper.make_model(
@@ -311,10 +350,56 @@ def kws2d(b: Builder) -> onnx.ModelProto:
     return b.model("kws2d", "x", [1, 1, 32, 10], "y", [1, 12, 32, 1], kws2d.__doc__ or "")
 
 
+def kws_gru(b: Builder) -> onnx.ModelProto:
+    """Conv + GRU keyword spotter (a CRNN): [1, 10, 32] -> [1, 12, 32], one prediction a frame."""
+    h = b.torch_pad("x", "conv", [2, 0], rank=3)
+    h = b.conv(h, "conv", 10, 16, [3])
+    h = b.batchnorm(h, "bn", 16)
+    h = b.unary("Relu", h, "/relu/Relu")
+    h = b.unary("Identity", h, "/relu/Identity")
+    # [1, C, T] -> [T, 1, C], the layout nn.GRU(batch_first=False) takes.
+    h = b.node("Transpose", [h], "/Transpose", perm=[2, 0, 1])
+    h = b.recurrent("GRU", h, "gru", 16, 16)
+    h = b.node("Squeeze", [h, b.constant("/gru/Constant", [1])], "/gru/Squeeze")
+    h = b.node("Transpose", [h], "/Transpose_1", perm=[1, 2, 0])
+    h = b.dropout(h, "head")
+    h = b.conv(h, "head", 16, 12, [1], gain=4.0)
+    b.channel_const("Mul", h, "head", 12, rank=3)
+    return b.model("kws_gru", "x", [1, 10, 32], "y", [1, 12, 32], kws_gru.__doc__ or "")
+
+
+VAD_HIDDEN = 16
+
+
+def vad_lstm(b: Builder) -> onnx.ModelProto:
+    """LSTM voice activity detector with explicit state, as VAD models ship it:
+    x [1, 16, 32], h [1, 1, 16], c [1, 1, 16] -> y [1, 1, 32] (speech probability a frame),
+    hn [1, 1, 16], cn [1, 1, 16] (the LSTM's last state, fed back as h, c on the next call)."""
+    h = b.torch_pad("x", "conv", [2, 0], rank=3)
+    h = b.conv(h, "conv", 16, 16, [3])
+    h = b.batchnorm(h, "bn", 16)
+    h = b.unary("Relu", h, "/relu/Relu")
+    h = b.unary("Identity", h, "/relu/Identity")
+    h = b.node("Transpose", [h], "/Transpose", perm=[2, 0, 1])
+    h = b.recurrent("LSTM", h, "lstm", 16, VAD_HIDDEN, state=["h", "c"], state_out=["hn", "cn"])
+    h = b.node("Squeeze", [h, b.constant("/lstm/Constant", [1])], "/lstm/Squeeze")
+    h = b.node("Transpose", [h], "/Transpose_1", perm=[1, 2, 0])
+    h = b.dropout(h, "head")
+    h = b.conv(h, "head", VAD_HIDDEN, 1, [1], gain=24.0)
+    h = b.channel_const("Mul", h, "head", 1, rank=3)
+    b.unary("Sigmoid", h, "/Sigmoid")
+    state = [1, 1, VAD_HIDDEN]
+    return b.model("vad_lstm", "x", [1, 16, 32], "y", [1, 1, 32], vad_lstm.__doc__ or "",
+                   extra_inputs=[("h", state), ("c", state)],
+                   extra_outputs=[("hn", state), ("cn", state)])
+
+
 MODELS: dict[str, tuple[Callable[[Builder], onnx.ModelProto], list[int], int]] = {
     "tutorial_tcn": (tutorial_tcn, [1, 16, 24], 100),
     "stream_tcn": (stream_tcn, [1, 16, 64], 200),
     "kws2d": (kws2d, [1, 1, 32, 10], 300),
+    "kws_gru": (kws_gru, [1, 10, 32], 400),
+    "vad_lstm": (vad_lstm, [1, 16, 32], 500),
 }
 
 

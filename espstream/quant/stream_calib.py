@@ -66,11 +66,15 @@ class StreamSpec:
     state_shapes: dict[str, list[int]] = field(default_factory=dict)
 
     def manual_pairs(self, model: onnx.ModelProto) -> list[tuple[str, str]]:
-        """State pairs whose state is not read by a StreamingCache node (hand-written)."""
+        """State pairs whose state is not read by a StreamingCache node (hand-written). An LSTM's
+        (initial_c, Y_c) pair is left out: both are int16 at that node's gate exponent by
+        construction (ops/recurrent.py), with no activation exponent to tie."""
         cache_states = {n.input[1] for n in model.graph.node
                         if n.domain == STREAM_DOMAIN and n.op_type == "StreamingCache"
                         and len(n.input) > 1}
-        return [(a, b) for a, b in self.states if a not in cache_states]
+        cells = {(n.input[6], n.output[2]) for n in model.graph.node
+                 if n.op_type == "LSTM" and len(n.input) > 6 and len(n.output) > 2}
+        return [(a, b) for a, b in self.states if a not in cache_states and (a, b) not in cells]
 
     def metadata(self) -> dict[str, str]:
         """The streaming metadata (as `streamify` writes it) for a hand-written model."""
