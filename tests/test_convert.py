@@ -38,6 +38,9 @@ CASES = [
     ("models/kws2d.onnx", "models/kws2d.calib.npy", 1, 2 * 10 + 4 * 16 * 5, "time"),
     ("tests/data/esp-ppq/stream_tcn/model.onnx", "tests/data/esp-ppq/stream_tcn/calib.npy", 4,
      None, "time"),
+    # causal Conv kernel 3: 2 frames of 10 features (the GRU's 16-value h is a recurrent state
+    # the application copies back, not a StreamingCache)
+    ("models/kws_gru.onnx", "models/kws_gru.calib.npy", 4, 2 * 10, "time"),
 ]
 STREAM_CHECKS = ["optimize", "float: streaming == offline", "fake-quant: streaming == offline",
                  "int8 (lower + simulator): streaming == offline", "int8 vs fake-quant",
@@ -49,7 +52,8 @@ def _load(rel: str) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("model,data,chunk,state,kind", CASES,
-                         ids=["tutorial_tcn", "stream_tcn", "kws2d", "fixture_stream_tcn"])
+                         ids=["tutorial_tcn", "stream_tcn", "kws2d", "fixture_stream_tcn",
+                              "kws_gru"])
 def test_streaming_models_convert_and_verify(model, data, chunk, state, kind):
     r = convert_model(_load(model), ROOT / data, chunk=chunk)
     assert r.ok, r.failure()
@@ -63,7 +67,8 @@ def test_streaming_models_convert_and_verify(model, data, chunk, state, kind):
     assert abs(out["sqnr_int8_db"] - out["sqnr_fakequant_db"]) < conv.INT8_MARGIN_DB
     if state is not None:
         assert r.state_bytes == state
-    assert r.state_bytes == r.streamed.state_bytes_int8
+    recurrent = 16 if "kws_gru" in model else 0  # the GRU's h: int8, not a StreamingCache
+    assert r.state_bytes + recurrent == r.streamed.state_bytes_int8
     count, nbytes = r.parameters
     assert nbytes == r.exported.report["parameter_bytes"] and 0 < count <= nbytes
     assert list(r.seconds)[:5] == ["optimize", "streamify", "calibrate", "export", "verify.float"]
@@ -94,7 +99,7 @@ def test_lookahead_model_converts_with_its_delay(tmp_path):
     assert read(out.read_bytes()).streaming
 
 
-@pytest.mark.parametrize("name", ["tutorial_tcn", "stream_tcn", "kws2d"])
+@pytest.mark.parametrize("name", ["tutorial_tcn", "stream_tcn", "kws2d", "kws_gru"])
 def test_offline_convert_has_no_streaming_checks(name):
     r = convert_model(_load(f"models/{name}.onnx"), MODELS / f"{name}.calib.npy")
     assert r.ok, r.failure()
@@ -355,3 +360,31 @@ def test_python_api_refuses_like_the_cli():
         convert_model(m, random=2, chunk=-1)
     with pytest.raises(UserError, match="unknown target"):
         convert_model(m, random=2, target="esp32h2")
+
+
+@pytest.mark.parametrize("target,bits", [
+    ("esp32p4", 8),
+    pytest.param("esp32p4", 16, marks=pytest.mark.slow),
+    pytest.param("esp32s3", 8, marks=pytest.mark.slow),
+    pytest.param("esp32s3", 16, marks=pytest.mark.slow),
+    pytest.param("c", 8, marks=pytest.mark.slow),
+    pytest.param("c", 16, marks=pytest.mark.slow),
+])
+def test_kws_gru_convert_chunk_every_target_and_width(tmp_path, target, bits):
+    """`espstream convert --chunk 4` of the bundled conv + GRU keyword spotter: every check ok,
+    the GRU state a recurrent pair that inspect shows (the application copies it back)."""
+    out, rep = tmp_path / "k.espdl", tmp_path / "r.json"
+    proc = espstream("convert", MODELS / "kws_gru.onnx", "-d", MODELS / "kws_gru.calib.npy",
+                     "--chunk", "4", "--target", target, "--bits", str(bits), "-o", out,
+                     "--json", rep)
+    assert proc.returncode == 0, proc.stderr.decode()
+    j = json.loads(rep.read_text())
+    assert len(j["checks"]) == len(STREAM_CHECKS)
+    assert all(c["ok"] for c in j["checks"]), j["checks"]
+    exact = next(c for c in j["checks"] if "(lower + simulator): streaming == offline" in c["check"])
+    assert "max |err| 0 " in exact["detail"], exact["detail"]
+    assert j["outputs"]["y"]["sqnr_fakequant_db"] > (30 if bits == 8 else 60)
+    shown = espstream("inspect", out)
+    assert shown.returncode == 0
+    assert b"the application copies output /gru/GRU.h.next_state to input /gru/GRU.h.state" in (
+        shown.stdout + shown.stderr), shown.stdout.decode()
