@@ -139,7 +139,7 @@ def zoo_head() -> onnx.ModelProto:
 
 def models() -> Iterator[tuple[str, onnx.ModelProto, np.ndarray, np.ndarray, int]]:
     """(name, float model, calibration data, test input, chunk)."""
-    chunks = {"tutorial_tcn": 3, "stream_tcn": 4, "kws2d": 2}
+    chunks = {"tutorial_tcn": 3, "stream_tcn": 4, "kws2d": 2, "kws_gru": 4}
     for name, chunk in chunks.items():
         yield (name, onnx.load(ROOT / "models" / f"{name}.onnx"),
                np.load(ROOT / "models" / f"{name}.calib.npy"),
