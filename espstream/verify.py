@@ -389,6 +389,9 @@ def run_stream(runner: Runner, model: onnx.ModelProto, meta: StreamMeta,
         if any(d is None for d in dims):
             raise UserError(f"streaming model: state {sin!r} has no static shape")
         states[sin] = np.zeros(dims, dtype=dt)
+        if sin in inputs:  # an explicit recurrent state the offline model also takes
+            states[sin] = np.asarray(inputs[sin], dtype=dt).reshape(dims)
+    inputs = {n: x for n, x in inputs.items() if n not in states}
     collected: dict[str, list[np.ndarray]] = {}
     last: dict[str, np.ndarray] = {}
     runner.reset()

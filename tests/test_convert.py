@@ -388,3 +388,45 @@ def test_kws_gru_convert_chunk_every_target_and_width(tmp_path, target, bits):
     assert shown.returncode == 0
     assert b"the application copies output /gru/GRU.h.next_state to input /gru/GRU.h.state" in (
         shown.stdout + shown.stderr), shown.stdout.decode()
+
+
+def _vad_data(tmp_path: Path) -> Path:
+    """vad_lstm's calibration sequences with its explicit state inputs at zero (a stream's
+    start): the offline model the streaming one must equal."""
+    x = np.load(MODELS / "vad_lstm.calib.npy")
+    zeros = np.zeros((len(x), 1, 16), np.float32)  # [samples, *shape[1:]], as x
+    path = tmp_path / "vad.npz"
+    np.savez(path, x=x, h=zeros, c=zeros)
+    return path
+
+
+@pytest.mark.parametrize("target,bits", [
+    ("esp32s3", 8),
+    pytest.param("esp32p4", 8, marks=pytest.mark.slow),
+    pytest.param("esp32p4", 16, marks=pytest.mark.slow),
+    pytest.param("esp32s3", 16, marks=pytest.mark.slow),
+    pytest.param("c", 8, marks=pytest.mark.slow),
+    pytest.param("c", 16, marks=pytest.mark.slow),
+])
+def test_vad_lstm_explicit_state_convert_chunk(tmp_path, target, bits):
+    """`espstream convert --chunk 4` of the bundled LSTM VAD with explicit h / c inputs and hn /
+    cn outputs: the model's own (h, hn), (c, cn) become the recurrent state pairs (no new state
+    names), every check ok, int exact against offline with the state fed back."""
+    out, rep = tmp_path / "v.espdl", tmp_path / "r.json"
+    proc = espstream("convert", MODELS / "vad_lstm.onnx", "-d", _vad_data(tmp_path),
+                     "--chunk", "4", "--target", target, "--bits", str(bits), "-o", out,
+                     "--json", rep)
+    assert proc.returncode == 0, proc.stderr.decode()
+    j = json.loads(rep.read_text())
+    assert len(j["checks"]) == len(STREAM_CHECKS) and all(c["ok"] for c in j["checks"]), (
+        j["checks"])
+    exact = next(c for c in j["checks"] if "(lower + simulator): streaming == offline" in c["check"])
+    assert "y max |err| 0 " in exact["detail"], exact["detail"]
+    assert j["outputs"]["y"]["sqnr_fakequant_db"] > (30 if bits == 8 else 60)
+    g = read(out.read_bytes())
+    pairs = {(p["input"], p["output"]) for p in
+             json.loads(g.metadata["espstream.recurrent_states"])}
+    assert pairs == {("h", "hn"), ("c", "cn")}
+    shown = espstream("inspect", out)
+    text = (shown.stdout + shown.stderr).decode()
+    assert "copies output hn to input h" in text and "copies output cn to input c" in text

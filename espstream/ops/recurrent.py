@@ -74,13 +74,50 @@ def _state_value(ctx: Ctx, t: gs.Tensor) -> np.ndarray | None:
     return q
 
 
+def _through_qdq(t: gs.Tensor, up: bool) -> gs.Tensor:
+    """t, or the tensor at the far end of a QuantizeLinear -> DequantizeLinear pair next to it
+    (upstream of t if `up`, else downstream)."""
+    if up:
+        if t.inputs and t.inputs[0].op == "DequantizeLinear":
+            q = t.inputs[0].inputs[0]
+            if q.inputs and q.inputs[0].op == "QuantizeLinear" and len(q.outputs) == 1:
+                return q.inputs[0].inputs[0]
+        return t
+    if len(t.outputs) == 1 and t.outputs[0].op == "QuantizeLinear":
+        q = t.outputs[0].outputs[0]
+        if len(q.outputs) == 1 and q.outputs[0].op == "DequantizeLinear":
+            return q.outputs[0].outputs[0]
+    return t
+
+
+def explicit_state(graph: gs.Graph, node: gs.Node, slot: int,
+                   out_slot: int) -> tuple[gs.Variable, gs.Variable] | None:
+    """(graph input, graph output) when a recurrent node's initial state is an explicit model
+    state, as VAD models ship it: the state slot reads a graph input (behind its Q/DQ pair in
+    a calibrated model) read only here, and the matching output (Y_h / Y_c, possibly behind a
+    Q/DQ pair) is a graph output. Else None."""
+    src = _through_qdq(node.inputs[slot], up=True)
+    if src not in graph.inputs or len(src.outputs) != 1:
+        return None
+    if len(node.outputs) <= out_slot or not node.outputs[out_slot].name:
+        return None
+    dst = _through_qdq(node.outputs[out_slot], up=False)
+    if dst not in graph.outputs:
+        return None
+    return src, dst
+
+
 def rule_recurrent(ctx: Ctx, node: gs.Node) -> None:
     """GRU, LSTM, RNN along the time axis.
 
     1. Forward direction only; no `sequence_lens`; the input's time axis is the sequence axis
-       (0, or 1 with layout=1); an initial state, if given, must be constant zeros.
+       (0, or 1 with layout=1); an initial state, if given, must be constant zeros, or an
+       explicit state (`explicit_state`: a graph input read only here whose Y_h / Y_c is a
+       graph output, as VAD models ship it).
     2. The hidden state (and LSTM's cell state) becomes a state input fed as initial_h
        (initial_c) and a state output taken from Y_h (Y_c): zero at start, like every state.
+       An explicit state keeps its own graph input and output as the pair (the offline model
+       is the one fed zeros there).
     3. The input must not lag (a pre-start frame would step the recurrence); a warm-up frame in
        front makes every later frame warm.
     4. Y carries the time axis; Y_h / Y_c are summaries (equal to offline after the last chunk).
@@ -111,11 +148,17 @@ def rule_recurrent(ctx: Ctx, node: gs.Node) -> None:
     slots = []
     for k in range(n_states):
         slot = 5 + k
+        shape = [batch, 1, hidden] if layout == 1 else [1, batch, hidden]
         if len(node.inputs) > slot and node.inputs[slot].name:
+            pair = explicit_state(ctx.graph, node, slot, 1 + k)
+            if pair is not None:
+                slots.append((slot, 1 + k, shape, *pair))
+                continue
             v = _state_value(ctx, node.inputs[slot])
             if v is None or np.any(v):
-                raise unsupported(node, "starts from a non-zero or computed initial state")
-        shape = [batch, 1, hidden] if layout == 1 else [1, batch, hidden]
+                raise unsupported(node, "starts from a non-zero or computed initial state "
+                                  "(an explicit state must be a graph input read only here, "
+                                  "paired with Y_h / Y_c as a graph output)")
         slots.append((slot, 1 + k, shape))
     ctx.recurrent.append(Recurrent(node, slots))
     warm = WARM_ALL if xt.warmup else 0

@@ -236,8 +236,18 @@ class Rewriter:
 
     def _recurrent(self, rec) -> None:
         node = rec.node
-        for k, (slot, out_slot, shape) in enumerate(rec.slots):
+        for k, (slot, out_slot, shape, *explicit) in enumerate(rec.slots):
             base = f"{node.name or node.outputs[0].name}.{'hc'[k]}"
+            if explicit:  # the model's own state input / output become the pair
+                sin, sout = explicit
+                self.g.inputs.remove(sin)
+                self.g.outputs.remove(sout)
+                sin.shape, sout.shape = list(shape), list(shape)
+                sout.dtype = sout.dtype or np.float32
+                pair = StatePair(sin, sout, base, "recurrent", 1, math.prod(shape))
+                pair.consumers.append({"node": node.name, "kind": "recurrent", "frames": 1})
+                self.states.append(pair)
+                continue
             sin = gs.Variable(self.name(f"{base}.state"), dtype=np.float32, shape=shape)
             while len(node.inputs) <= slot:
                 node.inputs.append(gs.Variable.empty())

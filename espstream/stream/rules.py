@@ -49,7 +49,8 @@ class Req:
 @dataclass
 class Recurrent:
     node: gs.Node
-    slots: list[tuple[int, int, list[int]]]  # (input slot, output slot, state shape)
+    # (input slot, output slot, state shape[, explicit graph input, graph output])
+    slots: list[tuple]
 
 
 @dataclass

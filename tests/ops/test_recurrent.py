@@ -498,3 +498,57 @@ def test_verify_espdl_pair_feeds_the_state_back(kind: str) -> None:
     res = verify_espdl_pair(off_g, st_g, random=3)
     assert res.outputs and all(o.ok and o.compared for o in res.outputs), res.failure()
     assert {o.kind for o in res.outputs} == {"time"}
+
+
+def _explicit_lstm(read_elsewhere: bool = False):
+    """x [1, 6, 10] -> Transpose -> LSTM(initial_h=h, initial_c=c) -> y, hn, cn (a VAD's I/O)."""
+    H, inp = 4, 6
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "w": (rng.standard_normal((1, 4 * H, inp)) * 0.4).astype(np.float32),
+        "r": (rng.standard_normal((1, 4 * H, H)) * 0.4).astype(np.float32)}.items()]
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[2, 0, 1]),
+             helper.make_node("LSTM", ["xt", "w", "r", "", "", "h", "c"], ["y", "hn", "cn"],
+                              hidden_size=H)]
+    outs = [("y", [10, 1, 1, H]), ("hn", [1, 1, H]), ("cn", [1, 1, H])]
+    if read_elsewhere:
+        nodes.append(helper.make_node("Relu", ["h"], ["hr"]))
+        outs.append(("hr", [1, 1, H]))
+    g = helper.make_graph(nodes, "vad", [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, inp, 10]),
+        helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, H]),
+        helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 1, H])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outs], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_explicit_state_graph_io_becomes_the_state_pair() -> None:
+    """streamify: an LSTM whose initial_h / initial_c are graph inputs read only there and whose
+    Y_h / Y_c are graph outputs keeps them as its state pairs (their own names, chunk-free
+    shapes); the float streaming model, fed back, equals the offline model run from zeros."""
+    m = _explicit_lstm()
+    res = streamify_model(m, 2, axes={"x": 2})
+    meta = {p.key: p.value for p in res.model.metadata_props}
+    assert json.loads(meta["espstream.states"]) == [["h", "hn"], ["c", "cn"]]
+    sess = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    off = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(2).standard_normal((1, 6, 10)).astype(np.float32)
+    z = np.zeros((1, 1, 4), np.float32)
+    y_off, hn_off, cn_off = off.run(None, {"x": x, "h": z, "c": z})
+    h, c, ys = z, z, []
+    for k in range(5):
+        out = dict(zip([o.name for o in sess.get_outputs()],
+                       sess.run(None, {"x": x[..., 2 * k:2 * k + 2], "h": h, "c": c})))
+        h, c = out["hn"], out["cn"]
+        ys.append(out["y"])
+    np.testing.assert_allclose(np.concatenate(ys, axis=0), y_off, atol=1e-6)
+    np.testing.assert_allclose(h, hn_off, atol=1e-6)
+    np.testing.assert_allclose(c, cn_off, atol=1e-6)
+
+
+def test_explicit_state_read_elsewhere_is_refused() -> None:
+    with pytest.raises(UserError, match="explicit state must be a graph input read only here"):
+        streamify_model(_explicit_lstm(read_elsewhere=True), 2, axes={"x": 2})
