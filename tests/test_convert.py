@@ -381,7 +381,8 @@ def test_kws_gru_convert_chunk_every_target_and_width(tmp_path, target, bits):
     j = json.loads(rep.read_text())
     assert len(j["checks"]) == len(STREAM_CHECKS)
     assert all(c["ok"] for c in j["checks"]), j["checks"]
-    exact = next(c for c in j["checks"] if "(lower + simulator): streaming == offline" in c["check"])
+    exact = next(c for c in j["checks"]
+                 if "(lower + simulator): streaming == offline" in c["check"])
     assert "max |err| 0 " in exact["detail"], exact["detail"]
     assert j["outputs"]["y"]["sqnr_fakequant_db"] > (30 if bits == 8 else 60)
     shown = espstream("inspect", out)
@@ -420,7 +421,8 @@ def test_vad_lstm_explicit_state_convert_chunk(tmp_path, target, bits):
     j = json.loads(rep.read_text())
     assert len(j["checks"]) == len(STREAM_CHECKS) and all(c["ok"] for c in j["checks"]), (
         j["checks"])
-    exact = next(c for c in j["checks"] if "(lower + simulator): streaming == offline" in c["check"])
+    exact = next(c for c in j["checks"]
+                 if "(lower + simulator): streaming == offline" in c["check"])
     assert "y max |err| 0 " in exact["detail"], exact["detail"]
     assert j["outputs"]["y"]["sqnr_fakequant_db"] > (30 if bits == 8 else 60)
     g = read(out.read_bytes())

@@ -541,7 +541,7 @@ def test_explicit_state_graph_io_becomes_the_state_pair() -> None:
     h, c, ys = z, z, []
     for k in range(5):
         out = dict(zip([o.name for o in sess.get_outputs()],
-                       sess.run(None, {"x": x[..., 2 * k:2 * k + 2], "h": h, "c": c})))
+                       sess.run(None, {"x": x[..., 2 * k:2 * k + 2], "h": h, "c": c}), strict=True))
         h, c = out["hn"], out["cn"]
         ys.append(out["y"])
     np.testing.assert_allclose(np.concatenate(ys, axis=0), y_off, atol=1e-6)
