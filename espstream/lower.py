@@ -50,7 +50,9 @@ Rules:
    `window_size`); its state input / output leave the graph (the runtime keeps the state).
    A hand-written state pair (`calibrate --state`) that is a pure sliding window (the state is
    the last frames of Concat(state, x)) becomes such a cache first (`espstream.stream.manual`).
-   Any other state pair (a GRU's hidden state, ...) is an error naming it. Every axis before
+   A GRU / LSTM state pair (initial_h / Y_h, initial_c / Y_c) stays a graph input / output
+   pair (ESP-DL keeps no recurrent state between calls; metadata espstream.recurrent_states).
+   Any other state pair is an error naming it. Every axis before
    the frame axis must have size 1 (the cache copies flatly). A cache over a quantized
    constant (streamify's start mask: DequantizeLinear of integer ones) reads that constant as
    an initializer in the runtime layout.
@@ -698,7 +700,8 @@ class Lowerer:
                 what = ", ".join(f"{u.op_type} '{u.name}'" for u in users) or "nothing"
                 raise UserError(
                     f"state '{a}' -> '{b}' is not a StreamingCache state (read by {what}); "
-                    "ESP-DL keeps only StreamingCache state, not a recurrent hidden state"
+                    "ESP-DL keeps StreamingCache state, and a GRU / LSTM state as a model input / "
+                    "output pair; no other state"
                 )
             if a not in self.graph_inputs or b not in self.graph_outputs:
                 raise UserError(f"state '{a}' -> '{b}' is not a graph input / output pair")
