@@ -255,7 +255,7 @@ def read_meta(model: onnx.ModelProto, label: str = "streaming model") -> StreamM
             "`espstream streamify`"
         )
     try:
-        return StreamMeta(
+        res = StreamMeta(
             chunk=int(json.loads(meta["espstream.chunk"])),
             time_axes={k: int(v) for k, v in json.loads(meta["espstream.time_axes"]).items()},
             states=[tuple(p) for p in json.loads(meta.get("espstream.states", "[]"))],
@@ -264,6 +264,12 @@ def read_meta(model: onnx.ModelProto, label: str = "streaming model") -> StreamM
         )
     except (KeyError, ValueError, TypeError) as e:
         raise UserError(f"{label}: malformed espstream metadata ({e})") from None
+    for name, dims, _ in _input_specs(model):
+        if res.time_axes.get(name) == 0:  # streamify refuses it; a hand-edited file may not
+            from espstream.stream.axes import batch_axis_error
+
+            raise batch_axis_error(name, dims)
+    return res
 
 
 def _input_specs(model: onnx.ModelProto) -> list[tuple[str, list[int | None], np.dtype]]:

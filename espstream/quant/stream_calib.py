@@ -233,9 +233,13 @@ def stream_spec(
         rank = len(dims)
         if name in axes:
             ax = axes[name]
-            if not -rank <= ax < rank or ax % rank == 0:
+            if -rank <= ax < rank and ax % rank == 0:
+                from espstream.stream.axes import batch_axis_error
+
+                raise batch_axis_error(name, list(dims))
+            if not -rank <= ax < rank:
                 raise UserError(f"--axis {name}:{ax}: input {name!r} {_fmt(dims)} has no such "
-                                "time axis (axis 0 is the batch)")
+                                "time axis")
             ax %= rank
         else:
             data = peek.get(name, peek.get("") if len(ins) == 1 else None)

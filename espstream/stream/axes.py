@@ -198,6 +198,15 @@ def _input_dims(vi: gs.Variable) -> list:
     return list(vi.shape) if vi.shape is not None else []
 
 
+def batch_axis_error(name: str, dims: list) -> UserError:
+    """The one refusal of a time axis at axis 0 of a graph input, in every stage."""
+    shown = ", ".join("?" if not isinstance(d, int) else str(d) for d in dims)
+    return UserError(
+        f"input {name!r} [{shown}]: its time axis is axis 0, which espstream reads as the batch "
+        f"(data files stack samples there, ESP-DL runs batch 1); export the model with a leading "
+        f"batch axis, {name} [1, {shown}], so the sequence is axis 1")
+
+
 def detect_axes(
     graph: gs.Graph, consts: Consts, given: dict[str, int], fixed_shapes: dict[str, list[int]]
 ) -> InputAxes:
@@ -211,6 +220,9 @@ def detect_axes(
        (its own `pads` plus an explicit Pad in front) is causal (more before than after) while
        the other is not; a GRU/LSTM/RNN: its sequence axis (0, or 1 with layout=1).
     4. Otherwise a UserError asking for `--axis NAME:AXIS`.
+    5. A time axis at axis 0 (given or found, e.g. a `[sequence, features]` input fed to an
+       LSTM) is refused with the reshape that fixes it (`batch_axis_error`): axis 0 is the
+       batch in calibrate's data, verify's data and export's test values.
     An input of rank < 2, or with no frame-mixing consumer at all, has no time axis.
     """
     res = InputAxes()
@@ -221,6 +233,8 @@ def detect_axes(
             ax = given[name]
             if not -len(dims) <= ax < len(dims):
                 raise UserError(f"--axis {name}:{ax}: input {name} has rank {len(dims)}")
+            if ax % len(dims) == 0:
+                raise batch_axis_error(name, dims)
             res.axes[name] = ax % len(dims)
             res.why[name] = "given"
             continue
@@ -240,6 +254,8 @@ def detect_axes(
                 f"cannot tell the time axis of input {name!r} (shape {dims}): {found}; "
                 f"pass --axis {name}:AXIS"
             )
+        if found[0] == 0:
+            raise batch_axis_error(name, dims)
         res.axes[name] = found[0]
         res.why[name] = found[1]
     return res

@@ -336,13 +336,14 @@ def test_dot_product_paths() -> None:
 
 def test_gru_state_becomes_a_state_pair() -> None:
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("GRU", ["x", "w", "r"], ["y4"], hidden_size=3,
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+             helper.make_node("GRU", ["xt", "w", "r"], ["y4"], hidden_size=3,
                               linear_before_reset=1),
              helper.make_node("Squeeze", ["y4", "ax"], ["y"])]
-    m = model(nodes, [8, 1, 4], {"w": rng.standard_normal((1, 9, 4)).astype(np.float32),
+    m = model(nodes, [1, 8, 4], {"w": rng.standard_normal((1, 9, 4)).astype(np.float32),
                                  "r": rng.standard_normal((1, 9, 3)).astype(np.float32),
                                  "ax": np.asarray([1], np.int64)}, opset=13)
-    res = streamify_model(m, 2, axes={"x": 0})
+    res = streamify_model(m, 2, axes={"x": 1})
     meta = {p.key: p.value for p in res.model.metadata_props}
     assert len(json.loads(meta["espstream.states"])) == 1
 
@@ -552,3 +553,87 @@ def test_explicit_state_graph_io_becomes_the_state_pair() -> None:
 def test_explicit_state_read_elsewhere_is_refused() -> None:
     with pytest.raises(UserError, match="explicit state must be a graph input read only here"):
         streamify_model(_explicit_lstm(read_elsewhere=True), 2, axes={"x": 2})
+
+
+# ---- a time axis at axis 0 (a [sequence, features] input): refused in every stage ----------
+
+
+def _seq_first():
+    """x [8, 6] (sequence, features) -> Unsqueeze(1) -> LSTM -> Squeeze -> y [8, 1, 4]."""
+    H, inp = 4, 6
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "w": (rng.standard_normal((1, 4 * H, inp)) * 0.4).astype(np.float32),
+        "r": (rng.standard_normal((1, 4 * H, H)) * 0.4).astype(np.float32),
+        "ax": np.asarray([1], np.int64)}.items()]
+    nodes = [helper.make_node("Unsqueeze", ["x", "ax"], ["xu"]),
+             helper.make_node("LSTM", ["xu", "w", "r"], ["y4"], hidden_size=H),
+             helper.make_node("Squeeze", ["y4", "ax"], ["y"])]
+    g = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [8, inp])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [8, 1, H])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+SEQ_FIRST = "its time axis is axis 0, which espstream reads as the batch"
+
+
+def test_time_axis_zero_refused_by_streamify_and_convert(tmp_path) -> None:
+    """One rule: axis 0 of an input is the batch. streamify --axis x:0 (and convert) refuse it
+    in one line saying how to reshape; nothing is written."""
+    import subprocess
+    import sys
+
+    def espstream(*args):
+        return subprocess.run([sys.executable, "-m", "espstream", *map(str, args)],
+                              capture_output=True, timeout=300)
+
+    with pytest.raises(UserError, match=SEQ_FIRST):
+        streamify_model(_seq_first(), 2, axes={"x": 0})
+    src = tmp_path / "seq.onnx"
+    onnx.save(_seq_first(), src)
+    for args in (["streamify", src, "--chunk", "2", "--axis", "x:0", "-o", tmp_path / "s.onnx"],
+                 ["convert", src, "--random", "4", "--chunk", "2", "--axis", "x:0", "-o",
+                  tmp_path / "c.espdl"]):
+        proc = espstream(*args)
+        err = proc.stderr.decode().strip().splitlines()
+        assert proc.returncode == 2 and SEQ_FIRST in err[-1] and "x [1, 8, 6]" in err[-1], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seq.onnx"]
+
+
+def test_time_axis_zero_refused_by_calibrate_state(tmp_path) -> None:
+    """calibrate of a hand-written streaming model (--state, --axis x:0): the same refusal."""
+    from espstream.quant import stream_calib
+
+    H = 4
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(v, k) for k, v in {
+        "w": (rng.standard_normal((1, 3 * H, 6)) * 0.4).astype(np.float32),
+        "r": (rng.standard_normal((1, 3 * H, H)) * 0.4).astype(np.float32),
+        "ax": np.asarray([1], np.int64)}.items()]
+    nodes = [helper.make_node("Unsqueeze", ["x", "ax"], ["xu"]),
+             helper.make_node("GRU", ["xu", "w", "r", "", "", "h"], ["y", "hn"], hidden_size=H,
+                              linear_before_reset=1)]
+    g = helper.make_graph(nodes, "vad", [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6]),
+        helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, H])], [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 1, 1, H]),
+        helper.make_tensor_value_info("hn", TensorProto.FLOAT, [1, 1, H])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    with pytest.raises(UserError, match=SEQ_FIRST):
+        stream_calib.stream_spec(m, ["h:hn"], None, {"x": 0})
+
+
+def test_time_axis_zero_refused_by_verify() -> None:
+    """verify of a streaming model whose metadata puts an input's time axis at 0 (streamify
+    writes none; a hand-edited file): the same refusal, not a shape error per sample."""
+    from espstream.verify import read_meta
+
+    m = _seq_first()
+    for k, v in {"espstream.chunk": "2", "espstream.time_axes": '{"x": 0, "y": 0}'}.items():
+        m.metadata_props.add(key=k, value=v)
+    with pytest.raises(UserError, match=SEQ_FIRST):
+        read_meta(m)
