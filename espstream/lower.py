@@ -309,6 +309,13 @@ class Lowerer:
         self.acts[name] = act
         return True
 
+    def _initial_h_input(self, qs: list) -> bool:
+        """The graph input's QuantizeLinear -> DequantizeLinear feeds only GRU / LSTM
+        initial_h slots."""
+        users = [(u, list(u.input).index(d)) for q in qs for d in self.dq_outputs(q)
+                 for u in self.consumers.get(d, [])]
+        return bool(users) and all(u.op_type in ("GRU", "LSTM") and k == 5 for u, k in users)
+
     def _recurrent_states(self) -> list[dict]:
         out = []
         for a, b in getattr(self, "recurrent_pairs", []):
@@ -551,8 +558,10 @@ class Lowerer:
                     f"graph input '{name}' has shape {[d if d else '?' for d in shape]}: ESP-DL "
                     f"needs fixed input shapes: fix them before calibrating with --input-shape "
                     f"{name}:{dims}{hint} (optimize and convert take it)")
-            # a GRU / LSTM state input in ONNX order, as its state output is
-            rec_in = name in {a for a, _ in getattr(self, "recurrent_pairs", [])}
+            # a GRU / LSTM state input in ONNX order, as its state output is (also an
+            # offline model's explicit initial_h, so its file matches the streaming one's)
+            rec_in = name in {a for a, _ in getattr(self, "recurrent_pairs", [])} or (
+                self._initial_h_input(qs))
             a = Act(name, e, shape, not rec_in, dtype)
             self.out.inputs.append(ValueInfo(name, dtype, a.runtime_shape(), [e]))
             self.value_info(a)

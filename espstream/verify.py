@@ -413,6 +413,7 @@ def run_stream(runner: Runner, model: onnx.ModelProto, meta: StreamMeta,
             states[sin] = res[sout]
         for name, v in res.items():
             if name in state_outs:
+                last[name] = v  # an explicit state output is also an offline summary output
                 continue
             if name in meta.time_axes:
                 collected.setdefault(name, []).append(v)

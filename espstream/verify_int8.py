@@ -218,10 +218,11 @@ def verify_espdl_pair(
     axis = _frame_axis(offline, streaming)
     off_in = offline.inputs[0]
     st_in = {v.name: v for v in streaming.inputs}
-    # GRU / LSTM states: inputs of the streaming file only, fed back by run_chunks
+    # GRU / LSTM states: fed back by run_chunks; inputs of the streaming file only, or also
+    # of the offline file (an explicit state: its offline value is the initial state)
     fed_back = {r["input"] for r in json.loads(
         streaming.metadata.get("espstream.recurrent_states", "[]"))}
-    if set(st_in) - fed_back != {v.name for v in offline.inputs}:
+    if set(st_in) - fed_back != {v.name for v in offline.inputs} - fed_back:
         raise UserError(
             f"the files have different inputs: {sorted(v.name for v in offline.inputs)} vs "
             f"{sorted(st_in)}"

@@ -432,3 +432,39 @@ def test_vad_lstm_explicit_state_convert_chunk(tmp_path, target, bits):
     shown = espstream("inspect", out)
     text = (shown.stdout + shown.stderr).decode()
     assert "copies output hn to input h" in text and "copies output cn to input c" in text
+
+
+def test_vad_lstm_explicit_state_stage_by_stage_cli(tmp_path):
+    """Issue 14 item 5b on the command line, the explicit h / c of vad_lstm carried through:
+    (1) as a hand-written streaming model (32 frames a call): calibrate --state h:hn --state
+    c:cn on longer sequences, export, verify of its test values; (2) as an offline model:
+    calibrate, streamify --chunk 4, verify QDQ vs streaming (int8 engine), export both, and
+    verify OFFLINE.espdl STREAMING.espdl, every output (y, hn, cn) exact."""
+    t = tmp_path
+    opt = t / "o.onnx"
+    assert espstream("optimize", MODELS / "vad_lstm.onnx", "-o", opt).returncode == 0
+    seqs = t / "seqs.npz"
+    np.savez(seqs, x=np.random.default_rng(7).standard_normal((8, 16, 128)).astype(np.float32))
+    steps = [
+        ["calibrate", opt, "-d", seqs, "--state", "h:hn", "--state", "c:cn", "-o", t / "hq.onnx"],
+        ["export", t / "hq.onnx", "-o", t / "h.espdl", "--test-random"],
+        ["verify", t / "h.espdl"],
+        ["calibrate", opt, "-d", _vad_data(t), "-o", t / "q.onnx"],
+        ["streamify", t / "q.onnx", "--chunk", "4", "-o", t / "qs.onnx"],
+        ["verify", t / "q.onnx", t / "qs.onnx", "-d", _vad_data(t), "--engine", "int8",
+         "--json", t / "v.json"],
+        ["export", t / "q.onnx", "-o", t / "off.espdl"],
+        ["export", t / "qs.onnx", "-o", t / "st.espdl"],
+        ["verify", t / "off.espdl", t / "st.espdl", "--random", "3", "--json", t / "p.json"],
+    ]
+    for args in steps:
+        proc = espstream(*args)
+        assert proc.returncode == 0, (args[0], proc.stderr.decode()[-2000:])
+    shown = (lambda p: (p.stdout + p.stderr).decode())(espstream("inspect", t / "h.espdl"))
+    assert "copies output hn to input h" in shown and "copies output cn to input c" in shown
+    for rep in ("v.json", "p.json"):
+        j = json.loads((t / rep).read_text())
+        outs = {o["output"]: o for r in j["runs"] for o in r["outputs"]}
+        assert set(outs) == {"y", "hn", "cn"}, outs
+        assert all(o["ok"] and o["compared"] and o["max_abs_error"] == 0
+                   for o in outs.values()), outs
