@@ -76,6 +76,7 @@ def export_model(
         raise UserError("give --test-data or --test-random, not both")
     target = check_target(model, target) if _is_qdq(model) else target
     graph = lower(model, target)
+    _check_batch_one(graph)
     if name:
         graph.name = name
     if test_data is not None or test_random:
@@ -115,6 +116,38 @@ def onnx_shape(graph: IntGraph, name: str) -> list:
     for i, p in enumerate(perm):
         inv[p] = i
     return [vi.shape[i] for i in inv]
+
+
+def _strings(v) -> set[str]:
+    if isinstance(v, str):
+        return {v}
+    if isinstance(v, dict):
+        return set().union(*(_strings(x) for x in (*v.keys(), *v.values()))) if v else set()
+    if isinstance(v, list):
+        return set().union(*(_strings(x) for x in v)) if v else set()
+    return set()
+
+
+def _check_batch_one(graph: IntGraph) -> None:
+    """ESP-DL runs one sample per call: a data input whose axis 0 (the batch, espstream's one
+    rule) is fixed above 1 is refused here, before test values are made for it. State inputs
+    (caches, recurrent states, [directions, batch, hidden]) are not data inputs."""
+    states: set[str] = set()
+    for key in ("espstream.recurrent_states", "espstream.states"):
+        if key in graph.metadata:
+            try:
+                states |= _strings(json.loads(graph.metadata[key]))
+            except ValueError:
+                pass
+    for vi in graph.inputs:
+        if vi.name in states:
+            continue
+        shape = onnx_shape(graph, vi.name)
+        if len(shape) >= 2 and isinstance(shape[0], int) and shape[0] > 1:
+            rest = ",".join(str(d) for d in shape[1:])
+            raise UserError(f"input '{vi.name}' {shape}: axis 0 is the batch, and ESP-DL runs one "
+                            f"sample per call; give --input-shape {vi.name}:1,{rest} (or export "
+                            "the model with batch 1)")
 
 
 def quantize_input(graph: IntGraph, name: str, x: np.ndarray) -> np.ndarray:

@@ -234,3 +234,28 @@ def test_cli_cpp_needs_a_folder(tmp_path, qdq_file):
     proc = espstream("export", qdq_file, "--format", "cpp", "-o", tmp_path / "nope")
     assert_user_error(proc, "not an existing folder")
     assert list(tmp_path.iterdir()) == []
+
+
+def _batch_model(batch: int) -> onnx.ModelProto:
+    from onnx import TensorProto, helper, numpy_helper
+    w = np.random.default_rng(0).normal(size=[4, 4, 3]).astype(np.float32)
+    w = numpy_helper.from_array(w, "w")
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1])], "b",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4, 8])], [w])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_fixed_batch_above_one_is_refused_with_the_shape_to_give():
+    from espstream.quant.data import random_data
+
+    def calibrated(batch):
+        m = _batch_model(batch)
+        return calibrate_model(m, random_data(model_inputs(m), 8), report_samples=0).model
+
+    assert export_model(calibrated(1)).graph.inputs  # batch 1 exports
+    two = calibrated(2)
+    with pytest.raises(UserError, match=r"input 'x' \[2, 4, 8\]: axis 0 is the batch.*"
+                                         r"one sample per call; give --input-shape x:1,4,8"):
+        export_model(two)
