@@ -23,6 +23,9 @@ from espstream.stdio import real_stdout, stdout_reserved_for_output
 #: ESP-DL 3.3's target names and 'c' (espstream.targets maps each onto one of three arithmetics)
 TARGET_NAMES = ["esp32p4", "esp32s31", "esp32s3", "esp32", "esp32s2", "esp32c2", "esp32c3",
                 "esp32c5", "esp32c6", "c"]
+#: Counts from the command line, bounded (espstream.limits rule 3)
+CHUNK, RANDOM, SEED = (click.IntRange(1, MAX_CHUNK), click.IntRange(1, MAX_RANDOM),
+                       click.IntRange(0, MAX_SEED))
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -171,8 +174,9 @@ def optimize(
 @click.argument("input", default="-")
 @stage
 @click.option("-d", "--data", metavar="PATH", help="Calibration data: .npy, .npz or a folder.")
-@click.option("--random", "random_n", type=click.IntRange(1, MAX_RANDOM), metavar="N", help="Use N standard-normal samples.")
-@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Seed for --random.")
+@click.option("--random", "random_n", type=RANDOM, metavar="N",
+              help="Use N standard-normal samples.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for --random.")
 @click.option("--input-value", "input_values", multiple=True, metavar="NAME=V",
               help="With --random: input NAME holds V (integer / boolean inputs need one).")
 @click.option("--target", type=click.Choice(TARGET_NAMES), default="esp32p4",
@@ -194,7 +198,7 @@ def optimize(
 @click.option("--state", "states", multiple=True, metavar="IN:OUT",
               help="A hand-written streaming model's state input and the output fed back into "
               "it (repeatable); the data are then whole sequences, run chunk by chunk.")
-@click.option("--chunk", type=click.IntRange(1, MAX_CHUNK), metavar="N",
+@click.option("--chunk", type=CHUNK, metavar="N",
               help="With --state: frames per call, where the input's time axis is symbolic.")
 @click.option("--axis", multiple=True, metavar="NAME:AXIS",
               help="With --state: time axis of an input or output (else found from the model "
@@ -338,7 +342,7 @@ def ops_command(json_path: str | None) -> None:
 )
 @click.argument("input", default="-")
 @stage
-@click.option("--chunk", type=click.IntRange(1, MAX_CHUNK), required=True, metavar="N", help="Input frames per call.")
+@click.option("--chunk", type=CHUNK, required=True, metavar="N", help="Input frames per call.")
 @click.option("--axis", multiple=True, metavar="INPUT:AXIS",
               help="Time axis of an input, where it is not found automatically (repeatable).")
 @click.option("--overrides", metavar="FILE.json",
@@ -392,8 +396,8 @@ def streamify(
 @click.argument("offline")
 @click.argument("streaming", nargs=-1)
 @click.option("-d", "--data", metavar="PATH", help="Input sequences: .npy [N, ...] or .npz.")
-@click.option("--random", "random_n", type=click.IntRange(1, MAX_RANDOM), metavar="N", help="N random sequences [4].")
-@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Seed for --random.")
+@click.option("--random", "random_n", type=RANDOM, metavar="N", help="N random sequences [4].")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for --random.")
 @click.option("--frames", type=int, metavar="T", help="Sequence length for a dynamic time axis.")
 @click.option("--engine", metavar="NAME",
               help="float | fakequant | int8 [default: by the model; .espdl: int8].")
@@ -610,14 +614,15 @@ def pack(inputs: tuple[str, ...], output: str, fmt: str, names: tuple[str, ...],
 @click.argument("input", default="-")
 @stage
 @click.option("-d", "--data", metavar="PATH", help="Calibration data: .npy, .npz or a folder.")
-@click.option("--random", "random_n", type=click.IntRange(1, MAX_RANDOM), metavar="N", help="Use N standard-normal samples.")
-@click.option("--chunk", type=click.IntRange(1, MAX_CHUNK), metavar="N", help="Stream N input frames per call.")
+@click.option("--random", "random_n", type=RANDOM, metavar="N",
+              help="Use N standard-normal samples.")
+@click.option("--chunk", type=CHUNK, metavar="N", help="Stream N input frames per call.")
 @click.option("--target", type=click.Choice(TARGET_NAMES), default="esp32p4",
               show_default=True)
 @click.option("--bits", type=click.Choice(["8", "16"]), default="8", show_default=True)
 @click.option("--method", type=click.Choice(["minmax", "percentile", "kl", "mse"]), default=None,
               help="Activation exponent choice [default: mse].")
-@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True, help="Seed for --random.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for --random.")
 @click.option("--input-value", "input_values", multiple=True, metavar="NAME=V",
               help="With --random: input NAME holds V (integer / boolean inputs need one).")
 @click.option("--input-shape", multiple=True, metavar="NAME:D0,D1,...", help="As optimize.")

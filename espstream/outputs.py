@@ -42,8 +42,8 @@ def _resolved(path: str) -> Path:
 def _stat(p: Path) -> os.stat_result | None:
     try:
         return os.stat(p)
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # (a missing folder is then refused by name)
     except OSError as e:
         if e.errno == errno.ENAMETOOLONG:
             raise UserError(f"{_short(str(p))}: file name too long") from None

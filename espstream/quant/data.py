@@ -114,11 +114,14 @@ def _check_npy_header(f, label: str) -> None:
 
     try:
         version = np.lib.format.read_magic(f)
-        shape, _, dtype = np.lib.format._read_array_header(f, version)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read(f)
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
-        raise UserError(f"{label}: not a readable .npy array ({first_line(e)})") from None
+        raise UserError(f"{label}: not a readable .npy file ({first_line(e)})") from None
     if dtype.hasobject:
-        raise UserError(f"{label}: holds Python objects (dtype {dtype}); give numbers")
+        raise UserError(f"{label}: not a readable .npy file: it holds Python objects (dtype "
+                        f"{dtype}); give numbers")
     check_shape(shape, dtype.itemsize, label)
 
 
