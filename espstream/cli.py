@@ -47,7 +47,9 @@ def stage(f: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, quiet: bool, debug: bool, **kwargs: Any) -> Any:
         log.set_quiet(quiet)
         reads = [v for k in READ_OPTIONS for v in _paths(kwargs.get(k))]
-        check_report_path(kwargs.get("json_path"), *reads, output=kwargs.get("output"))
+        # (export --format cpp writes into a folder and checks it itself)
+        out = None if kwargs.get("fmt") == "cpp" else kwargs.get("output")
+        check_report_path(kwargs.get("json_path"), *reads, output=out)
         with stdout_reserved_for_output():
             return f(*args, **kwargs)
 

@@ -410,7 +410,7 @@ def read_test_data(path: str) -> np.ndarray | dict[str, np.ndarray]:
     raw = read_bytes(path, "test data")
     try:
         if not raw.startswith(b"PK"):
-            _check_npy_header(io.BytesIO(raw), path)
+            _check_npy_header(io.BytesIO(raw), path, "not a .npy / .npz array file")
         obj = np.load(io.BytesIO(raw), allow_pickle=False)
         if isinstance(obj, np.lib.npyio.NpzFile):
             data = {k: npz_member(obj, k, path) for k in obj.files}

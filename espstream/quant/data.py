@@ -108,7 +108,7 @@ class _Array:
         return np.require(x, self.spec.dtype, "C")  # (ascontiguousarray makes a 0-d array 1-D)
 
 
-def _check_npy_header(f, label: str) -> None:
+def _check_npy_header(f, label: str, bad: str = "not a readable .npy file") -> None:
     """Refuse an .npy header declaring an object dtype or a shape over espstream.limits."""
     from espstream.limits import check_shape
 
@@ -118,7 +118,7 @@ def _check_npy_header(f, label: str) -> None:
                 np.lib.format.read_array_header_2_0)
         shape, _, dtype = read(f)
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
-        raise UserError(f"{label}: not a readable .npy file ({first_line(e)})") from None
+        raise UserError(f"{label}: {bad} ({first_line(e)})") from None
     if dtype.hasobject:
         raise UserError(f"{label}: not a readable .npy file: it holds Python objects (dtype "
                         f"{dtype}); give numbers")

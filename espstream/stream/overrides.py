@@ -73,7 +73,7 @@ def parse(data: Any, label: str = "overrides") -> Overrides:
             if not isinstance(v, int) or isinstance(v, bool):
                 raise UserError(f"{label}: tensor {name!r}: {k} must be an integer")
             if k in ("window", "delay") and not 0 < v <= MAX_CHUNK:
-                raise UserError(f"{label}: tensor {name!r}: {k} must be between 1 and "
+                raise UserError(f"{label}: tensor {name!r}: {k} must be positive, between 1 and "
                                 f"{MAX_CHUNK}")
             if k == "axis" and not -8 <= v < 8:
                 raise UserError(f"{label}: tensor {name!r}: axis {v} is out of range (-8..7)")

@@ -257,7 +257,7 @@ CASES = [
          "overrides_not_json.json: not valid JSON"),
     case("streamify_overrides_bad_value",
          "streamify {in}/tiny.onnx --chunk 2 --overrides {in}/overrides_bad_value.json -o {out}/o",
-         "window must be between 1 and"),
+         "window must be positive, between 1 and"),
     case("streamify_truncated_model", "streamify {in}/qdq_truncated.onnx --chunk 2 -o {out}/o",
          "qdq_truncated.onnx: not an ONNX model"),
     # export: float or unsupported models, wrong target, bad test data, bad paths

@@ -123,7 +123,8 @@ def cases() -> list[dict]:
             _c(f"{st}_overrides_axis99", f"{base} --overrides {{in}}/r_overrides_axis99.json "
                "-o {out}/o", "axis 99 is out of range"),
             _c(f"{st}_overrides_window_huge", f"{base} --overrides "
-               "{in}/r_overrides_window_huge.json -o {out}/o", "window must be between 1 and"),
+               "{in}/r_overrides_window_huge.json -o {out}/o",
+               "window must be positive, between 1 and"),
         ]
     for st in ("export", "convert"):
         base = STAGES[st]
