@@ -98,6 +98,10 @@ def cases() -> list[dict]:
             _c(f"{st}_output_is_folder", f"{base} -o {{in}}", "is a folder", None),
             _c(f"{st}_json_in_proc", f"{base} -o {{out}}/o --json /proc/espstream-r.json",
                "cannot write in /proc"),
+            _c(f"{st}_output_in_proc", f"{base} -o /proc/espstream-r.out",
+               "cannot write in /proc", None),
+            _c(f"{st}_json_is_output_spelt_apart", f"{base} -o {{out}}/o --json {{out}}/./o",
+               "named twice as an output"),
         ]
         if st != "pack":
             for dev in ("zero", "urandom"):
