@@ -8,6 +8,7 @@ failed numerical checks exit 1.
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -16,11 +17,15 @@ import click
 
 from espstream import __version__, log
 from espstream.errors import EspstreamError, UserError
+from espstream.limits import MAX_CHUNK, MAX_RANDOM, MAX_SEED
 from espstream.stdio import real_stdout, stdout_reserved_for_output
 
 #: ESP-DL 3.3's target names and 'c' (espstream.targets maps each onto one of three arithmetics)
 TARGET_NAMES = ["esp32p4", "esp32s31", "esp32s3", "esp32", "esp32s2", "esp32c2", "esp32c3",
                 "esp32c5", "esp32c6", "c"]
+#: Counts from the command line, bounded (espstream.limits rule 3)
+CHUNK, RANDOM, SEED = (click.IntRange(1, MAX_CHUNK), click.IntRange(1, MAX_RANDOM),
+                       click.IntRange(0, MAX_SEED))
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -41,19 +46,35 @@ def stage(f: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(f)
     def wrapper(*args: Any, quiet: bool, debug: bool, **kwargs: Any) -> Any:
         log.set_quiet(quiet)
-        check_report_path(kwargs.get("json_path"))
+        reads = [v for k in READ_OPTIONS for v in _paths(kwargs.get(k))]
+        # (export --format cpp writes into a folder and checks it itself)
+        out = None if kwargs.get("fmt") == "cpp" else kwargs.get("output")
+        check_report_path(kwargs.get("json_path"), *reads, output=out)
         with stdout_reserved_for_output():
             return f(*args, **kwargs)
 
     return wrapper
 
 
-def check_report_path(path: str | None) -> None:
-    """Refuse an unwritable --json path before any work (not after the model is written)."""
-    if path and path != "-":
-        from espstream.modelio import check_output_path
+#: The options through which a stage reads files: no output may name one of them.
+READ_OPTIONS = ("input", "inputs", "offline", "streaming", "data", "test_data", "overrides",
+                "encrypt_key", "key", "models")
 
-        check_output_path(path)
+
+def check_report_path(path: str | None, *reads: str | None, output: str | None = None) -> None:
+    """Before any work: the outputs (-o, --json) are writable, name no input and not each
+    other (espstream.outputs)."""
+    from espstream import outputs
+
+    outputs.check_outputs([output, None if path == "-" else path], list(reads))
+
+
+def _paths(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, tuple | list):
+        return [v for v in value if isinstance(v, str)]
+    return []
 
 
 def parse_input_shapes(specs: tuple[str, ...]) -> dict[str, list[int]]:
@@ -155,8 +176,9 @@ def optimize(
 @click.argument("input", default="-")
 @stage
 @click.option("-d", "--data", metavar="PATH", help="Calibration data: .npy, .npz or a folder.")
-@click.option("--random", "random_n", type=int, metavar="N", help="Use N standard-normal samples.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
+@click.option("--random", "random_n", type=RANDOM, metavar="N",
+              help="Use N standard-normal samples.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for --random.")
 @click.option("--input-value", "input_values", multiple=True, metavar="NAME=V",
               help="With --random: input NAME holds V (integer / boolean inputs need one).")
 @click.option("--target", type=click.Choice(TARGET_NAMES), default="esp32p4",
@@ -178,7 +200,7 @@ def optimize(
 @click.option("--state", "states", multiple=True, metavar="IN:OUT",
               help="A hand-written streaming model's state input and the output fed back into "
               "it (repeatable); the data are then whole sequences, run chunk by chunk.")
-@click.option("--chunk", type=int, metavar="N",
+@click.option("--chunk", type=CHUNK, metavar="N",
               help="With --state: frames per call, where the input's time axis is symbolic.")
 @click.option("--axis", multiple=True, metavar="NAME:AXIS",
               help="With --state: time axis of an input or output (else found from the model "
@@ -278,7 +300,7 @@ def inspect(file: str, json_path: str | None, target: str | None, member: str | 
     from espstream.espdl.crypt import read_key
 
     log.set_quiet(quiet)
-    check_report_path(json_path)
+    check_report_path(json_path, file, key)
     label = "<stdin>" if file == "-" else file
     k = read_key(key) if key else None
     info = inspection.inspect_bytes(modelio.read_bytes(file), label, target, member, k)
@@ -322,7 +344,7 @@ def ops_command(json_path: str | None) -> None:
 )
 @click.argument("input", default="-")
 @stage
-@click.option("--chunk", type=int, required=True, metavar="N", help="Input frames per call.")
+@click.option("--chunk", type=CHUNK, required=True, metavar="N", help="Input frames per call.")
 @click.option("--axis", multiple=True, metavar="INPUT:AXIS",
               help="Time axis of an input, where it is not found automatically (repeatable).")
 @click.option("--overrides", metavar="FILE.json",
@@ -376,8 +398,8 @@ def streamify(
 @click.argument("offline")
 @click.argument("streaming", nargs=-1)
 @click.option("-d", "--data", metavar="PATH", help="Input sequences: .npy [N, ...] or .npz.")
-@click.option("--random", "random_n", type=int, metavar="N", help="N random sequences [4].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
+@click.option("--random", "random_n", type=RANDOM, metavar="N", help="N random sequences [4].")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for --random.")
 @click.option("--frames", type=int, metavar="T", help="Sequence length for a dynamic time axis.")
 @click.option("--engine", metavar="NAME",
               help="float | fakequant | int8 [default: by the model; .espdl: int8].")
@@ -412,7 +434,7 @@ def verify(
     from espstream.stream.streamify import parse_axes
 
     log.set_quiet(quiet)
-    check_report_path(json_path)
+    check_report_path(json_path, offline, *streaming, data, overrides, key)
     parts = list(streaming)  # more than one: a staged deployment's parts, in order
     one = parts[0] if parts else None
     if data is not None and random_n is not None:
@@ -571,8 +593,7 @@ def pack(inputs: tuple[str, ...], output: str, fmt: str, names: tuple[str, ...],
     from espstream.espdl import pack as packing
 
     log.set_quiet(quiet)
-    check_report_path(json_path)
-    modelio.check_output_path(output, *inputs)
+    check_report_path(json_path, *inputs, output=output)
     if output == "-" and real_stdout().isatty():
         raise UserError("refusing to write a binary package to the terminal; use -o FILE")
     with stdout_reserved_for_output():
@@ -595,14 +616,15 @@ def pack(inputs: tuple[str, ...], output: str, fmt: str, names: tuple[str, ...],
 @click.argument("input", default="-")
 @stage
 @click.option("-d", "--data", metavar="PATH", help="Calibration data: .npy, .npz or a folder.")
-@click.option("--random", "random_n", type=int, metavar="N", help="Use N standard-normal samples.")
-@click.option("--chunk", type=int, metavar="N", help="Stream N input frames per call.")
+@click.option("--random", "random_n", type=RANDOM, metavar="N",
+              help="Use N standard-normal samples.")
+@click.option("--chunk", type=CHUNK, metavar="N", help="Stream N input frames per call.")
 @click.option("--target", type=click.Choice(TARGET_NAMES), default="esp32p4",
               show_default=True)
 @click.option("--bits", type=click.Choice(["8", "16"]), default="8", show_default=True)
 @click.option("--method", type=click.Choice(["minmax", "percentile", "kl", "mse"]), default=None,
               help="Activation exponent choice [default: mse].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for --random.")
 @click.option("--input-value", "input_values", multiple=True, metavar="NAME=V",
               help="With --random: input NAME holds V (integer / boolean inputs need one).")
 @click.option("--input-shape", multiple=True, metavar="NAME:D0,D1,...", help="As optimize.")
@@ -719,35 +741,68 @@ def _quiet_libraries(debug: bool) -> None:
     from espstream.lazy_quiet import quiet_on_import
 
     quiet_on_import()
+    import warnings
+
+    warnings.simplefilter("ignore")  # a NumPy RuntimeWarning is not a second line
+
+
+def _say(text: str) -> None:
+    """One stderr line: newlines from file or tensor names are shown escaped."""
+    text = text.strip().replace("\r", "\\r").replace("\n", "\\n")
+    try:
+        print(f"espstream: {text}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised so that cleanup runs as for SIGINT."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    from espstream import outputs
+    from espstream.errors import CheckFailed
+    from espstream.guard import as_user_error
+
     debug = "--debug" in args
     _quiet_libraries(debug)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
-        code = cli.main(args=args, prog_name="espstream", standalone_mode=False)
-    except click.exceptions.Abort:
-        print("espstream: error: aborted", file=sys.stderr)
+        # Every output lands when the command ends, together; a failed check keeps its
+        # report (which says "written": false). Errors and signals remove the temporary files.
+        with outputs.transaction(commit_on=(CheckFailed,)):
+            code = cli.main(args=args, prog_name="espstream", standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("espstream: error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Terminated:
+        print("espstream: error: terminated", file=sys.stderr)
+        sys.exit(143)
     except click.ClickException as e:
-        print(f"espstream: error: {e.format_message()}", file=sys.stderr)
+        _say(f"error: {e.format_message()}")
         sys.exit(2)
     except EspstreamError as e:
         if debug:
             raise
         kind = "check failed" if e.exit_code == 1 else "error"
-        print(f"espstream: {kind}: {e}", file=sys.stderr)
+        _say(f"{kind}: {e}")
         sys.exit(e.exit_code)
     except BrokenPipeError:
-        sys.exit(1)
+        print("espstream: error: the reader closed the pipe before the output was written",
+              file=sys.stderr)
+        sys.exit(2)
     except Exception as e:  # a bug of ours: one line, the traceback behind --debug
         if debug:
             raise
-        print(
-            f"espstream: error: internal error ({type(e).__name__}: {e}); rerun with --debug "
-            "and report it",
-            file=sys.stderr,
-        )
+        user = as_user_error(e)  # or a library's exception only an input can cause
+        if user is not None:
+            _say(f"error: {user}")
+            sys.exit(2)
+        _say(f"error: internal error ({type(e).__name__}: {e}); rerun with --debug and report it")
         sys.exit(3)
     sys.exit(code if isinstance(code, int) else 0)

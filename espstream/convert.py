@@ -233,6 +233,16 @@ def _check_random_possible(model: onnx.ModelProto, input_shapes, seed: int,
     random_data(model_inputs(probe), 1, seed, values)
 
 
+def _check_data_readable(model: onnx.ModelProto, input_shapes, data) -> None:
+    """Calibration data are opened (headers, shapes) before any stage runs on the model."""
+    from espstream.optimize.runner import fix_input_shapes
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    fix_input_shapes(probe, input_shapes or {})
+    read_calibration_data(os.fspath(data), model_inputs(probe))
+
+
 def convert_model(
     model: onnx.ModelProto,
     data: str | os.PathLike[str] | CalibrationData | None = None,
@@ -284,6 +294,8 @@ def convert_model(
     _check_offline_float(model)
     if random is not None:
         _check_random_possible(model, input_shapes, seed, random_values)
+    elif isinstance(data, str | os.PathLike):
+        _check_data_readable(model, input_shapes, data)
     verify_int8.register()
     clock = _Clock()
     options = {"chunk": chunk, "target": target, "bits": bits, "method": method,

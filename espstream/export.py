@@ -433,19 +433,25 @@ def cpp_files(graph: IntGraph, cname: str) -> tuple[bytes, bytes]:
 def read_test_data(path: str) -> np.ndarray | dict[str, np.ndarray]:
     """A .npy (one input) or .npz (one array per input name) of float test data."""
     import io
+    import zipfile
+    import zlib
 
+    from espstream.errors import first_line
     from espstream.modelio import read_bytes
+    from espstream.quant.data import _check_npy_header, npz_member
 
     raw = read_bytes(path, "test data")
     try:
+        if not raw.startswith(b"PK"):
+            _check_npy_header(io.BytesIO(raw), path, "not a .npy / .npz array file")
         obj = np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise UserError(f"{path}: not a .npy / .npz array file ({e})") from None
-    if isinstance(obj, np.lib.npyio.NpzFile):
-        data = {k: obj[k] for k in obj.files}
-        arrays = list(data.values())
-    else:
-        data, arrays = obj, [obj]
+        if isinstance(obj, np.lib.npyio.NpzFile):
+            data = {k: npz_member(obj, k, path) for k in obj.files}
+            arrays = list(data.values())
+        else:
+            data, arrays = obj, [obj]
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise UserError(f"{path}: not a .npy / .npz array file ({first_line(e)})") from None
     for a in arrays:
         if a.dtype.kind not in "fiu":
             raise UserError(f"{path}: test data must be numbers, got dtype {a.dtype}")

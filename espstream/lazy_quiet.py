@@ -19,7 +19,7 @@ def _quiet(name: str, module: ModuleType) -> None:
     if name == "onnx_graphsurgeon":
         module.logger.G_LOGGER.severity = module.logger.G_LOGGER.ERROR
     elif name == "onnxruntime":
-        module.set_default_logger_severity(3)
+        module.set_default_logger_severity(4)  # errors reach the user as our one line
 
 
 class _Loader(importlib.abc.Loader):

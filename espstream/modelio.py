@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -31,23 +30,66 @@ def _label(path: str) -> str:
 
 def read_bytes(path: str, what: str = "input") -> bytes:
     """Read a whole file, or stdin for '-'."""
+    from espstream.limits import MAX_FILE_BYTES, check_file_size
+
     if path == STDIO:
-        if sys.stdin.isatty():
+        stdin = sys.stdin
+        if stdin is None or getattr(stdin, "closed", False):
+            raise UserError(f"no {what} given: stdin is closed; pass a file")
+        if stdin.isatty():
             raise UserError(f"no {what} given: pass a file or pipe one into stdin")
-        data = sys.stdin.buffer.read()
-    else:
-        p = Path(path)
-        if not p.exists():
-            raise UserError(f"{path}: no such file")
-        if p.is_dir():
-            raise UserError(f"{path}: is a folder, expected a file")
         try:
-            data = p.read_bytes()
+            check_stream(stdin.fileno(), "<stdin>")
+            data = stdin.buffer.read(MAX_FILE_BYTES + 1)
         except OSError as e:
-            raise UserError(f"{path}: cannot read ({e.strerror})") from None
+            raise UserError(f"<stdin>: cannot read ({e.strerror})") from None
+        check_file_size(len(data), "<stdin>")
+    else:
+        from espstream.outputs import _short
+
+        label = _short(path)
+        try:
+            p = Path(path)
+            if not p.exists():
+                raise UserError(f"{label}: no such file")
+            if p.is_dir():
+                raise UserError(f"{label}: is a folder, expected a file")
+            with open(p, "rb") as f:  # bounded (espstream.limits rule 1)
+                check_stream(f.fileno(), label)
+                data = f.read(MAX_FILE_BYTES + 1)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{label}: cannot read ({getattr(e, 'strerror', None) or e})") \
+                from None
+        check_file_size(len(data), label)
     if not data:
         raise UserError(f"{_label(path)}: the file is empty")
     return data
+
+
+def check_stream(fd: int, label: str) -> None:
+    """An input is a regular file (of at most MAX_FILE_BYTES), a pipe or a socket; a device
+    such as /dev/zero or /dev/urandom never ends and is refused."""
+    import stat
+
+    from espstream.limits import check_file_size
+
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode):
+        check_file_size(st.st_size, label)
+    elif not (stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode)):
+        raise UserError(f"{label}: a device or special file, not a file to read")
+
+
+def check_input_file(path: str) -> None:
+    """`check_stream` for a path read by another library (numpy)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        check_stream(fd, path)
+    finally:
+        os.close(fd)
 
 
 def _opset(model: onnx.ModelProto) -> int | None:
@@ -266,62 +308,48 @@ def load_model(path: str, upgrade_opset: bool = False) -> onnx.ModelProto:
     return parse_model(data, _label(path), base, upgrade_opset)
 
 
-def check_output_path(path: str, *inputs: str) -> None:
-    """Refuse an output that would overwrite an input, or land in a missing folder."""
-    if path == STDIO:
-        return
-    out = Path(path)
-    for inp in inputs:
-        if inp and inp != STDIO and Path(inp).exists() and out.exists():
-            if os.path.samefile(inp, out):
-                raise UserError(
-                    f"{path}: the output would overwrite the input; choose another -o path"
-                )
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"{path}: the folder {parent} does not exist")
-    if out.is_dir():
-        raise UserError(f"{path}: is a folder; give a file name")
-    # Permissions do not tell (root ignores them; /proc refuses new files even to root): try
-    # the temporary file `write_bytes` will need, now, before any work is done.
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write in {parent} ({e.strerror})") from None
-    os.close(fd)
-    _unlink_quietly(probe)
+def check_output_path(path: str, *inputs: str | None) -> None:
+    """Refuse an output that would overwrite an input, replace a special file, or land in a
+    missing or unwritable folder (espstream.outputs, rules 1-3)."""
+    from espstream.outputs import check_output
+
+    check_output(path, *inputs)
 
 
 def write_bytes(data: bytes, path: str, binary: bool = True) -> None:
-    """Write atomically to `path`, or to stdout for '-' (binary refused on a terminal)."""
+    """Write to `path` (espstream.outputs: through a device, else atomically, committed with
+    the command's other outputs), or to stdout for '-' (binary refused on a terminal)."""
     if path == STDIO:
         out = real_stdout()
+        if out is None or getattr(out, "closed", False):
+            raise UserError("stdout is closed; give -o FILE")
         if binary and out.isatty():
             raise UserError(
                 "refusing to write a binary model to the terminal; use -o FILE or pipe the output"
             )
-        out.buffer.write(data)
-        out.buffer.flush()
+        try:
+            out.buffer.write(data)
+            out.buffer.flush()
+        except BrokenPipeError:
+            _silence_stdout()
+            raise UserError("stdout: the reader closed the pipe before the output was "
+                            "written") from None
+        except OSError as e:
+            raise UserError(f"stdout: cannot write ({e.strerror})") from None
         return
-    check_output_path(path)
-    target = Path(path)
+    from espstream.outputs import write_file
+
+    write_file(data, path)
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, point fd 1 at /dev/null so Python's exit flush stays quiet."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write there ({e.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except OSError as e:
-        _unlink_quietly(tmp)
-        raise UserError(f"{path}: cannot write ({e.strerror})") from None
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, 1)
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def _unlink_quietly(path: str) -> None:

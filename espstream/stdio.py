@@ -27,4 +27,5 @@ def stdout_reserved_for_output() -> Iterator[None]:
 
 
 def real_stdout():
-    return _real_stdout if _real_stdout is not None else sys.stdout
+    """The process's stdout (None when it was closed at start), never the stderr stand-in."""
+    return _real_stdout if _real_stdout is not None else sys.__stdout__

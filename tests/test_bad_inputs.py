@@ -103,7 +103,7 @@ def test_make_is_deterministic_and_committed(tmp_path):
     make = _load_make()
     make.main(tmp_path)
     made = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    committed = {p.name for p in HERE.iterdir() if p.is_file() and p.name != "make.py"}
+    committed = {p.name for p in HERE.iterdir() if p.is_file() and p.suffix != ".py"}
     assert set(made) == committed
     assert made["manifest.json"] == (HERE / "manifest.json").read_bytes()
     for name, data in made.items():

@@ -223,7 +223,7 @@ TUT, TUT_CALIB = "models/tutorial_tcn.onnx", "models/tutorial_tcn.calib.npy"
 BAD = [
     ("no data", [TUT], "give calibration data"),
     ("data and random", [TUT, "-d", TUT_CALIB, "--random", "4"], "not both"),
-    ("chunk 0", [TUT, "-d", TUT_CALIB, "--chunk", "0"], "--chunk 0: must be a positive"),
+    ("chunk 0", [TUT, "-d", TUT_CALIB, "--chunk", "0"], "'--chunk': 0 is not in the range"),
     ("chunk not an int", [TUT, "-d", TUT_CALIB, "--chunk", "2.5"], "'2.5' is not a valid int"),
     ("chunk beyond the data", [TUT, "-d", TUT_CALIB, "--chunk", "48"], "chunks of 48"),
     ("chunk that cannot be checked", [TUT, "-d", TUT_CALIB, "--chunk", "5"],

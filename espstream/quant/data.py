@@ -17,6 +17,7 @@ Rules (S is a model input's shape, `?` a symbolic dimension matching any size):
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 import onnx
 
 from espstream import log
-from espstream.errors import UserError
+from espstream.errors import UserError, first_line
 
 
 @dataclass(frozen=True)
@@ -107,26 +108,64 @@ class _Array:
         return np.require(x, self.spec.dtype, "C")  # (ascontiguousarray makes a 0-d array 1-D)
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _check_npy_header(f, label: str, bad: str = "not a readable .npy file") -> None:
+    """Refuse an .npy header declaring an object dtype or a shape over espstream.limits."""
+    from espstream.limits import check_shape
+
     try:
+        version = np.lib.format.read_magic(f)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read(f)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
+        raise UserError(f"{label}: {bad} ({first_line(e)})") from None
+    if dtype.hasobject:
+        raise UserError(f"{label}: not a readable .npy file: it holds Python objects (dtype "
+                        f"{dtype}); give numbers")
+    check_shape(shape, dtype.itemsize, label)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    from espstream.modelio import check_input_file
+
+    check_input_file(str(path))
+    try:
+        with open(path, "rb") as f:
+            _check_npy_header(f, str(path))
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise UserError(f"{path}: not a readable .npy file ({e})") from None
+        raise UserError(f"{path}: not a readable .npy file ({first_line(e)})") from None
 
 
 class _NpzFile:
     def __init__(self, path: Path) -> None:
+        from espstream.modelio import check_input_file
+
         self.path = path
+        check_input_file(str(path))
         try:
             self.npz = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            raise UserError(f"{path}: not a readable .npz file ({e})") from None
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise UserError(f"{path}: not a readable .npz file ({first_line(e)})") from None
 
     def get(self, key: str) -> np.ndarray:
-        try:
-            return self.npz[key]
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-            raise UserError(f"{self.path}: array {key!r} is unreadable ({e})") from None
+        return npz_member(self.npz, key, str(self.path))
+
+
+def npz_member(npz, key: str, label: str) -> np.ndarray:
+    """One array of an open .npz, its header checked (object dtype, espstream.limits) before
+    it is inflated, and a corrupt member (bad CRC, bad deflate stream) refused."""
+    from espstream.limits import check_shape
+
+    what = f"{label}: array {key!r}"
+    try:
+        info = npz.zip.getinfo(key if key in npz.zip.namelist() else key + ".npy")
+        check_shape([info.file_size], 1, what)
+        with npz.zip.open(info) as f:
+            _check_npy_header(f, what)
+        return npz[key]
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise UserError(f"{what} is unreadable ({first_line(e)})") from None
 
 
 class CalibrationData:
@@ -226,8 +265,12 @@ def random_data(inputs: list[InputSpec], n: int, seed: int = 0,
        input must be named there; the error lists every such input.
     3. A dimension that is symbolic (other than the batch axis, which becomes 1) is an error.
     """
+    from espstream.limits import MAX_RANDOM, MAX_SEED, check_count, check_shape
+
     if n <= 0:
         raise UserError(f"--random {n}: give a positive number of samples")
+    check_count(n, "--random", 1, MAX_RANDOM)
+    check_count(seed, "--seed", 0, MAX_SEED)
     values = dict(values or {})
     unknown = sorted(set(values) - {s.name for s in inputs})
     if unknown:
@@ -249,6 +292,7 @@ def random_data(inputs: list[InputSpec], n: int, seed: int = 0,
                 "fix them with `espstream optimize --input-shape` or give --data"
             )
         shape = (n, *[1 if d is None else d for d in s.shape])
+        check_shape(shape, 8, f"--random {n}: input {s.name!r}")
         if s.name in values:
             try:
                 arr = np.full(shape, values[s.name]).astype(s.dtype)

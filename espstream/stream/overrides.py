@@ -49,6 +49,8 @@ class Overrides:
 
 def parse(data: Any, label: str = "overrides") -> Overrides:
     """Validate an already-loaded JSON object."""
+    from espstream.limits import MAX_CHUNK
+
     if data is None:
         return Overrides()
     if isinstance(data, Overrides):
@@ -70,16 +72,21 @@ def parse(data: Any, label: str = "overrides") -> Overrides:
         for k, v in spec.items():
             if not isinstance(v, int) or isinstance(v, bool):
                 raise UserError(f"{label}: tensor {name!r}: {k} must be an integer")
-            if k in ("window", "delay") and v <= 0:
-                raise UserError(f"{label}: tensor {name!r}: {k} must be positive")
+            if k in ("window", "delay") and not 0 < v <= MAX_CHUNK:
+                raise UserError(f"{label}: tensor {name!r}: {k} must be positive, between 1 and "
+                                f"{MAX_CHUNK}")
+            if k == "axis" and not -8 <= v < 8:
+                raise UserError(f"{label}: tensor {name!r}: axis {v} is out of range (-8..7)")
         out[name] = dict(spec)
     return Overrides(out)
 
 
 def load(path: str) -> Overrides:
+    from espstream.limits import check_json_depth
     from espstream.modelio import read_bytes
 
     raw = read_bytes(path, "overrides JSON")
+    check_json_depth(raw, path)
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
