@@ -201,6 +201,54 @@ def test_requantize_matches_reference(seed, src, dst, shift, rounding, style):
     _assert_same(got, ref.requantize(x, shift, rounding=rounding, dtype=dst))
 
 
+
+def _broadcast_pair(rng, dtype, style):
+    shape = tuple(int(d) for d in rng.integers(1, 6, rng.integers(1, 4)))
+    other = tuple(1 if rng.random() < 0.3 else d for d in shape)  # broadcast some axes
+    return _data(rng, shape, dtype, style), _data(rng, other, dtype, style)
+
+
+@FAST
+@given(st.integers(0, 2**32 - 1), st.sampled_from(DTYPES),
+       st.sampled_from(["full", "small", "extreme"]), st.booleans())
+def test_add_sub_match_reference(seed, dtype, style, swap):
+    """The narrow-type add / sub (int16 / int32 sums) give the int64 reference's bits."""
+    rng = np.random.default_rng(seed)
+    a, b = _broadcast_pair(rng, dtype, style)
+    if swap:
+        a, b = b, a
+    _assert_same(fast.add(a, b), ref.add(a, b))
+    _assert_same(fast.sub(a, b), ref.sub(a, b))
+
+
+@FAST
+@given(st.integers(0, 2**32 - 1), st.sampled_from(DTYPES), st.sampled_from(DTYPES),
+       st.integers(-40, 70), st.sampled_from(ref.ROUNDINGS),
+       st.sampled_from(["full", "small", "extreme"]))
+def test_mul_matches_reference(seed, src, dst, shift, rounding, style):
+    """The int32 int8 product path, every shift and rounding, equals the int64 reference."""
+    rng = np.random.default_rng(seed)
+    a, b = _broadcast_pair(rng, src, style)
+    _assert_same(fast.mul(a, b, shift, rounding=rounding, dtype=dst),
+                 ref.mul(a, b, shift, rounding=rounding, dtype=dst))
+
+
+def test_narrow_elementwise_edges_by_hand():
+    """The extremes of each narrow range: sums at +-2 * max, int8 products at 2**14."""
+    a = np.array([-128, -128, 127, 127, 0], np.int8)
+    b = np.array([-128, 127, 127, -128, -1], np.int8)
+    np.testing.assert_array_equal(fast.add(a, b), [-128, -1, 127, -1, -1])
+    np.testing.assert_array_equal(fast.sub(a, b), [0, -128, 0, 127, 1])
+    # -128 * -128 = 16384; >> 7 = 128 -> 127; << 16 saturates; 127 * -128 = -16256 >> 14 = -0.99
+    np.testing.assert_array_equal(fast.mul(a, b, 7), [127, -127, 126, -127, 0])
+    np.testing.assert_array_equal(fast.mul(a, b, -16), [127, -128, 127, -128, 0])
+    np.testing.assert_array_equal(fast.mul(a, b, 14, rounding="half_even"), [1, -1, 1, -1, 0])
+    h = np.array([-32768, 32767], np.int16)
+    np.testing.assert_array_equal(fast.add(h, h), [-32768, 32767])
+    np.testing.assert_array_equal(fast.sub(h, h[::-1]), [-32768, 32767])
+    with pytest.raises(ValueError, match="one dtype"):
+        fast.sub(a, h)
+
 @pytest.mark.slow
 @SLOW
 @given(conv_cases(big=True))

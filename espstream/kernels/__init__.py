@@ -14,8 +14,10 @@ rounding conventions). A simulator can take either module:
   float32 path;
 - `maxpool(x, kernel, *, stride, dilation, pads)`: MaxPool over valid taps;
 - `requantize(x, shift, *, rounding, dtype)`: RequantizeLinear;
-- `add(a, b)`, `mul(a, b, shift, *, rounding, dtype)`: elementwise, NumPy in both modules
-  (the reference functions themselves: vectorised NumPy is already fast for these).
+- `add(a, b)`, `sub(a, b)`, `mul(a, b, shift, *, rounding, dtype)`: elementwise, NumPy in
+  both modules; here computed in the narrowest type that holds every intermediate exactly
+  (int16 for int8 sums, int32 for int16 sums and int8 products) and saturated in place, where
+  the reference widens to int64; outside those ranges the reference itself runs.
 
 Arguments are checked by the shared helpers in `reference` (a bad shape or parameter raises
 ValueError naming it); the Cython kernels run without the GIL.
@@ -28,20 +30,19 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from espstream.kernels import _int8
+from espstream.kernels import reference as _ref
 from espstream.kernels.reference import (
     IntArg,
-    add,
     check_exponents,
     check_rounding,
     conv_spec,
     from_hwc,
     int_range,
-    mul,
     resolve_window,
     to_hwc,
 )
 
-__all__ = ["conv", "conv_prepared", "avgpool", "maxpool", "requantize", "add", "mul"]
+__all__ = ["conv", "conv_prepared", "avgpool", "maxpool", "requantize", "add", "sub", "mul"]
 
 _MODE = {"half_up": 0, "half_even": 1}
 
@@ -191,7 +192,106 @@ def requantize(
         raise ValueError(f"requantize takes int8, int16 or int32 data, got {x.dtype}")
     out = np.dtype(x.dtype if dtype is None else dtype)
     int_range(out)
+    wide = _shift_type(x.dtype, int(shift))
+    if wide is not None:
+        return _saturate(_round_shift(x, int(shift), rounding, wide), out)
     flat = np.ascontiguousarray(x).reshape(-1)
     y = np.empty(flat.shape, out)
     _int8.requantize(flat, y, int(shift), _MODE[rounding])
     return y.reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- elementwise
+# Narrow-type twins of reference.add / sub / mul / round_shift: every intermediate is exact in
+# the chosen type (ranges below), so the bits equal the int64 reference's.
+
+_SUM_TYPE = {np.dtype(np.int8): np.dtype(np.int16), np.dtype(np.int16): np.dtype(np.int32)}
+_RANGE = {np.dtype(t): (np.iinfo(t).min, np.iinfo(t).max) for t in (np.int8, np.int16)}
+
+
+def _shift_type(src: np.dtype, shift: int) -> np.dtype | None:
+    """A type holding round_shift(v, shift) exactly for every v of `src` (None: use the
+    reference). int8 << 7 and int8 + 2**13 fit int16; int16 << 15 and int16 + 2**29 fit int32."""
+    if src == np.int8 and -7 <= shift <= 14:
+        return np.dtype(np.int16)
+    if src.itemsize <= 2 and -15 <= shift <= 30:
+        return np.dtype(np.int32)
+    return None
+
+
+def _round_shift(v: np.ndarray, shift: int, rounding: str, wide: np.dtype) -> np.ndarray:
+    """reference.round_shift for one scalar shift, in a fresh array of type `wide` (the caller
+    chose `wide` by `_shift_type`, so nothing overflows)."""
+    if shift <= 0:
+        t = v.astype(wide)
+        if shift < 0:
+            np.left_shift(t, -shift, out=t)
+        return t
+    half = wide.type(1 << (shift - 1))
+    if rounding == "half_up":
+        t = np.add(v, half, dtype=wide)
+        np.right_shift(t, shift, out=t)
+        return t
+    check_rounding(rounding)
+    t = v.astype(wide)
+    floor = t >> shift
+    rest = t - (floor << shift)
+    up = rest > half
+    up |= (rest == half) & (floor & 1).astype(bool)
+    floor += up
+    return floor
+
+
+def _saturate(t: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    lo, hi = _RANGE[np.dtype(dtype)]
+    np.minimum(t, hi, out=t)
+    np.maximum(t, lo, out=t)
+    return t.astype(dtype)
+
+
+def _operands(a: np.ndarray, b: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != b.dtype:
+        raise ValueError(f"{what} needs operands of one dtype, got {a.dtype} and {b.dtype}")
+    return a, b
+
+
+def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Saturating integer Add (see `reference.add`): the sum in int16 / int32, clipped in place."""
+    a, b = _operands(a, b, "add")
+    wide = _SUM_TYPE.get(a.dtype)
+    if wide is None:
+        return _ref.add(a, b)
+    return _saturate(np.add(a, b, dtype=wide), a.dtype)
+
+
+def sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Saturating integer Sub (see `reference.sub`)."""
+    a, b = _operands(a, b, "sub")
+    wide = _SUM_TYPE.get(a.dtype)
+    if wide is None:
+        return _ref.sub(a, b)
+    return _saturate(np.subtract(a, b, dtype=wide), a.dtype)
+
+
+def mul(
+    a: np.ndarray,
+    b: np.ndarray,
+    shift: int,
+    *,
+    rounding: str = "half_up",
+    dtype: np.dtype | type | None = None,
+) -> np.ndarray:
+    """Mul (see `reference.mul`): int8 products (|p| <= 2**14) in int32 for shifts in
+    [-16, 30], where every rounding intermediate fits; other cases run the reference."""
+    a, b = _operands(a, b, "mul")
+    shift = int(shift)
+    out = np.dtype(a.dtype if dtype is None else dtype)
+    if a.dtype != np.int8 or out not in _RANGE or not -16 <= shift <= 30:
+        return _ref.mul(a, b, shift, rounding=rounding, dtype=dtype)
+    p = np.multiply(a, b, dtype=np.int32)
+    if shift <= 0:
+        if shift < 0:
+            np.left_shift(p, -shift, out=p)
+        return _saturate(p, out)
+    return _saturate(_round_shift(p, shift, rounding, np.dtype(np.int32)), out)

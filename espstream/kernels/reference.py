@@ -426,6 +426,14 @@ def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return saturate(a.astype(np.int64) + b.astype(np.int64), a.dtype)
 
 
+def sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Saturating integer Sub (a - b) of two tensors at the output exponent (broadcasting)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != b.dtype:
+        raise ValueError(f"sub needs operands of one dtype, got {a.dtype} and {b.dtype}")
+    return saturate(a.astype(np.int64) - b.astype(np.int64), a.dtype)
+
+
 def mul(
     a: np.ndarray,
     b: np.ndarray,

@@ -34,7 +34,6 @@ from espstream.sim import (
     Fn,
     Simulator,
     check_broadcast,
-    saturate,
 )
 from espstream.stream.rules import (
     rule_broadcast,
@@ -84,9 +83,7 @@ def sim_add(sim: Simulator, node: Node) -> Fn:
     def fn(args: list) -> list:
         a, b = args[0], args[1]
         check_broadcast(a.shape, b.shape)
-        if sub:
-            return [saturate(a.astype(np.int64) - b.astype(np.int64), a.dtype)]
-        return [k.add(a, b)]
+        return [k.sub(a, b) if sub else k.add(a, b)]
 
     return fn
 
