@@ -108,3 +108,23 @@ def test_random_data():
     np.testing.assert_array_equal(s[4]["x"], again[4]["x"])
     with pytest.raises(UserError, match="fixed dimensions"):
         random_data([InputSpec("x", (1, None), np.dtype(np.float32))], 2)
+
+
+def test_random_noise_is_drawn_on_demand_with_the_whole_array_values():
+    from espstream.quant.data import InputSpec
+
+    f32 = np.dtype("float32")
+    ins = [InputSpec("a", (1, 3, 4), f32), InputSpec("b", (None, 2), f32), InputSpec("c", (), f32)]
+    d = random_data(ins, 5, seed=3)
+    rng = np.random.default_rng(3)
+    want = {"a": rng.standard_normal((5, 1, 3, 4)), "b": rng.standard_normal((5, 1, 2)),
+            "c": rng.standard_normal((5,))}
+    for _ in range(2):  # re-iterable
+        got = list(d)
+        assert len(got) == 5
+        for i, s in enumerate(got):
+            for k, w in want.items():
+                assert s[k].dtype == f32 and s[k].shape == w[i].shape
+                assert np.array_equal(s[k], w[i].astype(f32))
+    src = d._sources[0][1]["a"]
+    assert np.array_equal(src.take(1), want["a"][1].astype(f32))  # out of order too

@@ -146,3 +146,39 @@ def test_allclose_is_numpy_allclose(t, data, atol):
     with np.errstate(all="ignore"):
         a = (t + noise).astype(np.float32)
         assert _allclose(t, a, 1e-4, atol) == np.allclose(t, a, rtol=1e-4, atol=atol)
+
+
+def _one_sample_bytes(m, names):
+    s = next(iter(random_data(model_inputs(m), 1)))
+    r = Runner(m, names, batch=1)
+    _, vals = next(r.run([s]))
+    return sum(v.nbytes for v in vals) + sum(v.nbytes for v in s.values())
+
+
+def test_byte_budget_sets_the_samples_per_run():
+    m = _conv_model()
+    names = ["x", "c", "y"]
+    one = _one_sample_bytes(m, names)
+    r = Runner(m, names, batch=64, samples=12, max_bytes=5 * one)
+    counts = [k for k, _ in r.run(random_data(model_inputs(m), 12))]
+    assert r.batched is not None and r.per_run == 5
+    assert counts == [5, 5, 2]
+    r = Runner(m, names, batch=4, samples=12, max_bytes=5 * one)  # --batch still caps it
+    assert [k for k, _ in r.run(random_data(model_inputs(m), 12))] == [4, 4, 4]
+
+
+def test_budget_below_the_trial_runs_one_by_one_with_the_same_exponents(sessions):
+    m = _conv_model()
+    names = ["x", "c", "y"]
+    one = _one_sample_bytes(m, names)
+    sessions.clear()
+    a, batched = observe(m, names, random_data(model_inputs(m), 12), batch=64,
+                         max_bytes=3 * one - 1)
+    assert not batched
+    assert sessions == [(True, 1)]  # the trial's session (batch 1) serves every run
+    b, _ = observe(m, names, random_data(model_inputs(m), 12), batch=64)
+    c, _ = observe(m, names, random_data(model_inputs(m), 12), batch=1)
+    for t in names:
+        for method in ("minmax", "mse", "kl", "percentile"):
+            assert a[t].exponent(method, 8) == b[t].exponent(method, 8) == c[t].exponent(method, 8)
+    assert _hists(a) == _hists(c)  # one by one through either session: the same values

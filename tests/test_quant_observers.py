@@ -254,3 +254,18 @@ def test_cube_on_grid_is_numpy_power_bit_for_bit():
     np.testing.assert_array_equal(_cube_on_grid(off, w).view(np.int64), (off**3).view(np.int64))
     wide = np.array([[-1e6 * w, 0.0, 1e6 * w]])  # too wide a range for a table
     np.testing.assert_array_equal(_cube_on_grid(wide, w), wide**3)
+
+
+def test_update_in_slices_counts_as_one_pass(monkeypatch):
+    from espstream.quant import observers as obs_mod
+
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.standard_normal(1000).astype(np.float32), np.zeros(37, np.float32)])
+    whole = obs_mod.HistogramObserver(64)
+    whole.update(x)
+    monkeypatch.setattr(obs_mod, "CHUNK", 7)
+    sliced = obs_mod.HistogramObserver(64)
+    sliced.update(x)
+    assert sliced.hist.tolist() == whole.hist.tolist()
+    assert (sliced.top, sliced.min, sliced.max, sliced.count) == (
+        whole.top, whole.min, whole.max, whole.count)

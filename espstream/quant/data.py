@@ -16,6 +16,7 @@ Rules (S is a model input's shape, `?` a symbolic dimension matching any size):
 
 from __future__ import annotations
 
+import copy
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -106,6 +107,35 @@ class _Array:
                 "calibration data must be finite"
             )
         return np.require(x, self.spec.dtype, "C")  # (ascontiguousarray makes a 0-d array 1-D)
+
+
+class _Noise:
+    """Standard-normal samples of one input drawn on demand (random_data rule 4): memory holds
+    one sample, whatever n and the sequence length. The generator's state at this input's
+    first sample is kept; sample i is drawn by replaying from there (reading in order, the
+    usual case, draws each sample once). Row by row, a generator yields the same stream as
+    one call for all rows, so the values equal `rng.standard_normal((n, *S))` cast to the
+    input's type. `rng` is left where a whole-array draw would leave it."""
+
+    def __init__(self, spec: InputSpec, n: int, rng: np.random.Generator) -> None:
+        self.spec, self.n = spec, n
+        self.shape = tuple(1 if d is None else d for d in spec.shape)
+        self._start = copy.deepcopy(rng.bit_generator.state)
+        for _ in range(n):  # advance `rng` past this input's samples for the next input
+            rng.standard_normal(self.shape)
+        self._rng: np.random.Generator | None = None
+        self._next = 0
+
+    def take(self, i: int) -> np.ndarray:
+        if self._rng is None or i < self._next:
+            self._rng = np.random.default_rng()
+            self._rng.bit_generator.state = copy.deepcopy(self._start)
+            self._next = 0
+        while True:
+            x = self._rng.standard_normal(self.shape)
+            self._next += 1
+            if self._next > i:
+                return np.require(x.astype(self.spec.dtype), self.spec.dtype, "C")
 
 
 def _check_npy_header(f, label: str, bad: str = "not a readable .npy file") -> None:
@@ -264,6 +294,8 @@ def random_data(inputs: list[InputSpec], n: int, seed: int = 0,
        what noise cannot stand for (a sample rate, a length, a flag). An integer or boolean
        input must be named there; the error lists every such input.
     3. A dimension that is symbolic (other than the batch axis, which becomes 1) is an error.
+    4. Noise is drawn when a sample is read, not held: the values are those of one
+       `standard_normal((n, *S))` call per input, in input order (`_Noise`).
     """
     from espstream.limits import MAX_RANDOM, MAX_SEED, check_count, check_shape
 
@@ -292,7 +324,8 @@ def random_data(inputs: list[InputSpec], n: int, seed: int = 0,
                 "fix them with `espstream optimize --input-shape` or give --data"
             )
         shape = (n, *[1 if d is None else d for d in s.shape])
-        check_shape(shape, 8, f"--random {n}: input {s.name!r}")
+        # noise is drawn one sample at a time (rule 4): only a held constant input is n deep
+        check_shape(shape if s.name in values else shape[1:], 8, f"--random {n}: input {s.name!r}")
         if s.name in values:
             try:
                 arr = np.full(shape, values[s.name]).astype(s.dtype)
@@ -300,7 +333,8 @@ def random_data(inputs: list[InputSpec], n: int, seed: int = 0,
                 raise UserError(f"--input-value {s.name}={values[s.name]}: not a {s.dtype} "
                                 "value") from None
         else:
-            arr = rng.standard_normal(shape).astype(s.dtype)
+            arrays[s.name] = _Noise(s, n, rng)
+            continue
         arrays[s.name] = _Array("--random", s, arr)
     data = CalibrationData(inputs)
     data._add("--random", arrays)

@@ -11,8 +11,15 @@
    when runs are not batched. When all the data fits in one batched run, that session runs on
    one thread too: creating onnxruntime's thread pool then costs more than it saves (threads
    change no value: each output element is computed by one thread either way).
-3. Each run's outputs go straight into the observers and are dropped; nothing else is kept.
-4. A progress bar goes to stderr while a person watches (`log.progress_enabled()`).
+3. A run holds at most `max_bytes` of observed values (and inputs), so memory stays flat in
+   sequence length as it is in sample count: the first sample's run gives the bytes of one
+   sample b, a batched run then stacks at most min(batch, max_bytes // b) samples, and batching
+   is tried only if the trial (2 samples together beside 1 alone: 3b) fits in max_bytes.
+   Otherwise samples run one by one through the trial's session (the same graph at batch 1).
+   The histograms are exact whatever the grouping (observers rule 2), so the grouping of
+   samples into runs changes no exponent.
+4. Each run's outputs go straight into the observers and are dropped; nothing else is kept.
+5. A progress bar goes to stderr while a person watches (`log.progress_enabled()`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from espstream import log
 from espstream.errors import UserError, first_line
 from espstream.quant.data import CalibrationData
 from espstream.quant.observers import HistogramObserver, NonFiniteError
+
+MAX_BATCH_BYTES = 256 << 20  # observed values (and inputs) one batched run may hold (rule 3)
 
 
 def new_session(model: onnx.ModelProto, opts: ort.SessionOptions) -> ort.InferenceSession:
@@ -120,12 +129,15 @@ class Runner:
     """Runs a model over calibration data, batched when that is verified to be exact."""
 
     def __init__(self, model: onnx.ModelProto, names: list[str], batch: int,
-                 samples: int | None = None) -> None:
-        """`samples`: how many samples will be run, if known (at most `batch`: one thread)."""
+                 samples: int | None = None, max_bytes: int = MAX_BATCH_BYTES) -> None:
+        """`samples`: how many samples will be run, if known (at most `batch`: one thread).
+        `max_bytes`: what one batched run may hold (rule 3)."""
         self.names = names
         self.model = with_outputs(model, names)
         self.batched: ort.InferenceSession | None = None
         self.batch = max(1, batch)
+        self.max_bytes = max_bytes
+        self.per_run = 1  # samples per batched run, set by the trial
         # Every session is made here, before any data is read, so a model onnxruntime cannot
         # load fails first. The batched-shape session, if one loads, waits for the trial.
         self._trial: ort.InferenceSession | None = None
@@ -155,12 +167,25 @@ class Runner:
         if sess is None or len(first) < 2:
             return
         try:
-            feed = {k: np.concatenate([s[k] for s in first]) for k in self.input_names}
-            together = sess.run(self.names, feed)
-            alone_runs = [sess.run(self.names, s) for s in first]
+            alone = sess.run(self.names, first[0])
         except Exception:  # a fixed-batch Reshape and the like: fall back to one per run
             return
-        for i, alone in enumerate(alone_runs):
+        one = sum(int(a.nbytes) for a in alone) + sum(int(v.nbytes) for v in first[0].values())
+        self.per_run = max(1, min(self.batch, self.max_bytes // max(one, 1)))
+        if 3 * one > self.max_bytes or self.per_run < 2:
+            self._sess = sess  # rule 3: one sample per run, through the same graph
+            return
+        try:
+            feed = {k: np.concatenate([s[k] for s in first]) for k in self.input_names}
+            together = sess.run(self.names, feed)
+        except Exception:  # a fixed-batch Reshape and the like: fall back to one per run
+            return
+        for i, s in enumerate(first):
+            if i:
+                try:
+                    alone = sess.run(self.names, s)
+                except Exception:
+                    return
             for a, t in zip(alone, together, strict=True):
                 if a.ndim == 0 or a.shape[0] != 1 or t.shape != (len(first), *a.shape[1:]):
                     return
@@ -181,7 +206,7 @@ class Runner:
         pending = list(first)
         for s in it:
             pending.append(s)
-            if len(pending) >= (self.batch if self.batched else 1):
+            if len(pending) >= (self.per_run if self.batched else 1):
                 yield from self._flush(pending)
                 pending = []
         if pending:
@@ -245,10 +270,11 @@ def observe(
     data: CalibrationData,
     batch: int = 64,
     bins: int = 4096,
+    max_bytes: int = MAX_BATCH_BYTES,
 ) -> tuple[dict[str, HistogramObserver], bool]:
     """Observers of `names` over all of `data`; returns them and whether runs were batched."""
     observers = {n: HistogramObserver(bins) for n in names}
-    runner = Runner(model, names, batch, samples=len(data))
+    runner = Runner(model, names, batch, samples=len(data), max_bytes=max_bytes)
     progress = Progress("calibrate", len(data))
     try:
         for count, values in runner.run(data):

@@ -36,6 +36,7 @@ from espstream.quant.scheme import E_MIN, exponent_for_absmax, exponent_for_rang
 METHODS = ("minmax", "percentile", "kl", "mse")
 DEFAULT_BINS = 4096
 CANDIDATES_BELOW = 8  # how far below the minmax exponent kl and mse look
+CHUNK = 1 << 20  # values binned at once (bounds update's temporaries)
 
 
 class NonFiniteError(ValueError):
@@ -106,13 +107,18 @@ class HistogramObserver:
         b = self.bins
         # trunc(x * b / R) + b - [x < 0] is a signed bin in [0, 2b): b + j for x in [jw, (j+1)w)
         # and b - 1 - j for -x in [jw, (j+1)w). b / R is a power of two: the product is exact.
+        # Counted in slices of CHUNK values: the temporaries stay small whatever the tensor.
         scale = x.dtype.type(math.ldexp(float(b), -self.top))
-        idx = (x * scale).astype(np.intp)
-        idx += b
-        idx -= x < 0
-        np.clip(idx, 0, 2 * b - 1, out=idx)
-        h = np.bincount(idx, minlength=2 * b)
-        zeros = int(np.count_nonzero(x == 0))
+        h = np.zeros(2 * b, dtype=np.int64)
+        zeros = 0
+        for start in range(0, x.size, CHUNK):
+            xs = x[start : start + CHUNK]
+            idx = (xs * scale).astype(np.intp)
+            idx += b
+            idx -= xs < 0
+            np.clip(idx, 0, 2 * b - 1, out=idx)
+            h += np.bincount(idx, minlength=2 * b)
+            zeros += int(np.count_nonzero(xs == 0))
         self.hist[:b] += h[b:]
         self.hist[:1] -= zeros
         self.hist[b : 2 * b] += h[b - 1 :: -1]
