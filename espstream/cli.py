@@ -180,7 +180,8 @@ def optimize(
               help="Use N standard-normal samples.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for --random.")
 @click.option("--input-value", "input_values", multiple=True, metavar="NAME=V",
-              help="With --random: input NAME holds V (integer / boolean inputs need one).")
+              help="Input NAME holds V in every sample, not read from -d (with --random, "
+              "integer / boolean inputs need one).")
 @click.option("--target", type=click.Choice(TARGET_NAMES), default="esp32p4",
               show_default=True)
 @click.option("--bits", type=click.Choice(["8", "16"]), default="8", show_default=True)
@@ -246,8 +247,6 @@ def calibrate(
     if (data is None) == (random_n is None):
         raise UserError("give calibration data with -d/--data PATH, or --random N (not both)")
     values = parse_input_values(input_values)
-    if values and random_n is None:
-        raise UserError("--input-value goes with --random (the data give every input)")
     modelio.check_output_path(output, input)
     if data:
         modelio.check_output_path(output, data)
@@ -260,7 +259,7 @@ def calibrate(
     inputs = model_inputs(model) if stream is None else stream_calib.sequence_inputs(model, stream)
     n_random = random_n if samples is None or random_n is None else min(random_n, samples)
     if data:
-        calib = read_calibration_data(data, inputs, limit=samples)
+        calib = read_calibration_data(data, inputs, limit=samples, values=values)
     elif stream is not None:
         warn_random()
         calib = stream_calib.random_sequences(model, stream, n_random, seed)
@@ -626,7 +625,8 @@ def pack(inputs: tuple[str, ...], output: str, fmt: str, names: tuple[str, ...],
               help="Activation exponent choice [default: mse].")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed for --random.")
 @click.option("--input-value", "input_values", multiple=True, metavar="NAME=V",
-              help="With --random: input NAME holds V (integer / boolean inputs need one).")
+              help="Input NAME holds V in every sample, not read from -d (with --random, "
+              "integer / boolean inputs need one).")
 @click.option("--input-shape", multiple=True, metavar="NAME:D0,D1,...", help="As optimize.")
 @click.option("--check-tolerance", type=float, default=1.0, show_default=True, metavar="F",
               help="As optimize: multiply the optimize check's tolerances by F.")
@@ -661,8 +661,6 @@ def convert(
     if (data is None) == (random_n is None):
         raise UserError("give calibration data with -d/--data PATH, or --random N (not both)")
     values = parse_input_values(input_values)
-    if values and random_n is None:
-        raise UserError("--input-value goes with --random (the data give every input)")
     if test_data and no_test_values:
         raise UserError("give --test-data or --no-test-values, not both")
     modelio.check_output_path(output, input, *(p for p in (data, test_data, overrides) if p))

@@ -233,14 +233,14 @@ def _check_random_possible(model: onnx.ModelProto, input_shapes, seed: int,
     random_data(model_inputs(probe), 1, seed, values)
 
 
-def _check_data_readable(model: onnx.ModelProto, input_shapes, data) -> None:
+def _check_data_readable(model: onnx.ModelProto, input_shapes, data, values) -> None:
     """Calibration data are opened (headers, shapes) before any stage runs on the model."""
     from espstream.optimize.runner import fix_input_shapes
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     fix_input_shapes(probe, input_shapes or {})
-    read_calibration_data(os.fspath(data), model_inputs(probe))
+    read_calibration_data(os.fspath(data), model_inputs(probe), values=values)
 
 
 def convert_model(
@@ -295,7 +295,7 @@ def convert_model(
     if random is not None:
         _check_random_possible(model, input_shapes, seed, random_values)
     elif isinstance(data, str | os.PathLike):
-        _check_data_readable(model, input_shapes, data)
+        _check_data_readable(model, input_shapes, data, random_values)
     verify_int8.register()
     clock = _Clock()
     options = {"chunk": chunk, "target": target, "bits": bits, "method": method,
@@ -325,7 +325,7 @@ def convert_model(
     if isinstance(data, CalibrationData):
         calib = data
     elif data is not None:
-        calib = read_calibration_data(os.fspath(data), inputs)
+        calib = read_calibration_data(os.fspath(data), inputs, values=random_values)
     else:
         from espstream.quant.data import warn_random
 

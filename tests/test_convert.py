@@ -434,6 +434,21 @@ def test_vad_lstm_explicit_state_convert_chunk(tmp_path, target, bits):
     assert "copies output hn to input h" in text and "copies output cn to input c" in text
 
 
+def test_vad_lstm_states_filled_by_input_value_equal_the_npz(tmp_path):
+    """`-d x.npy --input-value h=0 --input-value c=0` (the states at a stream's start, not in
+    the data) writes the same file as the .npz that holds those zeros."""
+    files = []
+    for i, data in enumerate((["-d", _vad_data(tmp_path)],
+                              ["-d", MODELS / "vad_lstm.calib.npy", "--input-value", "h=0",
+                               "--input-value", "c=0"])):
+        out = tmp_path / f"v{i}.espdl"
+        proc = espstream("convert", MODELS / "vad_lstm.onnx", *data, "--chunk", "4", "-o", out,
+                         "-q")
+        assert proc.returncode == 0, proc.stderr.decode()
+        files.append(out.read_bytes())
+    assert files[0] == files[1]
+
+
 def test_vad_lstm_explicit_state_stage_by_stage_cli(tmp_path):
     """Issue 14 item 5b on the command line, the explicit h / c of vad_lstm carried through:
     (1) as a hand-written streaming model (32 frames a call): calibrate --state h:hn --state

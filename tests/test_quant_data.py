@@ -128,3 +128,29 @@ def test_random_noise_is_drawn_on_demand_with_the_whole_array_values():
                 assert np.array_equal(s[k], w[i].astype(f32))
     src = d._sources[0][1]["a"]
     assert np.array_equal(src.take(1), want["a"][1].astype(f32))  # out of order too
+
+
+def test_input_values_fill_inputs_the_data_do_not_hold(tmp_path):
+    # rule 6: an explicit state at its start (zeros) beside a .npy of the data input
+    a = np.arange(3 * 16 * 24, dtype=np.float32).reshape(3, 16, 24)
+    np.save(tmp_path / "x.npy", a)
+    h = InputSpec("h", (1, 1, 4), np.dtype(np.float32))
+    n = InputSpec("n", (1,), np.dtype(np.int64))
+    s = list(read_calibration_data(str(tmp_path / "x.npy"), [X, h, n], values={"h": 0, "n": 7}))
+    assert len(s) == 3
+    np.testing.assert_array_equal(s[2]["x"][0], a[2])
+    assert s[1]["h"].shape == (1, 1, 4) and not s[1]["h"].any()
+    assert s[0]["n"].dtype == np.int64 and s[0]["n"].tolist() == [7]
+    np.savez(tmp_path / "d.npz", x=a)  # a .npz need not hold the filled input either
+    assert len(read_calibration_data(str(tmp_path / "d.npz"), [X, h], values={"h": 0.5})) == 3
+
+
+def test_input_values_errors(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 16, 24), np.float32))
+    with pytest.raises(UserError, match=r"--input-value z: the model has no input 'z'"):
+        read_calibration_data(str(tmp_path / "x.npy"), [X], values={"z": 0})
+    with pytest.raises(UserError, match=r"names every input of the model"):
+        read_calibration_data(str(tmp_path / "x.npy"), [X], values={"x": 0})
+    with pytest.raises(UserError, match=r"a .npy holds one array"):  # y neither given nor held
+        read_calibration_data(str(tmp_path / "x.npy"), [X, Y, InputSpec("h", (1,), X.dtype)],
+                              values={"h": 0})

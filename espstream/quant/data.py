@@ -12,6 +12,9 @@ Rules (S is a model input's shape, `?` a symbolic dimension matching any size):
    for a model with several inputs, an empty folder, an unreadable file.
 5. Data is cast to the input's element type; `.npy` files are memory-mapped and samples are
    read one at a time, so a large file is never copied whole into memory.
+6. An input named in `values` (`--input-value NAME=V`) holds V in every sample and is not read
+   from the files (an explicit recurrent state at its start, a sample rate); rules 1-2 apply to
+   the other inputs, so a `.npy` feeds a model whose other inputs all have values.
 """
 
 from __future__ import annotations
@@ -107,6 +110,33 @@ class _Array:
                 "calibration data must be finite"
             )
         return np.require(x, self.spec.dtype, "C")  # (ascontiguousarray makes a 0-d array 1-D)
+
+
+class _Const:
+    """An input holding one value in each of n samples (rule 6); nothing is held but the value."""
+
+    def __init__(self, spec: InputSpec, n: int, value: float) -> None:
+        self.spec, self.n = spec, n
+        self.shape = tuple(1 if d is None else d for d in spec.shape)
+        self.value = _typed_value(spec, value)
+
+    def take(self, i: int) -> np.ndarray:
+        return np.full(self.shape, self.value, self.spec.dtype)
+
+
+def _typed_value(spec: InputSpec, value: float):
+    try:
+        return np.array(value).astype(spec.dtype).item()
+    except (TypeError, ValueError, OverflowError):
+        raise UserError(f"--input-value {spec.name}={value}: not a {spec.dtype} value") from None
+
+
+def check_value_names(values: dict[str, float], inputs: list[InputSpec]) -> None:
+    """Every `--input-value` name is an input of the model."""
+    unknown = sorted(set(values) - {s.name for s in inputs})
+    if unknown:
+        raise UserError(f"--input-value {unknown[0]}: the model has no input {unknown[0]!r} "
+                        f"(inputs: {', '.join(s.name for s in inputs) or 'none'})")
 
 
 class _Noise:
@@ -258,9 +288,12 @@ def _one_file(path: Path, inputs: list[InputSpec]) -> dict[str, _Array]:
 
 
 def read_calibration_data(
-    path: str, inputs: list[InputSpec], limit: int | None = None
+    path: str, inputs: list[InputSpec], limit: int | None = None,
+    values: dict[str, float] | None = None,
 ) -> CalibrationData:
-    """Open `path` (rules 1-3); shapes are checked now, values while iterating."""
+    """Open `path` (rules 1-3, 6); shapes are checked now, values while iterating."""
+    values = dict(values or {})
+    check_value_names(values, inputs)
     p = Path(path)
     if not p.exists():
         raise UserError(f"{path}: no such file or folder (calibration data)")
@@ -273,8 +306,15 @@ def read_calibration_data(
         files = [p]
     else:
         raise UserError(f"{path}: calibration data must be a .npy, a .npz or a folder of them")
+    read = [s for s in inputs if s.name not in values]
+    if not read:
+        raise UserError(f"--input-value names every input of the model; {path} has nothing "
+                        "to give (use --random N, or leave an input to the data)")
     for f in files:
-        data._add(str(f), _one_file(f, inputs))
+        arrays: dict = _one_file(f, read)
+        n = next(iter(arrays.values())).n
+        arrays.update({s.name: _Const(s, n, values[s.name]) for s in inputs if s.name in values})
+        data._add(str(f), arrays)
     if limit is not None:
         if limit <= 0:
             raise UserError(f"--samples {limit}: give a positive number")
@@ -304,10 +344,7 @@ def random_data(inputs: list[InputSpec], n: int, seed: int = 0,
     check_count(n, "--random", 1, MAX_RANDOM)
     check_count(seed, "--seed", 0, MAX_SEED)
     values = dict(values or {})
-    unknown = sorted(set(values) - {s.name for s in inputs})
-    if unknown:
-        raise UserError(f"--input-value {unknown[0]}: the model has no input {unknown[0]!r} "
-                        f"(inputs: {', '.join(s.name for s in inputs) or 'none'})")
+    check_value_names(values, inputs)
     unset = [s for s in inputs if s.dtype.kind != "f" and s.name not in values]
     if unset:
         names = ", ".join(f"{s.name!r} ({s.dtype}, shape {s.shape_text()})" for s in unset)
