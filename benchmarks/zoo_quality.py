@@ -42,15 +42,33 @@ PPQ_SIDE = ROOT / "benchmarks" / "ppq_side.py"
 QUICK = ("tcn_res_a", "ds_kws_a", "tcn_res_b", "ds_kws_b")
 
 
-def espstream_side(model: onnx.ModelProto, calib: Path, target: str, out: Path) -> None:
+#: --ablation: each PTQ technique alone, all off, all on (espstream.quant.ptq); the row's
+#: `espstream` figure is calibrate's defaults
+OFF = {"equalize": False, "bias_correction": False, "adaround": False, "exponent_search": False}
+VARIANTS: dict[str, dict] = {
+    "none": OFF,
+    "bias_correction": {**OFF, "bias_correction": True},
+    "equalize": {**OFF, "equalize": True},
+    "adaround": {**OFF, "adaround": True},
+    "exponent_search": {**OFF, "exponent_search": True},
+    "bias_correction+equalize": {**OFF, "bias_correction": True, "equalize": True},
+    "bias_correction+equalize+adaround": {**OFF, "bias_correction": True, "equalize": True,
+                                          "adaround": True},
+    "all": {k: True for k in OFF},
+}
+
+
+def espstream_side(model: onnx.ModelProto, calib: Path, target: str, out: Path,
+                   **options) -> float:
     from espstream.export import export_model
     from espstream.optimize import optimize_model
     from espstream.quant import calibrate_model, model_inputs, read_calibration_data
 
     opt = optimize_model(model).model
     cal = calibrate_model(opt, read_calibration_data(str(calib), model_inputs(opt)),
-                          target=target, bits=8, report_samples=0)
+                          target=target, bits=8, report_samples=0, **options)
     out.write_bytes(export_model(cal.model, target=target).data)
+    return cal.seconds
 
 
 def ppq_side(model_path: Path, calib: Path, target: str, out: Path, steps: int) -> None:
@@ -89,7 +107,8 @@ def sim_sqnr(model: onnx.ModelProto, espdl_path: Path, x: np.ndarray, target: st
     return round(10 * math.log10(sig / err), 2) if err else math.inf
 
 
-def run_case(i: int, m, target: str, work: Path, n_cal: int, n_held: int) -> dict:
+def run_case(i: int, m, target: str, work: Path, n_cal: int, n_held: int,
+             ablation: bool = False, ppq_from: dict | None = None) -> dict:
     model = m.build()
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     mpath = work / f"{m.name}.onnx"
@@ -99,17 +118,37 @@ def run_case(i: int, m, target: str, work: Path, n_cal: int, n_held: int) -> dic
     held = make_inputs(m.inputs, shape, n_held, 2000 + i)
     row: dict = {"model": m.name, "family": m.family, "inputs": m.inputs, "half": m.half,
                  "target": target}
-    for side, fn in (("espstream", lambda o: espstream_side(model, calib, target, o)),
-                     ("esp_ppq", lambda o: ppq_side(mpath, calib, target, o, n_cal))):
+    sides = [("espstream", lambda o: espstream_side(model, calib, target, o))]
+    if ppq_from is not None and (m.name, target) in ppq_from:
+        old = ppq_from[(m.name, target)]  # the same model, data and ESP-PPQ: reused
+        for k in ("esp_ppq", "esp_ppq_error", "esp_ppq_seconds"):
+            if k in old:
+                row[k] = old[k]
+    else:
+        sides.append(("esp_ppq", lambda o: ppq_side(mpath, calib, target, o, n_cal)))
+    for side, fn in sides:
         out = work / f"{m.name}.{target}.{side}.espdl"
         t0 = time.perf_counter()
         try:
-            fn(out)
+            cal_s = fn(out)
             row[side] = sim_sqnr(model, out, held, target)
+            if cal_s is not None:
+                row[f"{side}_calibrate_seconds"] = round(cal_s, 2)
         except Exception as e:  # a failing side is a figure too: recorded with its reason
             row[side] = None
             row[f"{side}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         row[f"{side}_seconds"] = round(time.perf_counter() - t0, 1)
+    if ablation:
+        row["ablation"] = {}
+        for name, opts in VARIANTS.items():
+            out = work / f"{m.name}.{target}.{name}.espdl"
+            try:
+                cal_s = espstream_side(model, calib, target, out, **opts)
+                row["ablation"][name] = {"sqnr": sim_sqnr(model, out, held, target),
+                                         "calibrate_seconds": round(cal_s, 2)}
+            except Exception as e:
+                row["ablation"][name] = {"sqnr": None, "error": f"{type(e).__name__}: "
+                                         f"{str(e).splitlines()[0][:300]}"}
     if row["espstream"] is not None and row["esp_ppq"] is not None:
         row["delta_db"] = round(row["espstream"] - row["esp_ppq"], 2)
     return row
@@ -136,6 +175,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--targets", default="esp32p4,esp32s3")
     ap.add_argument("--models", help="comma-separated zoo names (default: all, or --quick's)")
+    ap.add_argument("--ablation", action="store_true",
+                    help="also each PTQ technique alone, none and all (rows' `ablation`)")
+    ap.add_argument("--ppq-from", metavar="JSON",
+                    help="reuse the ESP-PPQ figures of an earlier run (same models and data)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "zoo_quality.json"))
     a = ap.parse_args()
     members = list(enumerate(zoo()))
@@ -143,13 +186,19 @@ def main() -> int:
     if names:
         members = [(i, m) for i, m in members if m.name in names]
     n_cal, n_held = (8, 16) if a.quick else (32, 64)
+    ppq_from = None
+    if a.ppq_from:
+        old = json.loads(Path(a.ppq_from).read_text())
+        if (old["calibration_samples"], old["held_out_samples"]) != (n_cal, n_held):
+            ap.error("--ppq-from: that run used other sample counts")
+        ppq_from = {(r["model"], r["target"]): r for r in old["rows"]}
     rows = []
     print(f"{'half':5s} {'model':14s} {'inputs':7s} {'target':8s} {'espstream':>9s} "
           f"{'ESP-PPQ':>8s} {'delta':>7s}")
     with tempfile.TemporaryDirectory(prefix="zoo-") as tmp:
         for target in a.targets.split(","):
             for i, m in members:
-                r = run_case(i, m, target, Path(tmp), n_cal, n_held)
+                r = run_case(i, m, target, Path(tmp), n_cal, n_held, a.ablation, ppq_from)
                 rows.append(r)
 
                 def f(v):
@@ -160,6 +209,9 @@ def main() -> int:
                 for side in ("espstream", "esp_ppq"):
                     if f"{side}_error" in r:
                         print(f"      {side}: {r[side + '_error']}")
+                if "ablation" in r:
+                    print("      " + "  ".join(f"{k} {f(v['sqnr'])}"
+                                               for k, v in r["ablation"].items()), flush=True)
     s = summary(rows)
     for k, v in s.items():
         print(f"{k:14s} median delta {v['median_delta_db']} dB, worst {v['min_delta_db']} dB, "

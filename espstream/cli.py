@@ -56,6 +56,32 @@ def stage(f: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+#: calibrate / convert: the techniques of espstream.quant.ptq (dest, flag, help); unset means
+#: calibrate's default
+PTQ_FLAGS = (
+    ("equalize", "equalize", "Cross-layer equalization of consecutive Conv/Gemm layers."),
+    ("bias_correction", "bias-correction", "Correct biases for the mean shift of quantized "
+     "weights."),
+    ("adaround", "adaround", "Round weights up or down to reconstruct each layer's output."),
+    ("exponent_search", "exponent-search", "Try each activation exponent +-1 against the "
+     "output error."),
+)
+
+
+def ptq_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The PTQ_FLAGS as --X/--no-X, passed to the command as one dict `ptq` of those given."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        given = {k: kwargs.pop(k) for k, _, _ in PTQ_FLAGS}
+        return f(*args, ptq={k: v for k, v in given.items() if v is not None}, **kwargs)
+
+    for dest, flag, text in reversed(PTQ_FLAGS):
+        wrapper = click.option(f"--{flag}/--no-{flag}", dest, default=None,
+                               help=text + " [default: see calibrate --help]")(wrapper)
+    return wrapper
+
+
 #: The options through which a stage reads files: no output may name one of them.
 READ_OPTIONS = ("input", "inputs", "offline", "streaming", "data", "test_data", "overrides",
                 "encrypt_key", "key", "models")
@@ -206,6 +232,7 @@ def optimize(
 @click.option("--axis", multiple=True, metavar="NAME:AXIS",
               help="With --state: time axis of an input or output (else found from the model "
               "and the data).")
+@ptq_options
 def calibrate(
     input: str,
     output: str,
@@ -226,6 +253,7 @@ def calibrate(
     states: tuple[str, ...],
     chunk: int | None,
     axis: tuple[str, ...],
+    ptq: dict[str, bool],
 ) -> None:
     """Choose power-of-two exponents on calibration data; write the QDQ model.
 
@@ -269,7 +297,7 @@ def calibrate(
     result = calibrate_model(
         model, calib, target=target, bits=int(bits), method=method or DEFAULT_METHOD,
         percentile=percentile, per_channel=per_channel, weight_method=weight_method, batch=batch,
-        report_samples=max(report_samples, 0), stream=stream,
+        report_samples=max(report_samples, 0), stream=stream, **ptq,
     )
     print_summary(result)
     modelio.save_model(result.model, output)
@@ -641,13 +669,14 @@ def pack(inputs: tuple[str, ...], output: str, fmt: str, names: tuple[str, ...],
 @click.option("--offline-too", is_flag=True,
               help="With --chunk: also write the offline model (test values: the whole first "
               "sample) to OUTPUT.offline.espdl, for ESP-DL's streaming tutorial loop.")
+@ptq_options
 def convert(
     input: str, output: str, json_path: str | None, data: str | None, random_n: int | None,
     chunk: int | None, target: str, bits: str, method: str | None, seed: int,
     input_values: tuple[str, ...], input_shape: tuple[str, ...], check_tolerance: float,
     axis: tuple[str, ...], overrides: str | None,
     test_data: str | None, no_test_values: bool, verify_samples: int, verbose: bool,
-    offline_too: bool,
+    offline_too: bool, ptq: dict[str, bool],
 ) -> None:
     """Optimize, calibrate, streamify, export and verify in one step; the .espdl only if ok."""
     from espstream import modelio, report
@@ -679,7 +708,7 @@ def convert(
         seed=seed, random_values=values, input_shapes=parse_input_shapes(input_shape),
         check_tolerance=check_tolerance, axes=parse_axes(axis),
         overrides=ovr.load(overrides) if overrides else None, test_data=tdata,
-        verify_samples=verify_samples, verbose=verbose, offline_too=offline_too,
+        verify_samples=verify_samples, verbose=verbose, offline_too=offline_too, ptq=ptq,
     )
     print_summary(result, output if output != "-" else "stdout")
     report.write_json(json_path, {**result.to_json(), "written": result.ok, "file": output})

@@ -263,6 +263,7 @@ def convert_model(
     verify_samples: int = 4,
     verbose: bool = False,
     offline_too: bool = False,
+    ptq: dict[str, bool] | None = None,
 ) -> ConvertResult:
     """Optimize, calibrate, streamify (with `chunk`), export and verify `model` (module doc).
 
@@ -273,6 +274,7 @@ def convert_model(
     layout, or None for no test values.
     offline_too: with `chunk`, also export the offline model, its test values the whole first
     sample, checked as ESP-DL's streaming tutorial uses the pair (`espstream.offline_pair`).
+    ptq: `CalibrateOptions` fields of `espstream.quant.ptq` to override (equalize, ...).
     """
     if (data is None) == (random is None):
         raise UserError("give calibration data with -d/--data PATH, or --random N (not both)")
@@ -333,7 +335,7 @@ def convert_model(
         calib = random_data(inputs, random, seed, random_values)  # type: ignore[arg-type]
     cal = clock.run("calibrate", lambda: calibrate_model(
         opt.model, calib, target=target, bits=bits, method=method, per_channel=per_channel,
-        report_samples=32 if verbose else 0))
+        report_samples=32 if verbose else 0, **(ptq or {})))
     _progress(clock, "calibrate", f"{cal.samples} samples, {target}, int{bits}, {method}")
     if verbose:
         from espstream.quant import print_summary as print_calibrate

@@ -52,6 +52,10 @@ integer simulator read it by this contract:
 9. onnxruntime's QuantizeLinear rounds half to even. That is esp32p4's rounding; for the half-up
    targets an exact tie rounds differently in the fake-quant model than on the chip, which the
    integer simulator measures.
+10. Beyond exponents (`espstream.quant.ptq`, each off unless asked): `equalize` (cross-layer
+   equalization of the float model before planning), `bias_correction`, `adaround` (weight
+   rounding from the layer inputs' moments) and `exponent_search` (+-1 on free activation
+   exponents against the output error). They change initializer values and exponents only.
 """
 
 from __future__ import annotations
@@ -97,6 +101,11 @@ class CalibrateOptions:
     bins: int = 4096
     weight_method: str = "mse"
     report_samples: int = 32  # 0: no report
+    # espstream.quant.ptq (rule 10)
+    equalize: bool = False
+    bias_correction: bool = False
+    adaround: bool = False
+    exponent_search: bool = False
 
     def validate(self) -> scheme.Target:
         t = scheme.get_target(self.target)
@@ -207,11 +216,15 @@ def prepare_float_model(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
 
 
 def choose_exponents(plan: Plan, observers: dict[str, HistogramObserver],
-                     opts: CalibrateOptions) -> dict[str, int]:
+                     opts: CalibrateOptions, delta: dict[str, int] | None = None
+                     ) -> dict[str, int]:
+    """`delta`: steps added to layer outputs' exponents (the exponent search's trials)."""
     exps: dict[str, int] = {}
     for layer in plan.layers:
         exps[layer.output] = observers[layer.output].exponent(opts.method, opts.bits,
                                                               opts.percentile)
+        if delta:
+            exps[layer.output] += delta.get(layer.output, 0)
     for c, (lo, hi) in plan.const_ranges.items():  # plan rule 9: a cached constant (mask)
         exps[c] = scheme.exponent_for_range(lo, hi, opts.bits)
     # Rule 5 of the plan: last node first, so that a chain of Adds settles from the end.
@@ -240,6 +253,12 @@ def calibrate_model(
     target = opts.validate()
     t0 = time.perf_counter()
     fm = prepare_float_model(model, opts.bits)
+    notes: list[str] = []
+    if opts.equalize:
+        from espstream.quant.equalize import equalize_model
+
+        fm, pairs = equalize_model(fm)
+        notes.append(f"cross-layer equalization: {pairs} layer pair(s)")
     plan = make_plan(fm)
     chunks = 0
     if stream is not None:
@@ -256,8 +275,33 @@ def calibrate_model(
 
         choose_gate_exponents(fm, plan, data, stream, opts.bits)
     per_channel = target.per_channel if opts.per_channel is None else opts.per_channel
-    rw = _Rewriter(fm, plan, exps, target, opts.bits, per_channel, opts.weight_method)
-    qm = rw.run()
+    adjust = None
+    if opts.adaround or opts.bias_correction or opts.exponent_search:
+        if stream is not None:  # ptq rule 4
+            notes.append("bias correction, AdaRound and the exponent search are not run on "
+                         "a streaming calibration")
+        elif opts.adaround or opts.bias_correction:
+            from espstream.quant.ptq import WeightAdjuster, collect_moments
+
+            moments = collect_moments(fm, plan, data, exps, target, opts.bits, opts.batch)
+            adjust = WeightAdjuster(fm, moments, opts.bits, opts.adaround, opts.bias_correction)
+
+    def build(e: dict[str, int]) -> _Rewriter:
+        r = _Rewriter(fm, plan, e, target, opts.bits, per_channel, opts.weight_method, adjust)
+        r.qm = r.run()
+        return r
+
+    if opts.exponent_search and stream is None:
+        from espstream.quant.exponent_search import OutputError, search
+
+        delta, before, after, trials = search(
+            plan, lambda d: build(choose_exponents(plan, observers, opts, d)).qm,
+            OutputError(fm, data, opts.batch))
+        exps = choose_exponents(plan, observers, opts, delta)
+        notes.append(f"exponent search: {len(delta)} exponent(s) moved in {trials} trials, "
+                     f"calibration-data SQNR {before:.2f} -> {after:.2f} dB")
+    rw = build(exps)
+    qm = rw.qm
     meta = {
         "espstream.target": target.name,
         "espstream.bits": str(opts.bits),
@@ -283,7 +327,7 @@ def calibrate_model(
         bias_clipped=rw.bias_clipped, bias_shift=rw.bias_shift, requantized=rw.requantized,
         observers=observers,
         qdq_names=rw.qdq_names, samples=len(data), batched=batched,
-        seconds=time.perf_counter() - t0, stream=stream, chunks=chunks,
+        seconds=time.perf_counter() - t0, stream=stream, chunks=chunks, notes=notes,
     )
     clipped = {k: v for k, v in rw.bias_clipped.items() if v}
     if clipped:
@@ -329,8 +373,10 @@ class _Rewriter:
     """Builds the QDQ graph from the float graph, the plan and the exponents (module rules)."""
 
     def __init__(self, fm: onnx.ModelProto, plan: Plan, exps: dict[str, int],
-                 target: scheme.Target, bits: int, per_channel: bool, weight_method: str) -> None:
+                 target: scheme.Target, bits: int, per_channel: bool, weight_method: str,
+                 adjust: Any = None) -> None:
         self.fm, self.plan, self.exps = fm, plan, exps
+        self.adjust = adjust  # espstream.quant.ptq.WeightAdjuster, or None
         self.target, self.bits, self.per_channel = target, bits, per_channel
         self.weight_method = weight_method
         self.inits = {t.name: t for t in fm.graph.initializer}
@@ -420,10 +466,13 @@ class _Rewriter:
                 alpha = float(node.attrs.get("alpha", 1.0))
                 node.attrs["alpha"] = 1.0
                 node.attrs["beta"] = 1.0
-            key = (info.weight, axis, alpha)
+            key = (info.weight, axis, alpha, name if self.adjust else "")
+            if self.adjust is not None:  # ptq: rounding chosen on data, bias corrected
+                wq, b = self.adjust(name, w, b, w_e, axis)
             if key not in cache:
-                wq = scheme.quantize(w, w_e if axis is not None else int(w_e[0]), self.bits,
-                                     "half_even", axis)
+                if self.adjust is None:
+                    wq = scheme.quantize(w, w_e if axis is not None else int(w_e[0]),
+                                         self.bits, "half_even", axis)
                 cache[key] = self._int_const(info.weight, wq, w_e, axis)
             node.inputs[1] = cache[key]
             if b is None:

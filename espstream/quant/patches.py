@@ -1,0 +1,141 @@
+"""A linear layer's weight as rows and its input as patches, and the patches' moments.
+
+What bias correction and AdaRound share (`espstream.quant.bias_correction`, `.adaround`):
+
+1. Rows: a Conv weight [cout, cin/g, *k] is `cout` rows of `cin/g * prod(k)` values; a Gemm
+   weight is its output rows (transB 1: as stored; transB 0: transposed); a 2-D MatMul weight
+   [K, N] is its N columns. `to_rows` / `from_rows` are exact inverses.
+2. Patches: the input values one output value of a row sees, in the row's order; a Conv's
+   patches come from its input zero-padded as the attributes say (pads, strides, dilations,
+   group; auto_pad must be NOTSET), so padding counts as zeros like in the layer itself.
+   Row r of a grouped Conv sees the patches of group r // (cout / group).
+3. Moments: per group, the sum of patches (K), the sum of their outer products (K x K) and
+   their count, accumulated over runs in float64; `mean` and `second` divide by the count.
+   A row's output then has mean `row . mean` and mean square `row H row^T`, exactly.
+4. A layer this module cannot take (ConvTranspose, a MatMul weight of more than 2-D, a Gemm
+   with transA, an auto_pad) is `None` from `layout`: the techniques leave it as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+@dataclass(frozen=True)
+class Layout:
+    op: str
+    groups: int
+    cout: int
+    w_shape: tuple[int, ...]
+    trans_b: bool = False  # Gemm
+    kernel: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+
+    @property
+    def k(self) -> int:
+        """Values per row."""
+        return int(np.prod(self.w_shape)) // self.cout
+
+    def row_group(self) -> np.ndarray:
+        """Group of each row (rule 2)."""
+        return np.arange(self.cout) // (self.cout // self.groups)
+
+
+def layout(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> Layout | None:
+    """Rule 4: the layout of a Conv / Gemm / MatMul with a constant weight, else None."""
+    if len(node.input) < 2 or node.input[1] not in inits:
+        return None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    shape = tuple(int(d) for d in inits[node.input[1]].dims)
+    if node.op_type == "Conv":
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            return None
+        nd = len(shape) - 2
+        return Layout("Conv", int(attrs.get("group", 1)), shape[0], shape,
+                      kernel=shape[2:], pads=tuple(attrs.get("pads", [0] * 2 * nd)),
+                      strides=tuple(attrs.get("strides", [1] * nd)),
+                      dilations=tuple(attrs.get("dilations", [1] * nd)))
+    if node.op_type == "Gemm" and not attrs.get("transA", 0) and len(shape) == 2:
+        tb = bool(attrs.get("transB", 0))
+        return Layout("Gemm", 1, shape[0] if tb else shape[1], shape, trans_b=tb)
+    if node.op_type == "MatMul" and len(shape) == 2:
+        return Layout("MatMul", 1, shape[1], shape)
+    return None
+
+
+def to_rows(lay: Layout, w: np.ndarray) -> np.ndarray:
+    """Rule 1: [cout, K]."""
+    if lay.op == "Conv" or (lay.op == "Gemm" and lay.trans_b):
+        return w.reshape(lay.cout, -1)
+    return w.T  # Gemm transB 0, MatMul: [K, N]
+
+
+def from_rows(lay: Layout, rows: np.ndarray) -> np.ndarray:
+    if lay.op == "Conv" or (lay.op == "Gemm" and lay.trans_b):
+        return rows.reshape(lay.w_shape)
+    return np.ascontiguousarray(rows.T)
+
+
+def row_axis(lay: Layout) -> int:
+    """The weight axis that `to_rows` makes the row axis."""
+    return 0 if lay.op == "Conv" or (lay.op == "Gemm" and lay.trans_b) else 1
+
+
+def patches(lay: Layout, x: np.ndarray) -> np.ndarray:
+    """Rule 2: [groups, P, K] patches of the layer input `x`."""
+    x = np.asarray(x, dtype=np.float64)
+    if lay.op != "Conv":
+        return x.reshape(1, -1, lay.k)
+    nd = len(lay.kernel)
+    pad = [(0, 0), (0, 0)] + [(lay.pads[i], lay.pads[i + nd]) for i in range(nd)]
+    xp = np.pad(x, pad)
+    v = xp
+    for i in range(nd):  # a window per spatial axis, appended as a trailing axis
+        span = lay.dilations[i] * (lay.kernel[i] - 1) + 1
+        v = np.lib.stride_tricks.sliding_window_view(v, span, axis=2 + i)
+        sl = [slice(None)] * v.ndim
+        sl[2 + i] = slice(None, None, lay.strides[i])
+        sl[-1] = slice(None, None, lay.dilations[i])
+        v = v[tuple(sl)]
+    n, c = v.shape[:2]
+    out = v.shape[2:2 + nd]
+    g = lay.groups
+    v = v.reshape(n, g, c // g, *out, *lay.kernel)
+    # -> [g, n, *out, c/g, *k]
+    perm = [1, 0, *range(3, 3 + nd), 2, *range(3 + nd, 3 + 2 * nd)]
+    v = v.transpose(perm)
+    return v.reshape(g, -1, lay.k)
+
+
+class Moments:
+    """Rule 3: per-group first and second moments of a layer's input patches."""
+
+    def __init__(self, lay: Layout) -> None:
+        self.lay = lay
+        self.sum = np.zeros((lay.groups, lay.k))
+        self.outer = np.zeros((lay.groups, lay.k, lay.k))
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        p = patches(self.lay, x)
+        self.sum += p.sum(axis=1)
+        self.outer += np.einsum("gpi,gpj->gij", p, p)
+        self.count += p.shape[1]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.count, 1)
+
+    @property
+    def second(self) -> np.ndarray:
+        return self.outer / max(self.count, 1)
+
+
+def initializer(inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray:
+    return numpy_helper.to_array(inits[name])
