@@ -8,7 +8,7 @@ from onnx import helper
 from ptq_util import graph, run
 
 from espstream.quant import scheme
-from espstream.quant.adaround import _objective, adaround
+from espstream.quant.adaround import adaround, objective
 from espstream.quant.patches import Moments, layout, to_rows
 
 
@@ -73,11 +73,34 @@ def test_never_worse_than_nearest_and_deterministic():
         q = adaround(lay, w, e, mo, 8, steps=50)
         near = scheme.quantize(w, int(e[0]), 8)
         s = np.ldexp(1.0, int(e[0]))
-        xw = to_rows(lay, w.astype(np.float64)) / s
-        s2 = np.full(3, s * s)
-        assert (_objective(to_rows(lay, q) - xw, s2, mo.second, 1)
-                <= _objective(to_rows(lay, near) - xw, s2, mo.second, 1))
+        rows = to_rows(lay, w.astype(np.float64))
+        h, c = mo.moments(False)
+        assert (objective(to_rows(lay, q) * s, rows, h, c, 1)
+                <= objective(to_rows(lay, near) * s, rows, h, c, 1))
         assert np.array_equal(q, adaround(lay, w, e, mo, 8, steps=50))
+
+
+def test_asymmetric_objective_makes_up_for_the_input_error():
+    """Rule 2: with the float input as the reference, the rounding reconstructs W x from
+    x_q better than nearest does (held-out inputs, coarse input grid)."""
+    w, attrs, lay, x, _ = _layer(0, offset=1.0)
+    mo = Moments(lay)
+    xc = x(64, 1)
+    mo.update(scheme.fake_quant(xc, -3, 8), xc)
+    e = np.array([scheme.exponent_for_range(float(w.min()), float(w.max()), 8) + 1])
+    q = adaround(lay, w, e, mo, 8)
+    near = scheme.quantize(w, int(e[0]), 8)
+    held = x(64, 2)
+    ref = run(_conv(w, attrs, 8), held)
+    hq = scheme.fake_quant(held, -3, 8)
+    err_q = np.mean((run(_conv(scheme.dequantize(q, int(e[0])), attrs, 8), hq) - ref) ** 2)
+    err_n = np.mean((run(_conv(scheme.dequantize(near, int(e[0])), attrs, 8), hq) - ref) ** 2)
+    assert err_q < 0.9 * err_n
+
+
+def _conv(w, attrs, cin):
+    return graph([helper.make_node("Conv", ["x", "w"], ["y"], name="c", **attrs)], {"w": w},
+                 [1, cin, 16])
 
 
 def test_saturated_weights_stay_saturated():

@@ -3,10 +3,13 @@
 1. The exponents stay as chosen (calibrate's rule 4); only the rounding direction of each
    weight changes: q = floor(w / 2^e) + h with h in {0, 1}, saturated to the integer range.
    A weight outside the range keeps its saturated value.
-2. Objective: the layer's output error on the calibration data, computed exactly from the input
-   patches' second moments H (`espstream.quant.patches` rule 3):
-   sum_r 2^(2 e_r) d_r H d_r^T with d_r = q_r - w_r / 2^e_r, normalised by
-   sum_r 2^(2 e_r) trace(H) (so it is about 1/12 for rounding to nearest with white inputs).
+2. Objective: the squared error of the layer output on the calibration data between the
+   quantized layer on the input the integer model sees (x_q) and the float layer on the float
+   model's input (x): sum_r E[(w~_r x_q - w_r x)^2], computed exactly from the patches'
+   moments E[x_q x_q^T] and E[x_q x^T] (`espstream.quant.patches` rule 3), so the rounding
+   also makes up for the input's own quantization error. `centered`: the covariances instead
+   (the mean error is then left to bias correction, which removes it exactly). Normalised by
+   sum_r 2^(2 e_r) trace(E[x_q x_q^T]).
 3. Relaxation (Nagel et al. 2020, "Up or Down? Adaptive Rounding"): h = clip(sigmoid(V)
    (zeta - gamma) + gamma, 0, 1), zeta 1.1, gamma -0.1, V started where h equals the fraction
    w / 2^e - floor(w / 2^e); Adam on V, plain NumPy gradients; after a warm-up of a fifth of
@@ -27,26 +30,34 @@ from espstream.quant.patches import Layout, Moments, from_rows, to_rows
 ZETA, GAMMA = 1.1, -0.1
 
 
-def _objective(d: np.ndarray, s2: np.ndarray, h: np.ndarray, groups: int) -> float:
-    dg = d.reshape(groups, -1, d.shape[1])
-    hd = np.einsum("gri,gij->grj", dg, h).reshape(d.shape)
-    return float(np.sum(s2[:, None] * d * hd))
+def _grouped(a: np.ndarray, groups: int, m: np.ndarray) -> np.ndarray:
+    """Each row times its group's matrix: [c, K] x [g, K, K] -> [c, K]."""
+    c, k = a.shape
+    return np.einsum("gri,gij->grj", a.reshape(groups, -1, k), m).reshape(c, k)
+
+
+def objective(wt: np.ndarray, w: np.ndarray, h: np.ndarray, cross: np.ndarray,
+              groups: int) -> float:
+    """Rule 2 up to a constant: sum_r wt_r H wt_r^T - 2 wt_r C w_r^T (rows in float units)."""
+    return float(np.sum(wt * _grouped(wt, groups, h))
+                 - 2.0 * np.sum(wt * _grouped(w, groups, np.swapaxes(cross, 1, 2))))
 
 
 def adaround(lay: Layout, w: np.ndarray, exps: np.ndarray, moments: Moments, bits: int,
-             steps: int = 800, lam: float = 0.05, lr: float = 0.05) -> np.ndarray:
+             centered: bool = False, steps: int = 800, lam: float = 0.05, lr: float = 0.05
+             ) -> np.ndarray:
     """Rules 1-5: the integer weight (shape and dtype as `scheme.quantize` gives) for `w`
     with exponents `exps` (one per row along the row axis, or one for all)."""
     rows = to_rows(lay, np.asarray(w, np.float64))
     c, k = rows.shape
     e = np.broadcast_to(np.asarray(exps, np.int64).reshape(-1), (c,))
-    s = np.ldexp(1.0, e)
-    x = rows / s[:, None]
+    s = np.ldexp(1.0, e)[:, None]
+    x = rows / s
     qmin, qmax = scheme.qrange(bits)
-    h_mat = moments.second  # [groups, K, K]
+    h_mat, cross = moments.moments(centered)
     groups = lay.groups
-    s2 = s * s
-    z = float(np.sum(s2 * np.trace(h_mat, axis1=1, axis2=2)[lay.row_group()]))
+    target = _grouped(rows, groups, np.swapaxes(cross, 1, 2))  # w C^T per row
+    z = float(np.sum(s[:, 0] ** 2 * np.trace(h_mat, axis1=1, axis2=2)[lay.row_group()]))
     nearest = np.clip(np.rint(x), qmin, qmax)
     if z <= 0.0:
         return _out(lay, nearest, bits)
@@ -61,15 +72,12 @@ def adaround(lay: Layout, w: np.ndarray, exps: np.ndarray, moments: Moments, bit
     for t in range(1, steps + 1):
         sig = 1.0 / (1.0 + np.exp(-v))
         h = np.clip(sig * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
-        d = np.where(free, fl + h, nearest) - x
-        dg = d.reshape(groups, -1, k)
-        grad_d = 2.0 * s2[:, None] * np.einsum("gri,gij->grj", dg, h_mat).reshape(c, k) / z
+        wt = np.where(free, fl + h, nearest) * s
+        grad_h = 2.0 * s * (_grouped(wt, groups, h_mat) - target) / z
         if t > warm:
             beta = 20.0 + (2.0 - 20.0) * (t - warm) / max(steps - warm, 1)
             u = 2.0 * h - 1.0
-            grad_h = grad_d - lam * beta * np.abs(u) ** (beta - 1) * np.sign(u) * 2.0 / n_free
-        else:
-            grad_h = grad_d
+            grad_h = grad_h - lam * beta * np.abs(u) ** (beta - 1) * np.sign(u) * 2.0 / n_free
         inside = (h > 0.0) & (h < 1.0) & free
         g = np.where(inside, grad_h * (ZETA - GAMMA) * sig * (1.0 - sig), 0.0)
         m1 = 0.9 * m1 + 0.1 * g
@@ -78,7 +86,8 @@ def adaround(lay: Layout, w: np.ndarray, exps: np.ndarray, moments: Moments, bit
     sig = 1.0 / (1.0 + np.exp(-v))
     h = np.clip(sig * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
     q = np.where(free, fl + (h >= 0.5), nearest)
-    if _objective(q - x, s2, h_mat, groups) < _objective(nearest - x, s2, h_mat, groups):
+    if (objective(q * s, rows, h_mat, cross, groups)
+            < objective(nearest * s, rows, h_mat, cross, groups)):
         return _out(lay, q, bits)
     return _out(lay, nearest, bits)
 

@@ -48,7 +48,8 @@ integer simulator read it by this contract:
    21 (the com.microsoft variants would run in onnxruntime, but onnx.checker cannot check them).
 8. `metadata_props`: `espstream.target`, `espstream.bits` ("8" / "16"), `espstream.rounding`
    ("half_even" on esp32p4, "half_up" otherwise), `espstream.method`, `espstream.per_channel`
-   ("true" / "false"), `espstream.weight_method`, and `espstream.percentile` for that method.
+   ("true" / "false"), `espstream.weight_method`, and `espstream.percentile` for that method;
+   `espstream.ptq` lists the rule-10 techniques applied (absent when none is).
 9. onnxruntime's QuantizeLinear rounds half to even. That is esp32p4's rounding; for the half-up
    targets an exact tie rounds differently in the fake-quant model than on the chip, which the
    integer simulator measures.
@@ -107,6 +108,11 @@ class CalibrateOptions:
     adaround: bool = False
     exponent_search: bool = False
 
+    def ptq_applied(self) -> list[str]:
+        """The rule-10 techniques asked for, in the order they run."""
+        return [k for k in ("equalize", "bias_correction", "adaround", "exponent_search")
+                if getattr(self, k)]
+
     def validate(self) -> scheme.Target:
         t = scheme.get_target(self.target)
         scheme.check_bits(self.bits)
@@ -142,6 +148,7 @@ class CalibrateResult:
     notes: list[str] = field(default_factory=list)
     stream: Any = None  # espstream.quant.stream_calib.StreamSpec for a streaming model
     chunks: int = 0  # chunks run (streaming model)
+    ptq: list[str] = field(default_factory=list)  # rule-10 techniques applied
 
     def to_json(self) -> dict[str, Any]:
         o = self.options
@@ -168,6 +175,8 @@ class CalibrateResult:
             "percentile": o.percentile if o.method == "percentile" else None,
             "per_channel": self.per_channel,
             "weight_method": o.weight_method,
+            "ptq": self.ptq,
+            "notes": self.notes,
             "samples": self.samples,
             "batched": self.batched,
             "seconds": round(self.seconds, 3),
@@ -275,31 +284,19 @@ def calibrate_model(
 
         choose_gate_exponents(fm, plan, data, stream, opts.bits)
     per_channel = target.per_channel if opts.per_channel is None else opts.per_channel
-    adjust = None
-    if opts.adaround or opts.bias_correction or opts.exponent_search:
-        if stream is not None:  # ptq rule 4
-            notes.append("bias correction, AdaRound and the exponent search are not run on "
-                         "a streaming calibration")
-        elif opts.adaround or opts.bias_correction:
-            from espstream.quant.ptq import WeightAdjuster, collect_moments
+    from espstream.quant import ptq  # rule 10
 
-            moments = collect_moments(fm, plan, data, exps, target, opts.bits, opts.batch)
-            adjust = WeightAdjuster(fm, moments, opts.bits, opts.adaround, opts.bias_correction)
+    adjust = ptq.weight_adjuster(fm, plan, data, exps, target, opts, stream, notes)
 
     def build(e: dict[str, int]) -> _Rewriter:
         r = _Rewriter(fm, plan, e, target, opts.bits, per_channel, opts.weight_method, adjust)
         r.qm = r.run()
         return r
 
-    if opts.exponent_search and stream is None:
-        from espstream.quant.exponent_search import OutputError, search
-
-        delta, before, after, trials = search(
-            plan, lambda d: build(choose_exponents(plan, observers, opts, d)).qm,
-            OutputError(fm, data, opts.batch))
-        exps = choose_exponents(plan, observers, opts, delta)
-        notes.append(f"exponent search: {len(delta)} exponent(s) moved in {trials} trials, "
-                     f"calibration-data SQNR {before:.2f} -> {after:.2f} dB")
+    exps = ptq.search_exponents(
+        fm, plan, data, exps, opts, stream, notes,
+        lambda d: build(choose_exponents(plan, observers, opts, d)).qm,
+        lambda d: choose_exponents(plan, observers, opts, d))
     rw = build(exps)
     qm = rw.qm
     meta = {
@@ -312,6 +309,9 @@ def calibrate_model(
     }
     if opts.method == "percentile":
         meta["espstream.percentile"] = repr(float(opts.percentile))
+    applied = [k for k in opts.ptq_applied() if stream is None or k == "equalize"]  # ptq rule 4
+    if applied:  # rule 10
+        meta["espstream.ptq"] = ",".join(applied)
     if plan.recurrent:
         import json
 
@@ -328,6 +328,7 @@ def calibrate_model(
         observers=observers,
         qdq_names=rw.qdq_names, samples=len(data), batched=batched,
         seconds=time.perf_counter() - t0, stream=stream, chunks=chunks, notes=notes,
+        ptq=applied,
     )
     clipped = {k: v for k, v in rw.bias_clipped.items() if v}
     if clipped:
@@ -567,6 +568,9 @@ def print_summary(result: CalibrateResult) -> None:
                  f"frames, {len(st.states)} state(s) fed back{tied}")
     if result.requantized:
         log.info(f"  {len(result.requantized)} explicit requantizations (Add/Sub/Concat inputs)")
+    for note in result.notes:
+        if "saturated" not in note:  # that one was a warning already
+            log.info(f"  {note}")
     if result.report is not None:
         log.info(f"per-layer SQNR on {result.report.samples} samples, worst local first:")
         log.info(result.report.table())

@@ -11,6 +11,9 @@ What bias correction and AdaRound share (`espstream.quant.bias_correction`, `.ad
    Row r of a grouped Conv sees the patches of group r // (cout / group).
 3. Moments: per group, the sum of patches (K), the sum of their outer products (K x K) and
    their count, accumulated over runs in float64; `mean` and `second` divide by the count.
+   `mean_ref`: the mean patch of a reference input (the float model's own) beside it, and
+   the cross moment E[x ref^T]; `moments(centered)` gives E[x x^T] and E[x ref^T] or the
+   covariances.
    A row's output then has mean `row . mean` and mean square `row H row^T`, exactly.
 4. A layer this module cannot take (ConvTranspose, a MatMul weight of more than 2-D, a Gemm
    with transA, an auto_pad) is `None` from `layout`: the techniques leave it as it is.
@@ -120,13 +123,23 @@ class Moments:
         self.lay = lay
         self.sum = np.zeros((lay.groups, lay.k))
         self.outer = np.zeros((lay.groups, lay.k, lay.k))
+        self.sum_ref = np.zeros((lay.groups, lay.k))
+        self.cross = np.zeros((lay.groups, lay.k, lay.k))  # sum of x (outer) ref
         self.count = 0
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, ref: np.ndarray | None = None) -> None:
+        """`x`: the input as the integer model sees it; `ref`: the float model's (default x)."""
         p = patches(self.lay, x)
+        pr = p if ref is None else patches(self.lay, ref)
         self.sum += p.sum(axis=1)
+        self.sum_ref += pr.sum(axis=1)
         self.outer += np.einsum("gpi,gpj->gij", p, p)
+        self.cross += np.einsum("gpi,gpj->gij", p, pr)
         self.count += p.shape[1]
+
+    @property
+    def mean_ref(self) -> np.ndarray:
+        return self.sum_ref / max(self.count, 1)
 
     @property
     def mean(self) -> np.ndarray:
@@ -135,6 +148,14 @@ class Moments:
     @property
     def second(self) -> np.ndarray:
         return self.outer / max(self.count, 1)
+
+    def moments(self, centered: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(E[x x^T], E[x ref^T]) per group, or the covariances when `centered`."""
+        h, c = self.second, self.cross / max(self.count, 1)
+        if centered:
+            h = h - np.einsum("gi,gj->gij", self.mean, self.mean)
+            c = c - np.einsum("gi,gj->gij", self.mean, self.mean_ref)
+        return h, c
 
 
 def initializer(inits: dict[str, onnx.TensorProto], name: str) -> np.ndarray:

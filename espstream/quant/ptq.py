@@ -10,15 +10,16 @@
    fake-quantized at the input's exponent (target rounding).
 3. Every technique only changes initializer values and exponents: the output is the same kind
    of QDQ model, which export and the integer simulator take as they are.
-4. A streaming calibration (whole sequences, states fed back) takes equalization and the
-   exponent search's absence: the data passes of bias correction, AdaRound and the search
-   are not defined on chunked runs, so they are skipped there with a note.
+4. A streaming calibration (whole sequences, states fed back) takes equalization only: the
+   data passes of bias correction, AdaRound and the search run the model on whole samples,
+   which a streaming model does not take, so they are skipped there with a note.
 5. The weight adjustments are computed once per layer and kept, so the exponent search's
    rebuilds reuse them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,7 @@ def collect_moments(fm: onnx.ModelProto, plan: Plan, data: CalibrationData,
     def feed(t: str, v: np.ndarray) -> None:
         xq = scheme.fake_quant(v, exps[t], bits, target.rounding)
         for name in by_input[t]:
-            moments[name].update(xq)
+            moments[name].update(xq, v)
 
     direct = [t for t in by_input if t in graph_inputs]
     inner = [t for t in by_input if t not in graph_inputs]
@@ -68,6 +69,13 @@ def collect_moments(fm: onnx.ModelProto, plan: Plan, data: CalibrationData,
             for t, v in zip(inner, values, strict=True):
                 feed(t, v)
     return moments
+
+
+#: bias correction also removes the mean shift of the layer's input quantization
+#: (bias_correction rule 1); AdaRound leaves the mean to bias correction when both run
+#: (adaround rule 2). Both chosen on the zoo's development half.
+WITH_INPUT = True
+CENTERED = True
 
 
 class WeightAdjuster:
@@ -90,14 +98,47 @@ class WeightAdjuster:
         if m is None:
             self.cache[name] = (nearest, b)
             return self.cache[name]
-        wq = adaround(m.lay, w, w_e, m, self.bits) if self.use_adaround else nearest
+        # with bias correction after it, the rounding leaves the mean error to the bias
+        centered = CENTERED and self.use_bias_correction and b is not None
+        wq = adaround(m.lay, w, w_e, m, self.bits, centered) if self.use_adaround else nearest
         st: dict[str, Any] = {}
         if self.use_adaround:
             st["flipped"] = int(np.sum(wq != nearest))
         if self.use_bias_correction and b is not None:
-            nb = corrected_bias(m.lay, w, scheme.dequantize(wq, e, axis), b, m)
+            nb = corrected_bias(m.lay, w, scheme.dequantize(wq, e, axis), b, m, WITH_INPUT)
             st["bias_shift_max"] = float(np.max(np.abs(nb - b), initial=0.0))
             b = nb
         self.stats[name] = st
         self.cache[name] = (wq, b)
         return self.cache[name]
+
+
+def weight_adjuster(fm: onnx.ModelProto, plan: Plan, data: CalibrationData,
+                    exps: dict[str, int], target: scheme.Target, opts: Any, stream: Any,
+                    notes: list[str]) -> WeightAdjuster | None:
+    """calibrate's hook: the rewriter's weight adjuster when bias correction or AdaRound is
+    asked for (rule 1), None otherwise; rule 4 for a streaming calibration."""
+    if stream is not None:
+        if opts.adaround or opts.bias_correction or opts.exponent_search:
+            notes.append("bias correction, AdaRound and the exponent search are not run on "
+                         "a streaming calibration")
+        return None
+    if not (opts.adaround or opts.bias_correction):
+        return None
+    moments = collect_moments(fm, plan, data, exps, target, opts.bits, opts.batch)
+    return WeightAdjuster(fm, moments, opts.bits, opts.adaround, opts.bias_correction)
+
+
+def search_exponents(fm: onnx.ModelProto, plan: Plan, data: CalibrationData,
+                     exps: dict[str, int], opts: Any, stream: Any, notes: list[str],
+                     build: Callable[[dict[str, int]], onnx.ModelProto],
+                     exponents: Callable[[dict[str, int]], dict[str, int]]) -> dict[str, int]:
+    """calibrate's hook: the exponents after the search (rule 1), or `exps` unchanged."""
+    if not opts.exponent_search or stream is not None:
+        return exps
+    from espstream.quant.exponent_search import OutputError, search
+
+    delta, before, after, trials = search(plan, build, OutputError(fm, data, opts.batch))
+    notes.append(f"exponent search: {len(delta)} exponent(s) moved in {trials} trials, "
+                 f"calibration-data SQNR {before:.2f} -> {after:.2f} dB")
+    return exponents(delta)
