@@ -1,5 +1,6 @@
-"""Pools: AveragePool, MaxPool, GlobalAveragePool (lowered and simulated), GlobalMaxPool
-(calibrated and simulated), LpPool / GlobalLpPool (streamed in float only).
+"""Pools: AveragePool, MaxPool, GlobalAveragePool, GlobalMaxPool (lowered and simulated;
+GlobalMaxPool as ESP-DL's MaxPool over the whole spatial extent, ESP-DL having no module of
+its own for it), LpPool / GlobalLpPool (streamed in float only).
 
 Calibrate: MaxPool and GlobalMaxPool share their input's exponent (plan rule 4), the averages
 get their own (rule 6). Streamify: the windowed pools are window operators (`rule_conv`; a
@@ -54,7 +55,18 @@ def lower_pool(lw: Lowerer, n: onnx.NodeProto) -> None:
         raise UserError(
             f"{n.op_type} '{n.name}': {x.rank - 2}-D pooling; ESP-DL has 1-D and 2-D"
         )
-    if n.op_type != "GlobalAveragePool":
+    op = n.op_type
+    if op == "GlobalMaxPool":
+        # ESP-DL has no GlobalMaxPool module: its MaxPool with the whole spatial extent as the
+        # kernel (no pads, stride = kernel) computes the same single maximum per channel.
+        spatial = [int(d) for d in lw.shape(n.input[0])[2:]]
+        if any(d < 1 for d in spatial):
+            raise UserError(f"GlobalMaxPool '{n.name}': its input's spatial size is not known; "
+                            "fix the input shapes with espstream optimize --input-shape")
+        op = "MaxPool"
+        attrs = {"ceil_mode": 0, "kernel_shape": spatial, "pads": [0] * (2 * len(spatial)),
+                 "strides": spatial}
+    elif op != "GlobalAveragePool":
         nsp = x.rank - 2
         if any(int(d) != 1 for d in attr(n, "dilations", [1] * nsp)):
             raise UserError(f"{n.op_type} '{n.name}': dilation is not supported by ESP-DL")
@@ -72,10 +84,10 @@ def lower_pool(lw: Lowerer, n: onnx.NodeProto) -> None:
         }
         if n.op_type == "AveragePool":
             attrs["count_include_pad"] = int(attr(n, "count_include_pad", 0))
-    natural = x if n.op_type == "MaxPool" else None
+    natural = x if op == "MaxPool" else None
     name, out = lw.define_output(n.output[0], n, shape, True, natural)
     lw.need_q(n, out)
-    lw.emit(n.op_type, n.name, [x.name], [name],
+    lw.emit(op, n.name, [x.name], [name],
               {**attrs, "quant_type": lw.qtype(x.dtype)})
     lw.finish_output(out)
 
@@ -146,7 +158,8 @@ register(OpSpec("GlobalAveragePool", MODULE, calibrate=own, calibrate_rule="own 
                 espdl=("GlobalAveragePool",)))
 register(OpSpec("GlobalMaxPool", MODULE, calibrate=share, calibrate_rule="input's exponent",
                 stream=rule_mixes_all, stream_first=True,
-                stream_rule="refused on a time axis (mixes every frame)"))
+                stream_rule="refused on a time axis (mixes every frame)", lower=lower_pool,
+                espdl=("MaxPool",)))
 register(OpSpec("LpPool", MODULE, stream=rule_conv, stream_rule=_WINDOW))
 register(OpSpec("GlobalLpPool", MODULE, stream=rule_mixes_all, stream_first=True,
                 stream_rule="refused on a time axis (mixes every frame)"))
