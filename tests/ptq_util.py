@@ -9,6 +9,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from espstream.quant.data import CalibrationData, model_inputs
 
+#: every espstream.quant.ptq technique off (calibrate's int8 defaults turn some on)
+OFF = {"equalize": False, "bias_correction": False, "adaround": False, "exponent_search": False}
+
+
+def only(name: str) -> dict[str, bool]:
+    """Options with just `name` on."""
+    return {**OFF, name: True}
+
 
 def graph(nodes: list, inits: dict[str, np.ndarray], shape: list[int],
           out: str = "y") -> onnx.ModelProto:

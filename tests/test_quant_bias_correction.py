@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from onnx import helper, numpy_helper
-from ptq_util import arrays, data, ds_block, graph, run
+from ptq_util import OFF, arrays, data, ds_block, graph, only, run
 
 from espstream.quant import calibrate_model, scheme
 from espstream.quant.bias_correction import corrected_bias
@@ -44,8 +44,8 @@ def _bias(model, node):
 def test_calibrate_option_changes_biases_only():
     m = ds_block(1)
     d = data(m, 16, 0, offset=2.0)
-    off = calibrate_model(m, d, target="esp32s3", report_samples=0)
-    on = calibrate_model(m, d, target="esp32s3", report_samples=0, bias_correction=True)
+    off = calibrate_model(m, d, target="esp32s3", report_samples=0, **OFF)
+    on = calibrate_model(m, d, target="esp32s3", report_samples=0, **only("bias_correction"))
     assert on.exponents == off.exponents and on.weight_exponents == off.weight_exponents
     changed = [n for n in ("conv1", "dw", "pw") if not np.array_equal(_bias(on.model, n),
                                                                      _bias(off.model, n))]
@@ -64,6 +64,6 @@ def test_a_layer_without_bias_keeps_none():
     m = graph([helper.make_node("Conv", ["x", "w"], ["y"], name="c", kernel_shape=[1])],
               {"w": w}, [1, 4, 6])
     d = data(m, 4, 0)
-    on = calibrate_model(m, d, report_samples=0, bias_correction=True)
-    off = calibrate_model(m, d, report_samples=0)
+    on = calibrate_model(m, d, report_samples=0, **only("bias_correction"))
+    off = calibrate_model(m, d, report_samples=0, **OFF)
     assert on.bias_exponents == off.bias_exponents == {}

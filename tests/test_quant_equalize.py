@@ -6,7 +6,7 @@ import copy
 
 import numpy as np
 from onnx import helper, numpy_helper
-from ptq_util import arrays, data, ds_block, graph, run, sqnr
+from ptq_util import OFF, arrays, data, ds_block, graph, only, run, sqnr
 
 from espstream.quant import calibrate_model
 from espstream.quant.equalize import _pairs, equalize_model
@@ -85,7 +85,7 @@ def test_per_tensor_target_gains_on_unbalanced_channels():
     d, held = data(m, 16, 0), data(m, 32, 9)
     x = arrays(held)
     ref = run(m, x)
-    off = calibrate_model(m, d, target="esp32s3", report_samples=0)
-    on = calibrate_model(m, d, target="esp32s3", report_samples=0, equalize=True)
+    off = calibrate_model(m, d, target="esp32s3", report_samples=0, **OFF)
+    on = calibrate_model(m, d, target="esp32s3", report_samples=0, **only("equalize"))
     assert any("equalization: 2 layer pair" in n for n in on.notes)
     assert sqnr(ref, run(on.model, x)) > sqnr(ref, run(off.model, x)) + 3.0

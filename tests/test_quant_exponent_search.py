@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from onnx import helper
-from ptq_util import data, ds_block, graph
+from ptq_util import OFF, data, ds_block, graph, only
 
 from espstream.quant import calibrate_model
 from espstream.quant.exponent_search import OutputError, free_tensors, search
@@ -33,8 +33,8 @@ def test_free_tensors_leave_out_adopted_inputs():
 def test_search_recovers_a_bad_start_and_never_loses():
     m = ds_block(2)
     d = data(m, 16, 0)
-    base = calibrate_model(m, d, report_samples=0, method="minmax")
-    on = calibrate_model(m, d, report_samples=0, method="minmax", exponent_search=True)
+    base = calibrate_model(m, d, report_samples=0, method="minmax", **OFF)
+    on = calibrate_model(m, d, report_samples=0, method="minmax", **only("exponent_search"))
     obj = OutputError(base.float_model, d, 64)
     assert obj.sqnr(on.model) >= obj.sqnr(base.model)
     moved = {t: on.exponents[t] - base.exponents[t] for t in on.exponents
@@ -46,14 +46,16 @@ def test_search_recovers_a_bad_start_and_never_loses():
 def test_search_keeps_only_gains():
     m = ds_block(3)
     d = data(m, 8, 1)
-    cal = calibrate_model(m, d, report_samples=0)
+    cal = calibrate_model(m, d, report_samples=0, **OFF)
     from espstream.quant.calibrate import choose_exponents
 
     calls = []
 
     def build(delta):
         calls.append(dict(delta))
-        return calibrate_model(m, d, report_samples=0).model if not delta else _shifted(delta)
+        if not delta:
+            return calibrate_model(m, d, report_samples=0, **OFF).model
+        return _shifted(delta)
 
     def _shifted(delta):
         # a model whose exponents follow delta: built by calibrate's own rewriter

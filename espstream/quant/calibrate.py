@@ -53,10 +53,12 @@ integer simulator read it by this contract:
 9. onnxruntime's QuantizeLinear rounds half to even. That is esp32p4's rounding; for the half-up
    targets an exact tie rounds differently in the fake-quant model than on the chip, which the
    integer simulator measures.
-10. Beyond exponents (`espstream.quant.ptq`, each off unless asked): `equalize` (cross-layer
-   equalization of the float model before planning), `bias_correction`, `adaround` (weight
-   rounding from the layer inputs' moments) and `exponent_search` (+-1 on free activation
-   exponents against the output error). They change initializer values and exponents only.
+10. Beyond exponents (`espstream.quant.ptq`): `equalize` (cross-layer equalization of the
+   float model before planning), `bias_correction`, `adaround` (weight rounding from the
+   layer inputs' moments) and `exponent_search` (+-1 on free activation exponents against
+   the output error). They change initializer values and exponents only. Defaults
+   (`PTQ_DEFAULTS`): int8 equalize, bias correction and AdaRound on, the search off;
+   int16 all off. A field set to True / False overrides its default.
 """
 
 from __future__ import annotations
@@ -89,6 +91,13 @@ from espstream.quant.plan import (
 
 DEFAULT_METHOD = "mse"
 DEFAULT_PERCENTILE = 99.99
+PTQ_NAMES = ("equalize", "bias_correction", "adaround", "exponent_search")
+#: rule 10's defaults by bit width, chosen on the development half of the evaluation zoo
+#: (benchmarks/zoo.py, benchmarks/results/zoo_quality.json, int8 on esp32p4 and esp32s3);
+#: 16-bit models were not measured, so nothing is on there unless asked
+PTQ_DEFAULTS: dict[int, dict[str, bool]] = {
+    8: {"equalize": True, "bias_correction": True, "adaround": True, "exponent_search": False},
+}
 
 
 @dataclass
@@ -102,16 +111,22 @@ class CalibrateOptions:
     bins: int = 4096
     weight_method: str = "mse"
     report_samples: int = 32  # 0: no report
-    # espstream.quant.ptq (rule 10)
-    equalize: bool = False
-    bias_correction: bool = False
-    adaround: bool = False
-    exponent_search: bool = False
+    # espstream.quant.ptq (rule 10); None: PTQ_DEFAULTS for the bit width
+    equalize: bool | None = None
+    bias_correction: bool | None = None
+    adaround: bool | None = None
+    exponent_search: bool | None = None
 
     def ptq_applied(self) -> list[str]:
-        """The rule-10 techniques asked for, in the order they run."""
-        return [k for k in ("equalize", "bias_correction", "adaround", "exponent_search")
-                if getattr(self, k)]
+        """The rule-10 techniques asked for (or on by default), in the order they run."""
+        dflt = PTQ_DEFAULTS.get(self.bits, {})
+        return [k for k in PTQ_NAMES
+                if (getattr(self, k) if getattr(self, k) is not None else dflt.get(k, False))]
+
+    def with_ptq_resolved(self) -> CalibrateOptions:
+        """A copy whose rule-10 fields are all True / False (defaults filled in)."""
+        on = set(self.ptq_applied())
+        return dataclasses.replace(self, **{k: k in on for k in PTQ_NAMES})
 
     def validate(self) -> scheme.Target:
         t = scheme.get_target(self.target)
@@ -260,6 +275,7 @@ def calibrate_model(
     """
     opts = dataclasses.replace(options or CalibrateOptions(), **kwargs)
     target = opts.validate()
+    opts = opts.with_ptq_resolved()
     t0 = time.perf_counter()
     fm = prepare_float_model(model, opts.bits)
     notes: list[str] = []

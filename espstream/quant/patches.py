@@ -128,7 +128,12 @@ class Moments:
         self.count = 0
 
     def update(self, x: np.ndarray, ref: np.ndarray | None = None) -> None:
-        """`x`: the input as the integer model sees it; `ref`: the float model's (default x)."""
+        """`x`: the input as the integer model sees it; `ref`: the float model's (default x).
+        One sample at a time, so the patches (K times the input, in float64) stay small."""
+        if x.ndim and x.shape[0] > 1 and self.lay.op == "Conv":
+            for i in range(x.shape[0]):
+                self.update(x[i:i + 1], None if ref is None else ref[i:i + 1])
+            return
         p = patches(self.lay, x)
         pr = p if ref is None else patches(self.lay, ref)
         self.sum += p.sum(axis=1)
