@@ -5,7 +5,9 @@
 
 The optimized models/tutorial_tcn.onnx is calibrated on N standard-normal samples (seed 0,
 written once to a .npy that both tools read sample by sample through a memory map) by
-- espstream `calibrate_model` with its default method and with minmax (no report), and
+- espstream `calibrate_model` with its default method, the same with the PTQ techniques off
+  (`espstream-noptq`: what equalization, bias correction and AdaRound cost), and with minmax
+  (no report), and
 - onnxruntime.quantization.quantize_static, QDQ int8, with CalibrationMethod.MinMax and
   .Percentile, per-tensor, from a CalibrationDataReader over the same file.
 Each case runs in a fresh subprocess. `seconds` is the wall time of the calibration call alone
@@ -27,7 +29,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ("espstream", "espstream-minmax", "ort-minmax", "ort-percentile")
+#: espstream-noptq: calibrate's defaults with the PTQ techniques (espstream.quant.ptq) off, to
+#: show what they cost
+TOOLS = ("espstream", "espstream-noptq", "espstream-minmax", "ort-minmax", "ort-percentile")
+PTQ_OFF = {"equalize": False, "bias_correction": False, "adaround": False,
+           "exponent_search": False}
 
 
 def _status_mb(field: str) -> float:
@@ -62,9 +68,10 @@ def run_case(tool: str, model_path: str, data_path: str) -> dict:
         base = _rss_mb()
         t0 = time.perf_counter()
         data = read_calibration_data(data_path, _inputs(model))
-        r = calibrate_model(model, data, method=method, report_samples=0)
+        off = PTQ_OFF if tool == "espstream-noptq" else {}
+        r = calibrate_model(model, data, method=method, report_samples=0, **off)
         seconds = time.perf_counter() - t0
-        extra = {"method": method, "batched": r.batched}
+        extra = {"method": method, "batched": r.batched, "ptq": r.ptq}
     else:
         from onnxruntime.quantization import (
             CalibrationDataReader,
@@ -116,7 +123,7 @@ def headline(by: dict, sizes: list[int], goals: dict) -> dict:
     met = True
     for n in sizes:
         ort_ = by.get((n, "ort-minmax"))
-        for tool in ("espstream", "espstream-minmax"):
+        for tool in ("espstream", "espstream-noptq", "espstream-minmax"):
             mine = by.get((n, tool))
             if mine and ort_:
                 ratio = round(mine["seconds"] / ort_["seconds"], 2)

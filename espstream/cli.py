@@ -77,7 +77,8 @@ def ptq_options(f: Callable[..., Any]) -> Callable[..., Any]:
         return f(*args, ptq={k: v for k, v in given.items() if v is not None}, **kwargs)
 
     for dest, flag, text in reversed(PTQ_FLAGS):
-        dflt = "off" if dest == "exponent_search" else "on for int8, off for int16"
+        dflt = ("on for int8, off for int16" if dest in ("equalize", "bias_correction")
+                else "off")
         wrapper = click.option(f"--{flag}/--no-{flag}", dest, default=None,
                                help=f"{text} [default: {dflt}]")(wrapper)
     return wrapper

@@ -85,3 +85,17 @@ def test_layouts_it_cannot_take_are_none():
                {"w": np.ones((2, 3, 4), np.float32)}, [2, 5, 3])
     for m in (ct, ap, mm):
         assert layout(m.graph.node[0], _inits(m)) is None
+
+
+@pytest.mark.parametrize("xs,ws,attrs", CONVS)
+def test_means_without_patches_equal_the_patch_means(xs, ws, attrs):
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal(ws).astype(np.float32)
+    m = graph([helper.make_node("Conv", ["x", "w"], ["y"], name="c", **attrs)], {"w": w}, xs)
+    lay = layout(m.graph.node[0], _inits(m))
+    x = rng.standard_normal((3, *xs[1:])) + 1.0
+    full, means = Moments(lay), Moments(lay, second=False)
+    full.update(x, 2 * x)
+    means.update(x, 2 * x)
+    assert means.count == full.count
+    assert np.allclose(means.mean, full.mean) and np.allclose(means.mean_ref, full.mean_ref)

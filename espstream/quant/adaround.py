@@ -33,7 +33,7 @@ ZETA, GAMMA = 1.1, -0.1
 def _grouped(a: np.ndarray, groups: int, m: np.ndarray) -> np.ndarray:
     """Each row times its group's matrix: [c, K] x [g, K, K] -> [c, K]."""
     c, k = a.shape
-    return np.einsum("gri,gij->grj", a.reshape(groups, -1, k), m).reshape(c, k)
+    return np.matmul(a.reshape(groups, -1, k), m).reshape(c, k)
 
 
 def objective(wt: np.ndarray, w: np.ndarray, h: np.ndarray, cross: np.ndarray,

@@ -27,6 +27,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+PATCH_BYTES = 32 << 20  # patches one `Moments.update` step may hold
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -116,11 +118,46 @@ def patches(lay: Layout, x: np.ndarray) -> np.ndarray:
     return v.reshape(g, -1, lay.k)
 
 
+def _windows(lay: Layout, x: np.ndarray) -> tuple[np.ndarray, list[list[slice]]]:
+    """The padded input and, per kernel offset, the slices of the positions it sees."""
+    nd = len(lay.kernel)
+    xp = np.pad(np.asarray(x, np.float64),
+                [(0, 0), (0, 0)] + [(lay.pads[i], lay.pads[i + nd]) for i in range(nd)])
+    outs = [(xp.shape[2 + i] - lay.dilations[i] * (lay.kernel[i] - 1) - 1) // lay.strides[i] + 1
+            for i in range(nd)]
+    offsets = []
+    for ks in np.ndindex(*lay.kernel):
+        offsets.append([slice(k * lay.dilations[i], k * lay.dilations[i]
+                              + (outs[i] - 1) * lay.strides[i] + 1, lay.strides[i])
+                        for i, k in enumerate(ks)])
+    return xp, offsets
+
+
+def patch_sums(lay: Layout, x: np.ndarray) -> np.ndarray:
+    """[groups, K]: the sum of the patches of `x`, without making them (rule 2's order)."""
+    if lay.op != "Conv":
+        return patches(lay, x).sum(axis=1)
+    xp, offsets = _windows(lay, x)
+    sums = np.stack([xp[(slice(None), slice(None), *sl)].sum(
+        axis=tuple(range(2, xp.ndim))).sum(axis=0) for sl in offsets], axis=1)  # [C, prod k]
+    return sums.reshape(lay.groups, -1)
+
+
+def patch_count(lay: Layout, x: np.ndarray) -> int:
+    if lay.op != "Conv":
+        return int(np.prod(x.shape)) // lay.k
+    xp, offsets = _windows(lay, x)
+    first = xp[(slice(None), slice(None), *offsets[0])]
+    return int(first.shape[0] * np.prod(first.shape[2:]))
+
+
 class Moments:
     """Rule 3: per-group first and second moments of a layer's input patches."""
 
-    def __init__(self, lay: Layout) -> None:
+    def __init__(self, lay: Layout, second: bool = True) -> None:
+        """`second` False: the means only (what bias correction needs), without patches."""
         self.lay = lay
+        self.has_second = second
         self.sum = np.zeros((lay.groups, lay.k))
         self.outer = np.zeros((lay.groups, lay.k, lay.k))
         self.sum_ref = np.zeros((lay.groups, lay.k))
@@ -129,17 +166,27 @@ class Moments:
 
     def update(self, x: np.ndarray, ref: np.ndarray | None = None) -> None:
         """`x`: the input as the integer model sees it; `ref`: the float model's (default x).
-        One sample at a time, so the patches (K times the input, in float64) stay small."""
-        if x.ndim and x.shape[0] > 1 and self.lay.op == "Conv":
-            for i in range(x.shape[0]):
-                self.update(x[i:i + 1], None if ref is None else ref[i:i + 1])
+        A few samples at a time, so the patches (prod(kernel) times the input, in float64)
+        stay within PATCH_BYTES."""
+        if not self.has_second:
+            self.sum += patch_sums(self.lay, x)
+            self.sum_ref += patch_sums(self.lay, x if ref is None else ref)
+            self.count += patch_count(self.lay, x)
             return
+        if x.ndim and x.shape[0] > 1 and self.lay.op == "Conv":
+            per = max(1, x[0].size * int(np.prod(self.lay.kernel)) * 8)
+            step = max(1, PATCH_BYTES // per)
+            if step < x.shape[0]:
+                for i in range(0, x.shape[0], step):
+                    self.update(x[i:i + step], None if ref is None else ref[i:i + step])
+                return
         p = patches(self.lay, x)
         pr = p if ref is None else patches(self.lay, ref)
         self.sum += p.sum(axis=1)
         self.sum_ref += pr.sum(axis=1)
-        self.outer += np.einsum("gpi,gpj->gij", p, p)
-        self.cross += np.einsum("gpi,gpj->gij", p, pr)
+        pt = np.swapaxes(p, 1, 2)
+        self.outer += pt @ p  # BLAS: np.einsum would not use it here
+        self.cross += pt @ pr
         self.count += p.shape[1]
 
     @property

@@ -10,9 +10,11 @@
    fake-quantized at the input's exponent (target rounding).
 3. Every technique only changes initializer values and exponents: the output is the same kind
    of QDQ model, which export and the integer simulator take as they are.
-4. A streaming calibration (whole sequences, states fed back) takes equalization only: the
-   data passes of bias correction, AdaRound and the search run the model on whole samples,
-   which a streaming model does not take, so they are skipped there with a note.
+4. A streaming calibration (whole sequences, states fed back) takes none of them, with a
+   note: the data passes run the model on whole samples, which a streaming model does not
+   take, and equalization would pair layers differently through the caches' Concats, so a
+   streaming calibration stays equal to the offline one calibrated with them off
+   (`convert --chunk` calibrates the offline model, so it has them).
 5. The weight adjustments are computed once per layer and kept, so the exponent search's
    rebuilds reuse them.
 """
@@ -35,8 +37,8 @@ from espstream.quant.plan import Plan
 
 
 def collect_moments(fm: onnx.ModelProto, plan: Plan, data: CalibrationData,
-                    exps: dict[str, int], target: scheme.Target, bits: int, batch: int
-                    ) -> dict[str, Moments]:
+                    exps: dict[str, int], target: scheme.Target, bits: int, batch: int,
+                    second: bool = True) -> dict[str, Moments]:
     """Rules 1-2: per gemm node (that `patches.layout` takes), its input patches' moments."""
     inits = {t.name: t for t in fm.graph.initializer}
     nodes = {n.name: n for n in fm.graph.node}
@@ -46,7 +48,7 @@ def collect_moments(fm: onnx.ModelProto, plan: Plan, data: CalibrationData,
         lay = layout(nodes[name], inits)
         if lay is None or info.input not in exps:
             continue
-        moments[name] = Moments(lay)
+        moments[name] = Moments(lay, second)  # second: AdaRound's (bias correction: means)
         by_input.setdefault(info.input, []).append(name)
     if not moments:
         return moments
@@ -119,13 +121,14 @@ def weight_adjuster(fm: onnx.ModelProto, plan: Plan, data: CalibrationData,
     """calibrate's hook: the rewriter's weight adjuster when bias correction or AdaRound is
     asked for (rule 1), None otherwise; rule 4 for a streaming calibration."""
     if stream is not None:
-        if opts.adaround or opts.bias_correction or opts.exponent_search:
-            notes.append("bias correction, AdaRound and the exponent search are not run on "
-                         "a streaming calibration")
+        if opts.ptq_applied():
+            notes.append("equalization, bias correction, AdaRound and the exponent search are "
+                         "not run on a streaming calibration")
         return None
     if not (opts.adaround or opts.bias_correction):
         return None
-    moments = collect_moments(fm, plan, data, exps, target, opts.bits, opts.batch)
+    moments = collect_moments(fm, plan, data, exps, target, opts.bits, opts.batch,
+                              second=bool(opts.adaround))
     return WeightAdjuster(fm, moments, opts.bits, opts.adaround, opts.bias_correction)
 
 
