@@ -113,3 +113,18 @@ def test_streaming_calibration_skips_the_data_techniques_with_a_note(tmp_path):
     js = json.loads(rep.read_text())
     assert js["ptq"] == []
     assert any("not run on a streaming calibration" in n for n in js["notes"])
+
+
+def test_moments_take_the_first_samples_only():
+    from espstream.quant.ptq import MOMENT_SAMPLES, _first
+
+    class Many:
+        def __len__(self):
+            return MOMENT_SAMPLES + 10
+
+        def __iter__(self):
+            return iter(range(MOMENT_SAMPLES + 10))
+
+    f = _first(Many(), MOMENT_SAMPLES)
+    assert len(f) == MOMENT_SAMPLES
+    assert list(f) == list(f) == list(range(MOMENT_SAMPLES))  # re-iterable

@@ -7,7 +7,8 @@
    nearest) and the biases corrected (`bias_correction`) when the QDQ model is written;
    finally the exponent search (`exponent_search`) tries +-1 on each free activation exponent.
 2. The moments are of the layer input as the integer model sees it: the float model's value
-   fake-quantized at the input's exponent (target rounding).
+   fake-quantized at the input's exponent (target rounding), beside the float value itself;
+   from the first MOMENT_SAMPLES (256) samples at most.
 3. Every technique only changes initializer values and exponents: the output is the same kind
    of QDQ model, which export and the integer simulator take as they are.
 4. A streaming calibration (whole sequences, states fed back) takes none of them, with a
@@ -35,6 +36,26 @@ from espstream.quant.engine import Runner
 from espstream.quant.patches import Moments, layout
 from espstream.quant.plan import Plan
 
+#: rule 2: the moments come from at most this many samples (the first ones): means and
+#: second moments of patches settle long before, and the extra pass would otherwise cost a
+#: whole second observation of large data sets
+MOMENT_SAMPLES = 256
+
+
+class _first:
+    """The first n samples of `data`, re-iterable, with len."""
+
+    def __init__(self, data: CalibrationData, n: int) -> None:
+        self.data, self.n = data, min(n, len(data))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        import itertools
+
+        return itertools.islice(iter(self.data), self.n)
+
 
 def collect_moments(fm: onnx.ModelProto, plan: Plan, data: CalibrationData,
                     exps: dict[str, int], target: scheme.Target, bits: int, batch: int,
@@ -59,6 +80,7 @@ def collect_moments(fm: onnx.ModelProto, plan: Plan, data: CalibrationData,
         for name in by_input[t]:
             moments[name].update(xq, v)
 
+    data = _first(data, MOMENT_SAMPLES)
     direct = [t for t in by_input if t in graph_inputs]
     inner = [t for t in by_input if t not in graph_inputs]
     if direct:
