@@ -361,18 +361,11 @@ def random_data(inputs: list[InputSpec], n: int, seed: int = 0,
                 "fix them with `espstream optimize --input-shape` or give --data"
             )
         shape = (n, *[1 if d is None else d for d in s.shape])
-        # noise is drawn one sample at a time (rule 4): only a held constant input is n deep
+        # noise is bounded per sample (rule 4 draws one at a time); a constant input keeps the
+        # n-deep bound it had when it was held whole
         check_shape(shape if s.name in values else shape[1:], 8, f"--random {n}: input {s.name!r}")
-        if s.name in values:
-            try:
-                arr = np.full(shape, values[s.name]).astype(s.dtype)
-            except (TypeError, ValueError, OverflowError):
-                raise UserError(f"--input-value {s.name}={values[s.name]}: not a {s.dtype} "
-                                "value") from None
-        else:
-            arrays[s.name] = _Noise(s, n, rng)
-            continue
-        arrays[s.name] = _Array("--random", s, arr)
+        arrays[s.name] = (_Const(s, n, values[s.name]) if s.name in values
+                          else _Noise(s, n, rng))
     data = CalibrationData(inputs)
     data._add("--random", arrays)
     data.random_seed = seed
