@@ -449,6 +449,19 @@ def test_vad_lstm_states_filled_by_input_value_equal_the_npz(tmp_path):
     assert files[0] == files[1]
 
 
+@pytest.mark.parametrize("stage", ["convert", "calibrate"])
+def test_input_value_with_data_bad_names(tmp_path, stage):
+    """-d with --input-value: an unknown name, or every input named, is one line, no file."""
+    out = tmp_path / ("v.espdl" if stage == "convert" else "q.onnx")
+    npy = MODELS / "vad_lstm.calib.npy"
+    for values, fragment in ((["z=0"], "--input-value z: the model has no input 'z'"),
+                             (["x=0", "h=0", "c=0"], "names every input of the model")):
+        flags = [a for v in values for a in ("--input-value", v)]
+        assert_user_error(espstream(stage, MODELS / "vad_lstm.onnx", "-d", npy, *flags,
+                                    "-o", out), fragment)
+        assert not out.exists()
+
+
 def test_vad_lstm_explicit_state_stage_by_stage_cli(tmp_path):
     """Issue 14 item 5b on the command line, the explicit h / c of vad_lstm carried through:
     (1) as a hand-written streaming model (32 frames a call): calibrate --state h:hn --state
