@@ -265,7 +265,8 @@ class MixedChoice:
             "mode": self.mode, "budget": self.budget, "int16_layers": self.layers16,
             "int16_macs": self.int16_macs, "total_macs": self.total_macs,
             "int16_mac_share": round(share, 4), "extra_parameter_bytes": self.extra_bytes(),
-            "sqnr_int8_db": _r(self.sqnr_int8_db), "sqnr_all_int16_db": _r(self.sqnr_int16_all_db),
+            "sqnr_int8_db": _r(self.sqnr_int8_db),
+            "sqnr_all_int16_db": _r(self.sqnr_int16_all_db),
             "sqnr_db": _r(self.sqnr_db), "gain_db": _r(self.sqnr_db - self.sqnr_int8_db),
             "reached": self.reached, "evaluations": self.evaluations,
             "sensitivity_db": {k: _r(v) for k, v in self.gains_db.items()},
@@ -273,11 +274,13 @@ class MixedChoice:
 
     def summary(self) -> str:
         j = self.to_json()
-        return (f"mixed precision ({self.mode} {self.budget:g}): {len(self.layers16)} int16 "
+        how = "--int16" if self.mode == "int16" else f"{self.mode} {self.budget:g}"
+        return (f"mixed precision ({how}): {len(self.layers16)} int16 "
                 f"layer(s) {', '.join(self.layers16) or '-'}; {100 * j['int16_mac_share']:.1f}% "
                 f"of MACs in int16, +{j['extra_parameter_bytes']} parameter bytes; output SQNR "
-                f"{_fmt(self.sqnr_db)} dB (all int8 {_fmt(self.sqnr_int8_db)}, all int16 "
-                f"{_fmt(self.sqnr_int16_all_db)})"
+                f"{_fmt(self.sqnr_db)} dB (all int8 {_fmt(self.sqnr_int8_db)}"
+                + (f", all int16 {_fmt(self.sqnr_int16_all_db)}" if not math.isnan(
+                    self.sqnr_int16_all_db) else "") + ")"
                 + ("" if self.reached else "; target NOT reached"))
 
 
@@ -287,6 +290,19 @@ def _r(x: float) -> float | None:
 
 def _fmt(x: float) -> str:
     return f"{x:.1f}" if math.isfinite(x) else str(x)
+
+
+def calibrate_kwargs(int16: str | None, mixed: str | None, max_macs: float | None,
+                     target_sqnr: float | None) -> dict[str, Any]:
+    """The CLI's --int16 / --mixed / --max-int16-macs / --target-sqnr as CalibrateOptions
+    fields (checked: one line and exit 2 for bad values)."""
+    check_budget(mixed, max_macs, target_sqnr)
+    out: dict[str, Any] = {}
+    if int16 is not None:
+        out["int16"] = tuple(parse_names(int16))
+    if mixed is not None:
+        out["mixed"] = (max_macs, target_sqnr)
+    return out
 
 
 def check_budget(mode: str | None, max_macs: float | None, target_sqnr: float | None) -> None:
@@ -377,6 +393,19 @@ def choose_auto(fm: onnx.ModelProto, plan: Any, observers: dict, opts: Any, data
     keep = [layer.name for layer in plan.layers if layer.name in chosen]
     return MixedChoice(mode, budget, keep, base, every, sq, gains, macs, weights, reached,
                        ev.count)
+
+
+def report_of(result: Any, data: Any, samples: int) -> MixedChoice:
+    """The calibration report's mixed-precision part: the int16 layers, their MACs and extra
+    bytes, and the output SQNR against all-int8 on the report samples (measured, not summed)."""
+    if result.mixed is not None:
+        return result.mixed
+    plan, fm = result.plan, result.float_model
+    ev = Evaluator(fm, plan, result.observers, result.options, data, samples)
+    layers16 = list(result.precision.int16_layers)
+    base, sq = ev.sqnr([]), ev.sqnr(layers16)
+    return MixedChoice("int16", 0.0, layers16, base, math.nan, sq, {}, layer_macs(fm, plan),
+                       layer_weight_bytes(fm, plan), True, ev.count)
 
 
 def _ratio(gain: float, macs: int) -> float:
