@@ -29,17 +29,21 @@ Rules (`--int16 NODE[,NODE...]`, `Precision`):
    `espstream.bits` stays "8" and `espstream.int16` lists the int16 layers (JSON).
 
 Automatic choice (`--mixed auto`, `choose_auto`):
-7. Sensitivity: for each candidate layer (Conv / ConvTranspose / Gemm / MatMul with constant
-   weights), the output SQNR against float on the calibration data with only that layer in
-   int16, minus the all-int8 SQNR (the gain, dB). The observers are collected once; each
-   candidate is a fresh QDQ model from the same histograms, run in onnxruntime.
-8. `--max-int16-macs PCT`: layers are taken greedily by gain per MAC (largest first; layers
-   whose gain is not positive are never taken) while the int16 share of MACs stays within PCT.
-   The chosen set is then measured as a whole (not summed).
-9. `--target-sqnr DB`: the same order, adding one layer at a time and measuring the set each
-   time, until the output SQNR (the worst over outputs) reaches DB; the smallest such prefix is
-   kept. If even every candidate in int16 does not reach it, all candidates are chosen and the
-   result says the target was not met.
+7. Candidates: every layer with an exponent of its own but graph inputs and GRU / LSTM (gemm
+   layers, Add / Concat, activations, pools). Two sensitivities per candidate, each an output
+   SQNR (worst output) on the calibration data against float, the observers collected once and
+   each case a fresh QDQ model from the same histograms: the gain when only that layer is int16
+   (reported), and the loss when only that layer returns to int8 from all-int16 (used for the
+   order, because a lone int16 layer between int8 ones gains little: its output is requantized
+   to int8 by its next reader).
+8. Order: by loss per MAC, smallest first (a layer without MACs counts as 1 MAC, and comes after
+   every layer with MACs: returning it to int8 saves no MAC budget).
+9. `--max-int16-macs PCT`: start from all-int16 and return layers to int8 in that order until
+   the int16 share of MACs is at most PCT (PCT 0: none left in int16). The set is then measured.
+10. `--target-sqnr DB`: if all-int16 does not reach DB, all candidates stay int16 and the result
+   says the target was not met; otherwise one pass over the order returns each layer to int8
+   when the measured SQNR of the set without it still reaches DB (a measured set each time,
+   never a sum of per-layer figures).
 """
 
 from __future__ import annotations
@@ -246,6 +250,7 @@ class MixedChoice:
     weights: dict[str, tuple[int, int]]
     reached: bool = True
     evaluations: int = 0
+    loss_db: dict[str, float] = field(default_factory=dict)  # rule 7: back to int8 from all-int16
 
     @property
     def int16_macs(self) -> int:
@@ -270,6 +275,7 @@ class MixedChoice:
             "sqnr_db": _r(self.sqnr_db), "gain_db": _r(self.sqnr_db - self.sqnr_int8_db),
             "reached": self.reached, "evaluations": self.evaluations,
             "sensitivity_db": {k: _r(v) for k, v in self.gains_db.items()},
+            "loss_from_all_int16_db": {k: _r(v) for k, v in self.loss_db.items()},
         }
 
     def summary(self) -> str:
@@ -357,42 +363,51 @@ class Evaluator:
 def choose_auto(fm: onnx.ModelProto, plan: Any, observers: dict, opts: Any, data: Any,
                 max_macs: float | None = None, target_sqnr: float | None = None,
                 samples: int = 32) -> MixedChoice:
-    """Rules 7 to 9 on the calibration data (the first `samples` samples)."""
+    """Rules 7 to 10 on the calibration data (the first `samples` samples)."""
     ev = Evaluator(fm, plan, observers, opts, data, samples)
     macs = layer_macs(fm, plan)
     weights = layer_weight_bytes(fm, plan)
     cands = [layer.name for layer in plan.layers
-             if layer.kind == "gemm" and not any(n in plan.recurrent for n in layer.nodes)]
+             if layer.kind != "input" and not any(n in plan.recurrent for n in layer.nodes)]
     base = ev.sqnr([])
     every = ev.sqnr(cands) if cands else base
     gains = {c: ev.sqnr([c]) - base for c in cands}
-    order = sorted((c for c in cands if gains[c] > 0 or not math.isfinite(gains[c])),
-                   key=lambda c: -_ratio(gains[c], macs.get(c, 0)))
+    loss = {c: every - ev.sqnr([d for d in cands if d != c]) for c in cands}
+
+    def key(c: str) -> tuple:
+        m = macs.get(c, 0)
+        lo = loss[c] if math.isfinite(loss[c]) else math.inf
+        return (m == 0, lo / max(m, 1))
+
+    order = sorted(cands, key=key)
     total = sum(macs.values()) or 1
     mode = "max-int16-macs" if max_macs is not None else "target-sqnr"
     budget = float(max_macs if max_macs is not None else target_sqnr)  # type: ignore[arg-type]
-    chosen: list[str] = []
+    chosen = list(cands)
     reached = True
+    sq = every
     if max_macs is not None:
-        used = 0
-        for c in order:
-            if 100.0 * (used + macs.get(c, 0)) / total <= max_macs + 1e-12:
-                chosen.append(c)
-                used += macs.get(c, 0)
-        sq = ev.sqnr(chosen) if chosen else base
-    else:
-        sq = base
-        if base < target_sqnr:  # type: ignore[operator]
-            rest = [c for c in cands if c not in order]
-            for c in order + rest:  # rule 9: measured prefix by prefix
-                chosen.append(c)
-                sq = ev.sqnr(chosen)
-                if sq >= target_sqnr:  # type: ignore[operator]
+        if max_macs <= 0:
+            chosen = []
+        else:
+            used = sum(macs.get(c, 0) for c in chosen)
+            for c in order:
+                if 100.0 * used / total <= max_macs + 1e-12:
                     break
-            reached = sq >= target_sqnr  # type: ignore[operator]
+                chosen.remove(c)
+                used -= macs.get(c, 0)
+        sq = ev.sqnr(chosen) if chosen else base
+    elif every < target_sqnr:  # type: ignore[operator]
+        reached = False
+    else:
+        for c in order:  # rule 10: one measured pass
+            trial = [d for d in chosen if d != c]
+            s = ev.sqnr(trial) if trial else base
+            if s >= target_sqnr:  # type: ignore[operator]
+                chosen, sq = trial, s
     keep = [layer.name for layer in plan.layers if layer.name in chosen]
     return MixedChoice(mode, budget, keep, base, every, sq, gains, macs, weights, reached,
-                       ev.count)
+                       ev.count, loss)
 
 
 def report_of(result: Any, data: Any, samples: int) -> MixedChoice:
@@ -406,12 +421,6 @@ def report_of(result: Any, data: Any, samples: int) -> MixedChoice:
     base, sq = ev.sqnr([]), ev.sqnr(layers16)
     return MixedChoice("int16", 0.0, layers16, base, math.nan, sq, {}, layer_macs(fm, plan),
                        layer_weight_bytes(fm, plan), True, ev.count)
-
-
-def _ratio(gain: float, macs: int) -> float:
-    if not math.isfinite(gain):
-        return math.inf
-    return gain / max(macs, 1)
 
 
 def weight_bytes_of(model: onnx.ModelProto) -> int:

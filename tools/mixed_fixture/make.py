@@ -40,16 +40,19 @@ def build() -> onnx.ModelProto:
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
     inits = [
-        numpy_helper.from_array(w(c, c_in, 3), "w1"), numpy_helper.from_array(w(c, scale=0.1), "b1"),
+        numpy_helper.from_array(w(c, c_in, 3), "w1"),
+        numpy_helper.from_array(w(c, scale=0.1), "b1"),
         numpy_helper.from_array(w(c, c, 3, scale=0.2), "w2"),
         numpy_helper.from_array(w(c, scale=0.1), "b2"),
         numpy_helper.from_array(w(c_in, c, 1, scale=0.25), "w3"),
         numpy_helper.from_array(w(c_in, scale=0.1), "b3"),
     ]
     nodes = [
-        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], "conv1", pads=[1, 1], kernel_shape=[3]),
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], "conv1", pads=[1, 1],
+                         kernel_shape=[3]),
         helper.make_node("Relu", ["c1"], ["r1"], "relu1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], "conv2", pads=[1, 1], kernel_shape=[3]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], "conv2", pads=[1, 1],
+                         kernel_shape=[3]),
         helper.make_node("Relu", ["c2"], ["r2"], "relu2"),
         helper.make_node("Add", ["r1", "r2"], ["s"], "add"),
         helper.make_node("Conv", ["s", "w3", "b3"], ["y"], "conv3", kernel_shape=[1]),
