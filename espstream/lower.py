@@ -44,7 +44,9 @@ Rules:
    Concat inputs must carry the output's. Where the QDQ model requantizes (a Q at another
    exponent behind a DQ, or a second Q of one float tensor), and where an op's natural exponent
    differs from the Q after it, a `RequantizeLinear` node (inputs: x, float scale
-   2^(e_out - e_in), int zero point 0, as ESP-PPQ writes them) is inserted.
+   2^(e_out - e_in), int zero point 0, as ESP-PPQ writes them) is inserted; a Q of another
+   integer type (mixed precision) makes one too, with the output's type, zero point and
+   quant_type, as ESP-PPQ's mixed exports (tests/data/mixed-ppq) hold.
 8. Streaming: each `espstream.StreamingCache(x, state) -> (y, next_state)` becomes ESP-DL's
    single-input `StreamingCache` (`frame_axis` in the runtime layout, `quant_type`,
    `window_size`); its state input / output leave the graph (the runtime keeps the state).
