@@ -194,6 +194,18 @@ def optimize(
     modelio.save_model(result.model, output)
 
 
+def mixed_options(f):
+    """--int16 / --mixed auto with its budget (espstream.quant.mixed), on calibrate and convert."""
+    f = click.option("--target-sqnr", type=float, metavar="DB",
+                     help="With --mixed auto: the fewest int16 layers reaching DB output SQNR.")(f)
+    f = click.option("--max-int16-macs", type=float, metavar="PCT",
+                     help="With --mixed auto: at most PCT %% of MACs in int16.")(f)
+    f = click.option("--mixed", type=str, metavar="auto",
+                     help="Choose int16 layers by per-layer sensitivity within a budget.")(f)
+    return click.option("--int16", type=str, metavar="NODE[,NODE...]",
+                        help="These nodes' layers in int16, the rest int8.")(f)
+
+
 @cli.command(
     context_settings=CONTEXT,
     epilog=example(
@@ -223,6 +235,7 @@ def optimize(
               show_default=True,
               help="Weight exponent choice: least squared error, or covering max |w|.")
 @click.option("--samples", type=int, metavar="N", help="Use only the first N samples.")
+@mixed_options
 @click.option("--batch", type=int, default=64, show_default=True, help="Samples per run.")
 @click.option("--report-samples", type=int, default=32, show_default=True,
               help="Samples for the per-layer SQNR report (0: no report).")
@@ -256,6 +269,10 @@ def calibrate(
     chunk: int | None,
     axis: tuple[str, ...],
     ptq: dict[str, bool],
+    int16: str | None,
+    mixed: str | None,
+    max_int16_macs: float | None,
+    target_sqnr: float | None,
 ) -> None:
     """Choose power-of-two exponents on calibration data; write the QDQ model.
 
@@ -277,6 +294,9 @@ def calibrate(
     if (data is None) == (random_n is None):
         raise UserError("give calibration data with -d/--data PATH, or --random N (not both)")
     values = parse_input_values(input_values)
+    from espstream.quant.mixed import calibrate_kwargs
+
+    mixed_kw = calibrate_kwargs(int16, mixed, max_int16_macs, target_sqnr)
     modelio.check_output_path(output, input)
     if data:
         modelio.check_output_path(output, data)
@@ -299,7 +319,7 @@ def calibrate(
     result = calibrate_model(
         model, calib, target=target, bits=int(bits), method=method or DEFAULT_METHOD,
         percentile=percentile, per_channel=per_channel, weight_method=weight_method, batch=batch,
-        report_samples=max(report_samples, 0), stream=stream, **ptq,
+        report_samples=max(report_samples, 0), stream=stream, **ptq, **mixed_kw,
     )
     print_summary(result)
     modelio.save_model(result.model, output)
@@ -672,13 +692,15 @@ def pack(inputs: tuple[str, ...], output: str, fmt: str, names: tuple[str, ...],
               help="With --chunk: also write the offline model (test values: the whole first "
               "sample) to OUTPUT.offline.espdl, for ESP-DL's streaming tutorial loop.")
 @ptq_options
+@mixed_options
 def convert(
     input: str, output: str, json_path: str | None, data: str | None, random_n: int | None,
     chunk: int | None, target: str, bits: str, method: str | None, seed: int,
     input_values: tuple[str, ...], input_shape: tuple[str, ...], check_tolerance: float,
     axis: tuple[str, ...], overrides: str | None,
     test_data: str | None, no_test_values: bool, verify_samples: int, verbose: bool,
-    offline_too: bool, ptq: dict[str, bool],
+    offline_too: bool, ptq: dict[str, bool], int16: str | None, mixed: str | None,
+    max_int16_macs: float | None, target_sqnr: float | None,
 ) -> None:
     """Optimize, calibrate, streamify, export and verify in one step; the .espdl only if ok."""
     from espstream import modelio, report
@@ -694,6 +716,9 @@ def convert(
     values = parse_input_values(input_values)
     if test_data and no_test_values:
         raise UserError("give --test-data or --no-test-values, not both")
+    from espstream.quant.mixed import calibrate_kwargs
+
+    mixed_kw = calibrate_kwargs(int16, mixed, max_int16_macs, target_sqnr)
     modelio.check_output_path(output, input, *(p for p in (data, test_data, overrides) if p))
     if offline_too:
         if output == "-":
@@ -711,6 +736,7 @@ def convert(
         check_tolerance=check_tolerance, axes=parse_axes(axis),
         overrides=ovr.load(overrides) if overrides else None, test_data=tdata,
         verify_samples=verify_samples, verbose=verbose, offline_too=offline_too, ptq=ptq,
+        calibrate_options=mixed_kw,
     )
     print_summary(result, output if output != "-" else "stdout")
     report.write_json(json_path, {**result.to_json(), "written": result.ok, "file": output})

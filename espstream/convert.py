@@ -264,6 +264,7 @@ def convert_model(
     verbose: bool = False,
     offline_too: bool = False,
     ptq: dict[str, bool] | None = None,
+    calibrate_options: dict[str, Any] | None = None,
 ) -> ConvertResult:
     """Optimize, calibrate, streamify (with `chunk`), export and verify `model` (module doc).
 
@@ -272,6 +273,7 @@ def convert_model(
     {input: value} for inputs noise cannot stand for).
     test_data: FIRST_SAMPLE (the data's first sample), an array / {input: array} in the ONNX
     layout, or None for no test values.
+    calibrate_options: more CalibrateOptions fields (mixed precision: `int16`, `mixed`).
     offline_too: with `chunk`, also export the offline model, its test values the whole first
     sample, checked as ESP-DL's streaming tutorial uses the pair (`espstream.offline_pair`).
     ptq: `CalibrateOptions` fields of `espstream.quant.ptq` to override (equalize, ...).
@@ -335,7 +337,7 @@ def convert_model(
         calib = random_data(inputs, random, seed, random_values)  # type: ignore[arg-type]
     cal = clock.run("calibrate", lambda: calibrate_model(
         opt.model, calib, target=target, bits=bits, method=method, per_channel=per_channel,
-        report_samples=32 if verbose else 0, **(ptq or {})))
+        report_samples=32 if verbose else 0, **(ptq or {}), **(calibrate_options or {})))
     _progress(clock, "calibrate", f"{cal.samples} samples, {target}, int{bits}, {method}")
     if verbose:
         from espstream.quant import print_summary as print_calibrate

@@ -44,7 +44,9 @@ Rules:
    Concat inputs must carry the output's. Where the QDQ model requantizes (a Q at another
    exponent behind a DQ, or a second Q of one float tensor), and where an op's natural exponent
    differs from the Q after it, a `RequantizeLinear` node (inputs: x, float scale
-   2^(e_out - e_in), int zero point 0, as ESP-PPQ writes them) is inserted.
+   2^(e_out - e_in), int zero point 0, as ESP-PPQ writes them) is inserted; a Q of another
+   integer type (mixed precision) makes one too, with the output's type, zero point and
+   quant_type, as ESP-PPQ's mixed exports (tests/data/mixed-ppq) hold.
 8. Streaming: each `espstream.StreamingCache(x, state) -> (y, next_state)` becomes ESP-DL's
    single-input `StreamingCache` (`frame_axis` in the runtime layout, `quant_type`,
    `window_size`); its state input / output leave the graph (the runtime keeps the state).
@@ -430,18 +432,22 @@ class Lowerer:
             self.transposed[key] = out
         return self.transposed[key]
 
-    def requantize(self, a: Act, e: int, name: str | None = None) -> Act:
-        if a.exp == e and name is None:
+    def requantize(self, a: Act, e: int, name: str | None = None,
+                   dtype: np.dtype | None = None) -> Act:
+        """A RequantizeLinear of `a` to exponent `e` (and to `dtype`: mixed precision, where
+        ESP-DL's node, as ESP-PPQ writes it, has the output's type, zero point and quant_type)."""
+        dtype = np.dtype(dtype or a.dtype)
+        if a.exp == e and name is None and dtype == a.dtype:
             return a
-        out = Act(name or self.fresh(f"{a.name}_requant_2^{e}"), e, a.shape, a.cl, a.dtype)
+        out = Act(name or self.fresh(f"{a.name}_requant_2^{e}"), e, a.shape, a.cl, dtype)
         self.used_names.add(out.name)
-        zp_dtype = a.dtype
+        zp_dtype = dtype
         scale = self.initializer(self.fresh(f"{out.name}_scale"),
                                  np.asarray(math.ldexp(1.0, e - a.exp), np.float32), [0])
         zp = self.initializer(f"zero_point_{np.dtype(zp_dtype).name}",
                               np.zeros((), zp_dtype), [0])
         self.emit("RequantizeLinear", self.fresh_node(f"{out.name}_RequantizeLinear"),
-                  [a.name, scale, zp], [out.name], {"quant_type": self.qtype(a.dtype)})
+                  [a.name, scale, zp], [out.name], {"quant_type": self.qtype(dtype)})
         self.value_info(out)
         return out
 
@@ -520,11 +526,11 @@ class Lowerer:
             e, dtype = self.q_exp_dtype(q)
             if k == 0:
                 tgt = a
-            elif e == a.exp:
+            elif e == a.exp and dtype == a.dtype:
                 tgt = a
             else:
                 dqs = self.dq_outputs(q)
-                tgt = self.requantize(a, e, name=dqs[0] if dqs else None)
+                tgt = self.requantize(a, e, name=dqs[0] if dqs else None, dtype=dtype)
             self.q_acts[q.output[0]] = tgt
             for d in self.dq_outputs(q):
                 self.acts[d] = tgt
@@ -566,9 +572,9 @@ class Lowerer:
             self.out.inputs.append(ValueInfo(name, dtype, a.runtime_shape(), [e]))
             self.value_info(a)
             for q in qs:
-                e2, _ = self.q_exp_dtype(q)
-                tgt = a if e2 == e else self.requantize(a, e2, name=(self.dq_outputs(q) or
-                                                                    [None])[0])
+                e2, dt2 = self.q_exp_dtype(q)
+                tgt = a if (e2, dt2) == (e, dtype) else self.requantize(
+                    a, e2, name=(self.dq_outputs(q) or [None])[0], dtype=dt2)
                 self.q_acts[q.output[0]] = tgt
                 for d in self.dq_outputs(q):
                     self.acts[d] = tgt
@@ -604,11 +610,10 @@ class Lowerer:
         if src in self.acts:
             a = self.acts[src]
             e, dtype = self.q_exp_dtype(q)
-            if dtype != a.dtype:
-                raise UserError(f"QuantizeLinear '{q.name}' changes the integer type of '{src}' "
-                                f"({a.dtype} -> {dtype}); ESP-DL models use one bit width")
             dqs = self.dq_outputs(q)
-            tgt = a if e == a.exp else self.requantize(a, e, name=dqs[0] if dqs else None)
+            # another exponent or integer type (mixed precision): a RequantizeLinear
+            tgt = a if (e, dtype) == (a.exp, a.dtype) else self.requantize(
+                a, e, name=dqs[0] if dqs else None, dtype=dtype)
             self.q_acts[q.output[0]] = tgt
             return
         p = self.producer.get(src)

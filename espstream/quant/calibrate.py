@@ -82,6 +82,8 @@ from espstream.quant.engine import observe
 from espstream.quant.observers import METHODS, HistogramObserver, weight_exponents
 from espstream.quant.plan import (
     FLOAT,
+    OWN,
+    SHARE,
     Plan,
     check_float_model,
     constants_to_initializers,
@@ -113,6 +115,8 @@ class CalibrateOptions:
     bins: int = 4096
     weight_method: str = "mse"
     report_samples: int = 32  # 0: no report
+    int16: tuple[str, ...] = ()  # mixed precision: nodes in int16 (espstream.quant.mixed)
+    mixed: Any = None  # mixed.AutoBudget-like (mode, max_macs, target_sqnr) for --mixed auto
     # espstream.quant.ptq (rule 10); None: PTQ_DEFAULTS for the bit width
     equalize: bool | None = None
     bias_correction: bool | None = None
@@ -166,6 +170,11 @@ class CalibrateResult:
     stream: Any = None  # espstream.quant.stream_calib.StreamSpec for a streaming model
     chunks: int = 0  # chunks run (streaming model)
     ptq: list[str] = field(default_factory=list)  # rule-10 techniques applied
+    precision: Any = None  # espstream.quant.mixed.Precision of a mixed model
+    mixed: Any = None  # espstream.quant.mixed.MixedChoice of --mixed auto
+
+    def bits_of(self, t: str) -> int:
+        return self.precision.of_tensor(t) if self.precision else self.options.bits
 
     def to_json(self) -> dict[str, Any]:
         o = self.options
@@ -242,12 +251,14 @@ def prepare_float_model(model: onnx.ModelProto, bits: int) -> onnx.ModelProto:
 
 
 def choose_exponents(plan: Plan, observers: dict[str, HistogramObserver],
-                     opts: CalibrateOptions, delta: dict[str, int] | None = None
-                     ) -> dict[str, int]:
-    """`delta`: steps added to layer outputs' exponents (the exponent search's trials)."""
+                     opts: CalibrateOptions, delta: dict[str, int] | None = None,
+                     precision: Any = None) -> dict[str, int]:
+    """`delta`: steps added to layer outputs' exponents (the exponent search's trials);
+    `precision`: the bits of each tensor in a mixed model."""
+    bits = precision.of_tensor if precision else (lambda t: opts.bits)
     exps: dict[str, int] = {}
     for layer in plan.layers:
-        exps[layer.output] = observers[layer.output].exponent(opts.method, opts.bits,
+        exps[layer.output] = observers[layer.output].exponent(opts.method, bits(layer.output),
                                                               opts.percentile)
         if delta:
             exps[layer.output] += delta.get(layer.output, 0)
@@ -256,7 +267,8 @@ def choose_exponents(plan: Plan, observers: dict[str, HistogramObserver],
     # Rule 5 of the plan: last node first, so that a chain of Adds settles from the end.
     for out, inputs in reversed(plan.adopt):
         for i in inputs:
-            exps[i] = exps[out]
+            if bits(i) == bits(out):  # mixed rule 5
+                exps[i] = exps[out]
     for t in plan.share_root:
         exps[t] = exps[plan.root(t)]
     if plan.ties:  # plan rule 10: hand-written state pairs
@@ -279,7 +291,11 @@ def calibrate_model(
     target = opts.validate()
     opts = opts.with_ptq_resolved()
     t0 = time.perf_counter()
-    fm = prepare_float_model(model, opts.bits)
+    mixed_wanted = bool(opts.int16) or opts.mixed is not None
+    if mixed_wanted and opts.bits != 8:
+        raise UserError("--int16 / --mixed take an int8 model (--bits 8): they choose which "
+                        "layers go to int16")
+    fm = prepare_float_model(model, 16 if mixed_wanted else opts.bits)
     notes: list[str] = []
     if opts.equalize and stream is None:  # ptq rule 4
         from espstream.quant.equalize import equalize_model
@@ -296,27 +312,79 @@ def calibrate_model(
                                                     opts.batch, opts.bins)
     else:
         observers, batched = observe(fm, plan.observed(), data, opts.batch, opts.bins)
-    exps = choose_exponents(plan, observers, opts)
     if plan.recurrent:  # GRU / LSTM: gate exponents from the data (espstream.ops.recurrent)
         from espstream.ops.recurrent import choose_gate_exponents
 
         choose_gate_exponents(fm, plan, data, stream, opts.bits)
-    per_channel = target.per_channel if opts.per_channel is None else opts.per_channel
+    precision = choice = None
+    if mixed_wanted:
+        from espstream.quant import mixed
+
+        names = list(opts.int16)
+        if opts.mixed is not None:
+            if stream is not None:
+                raise UserError("--mixed auto: calibrate the offline model (streamify after)")
+            choice = mixed.choose_auto(fm, plan, observers, opts, data, *opts.mixed)
+            names = sorted({*names, *(n for la in plan.layers if la.name in choice.layers16
+                                      for n in la.nodes[-1:])})
+        precision = mixed.from_options(plan, fm, names)
     from espstream.quant import ptq  # rule 10
 
+    exps = choose_exponents(plan, observers, opts, precision=precision)
     adjust = ptq.weight_adjuster(fm, plan, data, exps, target, opts, stream, notes)
 
-    def build(e: dict[str, int]) -> _Rewriter:
-        r = _Rewriter(fm, plan, e, target, opts.bits, per_channel, opts.weight_method, adjust)
-        r.qm = r.run()
-        return r
+    def build(e: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, int], _Rewriter]:
+        return build_qdq(fm, plan, observers, opts, precision, stream, adjust, e)
 
-    exps = ptq.search_exponents(
-        fm, plan, data, exps, opts, stream, notes,
-        lambda d: build(choose_exponents(plan, observers, opts, d)).qm,
-        lambda d: choose_exponents(plan, observers, opts, d))
-    rw = build(exps)
-    qm = rw.qm
+    def trial(d: dict[str, int]) -> dict[str, int]:
+        return choose_exponents(plan, observers, opts, d, precision)
+
+    exps = ptq.search_exponents(fm, plan, data, exps, opts, stream, notes,
+                                lambda d: build(trial(d))[0], trial)
+    qm, exps, rw = build(exps)
+    applied = opts.ptq_applied() if stream is None else []  # ptq rule 4
+    result = CalibrateResult(
+        model=qm, float_model=fm, plan=plan, options=opts, exponents=exps,
+        weight_exponents=rw.weight_exps, bias_exponents=rw.bias_exps,
+        bias_clipped=rw.bias_clipped, bias_shift=rw.bias_shift, requantized=rw.requantized,
+        observers=observers,
+        qdq_names=rw.qdq_names, samples=len(data), batched=batched,
+        seconds=time.perf_counter() - t0, stream=stream, chunks=chunks, notes=notes,
+        ptq=applied, precision=precision, mixed=choice,
+    )
+    clipped = {k: v for k, v in rw.bias_clipped.items() if v}
+    if clipped:
+        note = (f"{sum(clipped.values())} bias values saturated to "
+                f"{target.bias_bits(opts.bits)} bits ({target.name}) in "
+                + ", ".join(sorted(clipped)))
+        result.notes.append(note)
+        log.warn(note)
+    if opts.report_samples > 0 and stream is not None:
+        from espstream.quant.stream_calib import build_stream_report
+
+        result.report = build_stream_report(result, data, stream, opts.report_samples)
+    elif opts.report_samples > 0:
+        from espstream.quant.qreport import build_report
+
+        result.report = build_report(result, data, opts.report_samples)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def build_qdq(fm: onnx.ModelProto, plan: Plan, observers: dict[str, HistogramObserver],
+              opts: CalibrateOptions, precision: Any = None, stream: Any = None,
+              adjust: Any = None, exps: dict[str, int] | None = None,
+              ) -> tuple[onnx.ModelProto, dict[str, int], _Rewriter]:
+    """Exponents (unless given), the QDQ rewrite and its metadata, from observers already
+    collected; `adjust`: the PTQ weight adjuster (rule 10), applied to layers at `opts.bits`."""
+    target = scheme.get_target(opts.target)
+    if exps is None:
+        exps = choose_exponents(plan, observers, opts, precision=precision)
+    per_channel = target.per_channel if opts.per_channel is None else opts.per_channel
+    rw = _Rewriter(fm, plan, exps, target, opts.bits, per_channel, opts.weight_method, adjust)
+    if precision is not None:
+        rw.precision, rw.observers, rw.opts = precision, observers, opts
+    qm = rw.run()
     meta = {
         "espstream.target": target.name,
         "espstream.bits": str(opts.bits),
@@ -337,34 +405,13 @@ def calibrate_model(
             {k: v["gate_exp"] for k, v in plan.recurrent.items()}, sort_keys=True)
     if stream is not None and stream.source == "options":
         meta.update(stream.metadata())  # the hand-written model's streaming facts
+    if precision is not None:
+        from espstream.quant.mixed import metadata
+
+        meta.update(metadata(precision))
     set_metadata(qm, meta)
     onnx.checker.check_model(qm)
-    result = CalibrateResult(
-        model=qm, float_model=fm, plan=plan, options=opts, exponents=exps,
-        weight_exponents=rw.weight_exps, bias_exponents=rw.bias_exps,
-        bias_clipped=rw.bias_clipped, bias_shift=rw.bias_shift, requantized=rw.requantized,
-        observers=observers,
-        qdq_names=rw.qdq_names, samples=len(data), batched=batched,
-        seconds=time.perf_counter() - t0, stream=stream, chunks=chunks, notes=notes,
-        ptq=applied,
-    )
-    clipped = {k: v for k, v in rw.bias_clipped.items() if v}
-    if clipped:
-        note = (f"{sum(clipped.values())} bias values saturated to "
-                f"{target.bias_bits(opts.bits)} bits ({target.name}) in "
-                + ", ".join(sorted(clipped)))
-        result.notes.append(note)
-        log.warn(note)
-    if opts.report_samples > 0 and stream is not None:
-        from espstream.quant.stream_calib import build_stream_report
-
-        result.report = build_stream_report(result, data, stream, opts.report_samples)
-    elif opts.report_samples > 0:
-        from espstream.quant.qreport import build_report
-
-        result.report = build_report(result, data, opts.report_samples)
-    result.seconds = time.perf_counter() - t0
-    return result
+    return qm, exps, rw
 
 
 def set_metadata(model: onnx.ModelProto, meta: dict[str, str]) -> None:
@@ -407,6 +454,9 @@ class _Rewriter:
         self.bias_shift: dict[str, int] = {}
         self.requantized: list[dict[str, Any]] = []
         self.qdq_names: dict[str, str] = {}
+        self.precision: Any = None  # espstream.quant.mixed.Precision (mixed models)
+        self.observers: dict[str, HistogramObserver] = {}
+        self.opts: Any = None
 
     # ---- helpers ------------------------------------------------------------------------
     def _scale(self, e: int) -> gs.Constant:
@@ -415,16 +465,41 @@ class _Rewriter:
             self.scales[e] = gs.Constant(name, np.array(scheme.scale_of(e), np.float32))
         return self.scales[e]
 
-    def _qdq(self, src: gs.Variable, e: int, base: str, out: gs.Variable | None = None
-             ) -> gs.Variable:
-        q = gs.Variable(self.names.new(f"{base}_quantized"), dtype=self.qdt)
+    def tbits(self, t: str) -> int:
+        return self.precision.of_tensor(t) if self.precision else self.bits
+
+    def nbits(self, n: str) -> int:
+        return self.precision.of_node(n) if self.precision else self.bits
+
+    def in_exp(self, node: str, t: str) -> int:
+        """The exponent node `node` reads tensor `t` at (mixed rule 4 across precisions)."""
+        b = self.nbits(node)
+        if self.tbits(t) == b:
+            return self.exps[t]
+        from espstream.quant.mixed import reader_exponent
+
+        return reader_exponent(self.exps, self.observers, self.plan, t, b, self.opts)
+
+    def _zp(self, bits: int) -> gs.Constant:
+        if bits == self.bits:
+            return self.zp
+        if bits not in self.zps:
+            self.zps[bits] = gs.Constant(self.names.new(f"zero_point_int{bits}"),
+                                         np.array(0, scheme.int_dtype(bits)))
+        return self.zps[bits]
+
+    def _qdq(self, src: gs.Variable, e: int, base: str, out: gs.Variable | None = None,
+             bits: int | None = None) -> gs.Variable:
+        bits = bits or self.bits
+        q = gs.Variable(self.names.new(f"{base}_quantized"), dtype=scheme.int_dtype(bits))
         out = out or gs.Variable(self.names.new(f"{base}_dequantized"), dtype=np.float32)
         s = self._scale(e)
+        zp = self._zp(bits)
         self.graph.nodes.append(gs.Node("QuantizeLinear", self.names.new(f"{base}_QuantizeLinear"),
-                                        inputs=[src, s, self.zp], outputs=[q]))
+                                        inputs=[src, s, zp], outputs=[q]))
         self.graph.nodes.append(gs.Node("DequantizeLinear",
                                         self.names.new(f"{base}_DequantizeLinear"),
-                                        inputs=[q, s, self.zp], outputs=[out]))
+                                        inputs=[q, s, zp], outputs=[out]))
         return out
 
     def _int_const(self, base: str, q: np.ndarray, exps: np.ndarray, axis: int | None
@@ -454,6 +529,7 @@ class _Rewriter:
         self.names = _Names(set(tensors) | {n.name for n in self.graph.nodes})
         self.scales: dict[int, gs.Constant] = {}
         self.zp = gs.Constant(self.names.new(f"zero_point_int{self.bits}"), np.array(0, self.qdt))
+        self.zps: dict[int, gs.Constant] = {}
         nodes = {n.name: n for n in self.graph.nodes}
         self._weights(nodes)
         if self.plan.recurrent:
@@ -461,6 +537,8 @@ class _Rewriter:
 
             quantize_recurrent(self, nodes)
         self._activations(tensors)
+        if self.precision is not None:
+            self._boundaries(nodes)
         self._requant_and_constants(nodes)
         self.graph.cleanup().toposort()
         m = gs.export_onnx(self.graph)
@@ -478,29 +556,31 @@ class _Rewriter:
 
             w, b, cout = gemm_weight_bias(onode, self.inits)
             axis = info.channel_axis if self.per_channel else None
-            w_e = weight_exponents(w, axis, self.bits, self.weight_method)
+            bits = self.nbits(name)
+            w_e = weight_exponents(w, axis, bits, self.weight_method)
             self.weight_exps[name] = w_e.tolist()
             alpha = 1.0
             if onode.op_type == "Gemm":
                 alpha = float(node.attrs.get("alpha", 1.0))
                 node.attrs["alpha"] = 1.0
                 node.attrs["beta"] = 1.0
-            key = (info.weight, axis, alpha, name if self.adjust else "")
-            if self.adjust is not None:  # ptq: rounding chosen on data, bias corrected
-                wq, b = self.adjust(name, w, b, w_e, axis)
+            adjust = self.adjust if bits == self.bits else None  # ptq: int8 layers only
+            key = (info.weight, axis, alpha, bits, name if adjust else "")
+            if adjust is not None:  # ptq: rounding chosen on data, bias corrected
+                wq, b = adjust(name, w, b, w_e, axis)
             if key not in cache:
-                if self.adjust is None:
-                    wq = scheme.quantize(w, w_e if axis is not None else int(w_e[0]),
-                                         self.bits, "half_even", axis)
+                if adjust is None:
+                    wq = scheme.quantize(w, w_e if axis is not None else int(w_e[0]), bits,
+                                         "half_even", axis)
                 cache[key] = self._int_const(info.weight, wq, w_e, axis)
             node.inputs[1] = cache[key]
             if b is None:
                 continue
-            e_in = self.exps[info.input]
+            e_in = self.in_exp(name, info.input)
             per_ch = w_e if axis is not None else np.full(1, w_e[0])
             b_e = e_in + per_ch
             self.bias_exps[name] = b_e.tolist()
-            lo, hi = scheme.bias_range(self.target, self.bits)
+            lo, hi = scheme.bias_range(self.target, bits)
             b64 = b.astype(np.float64)
             raw = np.rint(np.ldexp(b64, -np.broadcast_to(b_e, b.shape)))
             self.bias_clipped[name] = int(np.sum((raw < lo) | (raw > hi)))
@@ -522,9 +602,10 @@ class _Rewriter:
         for t in self.plan.quantized():
             var = tensors[t]
             e = self.exps[t]
+            b = self.tbits(t)
             if t in inputs:
                 consumers = list(var.outputs)
-                dq = self._qdq(var, e, t)
+                dq = self._qdq(var, e, t, bits=b)
                 for c in consumers:
                     for k, inp in enumerate(c.inputs):
                         if inp is var:
@@ -535,36 +616,59 @@ class _Rewriter:
                 raw = gs.Variable(self.names.new(f"{t}_float"), dtype=np.float32, shape=var.shape)
                 k = next(i for i, o in enumerate(producer.outputs) if o is var)
                 producer.outputs[k] = raw
-                self._qdq(raw, e, t, out=var)
+                self._qdq(raw, e, t, out=var, bits=b)
                 self.qdq_names[t] = t
+
+    def _boundaries(self, nodes: dict[str, gs.Node]) -> None:
+        """Mixed rule 4: a layer node reading an activation of the other precision reads it
+        through a Q/DQ pair of its own precision (Add / Sub / Concat: `_requant_and_constants`)."""
+        requant = set(self.plan.requant_nodes)
+        cache: dict[tuple[str, int], gs.Variable] = {}
+        for layer in self.plan.layers:
+            for name in layer.nodes:
+                if name in requant:
+                    continue
+                node, onode = nodes[name], self.onnx_nodes[name]
+                b = self.nbits(name)
+                for k, inp in enumerate(onode.input):
+                    if self.plan.state.get(inp) not in (OWN, SHARE) or self.tbits(inp) == b:
+                        continue
+                    e = self.in_exp(name, inp)
+                    if (inp, b) not in cache:
+                        cache[(inp, b)] = self._qdq(node.inputs[k], e, f"{inp}_int{b}", bits=b)
+                    node.inputs[k] = cache[(inp, b)]
+                    self.requantized.append({"node": name, "input": inp, "from": self.exps[inp],
+                                             "to": e, "bits": [self.tbits(inp), b]})
 
     def _requant_and_constants(self, nodes: dict[str, gs.Node]) -> None:
         cache: dict[tuple[str, int], gs.Variable] = {}
         for name in self.plan.requant_nodes:
             node, onode = nodes[name], self.onnx_nodes[name]
             e_out = self.exps[onode.output[0]]
+            b_out = self.tbits(onode.output[0])
             for k, inp in enumerate(onode.input):
                 if inp not in self.plan.state:
                     continue
                 if self.plan.state[inp] == FLOAT:  # make_plan refuses this; keep it loud
                     raise AssertionError(f"float input {inp} of {name}")
                 e_in = self.exps[inp]
-                if e_in == e_out:
+                if e_in == e_out and self.tbits(inp) == b_out:
                     continue
-                if (inp, e_out) not in cache:
-                    cache[(inp, e_out)] = self._qdq(node.inputs[k], e_out,
-                                                    f"{inp}_requant_2^{e_out}")
-                node.inputs[k] = cache[(inp, e_out)]
+                if (inp, e_out, b_out) not in cache:
+                    cache[(inp, e_out, b_out)] = self._qdq(node.inputs[k], e_out,
+                                                           f"{inp}_requant_2^{e_out}", bits=b_out)
+                node.inputs[k] = cache[(inp, e_out, b_out)]
                 self.requantized.append({"node": name, "input": inp, "from": e_in, "to": e_out})
         for name, k, mode in self.plan.const_inputs:
             node, onode = nodes[name], self.onnx_nodes[name]
             c = numpy_helper.to_array(self.inits[onode.input[k]]).astype(np.float64)
+            cb = self.nbits(name)
             if mode == "output":
                 e = self.exps[onode.output[0]]
             else:
                 e = scheme.exponent_for_range(min(float(c.min()), 0.0), max(float(c.max()), 0.0),
-                                              self.bits)
-            q = np.asarray(scheme.quantize(c, e, self.bits, "half_even"))  # 0-d stays an array
+                                              cb)
+            q = np.asarray(scheme.quantize(c, e, cb, "half_even"))  # 0-d stays an array
             node.inputs[k] = self._int_const(onode.input[k], q, np.array([e]), None)
 
 

@@ -12,6 +12,7 @@ when a tensor is reproduced exactly. Clipping shares come from the calibration h
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ class LayerStat:
     clipped: float
     cumulative_db: float
     local_db: float
+    bits: int = 8
 
 
 @dataclass
@@ -47,6 +49,7 @@ class QuantReport:
     layers: list[LayerStat]  # worst local SQNR first
     outputs: dict[str, float]
     samples: int
+    mixed: Any = None  # espstream.quant.mixed: the int16 layers and their cost, when mixed
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -57,21 +60,26 @@ class QuantReport:
                     "min": s.min, "max": s.max, "clipped": s.clipped,
                     "sqnr_cumulative_db": _finite(s.cumulative_db),
                     "sqnr_local_db": _finite(s.local_db),
+                    "bits": s.bits,
                 }
                 for s in self.layers
             ],
             "outputs": {k: _finite(v) for k, v in self.outputs.items()},
+            **({"mixed_precision": self.mixed.to_json()} if self.mixed is not None else {}),
         }
 
     def table(self) -> str:
         rows = [
-            [s.layer, s.op, s.exponent, f"{100 * s.clipped:.3f}%", _db(s.local_db),
+            [s.layer, s.op + (f" (int{s.bits})" if self.mixed is not None and s.bits == 16
+                              else ""), s.exponent, f"{100 * s.clipped:.3f}%", _db(s.local_db),
              _db(s.cumulative_db), rep.bar(_clamp(s.local_db), 0.0, 60.0)]
             for s in self.layers
         ]
         text = rep.table(["layer", "op", "exp", "clipped", "local dB", "cumul. dB",
                           "local 0..60 dB"], rows)
         outs = "\n".join(f"output {k}: SQNR {_db(v)} dB" for k, v in self.outputs.items())
+        if self.mixed is not None:
+            outs += "\n" + self.mixed.summary()
         return text + "\n" + outs
 
 
@@ -91,7 +99,8 @@ def _combined(result: Any) -> tuple[onnx.ModelProto, list[tuple[str, str, str]]]
     """The side-by-side model and, per reported tensor, (name, fake-quant name, local name)."""
     plan, exps = result.plan, result.exponents
     gq = gs.import_onnx(result.model)
-    gf = gs.import_onnx(result.float_model)
+    # a copy: exporting renamed lazily loaded constants renames the source protos in place
+    gf = gs.import_onnx(copy.deepcopy(result.float_model))
     qin = {t.name: t for t in gq.inputs}
     for t in gf.tensors().values():
         if t.name not in qin:
@@ -104,11 +113,13 @@ def _combined(result: Any) -> tuple[onnx.ModelProto, list[tuple[str, str, str]]]
     ftensors = gf.tensors()
     qnodes = {n.name: n for n in gq.nodes}
     new_nodes: list[gs.Node] = []
-    zp_dtype = scheme.int_dtype(result.options.bits)
-    zp = gs.Constant("local::zero_point", np.array(0, zp_dtype))
+    bits_of = getattr(result, "bits_of", lambda t: result.options.bits)
+    zps = {b: gs.Constant(f"local::zero_point{'' if b == 8 else b}",
+                          np.array(0, scheme.int_dtype(b))) for b in (8, 16)}
     count = [0]
 
-    def qdq(src: gs.Variable, e: int, name: str) -> gs.Variable:
+    def qdq(src: gs.Variable, e: int, name: str, bits: int) -> gs.Variable:
+        zp_dtype, zp = scheme.int_dtype(bits), zps[bits]
         count[0] += 1
         s = gs.Constant(f"local::scale_{count[0]}", np.array(scheme.scale_of(e), np.float32))
         q = gs.Variable(f"local::q_{count[0]}", dtype=zp_dtype)
@@ -141,7 +152,7 @@ def _combined(result: Any) -> tuple[onnx.ModelProto, list[tuple[str, str, str]]]
                 elif src in plan.state:
                     f = float_of(src)
                     if layer.kind == "requant":
-                        f = qdq(f, e_out, f"local::{src}@{name}")
+                        f = qdq(f, e_out, f"local::{src}@{name}", bits_of(t))
                     inputs.append(f)
                 else:
                     inputs.append(qn.inputs[k] if k < len(qn.inputs) else gs.Variable.empty())
@@ -152,7 +163,7 @@ def _combined(result: Any) -> tuple[onnx.ModelProto, list[tuple[str, str, str]]]
                 outs.append(v)
             new_nodes.append(gs.Node(qn.op, LOCAL_PREFIX + name, attrs=dict(qn.attrs),
                                      inputs=inputs, outputs=outs))
-        local = qdq(produced[t], e_out, LOCAL_PREFIX + t)
+        local = qdq(produced[t], e_out, LOCAL_PREFIX + t, bits_of(t))
         reported.append((t, fq, local.name))
     graph = gs.Graph(nodes=list(gq.nodes) + list(gf.nodes) + new_nodes, inputs=list(gq.inputs),
                      outputs=[], opset=gq.opset)
@@ -201,7 +212,7 @@ def build_report(result: Any, data: CalibrationData, samples: int) -> QuantRepor
             d = r - values[index[x]]
             acc[(ref, x)][0] += float(np.sum(r * r))
             acc[(ref, x)][1] += float(np.sum(d * d))
-    bits = result.options.bits
+    bits_of = getattr(result, "bits_of", lambda t: result.options.bits)
     stats = []
     for layer, (t, fq, local) in zip(result.plan.layers, reported, strict=True):
         ref = pairs[2 * len(stats)][0]
@@ -209,14 +220,20 @@ def build_report(result: Any, data: CalibrationData, samples: int) -> QuantRepor
         stats.append(LayerStat(
             layer=layer.name, op=layer.op, tensor=t, exponent=result.exponents[t],
             min=obs.min if obs.count else None, max=obs.max if obs.count else None,
-            clipped=obs.clipped_fraction(result.exponents[t], bits),
+            clipped=obs.clipped_fraction(result.exponents[t], bits_of(t)),
             cumulative_db=scheme.sqnr_from_sums(*acc[(ref, fq)]),
             local_db=scheme.sqnr_from_sums(*acc[(ref, local)]),
+            bits=bits_of(t),
         ))
     outputs = {o.name: scheme.sqnr_from_sums(*acc[(FLOAT_PREFIX + o.name, o.name)])
                for o in result.model.graph.output}
     stats.sort(key=lambda s: (s.local_db, s.cumulative_db))
-    return QuantReport(stats, outputs, n)
+    mixed = None
+    if getattr(result, "precision", None) is not None:
+        from espstream.quant.mixed import report_of
+
+        mixed = report_of(result, data, samples)
+    return QuantReport(stats, outputs, n, mixed)
 
 
 def _first(data: CalibrationData, k: int):
