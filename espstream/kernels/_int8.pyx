@@ -45,6 +45,7 @@ cdef extern from "_hot.h" nogil:
     void esp_pack_pairs(const int16_t* w, ptrdiff_t cout, ptrdiff_t K, ptrdiff_t cp,
                         int16_t* wp)
     esp_bcast_fn esp_bcast_pick()
+    int32_t esp_madd_probe(int64_t n)
 
 cdef esp_bcast_fn _bcast = esp_bcast_pick()  # AVX2, SSE2 or plain C, once per process
 
@@ -585,3 +586,12 @@ def requantize(const src_t[::1] x, data_t[::1] y, int64_t shift, int mode):
     with nogil:
         for i in range(n):
             y[i] = <data_t>requant(<int64_t>x[i], shift, mode, False, lo, hi)
+
+
+def madd_probe(int64_t n):
+    """n rounds of 10 independent AVX2 vpmaddwd (16 MACs each): benchmarks/kernels.py times it
+    to measure the peak. Returns a checksum (0 without AVX2)."""
+    cdef int32_t r
+    with nogil:
+        r = esp_madd_probe(n)
+    return r
