@@ -607,3 +607,38 @@ def test_conv_prepared_checks_like_conv(impl):
     run(x)  # a shape that fits, then one that does not: still checked
     with pytest.raises(ValueError, match="batch 1"):
         run(np.zeros((2, 5, 4), np.int8))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 40),
+    st.sampled_from([(3,), (1,), (5,), (3, 3), (2, 3)]),
+    st.integers(1, 6),
+    st.sampled_from([np.int8, np.int16]),
+    st.booleans(),
+    st.booleans(),
+)
+def test_depthwise_paths_match_reference(seed, c, kernel, width, dtype, plain, per_channel):
+    """The AVX2 depthwise loop (16 channels per step, even / odd packed weights, leftover
+    channels in C) and the plain-C fallback a CPU without AVX2 runs, against the oracle: channel
+    counts around the block, inputs narrower than the kernel, int16 data, per-channel shifts."""
+    from espstream.kernels import _int8
+
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(dtype)
+    shape = (width, c) if len(kernel) == 1 else (width, width + 1, c)
+    x = rng.integers(info.min, info.max + 1, shape, dtype=dtype)
+    w = rng.integers(info.min, info.max + 1, (c, *kernel, 1), dtype=dtype)
+    bias = rng.integers(-(2**12), 2**12, c).astype(np.int32 if dtype == np.int8 else np.int64)
+    shift = rng.integers(1, 16, c).tolist() if per_channel else int(rng.integers(1, 16))
+    args = dict(groups=c, pads=kernel[-1] // 2, shift=shift, relu=bool(seed % 2))
+    want = ref.conv(x, w, bias, **args)
+    _int8.set_plain_depthwise(plain)
+    try:
+        got = fast.conv(x, w, bias, **args)
+        prepared = fast.conv_prepared(w, bias, **args)(x)
+    finally:
+        _int8.set_plain_depthwise(False)
+    assert np.array_equal(got, want)
+    assert np.array_equal(prepared, want)

@@ -269,4 +269,105 @@ static esp_bcast_fn esp_bcast_pick(void)
 #endif
 }
 
+/* ---- Depthwise, AVX2 -------------------------------------------------------------------
+ * vpmaddwd sums lane pairs, but depthwise channels must not mix: with weights whose odd
+ * channels are zeroed (we) one vpmaddwd gives the even channels' products in int32 lanes, with
+ * the even ones zeroed (wo) the odd channels'. Weights are packed once per call by
+ * esp_dw_pack as we[T][C] then wo[T][C]; 16 channels per step, the rest in plain C. */
+static void esp_dw_pack(const int16_t *w, ptrdiff_t T, ptrdiff_t C, int16_t *wp)
+{
+    for (ptrdiff_t i = 0; i < T * C; i++) {
+        wp[i] = (i % C) % 2 == 0 ? w[i] : 0;
+        wp[T * C + i] = (i % C) % 2 == 1 ? w[i] : 0;
+    }
+}
+
+typedef void (*esp_dw_fn)(const int16_t *, const int16_t *, const int16_t *, ptrdiff_t,
+                          const ptrdiff_t *, const ptrdiff_t *, ptrdiff_t, ptrdiff_t, int32_t *);
+
+/* Plain twin: w [T][C] unpacked (wp unused). */
+static void esp_dw_plain(const int16_t *X, const int16_t *w, const int16_t *wp, ptrdiff_t T,
+                         const ptrdiff_t *xo, const ptrdiff_t *wo, ptrdiff_t nt, ptrdiff_t C,
+                         int32_t *acc)
+{
+    (void)wp;
+    (void)T;
+    esp_dw_pixel(X, w, xo, wo, nt, C, acc);
+}
+
+#ifdef ESP_BC_X86
+__attribute__((target("avx2"))) static void
+esp_dw_avx2(const int16_t *X, const int16_t *w, const int16_t *wp, ptrdiff_t T,
+            const ptrdiff_t *xo, const ptrdiff_t *wo, ptrdiff_t nt, ptrdiff_t C, int32_t *acc)
+{
+    ptrdiff_t c = 0, TC = T * C;
+    for (; c + 16 <= C; c += 16) {
+        __m256i ev = _mm256_setzero_si256(), od = ev;
+        for (ptrdiff_t t = 0; t < nt; t++) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(X + xo[t] + c));
+            const int16_t *q = wp + wo[t] + c;
+            ev = _mm256_add_epi32(ev, _mm256_madd_epi16(x, _mm256_loadu_si256((const __m256i *)q)));
+            od = _mm256_add_epi32(od, _mm256_madd_epi16(x, _mm256_loadu_si256((const __m256i *)(q + TC))));
+        }
+        /* ev lane i = channel c + 2i, od lane i = c + 2i + 1: back to channel order */
+        __m256i lo = _mm256_unpacklo_epi32(ev, od), hi = _mm256_unpackhi_epi32(ev, od);
+        _mm256_storeu_si256((__m256i *)(acc + c), _mm256_permute2x128_si256(lo, hi, 0x20));
+        _mm256_storeu_si256((__m256i *)(acc + c + 8), _mm256_permute2x128_si256(lo, hi, 0x31));
+    }
+    for (; c < C; c++) {
+        int32_t a = 0;
+        for (ptrdiff_t t = 0; t < nt; t++)
+            a += (int32_t)X[xo[t] + c] * w[wo[t] + c];
+        acc[c] = a;
+    }
+}
+#endif
+
+static esp_dw_fn esp_dw_pick(void)
+{
+#ifdef ESP_BC_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2"))
+        return esp_dw_avx2;
+#endif
+    return esp_dw_plain;
+}
+
+/* Throughput probe for benchmarks/kernels.py: n rounds of 10 independent vpmaddwd (16 MACs
+ * each). Returns a nonzero checksum so the loop is not removed; 0 where AVX2 is not compiled
+ * in or the CPU lacks it. */
+#ifdef ESP_BC_X86
+__attribute__((target("avx2"))) static int32_t esp_madd_probe_avx2(int64_t n)
+{
+    /* 10 independent chains a = madd(a, w): enough in flight to cover vpmaddwd's latency */
+    __m256i w = _mm256_set1_epi16(3);
+    __m256i a0 = _mm256_set1_epi16(1), a1 = _mm256_set1_epi16(2), a2 = _mm256_set1_epi16(3);
+    __m256i a3 = _mm256_set1_epi16(4), a4 = _mm256_set1_epi16(5), a5 = _mm256_set1_epi16(6);
+    __m256i a6 = _mm256_set1_epi16(7), a7 = _mm256_set1_epi16(8), a8 = _mm256_set1_epi16(9);
+    __m256i a9 = _mm256_set1_epi16(10);
+    for (int64_t i = 0; i < n; i++) {
+        a0 = _mm256_madd_epi16(a0, w); a1 = _mm256_madd_epi16(a1, w);
+        a2 = _mm256_madd_epi16(a2, w); a3 = _mm256_madd_epi16(a3, w);
+        a4 = _mm256_madd_epi16(a4, w); a5 = _mm256_madd_epi16(a5, w);
+        a6 = _mm256_madd_epi16(a6, w); a7 = _mm256_madd_epi16(a7, w);
+        a8 = _mm256_madd_epi16(a8, w); a9 = _mm256_madd_epi16(a9, w);
+    }
+    a0 = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(a0, a1), _mm256_add_epi32(a2, a3)),
+                          _mm256_add_epi32(_mm256_add_epi32(a4, a5), _mm256_add_epi32(a6, a7)));
+    a0 = _mm256_add_epi32(a0, _mm256_add_epi32(a8, a9));
+    return _mm256_extract_epi32(a0, 0) | 1;
+}
+#endif
+
+static int32_t esp_madd_probe(int64_t n)
+{
+#ifdef ESP_BC_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2"))
+        return esp_madd_probe_avx2(n);
+#endif
+    (void)n;
+    return 0;
+}
+
 #endif

@@ -45,8 +45,28 @@ cdef extern from "_hot.h" nogil:
     void esp_pack_pairs(const int16_t* w, ptrdiff_t cout, ptrdiff_t K, ptrdiff_t cp,
                         int16_t* wp)
     esp_bcast_fn esp_bcast_pick()
+    int32_t esp_madd_probe(int64_t n)
+    # Depthwise int32 sums of one pixel: AVX2 (even / odd packed weights) or plain C.
+    ctypedef void (*esp_dw_fn)(const int16_t* X, const int16_t* w, const int16_t* wp,
+                               ptrdiff_t T, const ptrdiff_t* xo, const ptrdiff_t* wo,
+                               ptrdiff_t nt, ptrdiff_t C, int32_t* acc)
+    void esp_dw_pack(const int16_t* w, ptrdiff_t T, ptrdiff_t C, int16_t* wp)
+    esp_dw_fn esp_dw_pick()
+    void esp_dw_plain(const int16_t* X, const int16_t* w, const int16_t* wp, ptrdiff_t T,
+                      const ptrdiff_t* xo, const ptrdiff_t* wo, ptrdiff_t nt, ptrdiff_t C,
+                      int32_t* acc)
+
 
 cdef esp_bcast_fn _bcast = esp_bcast_pick()  # AVX2, SSE2 or plain C, once per process
+cdef esp_dw_fn _dw = esp_dw_pick()  # AVX2 or plain C
+
+
+def set_plain_depthwise(bint plain):
+    """Force the plain-C depthwise loop (True) or pick by CPU again (False): lets the tests
+    check the fallback of a CPU without AVX2 on this one."""
+    global _dw
+    _dw = esp_dw_plain if plain else esp_dw_pick()
+
 
 ctypedef fused data_t:
     int8_t
@@ -354,7 +374,7 @@ cdef void _conv_depthwise(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize
                           Py_ssize_t pt, Py_ssize_t pl, Py_ssize_t OH, Py_ssize_t OW,
                           const int64_t* add, const int64_t* shift, int kind, int mode,
                           int64_t lo, int64_t hi, Py_ssize_t* runs, acc_t* acc,
-                          const int32_t* add32, data_t* Y) noexcept nogil:
+                          const int32_t* add32, const int16_t* wdw, data_t* Y) noexcept nogil:
     """groups == C_in == C_out; weights transposed to [kH * kW, C] so the loops run over C
     (contiguous in both; the compiler vectorises them). With `add32` (one right shift for all
     channels, half-up, int32 cannot overflow) the requantize loop is vectorised too."""
@@ -380,7 +400,7 @@ cdef void _conv_depthwise(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize
                     wo[nt] = (i * KW + j) * C
                     nt += 1
             if acc_t is int32_t:
-                esp_dw_pixel(X, Wt, <const ptrdiff_t*>xo, <const ptrdiff_t*>wo, nt, C, acc)
+                _dw(X, Wt, wdw, KH * KW, <const ptrdiff_t*>xo, <const ptrdiff_t*>wo, nt, C, acc)
                 nt = 0  # done
             else:
                 for c in range(C):
@@ -457,7 +477,13 @@ def conv(const int16_t[:, :, ::1] x, const int16_t[:, ::1] w, const int64_t[::1]
         add32 = NULL
     # int8 data, groups == 1, even C_in: the broadcast form over packed weights (see _hot.h).
     cdef int16_t* wpk = NULL
+    cdef int16_t* wdw = NULL
     cdef Py_ssize_t K = w.shape[1], cp = 0
+    if data_t is int8_t and acc_t is int32_t and depthwise:
+        wdw = <int16_t*>malloc(2 * KH * KW * C * sizeof(int16_t))
+        if wdw == NULL:
+            raise MemoryError()
+        esp_dw_pack(&w[0, 0], KH * KW, C, wdw)
     if data_t is int8_t and acc_t is int32_t:
         if not depthwise and groups == 1 and C % 2 == 0:
             cp = (cout + ESP_BC_BLOCK - 1) // ESP_BC_BLOCK * ESP_BC_BLOCK
@@ -469,12 +495,13 @@ def conv(const int16_t[:, :, ::1] x, const int16_t[:, ::1] w, const int64_t[::1]
         if depthwise:
             _conv_depthwise(&x[0, 0, 0], H, W, C, &w[0, 0], KH, KW, sh, sw, dh, dw, pt, pl,
                             OH, OW, add, shf, kind, mode, lo, hi, &runs[0], &acc[0],
-                            add32, &y[0, 0, 0])
+                            add32, wdw, &y[0, 0, 0])
         else:
             _conv_general(&x[0, 0, 0], H, W, C, &w[0, 0], cout, KH, KW, groups, sh, sw, dh, dw,
                           pt, pl, OH, OW, add, shf, kind, mode, lo, hi,
                           &runs[0], &acc[0], add32, wpk, cp, &y[0, 0, 0])
     free(wpk)
+    free(wdw)
 
 
 def avgpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, float[::1] acc,
@@ -585,3 +612,12 @@ def requantize(const src_t[::1] x, data_t[::1] y, int64_t shift, int mode):
     with nogil:
         for i in range(n):
             y[i] = <data_t>requant(<int64_t>x[i], shift, mode, False, lo, hi)
+
+
+def madd_probe(int64_t n):
+    """n rounds of 10 independent AVX2 vpmaddwd (16 MACs each): benchmarks/kernels.py times it
+    to measure the peak. Returns a checksum (0 without AVX2)."""
+    cdef int32_t r
+    with nogil:
+        r = esp_madd_probe(n)
+    return r
