@@ -16,12 +16,20 @@ Models: `models/kws_gru.onnx` (conv + GRU keyword spotter, `x [1, 10, 32] -> y [
 3. ESP-PPQ: `espdl_quantize_onnx` with its defaults (calib_steps = 32, error report off), run
    by this same file in benchmarks/.venv-ppq (`--ppq-side`, which imports only NumPy, onnx and
    torch / esp_ppq there); a DataLoader of batch 1 over the calibration samples, one tensor per
-   model input. Twice: on the bundled ONNX as it is (`esp_ppq`), and on the float ONNX that
-   espstream's `optimize` writes from it (`esp_ppq_optimized`: the same function, its
-   inference Dropout, Identity, Pad chains and BatchNormalization folded), because ESP-PPQ
-   1.3.12 has no Dropout executor and stops on the bundled files before quantizing anything.
-   Offline only: ESP-PPQ's `auto_streaming` bypasses GRU / LSTM state between chunks
-   (issue 14), so its streaming files are not a comparison for these models.
+   model input. On up to three forms of the same float function, each recorded:
+   - `esp_ppq`: the bundled ONNX as it is. ESP-PPQ 1.3.12 has no Dropout executor and stops
+     on both bundled files ("Op Execution Error: /head/Dropout") before quantizing anything;
+   - `esp_ppq_optimized`: the float ONNX espstream's `optimize` writes from it (inference
+     Dropout, Identity, the Pad chains and BatchNormalization folded; optimize checks it
+     against the input in onnxruntime). kws_gru's GRU has no initial_h and no Y_h (legal
+     ONNX, both optional), and ESP-PPQ's RNN alignment indexes both unconditionally
+     (IndexError);
+   - `esp_ppq_adapted` (only where a GRU / LSTM lacks them): that model with the recurrent
+     layer's initial_h a graph input and Y_h a node output (`with_explicit_state`), as ESP-DL's
+     own operator tests give it; ESP-PPQ is calibrated and evaluated with that input at zero.
+   The headline delta pairs espstream with the first of these ESP-PPQ quantizes
+   (`esp_ppq_compared_on`). Offline only: ESP-PPQ's `auto_streaming` bypasses GRU / LSTM
+   state between chunks (issue 14), so its streaming files are no comparison for these models.
 4. Held-out inputs: `--held-out` samples of `x` ~ N(0, 1) from seed 4242 (neither the
    calibration data nor NAME.input.npy); vad_lstm's `h`, `c` at zero, as in calibration.
 5. Both offline .espdl files run in espstream's integer simulator (which reproduces ESP-PPQ's own
@@ -204,6 +212,47 @@ def measure(refs: list[dict], got: list[dict]) -> dict:
     return res
 
 
+def with_explicit_state(model):
+    """(model, {new input: shape}) with each GRU / LSTM's initial_h a graph input and its Y_h
+    a node output, the form ESP-PPQ 1.3.12's RNN alignment indexes unconditionally
+    (refine.py, align_to_first_output: output 1 and input 5) and its own operator tests use.
+    A constant zero initial_h would not do: ESP-PPQ's onnxsim pass removes it (zero is ONNX's
+    default). Fed zeros, the new inputs leave the function as it was, and the new output feeds
+    nothing. None when every recurrent node has both already."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    extra: dict[str, list[int]] = {}
+    changed = False
+    for n in m.graph.node:
+        if n.op_type not in ("GRU", "LSTM"):
+            continue
+        ins, outs = list(n.input), list(n.output)
+        if len(ins) > 5 and ins[5] and len(outs) > 1 and outs[1]:
+            continue
+        hidden = next(a.i for a in n.attribute if a.name == "hidden_size")
+        dirs = 2 if any(a.name == "direction" and a.s == b"bidirectional"
+                        for a in n.attribute) else 1
+        if len(ins) <= 5 or not ins[5]:
+            name = f"{n.op_type.lower()}{len(extra)}_h0"
+            extra[name] = [dirs, 1, hidden]
+            m.graph.input.append(helper.make_tensor_value_info(
+                name, onnx.TensorProto.FLOAT, extra[name]))
+            ins = (ins + [""] * 6)[:5] + [name] + ins[6:]
+        if len(outs) <= 1 or not outs[1]:
+            outs = (outs + [""])[:1] + [f"{n.output[0]}.Y_h"] + outs[2:]
+        del n.input[:], n.output[:]
+        n.input.extend(ins)
+        n.output.extend(outs)
+        changed = True
+    if not changed:
+        return None
+    onnx.checker.check_model(m)
+    return m, extra
+
+
 def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:400]}"
 
@@ -242,6 +291,16 @@ def run_model(name: str, targets: list[str], widths: list[int], n_held: int, chu
     opt = optimize_model(model).model
     opt_path = work / f"{name}.optimized.onnx"  # ESP-PPQ's second input (module doc, 3)
     onnx.save(opt, str(opt_path))
+    # (key, model, calibration file, zero inputs the float model does not have)
+    ppq_inputs = [("esp_ppq", mpath, calib, {}), ("esp_ppq_optimized", opt_path, calib, {})]
+    adapted = with_explicit_state(opt)
+    if adapted is not None:
+        ad, extra = adapted
+        ad_calib = work / f"{name}.adapted.calib.npz"
+        np.savez(ad_calib, **cal, **{k: np.zeros([len(x_cal), *sh[1:]], np.float32)
+                                     for k, sh in extra.items()})
+        ppq_inputs.append(("esp_ppq_adapted", work / f"{name}.adapted.onnx", ad_calib, extra))
+        onnx.save(ad, str(ppq_inputs[-1][1]))
     rows = []
     for target in targets:
         for bits in widths:
@@ -267,22 +326,25 @@ def run_model(name: str, targets: list[str], widths: list[int], n_held: int, chu
                 row["espstream_stream"], row["espstream_stream_error"] = None, _error(e)
             row["espstream_stream_seconds"] = round(time.perf_counter() - t0, 2)
             if use_ppq:
-                for key, src in (("esp_ppq", mpath), ("esp_ppq_optimized", opt_path)):
+                for key, src, src_calib, zeros in ppq_inputs:
                     out = work / f"{name}.{target}.int{bits}.{key}.espdl"
                     t0 = time.perf_counter()
                     step = "export"
                     try:
                         row[f"{key}_export_seconds"] = run_ppq(
-                            src, calib, out, target, bits, len(x_cal))["seconds"]
+                            src, src_calib, out, target, bits, len(x_cal))["seconds"]
                         step = "simulate"
                         graph = espdl.read(out.read_bytes())
-                        row[key] = measure(refs, offline_outputs(graph, target, samples, refs))
+                        fed = [{**x, **{k: np.zeros(sh, np.float32) for k, sh in zeros.items()}}
+                               for x in samples]
+                        row[key] = measure(refs, offline_outputs(graph, target, fed, refs))
                     except Exception as e:
                         row[key], row[f"{key}_error"] = None, f"{step}: {_error(e)}"
                     row[f"{key}_seconds"] = round(time.perf_counter() - t0, 2)
                     a, b = row.get("espstream"), row.get(key)
                     if a and b and math.isfinite(a["all"]) and math.isfinite(b["all"]):
                         row[f"delta_{key}_db"] = round(a["all"] - b["all"], 2)
+            compared(row)
             rows.append(row)
             _print_row(row)
     return rows
@@ -295,29 +357,41 @@ def _f(side: dict | None, key: str = "all") -> str:
     return "exact" if v == math.inf else f"{v:.2f}"
 
 
+PPQ_KEYS = ("esp_ppq", "esp_ppq_optimized", "esp_ppq_adapted")
+
+
+def compared(r: dict) -> None:
+    """The headline pairing: ESP-PPQ on the least-changed input it quantizes (bundled, then
+    optimized, then adapted), recorded as `esp_ppq_compared_on` and `delta_db`."""
+    for key in PPQ_KEYS:
+        if f"delta_{key}_db" in r:
+            r["esp_ppq_compared_on"], r["delta_db"] = key, r[f"delta_{key}_db"]
+            return
+
+
 def _print_row(r: dict) -> None:
     if not getattr(_print_row, "done", False):
-        print("dB against float, all outputs pooled (vad_lstm: its y alone on the next line);"
-              " PPQ = ESP-PPQ on the bundled ONNX, PPQ/opt = on espstream's optimized ONNX")
+        print("dB against float, all outputs pooled (vad_lstm: its y alone on the next line). "
+              "ESP-PPQ on: PPQ the bundled ONNX, opt espstream's optimized ONNX, adapt that "
+              "with the GRU state as an input (zeros). delta: espstream - the first that ran")
         print(f"{'model':9s} {'target':8s} {'bits':>4s} {'espstream':>9s} {'PPQ':>6s} "
-              f"{'PPQ/opt':>7s} {'delta':>7s} {'stream':>7s}")
+              f"{'opt':>6s} {'adapt':>6s} {'delta':>7s} {'stream':>7s}")
         _print_row.done = True  # type: ignore[attr-defined]
-    d = r.get("delta_esp_ppq_optimized_db")
-    cols = [(r.get(k) if k in r else None, k in r) for k in ("esp_ppq", "esp_ppq_optimized")]
 
-    def p(key: str) -> str:
-        return [_f(v, key) if there else "n/a" for v, there in cols]
+    def p(key: str) -> list[str]:
+        return [_f(r[k], key) if k in r else "-" for k in PPQ_KEYS]
 
-    ppq, opt = p("all")
+    d = r.get("delta_db")
     print(f"{r['model']:9s} {r['target']:8s} {r['bits']:4d} {_f(r.get('espstream')):>9s} "
-          f"{ppq:>6s} {opt:>7s} {'' if d is None else f'{d:+.2f}':>7s} "
-          f"{_f(r.get('espstream_stream')):>7s}", flush=True)
+          + " ".join(f"{c:>6s}" for c in p("all"))
+          + f" {'' if d is None else f'{d:+.2f}':>7s} {_f(r.get('espstream_stream')):>7s}",
+          flush=True)
     if r["model"] == "vad_lstm" and r.get("espstream") is not None:
-        ppq, opt = p("y")
-        print(f"{'':9s} {'  y':8s} {'':4s} {_f(r.get('espstream'), 'y'):>9s} {ppq:>6s} "
-              f"{opt:>7s} {'':7s} {_f(r.get('espstream_stream'), 'y'):>7s}")
+        print(f"{'':9s} {'  y':8s} {'':4s} {_f(r.get('espstream'), 'y'):>9s} "
+              + " ".join(f"{c:>6s}" for c in p("y"))
+              + f" {'':7s} {_f(r.get('espstream_stream'), 'y'):>7s}")
     for k in ("espstream_error", "espstream_stream_error", "espstream_stream_failure",
-              "esp_ppq_error", "esp_ppq_optimized_error"):
+              *(f"{k}_error" for k in PPQ_KEYS)):
         if k in r:
             print(f"      {k}: {r[k]}")
 
@@ -326,12 +400,16 @@ def headline(rows: list[dict]) -> dict:
     h: dict = {}
     for bits in sorted({r["bits"] for r in rows}):
         sel = [r for r in rows if r["bits"] == bits]
-        for key in ("esp_ppq", "esp_ppq_optimized"):
-            d = [r[f"delta_{key}_db"] for r in sel if f"delta_{key}_db" in r]
-            h[f"int{bits}_espstream_minus_{key}_db_median"] = (
-                round(float(np.median(d)), 2) if d else None)
-            h[f"int{bits}_espstream_minus_{key}_db_min"] = min(d) if d else None
-            h[f"int{bits}_{key}_failed"] = f"{sum(r.get(key, 0) is None for r in sel)}/{len(sel)}"
+        d = [r["delta_db"] for r in sel if "delta_db" in r]
+        h[f"int{bits}_espstream_minus_esp_ppq_db_median"] = (
+            round(float(np.median(d)), 2) if d else None)
+        h[f"int{bits}_espstream_minus_esp_ppq_db_min"] = min(d) if d else None
+        h[f"int{bits}_espstream_minus_esp_ppq_db_max"] = max(d) if d else None
+        h[f"int{bits}_compared"] = f"{len(d)}/{len(sel)}"
+        for key in PPQ_KEYS:
+            ran = [r for r in sel if key in r]
+            if ran:
+                h[f"int{bits}_{key}_failed"] = f"{sum(r[key] is None for r in ran)}/{len(ran)}"
         h[f"int{bits}_espstream_failed"] = f"{sum(r['espstream'] is None for r in sel)}/{len(sel)}"
         st = [r["espstream_stream"]["all"] - r["espstream"]["all"] for r in sel
               if r.get("espstream_stream") and r.get("espstream")]
