@@ -50,8 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,79 +58,58 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from convert_vs_ppq import ANSI, LOG_PREFIX, PPQ_SIDE, _subprocess_json, ppq_available  # noqa: E402
+from quant_quality import sqnr as _sqnr  # noqa: E402
+
 MODELS = ("kws_gru", "vad_lstm")
 STATE_ZERO = {"vad_lstm": ("h", "c")}  # explicit state inputs, given at zero
 HELD_OUT_SEED = 4242
 PPQ_PYTHON = ROOT / "benchmarks" / ".venv-ppq" / "bin" / "python"
 if not PPQ_PYTHON.exists():
     PPQ_PYTHON = Path("/work/main/benchmarks/.venv-ppq/bin/python")
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-# ---- ESP-PPQ's side (runs in benchmarks/.venv-ppq) ------------------------------------------
+# ---- ESP-PPQ's side: benchmarks/ppq_side.py in benchmarks/.venv-ppq ---------------------------
 
 
-def ppq_side(model: str, calib: str, out: str, target: str, bits: int, steps: int) -> int:
-    """One `espdl_quantize_onnx` call on an .npz of calibration samples keyed by input name;
-    prints one JSON line (seconds, versions) on stdout."""
-    import contextlib
-    import shutil
-
-    with contextlib.redirect_stdout(sys.stderr):  # ESP-PPQ prints banners and progress bars
-        import onnx
-        import torch
-        from esp_ppq.api import espdl_quantize_onnx
-        from torch.utils.data import DataLoader, TensorDataset
-    torch.set_num_threads(1)  # a shared machine; espstream's side is single-threaded too
-    names = [i.name for i in onnx.load(model).graph.input]
-    data = np.load(calib)
-    tensors = [torch.from_numpy(data[n].astype(np.float32)) for n in names]
-    # batch 1: each step is [x, h, c] (one tensor per input, in the graph's input order)
-    loader = DataLoader(TensorDataset(*tensors), batch_size=1, shuffle=False)
-    shapes = [[1, *t.shape[1:]] for t in tensors]
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    copy = str(Path(out).with_suffix(".input.onnx"))  # ESP-PPQ overwrites its input model
-    shutil.copyfile(model, copy)
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):
-        espdl_quantize_onnx(
-            onnx_import_file=copy, espdl_export_file=out, calib_dataloader=loader,
-            calib_steps=steps, input_shape=shapes if len(shapes) > 1 else shapes[0],
-            target=target, num_of_bits=bits, device="cpu", error_report=False,
-            export_test_values=False, verbose=0)
-    from importlib.metadata import version
-
-    print(json.dumps({"seconds": round(time.perf_counter() - t0, 3),
-                      "versions": {"esp-ppq": version("esp-ppq"), "torch": torch.__version__}}))
-    return 0
+def run_ppq(model: Path, calib: Path, out: Path, target: str, bits: int, steps: int,
+            chunk: int | None = None) -> dict:
+    """One `espdl_quantize_onnx` call (its JSON line: seconds, versions, and the [ERROR] lines
+    ESP-PPQ logged and carried on after); RuntimeError with ESP-PPQ's own error line when it
+    stops."""
+    cmd = [str(PPQ_PYTHON), str(PPQ_SIDE), str(model), str(calib), str(out), "--target", target,
+           "--bits", str(bits), "--calib-steps", str(steps)]
+    cmd += ["--chunk", str(chunk)] if chunk else []
+    res, _wall, err = _subprocess_json(cmd, timeout=1800)
+    if res is None or not out.exists():
+        raise RuntimeError(f"ESP-PPQ failed ({_error_line(err)})")
+    return res
 
 
-def run_ppq(model: Path, calib: Path, out: Path, target: str, bits: int, steps: int) -> dict:
-    cmd = [str(PPQ_PYTHON), __file__, "--ppq-side", str(model), str(calib), str(out),
-           "--target", target, "--bits", str(bits), "--calib-steps", str(steps)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    if p.returncode or not out.exists():
-        lines = [ANSI.sub("", s).strip() for s in p.stderr.splitlines()]
-        lines = [s for s in lines if s]
-        errs = [s for s in lines if "Error" in s or "ERROR" in s or "error" in s]
-        tail = (errs or lines or ["no output"])[-1]
-        raise RuntimeError(f"ESP-PPQ failed (exit {p.returncode}): {tail[:400]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+def _error_line(tail: str) -> str:
+    """The line of a failure's stderr tail that names the error (ANSI colours removed)."""
+    lines = [LOG_PREFIX.sub("", ANSI.sub("", s).strip()) for s in tail.splitlines()]
+    lines = [s for s in lines if s]
+    errs = [s for s in lines if "Error" in s or "ERROR" in s or "error" in s]
+    return (errs or lines or ["no output"])[-1][:400]
 
 
-# ---- espstream's side, the simulator and the measurements ------------------------------------
+# ---- the simulator and the measurements -------------------------------------------------------
 
 
 def sqnr(ref: list[np.ndarray], got: list[np.ndarray]) -> float:
-    r = np.concatenate([x.reshape(-1) for x in ref]).astype(np.float64)
-    g = np.concatenate([x.reshape(-1) for x in got]).astype(np.float64)
-    noise = float(np.sum((r - g) ** 2))
-    return math.inf if noise == 0 else round(10 * math.log10(float(np.sum(r * r)) / noise), 2)
+    """quant_quality's SQNR (dB, pooled over the arrays), rounded; inf when exact."""
+    db = _sqnr(ref, got)
+    return db if db == math.inf else round(db, 2)
 
 
 def _perm(graph, name: str, onnx_shape: list[int]) -> list[int]:
     """ONNX layout -> the graph's runtime layout for one tensor: espstream records it
-    (espstream.layout); for ESP-PPQ's files it follows from the shapes (channels last)."""
+    (espstream.layout); for ESP-PPQ's files it follows from the shapes (channels last; a
+    streaming input declares one chunk, so its frames are not compared)."""
     layout = json.loads(graph.metadata.get("espstream.layout", "{}"))
     if name in layout:
         return list(layout[name])
@@ -140,7 +117,7 @@ def _perm(graph, name: str, onnx_shape: list[int]) -> list[int]:
     if list(onnx_shape) == want:
         return list(range(len(onnx_shape)))
     perm = [0, *range(2, len(onnx_shape)), 1]
-    if [onnx_shape[i] for i in perm] != want:
+    if len(want) != len(perm) or [onnx_shape[i] for i in perm][2:] != want[2:]:
         raise ValueError(f"'{name}': ONNX shape {onnx_shape} does not fit the .espdl's {want}")
     return perm
 
@@ -180,10 +157,13 @@ def offline_outputs(graph, target: str, samples: list[dict], refs: list[dict]) -
     return got
 
 
-def streaming_outputs(graph, target: str, samples: list[dict], refs: list[dict]) -> list[dict]:
-    """Chunk by chunk from a zero state, recurrent states fed back; the frames of each output
-    concatenated (offline frame t is streamed frame t + espstream.delay), summaries taken
-    after the last chunk."""
+def streaming_outputs(graph, target: str, samples: list[dict], refs: list[dict],
+                      time_outputs: set[str]) -> list[dict]:
+    """Chunk by chunk from a zero state (`espstream.sim.run_chunks`: recurrent states fed back
+    as metadata espstream.recurrent_states pairs them), the frames of each output in
+    `time_outputs` concatenated (offline frame t is streamed frame t + espstream.delay), the
+    others (final states) taken after the last chunk. Time axes: espstream.time_axes, else
+    runtime axis 1 (ESP-PPQ's channels-last [1, T, C])."""
     from espstream.sim import Simulator, run_chunks
 
     sim = Simulator(graph, target=target)
@@ -198,8 +178,8 @@ def streaming_outputs(graph, target: str, samples: list[dict], refs: list[dict])
         calls = run_chunks(sim, _quantized(graph, target, feeds), axis)
         row = {}
         for n, r in ref.items():
-            q = (np.concatenate([c[n] for c in calls], axis=int(time_axes[n]))
-                 if n in time_axes else calls[-1][n])
+            q = (np.concatenate([c[n] for c in calls], axis=int(time_axes.get(n, 1)))
+                 if n in time_outputs else calls[-1][n])
             row[n] = _to_onnx(graph, n, q, r.shape)
         got.append(row)
     return got
@@ -212,13 +192,29 @@ def measure(refs: list[dict], got: list[dict]) -> dict:
     return res
 
 
+def state_pairs(model) -> list[tuple[str, str]]:
+    """(graph input, graph output) of each GRU / LSTM initial_h -> Y_h and initial_c -> Y_c that
+    are both graph tensors: what an application copies back after each call."""
+    ins = {i.name for i in model.graph.input}
+    outs = {o.name for o in model.graph.output}
+    pairs = []
+    for n in model.graph.node:
+        if n.op_type in ("GRU", "LSTM"):
+            for i, o in ((5, 1), (6, 2)):
+                a = n.input[i] if len(n.input) > i else ""
+                b = n.output[o] if len(n.output) > o else ""
+                if a in ins and b in outs:
+                    pairs.append((a, b))
+    return pairs
+
+
 def with_explicit_state(model):
     """(model, {new input: shape}) with each GRU / LSTM's initial_h a graph input and its Y_h
-    a node output, the form ESP-PPQ 1.3.12's RNN alignment indexes unconditionally
+    a graph output, the form ESP-PPQ 1.3.12's RNN alignment indexes unconditionally
     (refine.py, align_to_first_output: output 1 and input 5) and its own operator tests use.
     A constant zero initial_h would not do: ESP-PPQ's onnxsim pass removes it (zero is ONNX's
-    default). Fed zeros, the new inputs leave the function as it was, and the new output feeds
-    nothing. None when every recurrent node has both already."""
+    default). Fed zeros, the new inputs leave the function as it was; the new output is what
+    a stream copies back to the input. None when every recurrent node has both already."""
     import onnx
     from onnx import helper
 
@@ -243,6 +239,8 @@ def with_explicit_state(model):
             ins = (ins + [""] * 6)[:5] + [name] + ins[6:]
         if len(outs) <= 1 or not outs[1]:
             outs = (outs + [""])[:1] + [f"{n.output[0]}.Y_h"] + outs[2:]
+            m.graph.output.append(helper.make_tensor_value_info(
+                outs[1], onnx.TensorProto.FLOAT, [dirs, 1, hidden]))
         del n.input[:], n.output[:]
         n.input.extend(ins)
         n.output.extend(outs)
@@ -255,6 +253,9 @@ def with_explicit_state(model):
 
 def _error(e: Exception) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:400]}"
+
+
+PPQ_KEYS = ("esp_ppq", "esp_ppq_optimized", "esp_ppq_adapted")
 
 
 def run_model(name: str, targets: list[str], widths: list[int], n_held: int, chunk: int,
@@ -285,21 +286,29 @@ def run_model(name: str, targets: list[str], widths: list[int], n_held: int, chu
     rng = np.random.default_rng(HELD_OUT_SEED)
     samples = [{n: (rng.standard_normal(shapes[n]) if n == "x" else np.zeros(shapes[n]))
                 .astype(np.float32) for n in inputs} for _ in range(n_held)]
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    out_names = [o.name for o in sess.get_outputs()]
-    refs = [dict(zip(out_names, sess.run(None, s), strict=True)) for s in samples]
+
+    def run_onnx(m, feeds: list[dict]) -> list[dict]:
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        return [dict(zip(names, sess.run(None, f), strict=True)) for f in feeds]
+
+    refs = run_onnx(model, samples)
+    # outputs with frames (T on the last ONNX axis, as x has it); the others are final states
+    time_outputs = {o for o, v in refs[0].items() if v.ndim == 3 and v.shape[-1] == shapes["x"][-1]}
     opt = optimize_model(model).model
     opt_path = work / f"{name}.optimized.onnx"  # ESP-PPQ's second input (module doc, 3)
     onnx.save(opt, str(opt_path))
-    # (key, model, calibration file, zero inputs the float model does not have)
-    ppq_inputs = [("esp_ppq", mpath, calib, {}), ("esp_ppq_optimized", opt_path, calib, {})]
+    # (key, model, calibration file, zero inputs the float model does not have, state pairs)
+    ppq_inputs = [("esp_ppq", mpath, calib, {}, state_pairs(model)),
+                  ("esp_ppq_optimized", opt_path, calib, {}, state_pairs(opt))]
     adapted = with_explicit_state(opt)
     if adapted is not None:
         ad, extra = adapted
         ad_calib = work / f"{name}.adapted.calib.npz"
         np.savez(ad_calib, **cal, **{k: np.zeros([len(x_cal), *sh[1:]], np.float32)
                                      for k, sh in extra.items()})
-        ppq_inputs.append(("esp_ppq_adapted", work / f"{name}.adapted.onnx", ad_calib, extra))
+        ppq_inputs.append(("esp_ppq_adapted", work / f"{name}.adapted.onnx", ad_calib, extra,
+                           state_pairs(ad)))
         onnx.save(ad, str(ppq_inputs[-1][1]))
     rows = []
     for target in targets:
@@ -309,9 +318,15 @@ def run_model(name: str, targets: list[str], widths: list[int], n_held: int, chu
             try:
                 data = read_calibration_data(str(calib), model_inputs(opt))
                 c = calibrate_model(opt, data, target=target, bits=bits, report_samples=0)
+                fq = run_onnx(c.model, samples)  # fake-quant (QDQ) in onnxruntime
+                row["espstream_fakequant"] = measure(refs, fq)
                 graph = export_model(c.model, target=target).graph
-                row["espstream"] = measure(refs, offline_outputs(graph, target, samples, refs))
+                sim = offline_outputs(graph, target, samples, refs)
+                row["espstream"] = measure(refs, sim)
+                # the integer simulator on the .espdl against the QDQ model it was exported from
+                row["espstream_sim_vs_fakequant"] = measure(fq, sim)
             except Exception as e:  # a failing side is a figure too: recorded with its reason
+                row.setdefault("espstream_fakequant", None)
                 row["espstream"], row["espstream_error"] = None, _error(e)
             row["espstream_seconds"] = round(time.perf_counter() - t0, 2)
             t0 = time.perf_counter()
@@ -320,34 +335,64 @@ def run_model(name: str, targets: list[str], widths: list[int], n_held: int, chu
                 row["espstream_stream_checks_ok"] = r.ok
                 if not r.ok:
                     row["espstream_stream_failure"] = r.failure()
-                row["espstream_stream"] = measure(
-                    refs, streaming_outputs(r.exported.graph, target, samples, refs))
+                row["espstream_stream"] = measure(refs, streaming_outputs(
+                    r.exported.graph, target, samples, refs, time_outputs))
             except Exception as e:
                 row["espstream_stream"], row["espstream_stream_error"] = None, _error(e)
             row["espstream_stream_seconds"] = round(time.perf_counter() - t0, 2)
             if use_ppq:
-                for key, src, src_calib, zeros in ppq_inputs:
-                    out = work / f"{name}.{target}.int{bits}.{key}.espdl"
-                    t0 = time.perf_counter()
-                    step = "export"
-                    try:
-                        row[f"{key}_export_seconds"] = run_ppq(
-                            src, src_calib, out, target, bits, len(x_cal))["seconds"]
-                        step = "simulate"
-                        graph = espdl.read(out.read_bytes())
-                        fed = [{**x, **{k: np.zeros(sh, np.float32) for k, sh in zeros.items()}}
-                               for x in samples]
-                        row[key] = measure(refs, offline_outputs(graph, target, fed, refs))
-                    except Exception as e:
-                        row[key], row[f"{key}_error"] = None, f"{step}: {_error(e)}"
-                    row[f"{key}_seconds"] = round(time.perf_counter() - t0, 2)
-                    a, b = row.get("espstream"), row.get(key)
-                    if a and b and math.isfinite(a["all"]) and math.isfinite(b["all"]):
-                        row[f"delta_{key}_db"] = round(a["all"] - b["all"], 2)
-            compared(row)
+                run_ppq_forms(row, ppq_inputs, name, target, bits, len(x_cal), chunk, samples,
+                              refs, time_outputs, work, espdl)
             rows.append(row)
             _print_row(row)
     return rows
+
+
+def run_ppq_forms(row: dict, ppq_inputs: list, name: str, target: str, bits: int, steps: int,
+                  chunk: int, samples: list[dict], refs: list[dict], time_outputs: set[str],
+                  work: Path, espdl) -> None:
+    """ESP-PPQ offline on each form; streaming (auto_streaming, chunk frames a call) on the
+    first form it quantizes offline, run chunk by chunk with the recurrent states that are
+    graph inputs / outputs fed back, as an application would."""
+    for key, src, src_calib, zeros, pairs in ppq_inputs:
+        out = work / f"{name}.{target}.int{bits}.{key}.espdl"
+        fed = [{**x, **{k: np.zeros(sh, np.float32) for k, sh in zeros.items()}}
+               for x in samples]
+        t0 = time.perf_counter()
+        step = "export"
+        try:
+            res = run_ppq(src, src_calib, out, target, bits, steps)
+            row[f"{key}_export_seconds"] = res["seconds"]
+            row["esp_ppq_version"] = res["versions"]["esp-ppq"]
+            step = "simulate"
+            graph = espdl.read(out.read_bytes())
+            row[key] = measure(refs, offline_outputs(graph, target, fed, refs))
+        except Exception as e:
+            row[key], row[f"{key}_error"] = None, f"{step}: {_error(e)}"
+        row[f"{key}_seconds"] = round(time.perf_counter() - t0, 2)
+        a, b = row.get("espstream"), row.get(key)
+        if a and b and math.isfinite(a["all"]) and math.isfinite(b["all"]):
+            row[f"delta_{key}_db"] = round(a["all"] - b["all"], 2)
+        if row[key] is None or "esp_ppq_compared_on" in row:
+            continue
+        row["esp_ppq_compared_on"] = key
+        if f"delta_{key}_db" in row:
+            row["delta_db"] = row[f"delta_{key}_db"]
+        out = work / f"{name}.{target}.int{bits}.{key}.chunk{chunk}.espdl"
+        step = "export"
+        try:
+            res = run_ppq(src, src_calib, out, target, bits, steps, chunk=chunk)
+            if res.get("logged_errors"):
+                row["esp_ppq_stream_logged_errors"] = res["logged_errors"]
+            step = "simulate"
+            graph = espdl.read(out.read_bytes())
+            graph.metadata["espstream.recurrent_states"] = json.dumps(
+                [{"input": a, "output": b} for a, b in pairs])
+            row["esp_ppq_stream_state_fed_back"] = [f"{b} -> {a}" for a, b in pairs]
+            row["esp_ppq_stream"] = measure(refs, streaming_outputs(
+                graph, target, fed, refs, time_outputs))
+        except Exception as e:
+            row["esp_ppq_stream"], row["esp_ppq_stream_error"] = None, f"{step}: {_error(e)}"
 
 
 def _f(side: dict | None, key: str = "all") -> str:
@@ -357,56 +402,54 @@ def _f(side: dict | None, key: str = "all") -> str:
     return "exact" if v == math.inf else f"{v:.2f}"
 
 
-PPQ_KEYS = ("esp_ppq", "esp_ppq_optimized", "esp_ppq_adapted")
-
-
-def compared(r: dict) -> None:
-    """The headline pairing: ESP-PPQ on the least-changed input it quantizes (bundled, then
-    optimized, then adapted), recorded as `esp_ppq_compared_on` and `delta_db`."""
-    for key in PPQ_KEYS:
-        if f"delta_{key}_db" in r:
-            r["esp_ppq_compared_on"], r["delta_db"] = key, r[f"delta_{key}_db"]
-            return
-
-
 def _print_row(r: dict) -> None:
     if not getattr(_print_row, "done", False):
         print("dB against float, all outputs pooled (vad_lstm: its y alone on the next line). "
-              "ESP-PPQ on: PPQ the bundled ONNX, opt espstream's optimized ONNX, adapt that "
-              "with the GRU state as an input (zeros). delta: espstream - the first that ran")
-        print(f"{'model':9s} {'target':8s} {'bits':>4s} {'espstream':>9s} {'PPQ':>6s} "
-              f"{'opt':>6s} {'adapt':>6s} {'delta':>7s} {'stream':>7s}")
+              "fq: espstream's QDQ model in onnxruntime; sim: its .espdl in the simulator; "
+              "stream: its streaming .espdl chunk by chunk. ESP-PPQ on: PPQ the bundled ONNX, "
+              "opt espstream's optimized ONNX, adapt that with the GRU state as graph input / "
+              "output; PPQst: ESP-PPQ's streaming file. delta: sim - the first ESP-PPQ that ran")
+        print(f"{'model':9s} {'target':8s} {'bits':>4s} {'fq':>6s} {'sim':>6s} {'stream':>6s} "
+              f"{'PPQ':>6s} {'opt':>6s} {'adapt':>6s} {'PPQst':>6s} {'delta':>7s}")
         _print_row.done = True  # type: ignore[attr-defined]
 
-    def p(key: str) -> list[str]:
-        return [_f(r[k], key) if k in r else "-" for k in PPQ_KEYS]
+    def cols(key: str) -> str:
+        ks = ("espstream_fakequant", "espstream", "espstream_stream", *PPQ_KEYS, "esp_ppq_stream")
+        return " ".join(f"{_f(r[k], key) if k in r else '-':>6s}" for k in ks)
 
     d = r.get("delta_db")
-    print(f"{r['model']:9s} {r['target']:8s} {r['bits']:4d} {_f(r.get('espstream')):>9s} "
-          + " ".join(f"{c:>6s}" for c in p("all"))
-          + f" {'' if d is None else f'{d:+.2f}':>7s} {_f(r.get('espstream_stream')):>7s}",
-          flush=True)
+    print(f"{r['model']:9s} {r['target']:8s} {r['bits']:4d} {cols('all')} "
+          f"{'' if d is None else f'{d:+.2f}':>7s}", flush=True)
     if r["model"] == "vad_lstm" and r.get("espstream") is not None:
-        print(f"{'':9s} {'  y':8s} {'':4s} {_f(r.get('espstream'), 'y'):>9s} "
-              + " ".join(f"{c:>6s}" for c in p("y"))
-              + f" {'':7s} {_f(r.get('espstream_stream'), 'y'):>7s}")
+        print(f"{'':9s} {'  y':8s} {'':4s} {cols('y')}")
     for k in ("espstream_error", "espstream_stream_error", "espstream_stream_failure",
-              *(f"{k}_error" for k in PPQ_KEYS)):
+              *(f"{k}_error" for k in PPQ_KEYS), "esp_ppq_stream_error"):
         if k in r:
             print(f"      {k}: {r[k]}")
+
+
+def _stat(xs: list[float]) -> dict | None:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return None
+    return {"median": round(float(np.median(xs)), 2), "min": min(xs), "max": max(xs)}
 
 
 def headline(rows: list[dict]) -> dict:
     h: dict = {}
     for bits in sorted({r["bits"] for r in rows}):
         sel = [r for r in rows if r["bits"] == bits]
+
+        def all_of(key: str, rs: list[dict] = sel) -> list[float]:
+            return [r[key]["all"] for r in rs if r.get(key)]
+
+        h[f"int{bits}_espstream_sim_db"] = _stat(all_of("espstream"))
+        h[f"int{bits}_espstream_fakequant_db"] = _stat(all_of("espstream_fakequant"))
+        h[f"int{bits}_sim_vs_fakequant_db"] = _stat(all_of("espstream_sim_vs_fakequant"))
         d = [r["delta_db"] for r in sel if "delta_db" in r]
-        h[f"int{bits}_espstream_minus_esp_ppq_db_median"] = (
-            round(float(np.median(d)), 2) if d else None)
-        h[f"int{bits}_espstream_minus_esp_ppq_db_min"] = min(d) if d else None
-        h[f"int{bits}_espstream_minus_esp_ppq_db_max"] = max(d) if d else None
+        h[f"int{bits}_espstream_minus_esp_ppq_db"] = _stat(d)
         h[f"int{bits}_compared"] = f"{len(d)}/{len(sel)}"
-        for key in PPQ_KEYS:
+        for key in (*PPQ_KEYS, "esp_ppq_stream"):
             ran = [r for r in sel if key in r]
             if ran:
                 h[f"int{bits}_{key}_failed"] = f"{sum(r[key] is None for r in ran)}/{len(ran)}"
@@ -415,20 +458,15 @@ def headline(rows: list[dict]) -> dict:
               if r.get("espstream_stream") and r.get("espstream")]
         h[f"int{bits}_streaming_minus_offline_db_max_abs"] = (
             round(max(abs(x) for x in st), 2) if st else None)
+        pst = [r["esp_ppq_stream"]["all"] - r[r["esp_ppq_compared_on"]]["all"] for r in sel
+               if r.get("esp_ppq_stream") and r.get("esp_ppq_compared_on")]
+        h[f"int{bits}_esp_ppq_streaming_minus_offline_db"] = _stat(pst)
     return h
 
 
 def main() -> int:
-    if len(sys.argv) > 1 and sys.argv[1] == "--ppq-side":
-        ap = argparse.ArgumentParser()
-        ap.add_argument("--ppq-side", nargs=3, metavar=("MODEL", "CALIB", "OUT"))
-        ap.add_argument("--target", default="esp32p4")
-        ap.add_argument("--bits", type=int, default=8)
-        ap.add_argument("--calib-steps", type=int, default=32)
-        a = ap.parse_args()
-        return ppq_side(*a.ppq_side, a.target, a.bits, a.calib_steps)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--targets", default="esp32p4,esp32s3,c")
+    ap.add_argument("--targets", default="esp32p4,esp32s3")
     ap.add_argument("--bits", default="8,16")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--held-out", type=int, default=16)
@@ -437,16 +475,13 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
                                          "recurrent_models_sqnr.json"))
     a = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
-    use_ppq = not a.no_ppq
-    ppq_skip = None
-    if use_ppq and not PPQ_PYTHON.exists():
-        use_ppq, ppq_skip = False, f"no ESP-PPQ environment at {PPQ_PYTHON}"
+    ppq_skip = "--no-ppq" if a.no_ppq else ppq_available(PPQ_PYTHON)
     targets, widths = a.targets.split(","), [int(b) for b in a.bits.split(",")]
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="rnn-sqnr-") as tmp:
         for name in a.models.split(","):
-            rows += run_model(name, targets, widths, a.held_out, a.chunk, use_ppq, Path(tmp))
+            rows += run_model(name, targets, widths, a.held_out, a.chunk, not ppq_skip,
+                              Path(tmp))
     h = headline(rows)
     for k, v in h.items():
         print(f"  {k}: {v}")
@@ -455,9 +490,11 @@ def main() -> int:
            "held_out": {"samples": a.held_out, "seed": HELD_OUT_SEED,
                         "x": "standard normal", "states": "zero"},
            "chunk": a.chunk,
-           "esp_ppq": ppq_skip or "offline, espdl_quantize_onnx defaults; esp_ppq: on the "
-                                  "bundled ONNX, esp_ppq_optimized: on espstream optimize's "
-                                  "float ONNX of it",
+           "esp_ppq": (f"skipped: {ppq_skip}" if ppq_skip else
+                       "espdl_quantize_onnx defaults (benchmarks/ppq_side.py); esp_ppq: on the "
+                       "bundled ONNX, esp_ppq_optimized: on espstream optimize's float ONNX, "
+                       "esp_ppq_adapted: that with the GRU state as graph input / output; "
+                       "esp_ppq_stream: auto_streaming on the first that quantized"),
            "tuned_on_these_inputs": False, "headline": h, "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     # an exact output (no noise at all) is written "inf": JSON has no infinity
