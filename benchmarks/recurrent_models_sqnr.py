@@ -1,43 +1,49 @@
 """int8 / int16 SQNR of the bundled recurrent models: espstream's export beside ESP-PPQ 1.3.12's.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/recurrent_models_sqnr.py [--targets esp32p4,...]
+    PYTHONPATH=. .venv/bin/python benchmarks/recurrent_models_sqnr.py [--targets esp32p4,esp32s3]
         [--bits 8,16] [--held-out 16] [--chunk 4] [--no-ppq]
         [--out benchmarks/results/recurrent_models_sqnr.json]
 
 Models: `models/kws_gru.onnx` (conv + GRU keyword spotter, `x [1, 10, 32] -> y [1, 12, 32]`) and
 `models/vad_lstm.onnx` (LSTM VAD, `x [1, 16, 32]`, `h`, `c [1, 1, 16]` -> `y [1, 1, 32]`, `hn`,
-`cn`), per target (esp32p4, esp32s3, c) and width (int8, int16).
+`cn`), per target (esp32p4, esp32s3; any ESP-DL target name is taken) and width (int8, int16).
 
 1. Calibration data, the same for both tools: the model's committed `models/NAME.calib.npy`
    (32 standard-normal samples); for vad_lstm with `h` = `c` = 0 (a stream's start), as
    models/README.md says to give it.
-2. espstream: `optimize_model`, `calibrate_model` (its defaults), `export_model` of the offline
-   model; and `convert_model(..., chunk=--chunk)` for the streaming .espdl.
-3. ESP-PPQ: `espdl_quantize_onnx` with its defaults (calib_steps = 32, error report off), run
-   by this same file in benchmarks/.venv-ppq (`--ppq-side`, which imports only NumPy, onnx and
-   torch / esp_ppq there); a DataLoader of batch 1 over the calibration samples, one tensor per
-   model input. On up to three forms of the same float function, each recorded:
-   - `esp_ppq`: the bundled ONNX as it is. ESP-PPQ 1.3.12 has no Dropout executor and stops
-     on both bundled files ("Op Execution Error: /head/Dropout") before quantizing anything;
-   - `esp_ppq_optimized`: the float ONNX espstream's `optimize` writes from it (inference
-     Dropout, Identity, the Pad chains and BatchNormalization folded; optimize checks it
-     against the input in onnxruntime). kws_gru's GRU has no initial_h and no Y_h (legal
-     ONNX, both optional), and ESP-PPQ's RNN alignment indexes both unconditionally
-     (IndexError);
-   - `esp_ppq_adapted` (only where a GRU / LSTM lacks them): that model with the recurrent
-     layer's initial_h a graph input and Y_h a node output (`with_explicit_state`), as ESP-DL's
-     own operator tests give it; ESP-PPQ is calibrated and evaluated with that input at zero.
-   The headline delta pairs espstream with the first of these ESP-PPQ quantizes
-   (`esp_ppq_compared_on`). Offline only: ESP-PPQ's `auto_streaming` bypasses GRU / LSTM
-   state between chunks (issue 14), so its streaming files are no comparison for these models.
-4. Held-out inputs: `--held-out` samples of `x` ~ N(0, 1) from seed 4242 (neither the
-   calibration data nor NAME.input.npy); vad_lstm's `h`, `c` at zero, as in calibration.
-5. Both offline .espdl files run in espstream's integer simulator (which reproduces ESP-PPQ's own
-   test values, tests/test_ops_suite.py) as the given target; espstream's streaming file runs
-   chunk by chunk with its recurrent states fed back (`espstream.sim.run_chunks`), each sample
-   from a zero state. The reference is onnxruntime on the float model.
-6. SQNR = 10 log10(sum ref^2 / sum (ref - got)^2) over the held-out samples, per output and over
-   all outputs pooled ("all"; for kws_gru that is `y`).
+2. Held-out inputs, the same for every side: `--held-out` samples of `x` ~ N(0, 1) from seed
+   4242 (neither the calibration data nor NAME.input.npy); vad_lstm's `h`, `c` at zero, as in
+   calibration. The reference is onnxruntime on the float model.
+3. espstream (its defaults): `optimize_model`, `calibrate_model`, then
+   - `espstream_fakequant`: the QDQ model in onnxruntime;
+   - `espstream`: `export_model`'s .espdl in espstream's integer simulator as the target (the
+     headline figure: what the chip computes); `espstream_sim_vs_fakequant` is the SQNR of
+     that against the QDQ model. The two differ by design on GRU / LSTM: the QDQ model keeps
+     the gates and the state update float inside onnxruntime's operator, ESP-DL's computes
+     them from tables and requantizes the state every step;
+   - `espstream_stream`: `convert_model(..., chunk=--chunk)`'s streaming .espdl, chunk by
+     chunk from a zero state with its recurrent states fed back (`espstream.sim.run_chunks`),
+     and whether convert's checks all passed.
+4. ESP-PPQ: benchmarks/ppq_side.py in benchmarks/.venv-ppq (`espdl_quantize_onnx` defaults,
+   calib_steps 32, error report off; one tensor per model input from the same .npz), on up to
+   three forms of the same float function, each recorded with its failure if it fails:
+   - `esp_ppq`: the bundled ONNX as it is (ESP-PPQ 1.3.12 has no Dropout executor: "Op
+     Execution Error: /head/Dropout");
+   - `esp_ppq_optimized`: the float ONNX espstream's `optimize` writes from it (Dropout,
+     Identity, the Pad chains and BatchNormalization folded, checked against the input in
+     onnxruntime). kws_gru's GRU has no initial_h and no Y_h (legal ONNX, both optional), and
+     ESP-PPQ's RNN alignment indexes both unconditionally (IndexError);
+   - `esp_ppq_adapted` (only where a GRU / LSTM lacks them): that model with the layer's
+     initial_h a graph input and Y_h a graph output (`with_explicit_state`), as ESP-DL's own
+     operator tests give it, fed zeros for the new input.
+   Its .espdl runs in the simulator (which reproduces ESP-PPQ's own test values,
+   tests/test_ops_suite.py). The headline delta pairs `espstream` with the first form ESP-PPQ
+   quantizes (`esp_ppq_compared_on`). On that form ESP-PPQ's `auto_streaming` export with
+   `--chunk` frames a call is also run (`esp_ppq_stream`), chunk by chunk with the state pairs
+   the model has as graph input / output fed back as an application would; the [ERROR] lines
+   it logged and carried on after are kept (`esp_ppq_stream_logged_errors`).
+5. SQNR = 10 log10(sum ref^2 / sum (ref - got)^2) over the held-out samples, per output and
+   over all outputs pooled ("all"; for kws_gru that is `y`).
 
 Neither side was tuned on these models or inputs: both run their defaults, and the held-out
 inputs were not looked at before this script measured them. A step that fails (ESP-PPQ refusing
