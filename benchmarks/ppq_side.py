@@ -1,12 +1,15 @@
 """ESP-PPQ's side of benchmarks/convert_vs_ppq.py: one `espdl_quantize_onnx` call, timed inside.
 
-    benchmarks/.venv-ppq/bin/python benchmarks/ppq_side.py MODEL.onnx CALIB.npy OUT.espdl
+    benchmarks/.venv-ppq/bin/python benchmarks/ppq_side.py MODEL.onnx CALIB.npy|CALIB.npz OUT.espdl
         [--chunk N] [--target esp32p4] [--bits 8] [--calib-steps 32] [--error-report]
 
 Runs in the separate ESP-PPQ environment (benchmarks/.venv-ppq: torch CPU + esp-ppq), never in
 the project's. It does what ESP-PPQ's documentation shows: a torch DataLoader of batch 1 over the
 calibration samples, `espdl_quantize_onnx(..., target, num_of_bits, calib_steps)`, with
 `auto_streaming=True` and `streaming_input_shape=[1, C, chunk]` when `--chunk` is given.
+A model of several inputs takes an .npz of one array per graph input (by name, samples on axis
+0): each step is then the list of the inputs' rows, in the graph's input order, and `--chunk`
+sets the first input's frames alone (the others, e.g. a recurrent state, keep their shapes).
 ESP-PPQ overwrites its input ONNX with the onnxsim-simplified model, so the model is copied next
 to OUT first and that copy is what it reads.
 
@@ -57,14 +60,29 @@ def main() -> int:
     os.makedirs(out_dir, exist_ok=True)
     model_copy = os.path.join(out_dir, "ppq_input.onnx")
     shutil.copyfile(args.model, model_copy)
-    calib = torch.from_numpy(np.load(args.calib).astype(np.float32))
-    input_shape = [1, *calib.shape[1:]]
-    # A tensor is a dataset of its rows; batch 1 gives [1, *shape] per step, as ESP-PPQ expects.
-    loader = DataLoader(calib, batch_size=1, shuffle=False)
     kwargs: dict = {}
-    if args.chunk:
-        kwargs = {"auto_streaming": True,
-                  "streaming_input_shape": [*input_shape[:-1], args.chunk]}
+    if args.calib.endswith(".npz"):  # one array per graph input
+        import onnx
+        from torch.utils.data import TensorDataset
+
+        names = [i.name for i in onnx.load(args.model).graph.input]
+        data = np.load(args.calib)
+        tensors = [torch.from_numpy(data[n].astype(np.float32)) for n in names]
+        shapes = [[1, *t.shape[1:]] for t in tensors]
+        input_shape = shapes if len(shapes) > 1 else shapes[0]
+        loader = DataLoader(TensorDataset(*tensors), batch_size=1, shuffle=False)
+        if args.chunk:
+            kwargs = {"auto_streaming": True,
+                      "streaming_input_shape": {names[0]: [*shapes[0][:-1], args.chunk]}}
+    else:
+        calib = torch.from_numpy(np.load(args.calib).astype(np.float32))
+        input_shape = [1, *calib.shape[1:]]
+        # A tensor is a dataset of its rows; batch 1 gives [1, *shape] per step, as ESP-PPQ
+        # expects.
+        loader = DataLoader(calib, batch_size=1, shuffle=False)
+        if args.chunk:
+            kwargs = {"auto_streaming": True,
+                      "streaming_input_shape": [*input_shape[:-1], args.chunk]}
 
     t1, c1 = time.perf_counter(), time.process_time()
     with contextlib.redirect_stdout(sys.stderr):
