@@ -462,6 +462,8 @@ def streamify(
 @click.option("--model", "members", metavar="NAME", multiple=True,
               help=".espdl: a packed file's model; twice for OFFLINE and STREAMING.")
 @click.option("--key", metavar="KEYFILE", help=".espdl: the AES-128 key of encrypted models.")
+@click.option("--input-value", "input_values", multiple=True, metavar="NAME=V",
+              help="With -d: input NAME is V in every sample (a zero state: h=0); repeatable.")
 @click.option("--json", "json_path", metavar="PATH", help="Write a JSON report to PATH.")
 @click.option("-q", "--quiet", is_flag=True, help="Silence stderr except errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
@@ -469,7 +471,7 @@ def verify(
     offline: str, streaming: tuple[str, ...], data: str | None, random_n: int | None, seed: int,
     frames: int | None, engine: str | None, chunks: str | None, axis: tuple[str, ...],
     overrides: str | None, target: str | None, members: tuple[str, ...], key: str | None,
-    json_path: str | None, quiet: bool, debug: bool,
+    input_values: tuple[str, ...], json_path: str | None, quiet: bool, debug: bool,
 ) -> None:
     """Check that STREAMING, run chunk by chunk, equals OFFLINE over whole sequences.
 
@@ -488,6 +490,11 @@ def verify(
     one = parts[0] if parts else None
     if data is not None and random_n is not None:
         raise UserError("give --data PATH or --random N, not both")
+    from espstream.quant.data import parse_input_values
+
+    values = parse_input_values(input_values)
+    if values and data is None:
+        raise UserError("--input-value goes with -d/--data (with --random every input is drawn)")
     from espstream import verify_int8
 
     verify_int8.register()  # --engine int8: lower + the integer simulator
@@ -500,6 +507,9 @@ def verify(
             raise UserError("--chunks streamifies ONNX models; give OFFLINE.espdl STREAMING.espdl")
         if len(members) > (2 if one else 1):
             raise UserError("--model: give one name per .espdl file (OFFLINE, then STREAMING)")
+        if values:
+            raise UserError("--input-value is for ONNX models; for .espdl files give an .npz "
+                            "with one array per input")
         verify_int8.verify_espdl_command(offline, one, v.load_data(data) if data else None,
                                          random_n, seed, engine, json_path, target=target,
                                          model=list(members), key=key)  # fmt: skip
@@ -512,11 +522,12 @@ def verify(
             "give either STREAMING.onnx (check that model) or --chunks N,N,... (streamify "
             "OFFLINE at each chunk size and check each), not both"
         )
-    kw = dict(
-        data=v.load_data(data) if data else None, random=random_n, frames=frames,
-        engine=engine, seed=seed, overrides=ovr.load(overrides) if overrides else None,
-    )
     off = modelio.load_model(offline)
+    kw = dict(
+        data=v.with_input_values(off, v.load_data(data), values) if data else None,
+        random=random_n, frames=frames, engine=engine, seed=seed,
+        overrides=ovr.load(overrides) if overrides else None,
+    )
     if chunks is not None:
         results = v.verify_chunks(off, v.parse_chunks(chunks), axes=parse_axes(axis), **kw)
     elif len(parts) > 1:

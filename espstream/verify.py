@@ -773,6 +773,41 @@ def parse_chunks(text: str) -> list[int]:
     return chunks
 
 
+def with_input_values(model: onnx.ModelProto, data: Any, values: dict[str, float]) -> Any:
+    """--data plus `--input-value NAME=V`: the named inputs get V in every sample.
+
+    1. Every name must be an input of `model` and none may have an array in `data` too.
+    2. A single .npy array goes to the one input left unnamed (with several left: an .npz).
+    3. A named input's array is V in the input's type, [N, *its shape after axis 0], N the
+       data's sample count; its shape must be fixed (states are).
+    """
+    if not values:
+        return data
+    from espstream.quant.data import check_value_names, model_inputs
+
+    specs = model_inputs(model)
+    check_value_names(values, specs)
+    rest = [s.name for s in specs if s.name not in values]
+    if isinstance(data, np.ndarray):
+        if len(rest) != 1:
+            raise UserError("--data: with --input-value, a single array needs exactly one "
+                            f"input left unnamed (left: {', '.join(rest) or 'none'}); give an "
+                            ".npz with one array per input")
+        data = {rest[0]: data}
+    both = sorted(set(values) & set(data))
+    if both:
+        raise UserError(f"--input-value {both[0]}: --data has an array for it too; give one")
+    n = min((np.asarray(a).shape[0] for a in data.values() if np.asarray(a).ndim), default=1)
+    out = dict(data)
+    for spec in specs:
+        if spec.name in values:
+            if any(d is None for d in spec.shape[1:]):
+                raise UserError(f"--input-value {spec.name}: its shape {list(spec.shape)} is "
+                                "not fixed; give its values in an .npz")
+            out[spec.name] = np.full((n, *spec.shape[1:]), values[spec.name], spec.dtype)
+    return out
+
+
 def load_data(path: str) -> Any:
     """--data: an .npy array [N, ...] (one input) or an .npz with one array per input."""
     import io

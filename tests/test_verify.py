@@ -184,3 +184,65 @@ def test_cli_verify_failure_exits_1(tmp_path):
     p = espstream("verify", src, bad, "--random", "1")
     assert p.returncode == 1
     assert "check failed" in p.stderr.decode() and "differs from offline" in p.stderr.decode()
+
+
+# ---- --input-value with -d ----------------------------------------------------------------
+
+VAD = __import__("pathlib").Path(__file__).resolve().parents[1] / "models" / "vad_lstm.onnx"
+
+
+def test_input_value_fills_the_states_as_the_npz_does(tmp_path):
+    """`verify --chunks 4 -d x.npy --input-value h=0 --input-value c=0` of vad_lstm (explicit
+    h / c inputs) runs the same check as an .npz holding those zeros: the same JSON report."""
+    x = np.load(VAD.with_name("vad_lstm.calib.npy"))[:6]
+    np.save(tmp_path / "x.npy", x)
+    zeros = np.zeros((len(x), 1, 16), np.float32)
+    np.savez(tmp_path / "d.npz", x=x, h=zeros, c=zeros)
+    reports = []
+    for i, data in enumerate((["-d", tmp_path / "d.npz"],
+                              ["-d", tmp_path / "x.npy", "--input-value", "h=0",
+                               "--input-value", "c=0"])):
+        rep = tmp_path / f"r{i}.json"
+        proc = espstream("verify", VAD, "--chunks", "4", *data, "--json", rep, "-q")
+        assert proc.returncode == 0, proc.stderr.decode()
+        reports.append(json.loads(rep.read_text()))
+    assert reports[0]["ok"] and reports[0] == reports[1]
+    assert reports[0]["runs"][0]["samples"] == 6
+
+
+def test_with_input_values_arrays(tmp_path):
+    """with_input_values rules 2-3: the .npy goes to the input left unnamed, each named input
+    is its value in its type, one row per sample."""
+    from espstream.verify import load_data, with_input_values
+
+    x = np.load(VAD.with_name("vad_lstm.calib.npy"))[:2]
+    np.save(tmp_path / "x.npy", x)
+    model = onnx.load(VAD)
+    d = with_input_values(model, load_data(str(tmp_path / "x.npy")), {"h": 0.5, "c": 0})
+    assert set(d) == {"x", "h", "c"}
+    assert d["h"].shape == (2, 1, 16) and d["h"].dtype == np.float32
+    assert np.all(d["h"] == 0.5) and np.all(d["c"] == 0)
+    assert np.array_equal(d["x"], x)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--input-value", "q=0"], "--input-value q: the model has no input 'q'"),
+    (["--input-value", "h=0"], "exactly one input left unnamed (left: x, c)"),
+    (["--input-value", "h=zero"], "--input-value h=zero: expected NAME=NUMBER"),
+])
+def test_input_value_bad_names_are_one_line(tmp_path, args, fragment):
+    np.save(tmp_path / "x.npy", np.load(VAD.with_name("vad_lstm.calib.npy"))[:2])
+    rep = tmp_path / "r.json"
+    assert_user_error(espstream("verify", VAD, "--chunks", "4", "-d", tmp_path / "x.npy",
+                                *args, "--json", rep), fragment)
+    assert not rep.exists()
+
+
+def test_input_value_needs_data_and_not_twice(tmp_path):
+    assert_user_error(espstream("verify", VAD, "--chunks", "4", "--random", "2",
+                                "--input-value", "h=0"), "--input-value goes with -d/--data")
+    x = np.load(VAD.with_name("vad_lstm.calib.npy"))[:2]
+    zeros = np.zeros((2, 1, 16), np.float32)
+    np.savez(tmp_path / "d.npz", x=x, h=zeros, c=zeros)
+    assert_user_error(espstream("verify", VAD, "--chunks", "4", "-d", tmp_path / "d.npz",
+                                "--input-value", "h=0"), "--data has an array for it too")
