@@ -41,13 +41,18 @@ CORPUS = [
     # Silero VAD 6.2.3: the sample rate picks a branch at run time (If on the `sr` input)
     ("silero-vad", "silero-vad-6.2.3/silero_vad.onnx", SILERO + SR,
      refused("node 'If_0': operator If")),
+    # its Ifs fold (16 kHz shapes); left: Cast(sr * 0) to float, added to the output
     ("silero-vad-16k-op15", "silero-vad-6.2.3/silero_vad_16k_op15.onnx", SILERO + SR,
-     "espstream: error: operators not supported by calibrate: Cast (node '/Cast'), "
-     "If (node '/model/decoder/If' and 4 more)"),
+     refused("node '/Cast': operator Cast")),
     ("silero-vad-op18-ifless", "silero-vad-6.2.3/silero_vad_op18_ifless.onnx", SILERO + SR,
      refused("node 'node_cond__1': operator If")),
+    # its Ifs test shapes, and fold once shapes are inferred again after each inlining; its
+    # LSTM then starts from a slice of the `state` input, which ESP-DL's LSTM cannot
     ("silero-vad-half", "silero-vad-6.2.3/silero_vad_half.onnx", SILERO,
-     refused("node '/decoder/If': operator If")),
+     "espstream: error: node '/decoder/rnn/LSTM' (LSTM): initial_h "
+     "'/decoder/If_1//decoder/rnn/Unsqueeze_4_output_0' is computed (or read elsewhere); ESP-DL "
+     "copies initial_h into the state as it is, so it must be a graph input read only here, "
+     "or a constant"),
     # one 576-sample window (64 of context) per call, the LSTM state an input / output pair
     ("silero-vad-16k-sequence", "silero-vad-6.2.3/silero_vad_16k_sequence.onnx",
      ["--input-shape", "input:1,576"], OFFLINE),
