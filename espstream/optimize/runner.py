@@ -15,6 +15,7 @@ from espstream.graph import input_shapes as input_shapes_of
 from espstream.optimize.base import Pass
 from espstream.optimize.batchnorm_to_affine import batchnorm_to_affine
 from espstream.optimize.check import Comparison, compare
+from espstream.optimize.clip_runtime_bounds import clip_runtime_bounds
 from espstream.optimize.einsum_to_matmul import einsum_to_matmul
 from espstream.optimize.eliminate_dead import eliminate_dead
 from espstream.optimize.fold_batchnorm import fold_batchnorm
@@ -39,6 +40,7 @@ PASSES: tuple[Pass, ...] = (
     Pass("remove_identity", remove_identity),
     Pass("fuse_layernorm", fuse_layernorm),
     Pass("minmax_to_clip", minmax_to_clip),
+    Pass("clip_runtime_bounds", clip_runtime_bounds),  # after minmax_to_clip: Max(x, y(x))
     Pass("einsum_to_matmul", einsum_to_matmul),
     Pass("fold_pad", fold_pad),
     Pass("fold_batchnorm", fold_batchnorm),
