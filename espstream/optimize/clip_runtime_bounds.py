@@ -2,8 +2,10 @@
 
 ESP-DL's Clip reads its min and max once, as constants; a bound computed from the input
 (`x.clamp(min=x.max() - 80)`, torchaudio's `AmplitudeToDB` top_db: openWakeWord's mel front end)
-has no ESP-DL form as a Clip, but max(x, m) = m + relu(x - m) and min(x, M) = M - relu(M - x)
-use only operators ESP-DL has.
+has no ESP-DL form as a Clip, but max(x, m) = x + relu(m - x) and min(x, M) = x - relu(x - M)
+use only operators ESP-DL has. Written around x (not m + relu(x - m)): where the bound does not
+bite, the correction is 0 and x keeps its own quantization step, instead of being the
+difference of two large numbers (the top_db floor sits 80 dB below the values it lets pass).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ def clip_runtime_bounds(graph: gs.Graph) -> bool:
     1. The Clip (opset 11 or newer: bounds as inputs) has a float data input x and a min or
        max input that is neither absent nor a constant, of one element with a static shape
        (ONNX makes Clip's bounds scalars).
-    2. Clip computes min(max(x, lo), hi); a run-time lo becomes y = lo + Relu(x - lo) and a
-       run-time hi becomes hi - Relu(hi - y), in that order; a constant bound stays a Clip
+    2. Clip computes min(max(x, lo), hi); a run-time lo becomes y = x + Relu(lo - x) and a
+       run-time hi becomes y - Relu(y - hi), in that order; a constant bound stays a Clip
        with only that bound, applied in its place in that order (a constant lo before the
        run-time hi, a constant hi after the run-time lo).
     3. The Clip's output tensor keeps its name (it is written by the last new node); the new
@@ -90,11 +92,11 @@ def _rewrite(name: str, out: gs.Variable, x: gs.Tensor, lo: gs.Tensor | None,
     if lo_c is not None:
         y = emit("Clip", "const_min", [y, lo_c])
     if lo is not None:
-        r = emit("Relu", "relu_min", [emit("Sub", "x_minus_min", [y, lo])])
-        y = emit("Add", "at_least_min", [r, lo])
+        r = emit("Relu", "relu_min", [emit("Sub", "min_minus_x", [lo, y])])
+        y = emit("Add", "at_least_min", [y, r])
     if hi is not None:
-        r = emit("Relu", "relu_max", [emit("Sub", "max_minus_x", [hi, y])])
-        y = emit("Sub", "at_most_max", [hi, r])
+        r = emit("Relu", "relu_max", [emit("Sub", "x_minus_max", [y, hi])])
+        y = emit("Sub", "at_most_max", [y, r])
     if hi_c is not None:
         emit("Clip", "const_max", [y, gs.Variable.empty(), hi_c])
     return new
