@@ -54,9 +54,9 @@ def test_list_passes():
     names = [line.split()[0] for line in proc.stdout.decode().splitlines()]
     assert names == [
         "fold_constants", "inline_if", "fold_expand", "remove_cast", "remove_identity",
-        "fuse_layernorm", "minmax_to_clip", "einsum_to_matmul", "fold_pad", "fold_batchnorm",
-        "fold_scale", "batchnorm_to_affine", "merge_affine", "sum_to_add", "share_initializers",
-        "eliminate_dead",
+        "fuse_layernorm", "minmax_to_clip", "clip_runtime_bounds", "einsum_to_matmul", "fold_pad",
+        "fold_batchnorm", "fold_scale", "batchnorm_to_affine", "merge_affine", "sum_to_add",
+        "share_initializers", "eliminate_dead",
     ]
 
 

@@ -101,3 +101,37 @@ def test_nested_if_is_inlined_level_by_level():
     result = optimize_model(model)
     assert ops(result.model) == ["Relu"]
     assert_same_outputs(model, result.model, {"x": rand(2, 3)})
+
+
+def if_after_if() -> onnx.ModelProto:
+    """Silero VAD's `half` export in small: the second If's condition is a Shape of the first
+    If's output, whose branches return different shapes (so the output's shape is unknown
+    until the first If is inlined and shapes are inferred again)."""
+    then = _branch("then", [helper.make_node("Relu", ["x"], ["t_y"])], ["t_y"])
+    other = _branch("else", [helper.make_node("Concat", ["x", "x"], ["e_y"], axis=1)], ["e_y"])
+    then2 = _branch("then2", [helper.make_node("Sigmoid", ["g"], ["t2"])], ["t2"])
+    other2 = _branch("else2", [helper.make_node("Neg", ["g"], ["e2"])], ["e2"])
+    nodes = [helper.make_node("Shape", ["x"], ["sx"]),
+             helper.make_node("Size", ["sx"], ["rank"]),
+             helper.make_node("Equal", ["rank", "two"], ["c1"]),
+             helper.make_node("If", ["c1"], ["h"], then_branch=then, else_branch=other),
+             helper.make_node("Tanh", ["h"], ["g"]),  # keeps h's unknown shape once inlined
+             helper.make_node("Shape", ["g"], ["sh"]),
+             helper.make_node("Gather", ["sh", "one"], ["width"], axis=0),
+             helper.make_node("Equal", ["width", "four"], ["c2"]),
+             helper.make_node("If", ["c2"], ["y"], then_branch=then2, else_branch=other2)]
+    inits = {"two": np.array(2, np.int64), "one": np.array(1, np.int64),
+             "four": np.array(4, np.int64)}
+    return make_model(nodes, {"x": [1, 4]}, {"y": [1, 4]}, inits)
+
+
+def test_optimize_infers_shapes_again_until_a_later_if_folds():
+    model = if_after_if()
+    shapes = onnx.shape_inference.infer_shapes(model)
+    g = next(v for v in shapes.graph.value_info if v.name == "g")
+    assert not g.type.tensor_type.shape.dim[1].HasField("dim_value")  # unknown at first
+    result = optimize_model(model)
+    assert "If" not in ops(result.model)
+    assert ops(result.model) == ["Relu", "Tanh", "Sigmoid"]
+    assert result.check.passed
+    assert_same_outputs(model, result.model, {"x": rand(1, 4)})

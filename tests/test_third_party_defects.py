@@ -9,7 +9,7 @@ import onnx
 import pytest
 from cli_util import assert_user_error, espstream
 from onnx import TensorProto, helper
-from onnx_builders import make_model, rand
+from onnx_builders import make_model, rand, run
 from stream_graphs import G
 
 from espstream.errors import UserError
@@ -232,3 +232,37 @@ def test_optimize_check_feeds_the_given_input_value(tmp_path):
     assert ok.returncode == 0, ok.stderr.decode()
     assert_user_error(espstream("optimize", src, "-o", tmp_path / "p.onnx", "--input-value",
                                 "m=3"), "no input 'm'")
+
+
+# ---- an axis override on a graph output, after calibration (openWakeWord's embedding) ------
+
+
+def reshape_of_last_frame() -> onnx.ModelProto:
+    """openWakeWord's embedding CNN in small: a Conv of stride 4 leaves one frame, and a Reshape
+    [1, C, 1] -> [1, 1, C] (no streaming rule: it moves the time axis) writes the output."""
+    w = rand(3, 2, 4, seed=1)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[4], strides=[4]),
+             helper.make_node("Reshape", ["c", "shape"], ["y"])]
+    return make_model(nodes, {"x": [1, 2, 4]}, {"y": [1, 1, 3]},
+                      {"w": w, "shape": np.array([1, 1, 3], np.int64)})
+
+
+def test_axis_override_on_an_output_streams_the_calibrated_model_too():
+    model = reshape_of_last_frame()
+    ov = {"tensors": {"y": {"axis": 1}}}
+    streamify_model(model, 4, axes={"x": 2}, overrides=ov)  # the float model: the override
+    qdq = calibrate_model(model, random_data(model_inputs(model), 8)).model
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    assert producer["y"].op_type == "DequantizeLinear"  # calibrate renamed the Reshape's output
+    st = streamify_model(qdq, 4, axes={"x": 2}, overrides=ov)
+    assert [n.op_type for n in st.model.graph.node].count("Reshape") == 1
+    # the streaming output lags one frame ("espstream.delay"): the second call, fed the
+    # first's state, gives the offline model's one output frame
+    assert dict((p.key, p.value) for p in st.model.metadata_props)["espstream.delay"] == \
+        '{"y": 1}'
+    x = rand(1, 2, 4, seed=2)
+    state = next(i for i in st.model.graph.input if i.name != "x")
+    s = np.zeros([d.dim_value for d in state.type.tensor_type.shape.dim], np.float32)
+    _, s = run(st.model, {"x": x, state.name: s})
+    y, _ = run(st.model, {"x": np.zeros_like(x), state.name: s})
+    np.testing.assert_array_equal(y, run(qdq, {"x": x})[0])

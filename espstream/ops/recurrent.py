@@ -7,7 +7,8 @@ Calibrate (`calibrate_rnn`, `choose_gate_exponents`, `quantize_recurrent`): W an
 B int16 at a gate exponent chosen from the data, Y / Y_h / initial_h one exponent, LSTM Y_c and
 initial_c int16 at the gate exponent; the gate exponent is recorded in the metadata
 `espstream.gate_exponents`. Refused with one line: linear_before_reset=0, input_forget=1,
-direction reverse, activations / clip / sequence_lens / peepholes, RNN; batch > 1 at export.
+direction reverse, activations other than the defaults / clip / sequence_lens / peepholes,
+RNN; batch > 1 at export.
 Streamify (`rule_recurrent`): forward only, on the sequence axis, zero initial state (also a
 calibrated one behind its DequantizeLinear); the hidden (and cell) state becomes a state pair
 fed as initial_h (initial_c) and taken from Y_h (Y_c). Lower (`lower_rnn`): the node as ESP-PPQ
@@ -204,6 +205,10 @@ def _attr(n: onnx.NodeProto, key: str, default=None):
     return default
 
 
+#: ONNX's default gate activations per direction, which ESP-DL's GRU / LSTM compute
+DEFAULT_ACTIVATIONS = {"GRU": ["Sigmoid", "Tanh"], "LSTM": ["Sigmoid", "Tanh", "Tanh"]}
+
+
 def check_rnn_attrs(n: onnx.NodeProto) -> int:
     """The refusals ESP-DL's GRU / LSTM imply (one line each); returns the direction count."""
     op, where = n.op_type, f"node {n.name!r} ({n.op_type})"
@@ -223,8 +228,13 @@ def check_rnn_attrs(n: onnx.NodeProto) -> int:
     if direction == "reverse":
         raise UserError(f"{where}: direction 'reverse'; ESP-DL reads only 'bidirectional' and "
                         "runs anything else forward")
+    dirs = 2 if direction == "bidirectional" else 1
+    acts = _attr(n, "activations")
+    if acts is not None and [a.decode() if isinstance(a, bytes) else a for a in acts] \
+            == DEFAULT_ACTIVATIONS[op] * dirs:
+        acts = None  # the defaults written out (Keras' exporters do): what ESP-DL computes
     for key in ("activations", "activation_alpha", "activation_beta", "clip"):
-        if _attr(n, key) is not None:
+        if (acts if key == "activations" else _attr(n, key)) is not None:
             raise UserError(f"{where}: attribute {key!r} is set; ESP-DL ignores it (default "
                             "sigmoid / tanh gates, no clip), so the chip would compute "
                             "something else")
@@ -233,7 +243,7 @@ def check_rnn_attrs(n: onnx.NodeProto) -> int:
                         "runs to its full length)")
     if op == "LSTM" and len(n.input) > 7 and n.input[7]:
         raise UserError(f"{where}: peephole weights P are not computed by ESP-DL's LSTM")
-    return 2 if direction == "bidirectional" else 1
+    return dirs
 
 
 def calibrate_rnn(pc: PlanCtx, n: onnx.NodeProto, float_outs: list[str]) -> None:

@@ -15,6 +15,7 @@ from espstream.graph import input_shapes as input_shapes_of
 from espstream.optimize.base import Pass
 from espstream.optimize.batchnorm_to_affine import batchnorm_to_affine
 from espstream.optimize.check import Comparison, compare
+from espstream.optimize.clip_runtime_bounds import clip_runtime_bounds
 from espstream.optimize.einsum_to_matmul import einsum_to_matmul
 from espstream.optimize.eliminate_dead import eliminate_dead
 from espstream.optimize.fold_batchnorm import fold_batchnorm
@@ -39,6 +40,7 @@ PASSES: tuple[Pass, ...] = (
     Pass("remove_identity", remove_identity),
     Pass("fuse_layernorm", fuse_layernorm),
     Pass("minmax_to_clip", minmax_to_clip),
+    Pass("clip_runtime_bounds", clip_runtime_bounds),  # after minmax_to_clip: Max(x, y(x))
     Pass("einsum_to_matmul", einsum_to_matmul),
     Pass("fold_pad", fold_pad),
     Pass("fold_batchnorm", fold_batchnorm),
@@ -132,6 +134,28 @@ def run_passes(model: onnx.ModelProto, passes: Sequence[Pass]) -> tuple[onnx.Mod
     return export_model(graph, model), applied, rounds
 
 
+def optimize_to_fixed_point(model: onnx.ModelProto, passes: Sequence[Pass]
+                            ) -> tuple[onnx.ModelProto, dict, int]:
+    """`run_passes`, then shape inference, again until the passes change nothing.
+
+    The tensors an inlined If branch or a rewrite creates have no inferred shape, so a Shape
+    of one cannot fold until shapes are inferred again (Silero VAD's `half` export: the If
+    on the decoder's Shape inlines only once the If before it has been inlined and the new
+    tensors' shapes inferred). Returns the model with its shapes inferred, the passes applied
+    (summed) and the number of rounds of passes run."""
+    applied: dict[str, int] = {}
+    rounds = 0
+    for _ in range(MAX_ROUNDS):
+        model, step, n = run_passes(model, passes)
+        model = infer_shapes(model)
+        rounds += n
+        for name, count in step.items():
+            applied[name] = applied.get(name, 0) + count
+        if not step:
+            break
+    return model, applied, rounds
+
+
 def optimize_model(
     model: onnx.ModelProto,
     input_shapes: dict[str, list[int]] | None = None,
@@ -160,8 +184,7 @@ def optimize_model(
     reference.CopyFrom(work)
     work = infer_shapes(work)
     passes = [p for p in PASSES if p.name not in skip]
-    optimized, applied, rounds = run_passes(work, passes)
-    optimized = infer_shapes(optimized)
+    optimized, applied, rounds = optimize_to_fixed_point(work, passes)
     onnx.checker.check_model(optimized)
     result = OptimizeResult(optimized, count_ops(original), count_ops(optimized), applied, rounds)
     if check:

@@ -102,6 +102,7 @@ def analyze(
     for name in ov.tensors:
         if name not in all_names:
             raise UserError(f"--overrides: no tensor named {name!r} in the model")
+    ov = _axis_behind_qdq(graph, ov)
     consts = Consts(graph, opset)
     given = dict(axes or {})
     for inp in graph.inputs:
@@ -166,6 +167,28 @@ def analyze(
             _apply_tensor_override(ctx, o, {**moved.get(o.name, {}), **ov.get(o.name)})
     outputs = {o.name: ctx.info.get(o.name) for o in graph.outputs}
     return Analysis(ctx, dict(found.axes), dict(found.why), frame_count, outputs)
+
+
+def _axis_behind_qdq(graph: gs.Graph, ov: ovr.Overrides) -> ovr.Overrides:
+    """An `axis` override names the tensor the float model's node wrote; in the QDQ model that
+    name is the DequantizeLinear's output and the node writes `<name>_float` into the Q/DQ
+    pair (calibrate renames it). The override then also holds for what the node writes, so the
+    same file streams the float and the QDQ model (`convert --overrides`)."""
+    tensors = graph.tensors()
+    extra: dict[str, dict[str, int]] = {}
+    for name, spec in ov.tensors.items():
+        t = tensors[name]
+        if "axis" not in spec or len(t.inputs) != 1 or t.inputs[0].op != "DequantizeLinear":
+            continue
+        q = t.inputs[0].inputs[0]
+        if len(q.inputs) != 1 or q.inputs[0].op != "QuantizeLinear":
+            continue
+        raw = q.inputs[0].inputs[0]
+        if len(raw.inputs) == 1 and raw.inputs[0].op not in ("QuantizeLinear",
+                                                             "DequantizeLinear") \
+                and raw.name not in ov.tensors:
+            extra[raw.name] = {"axis": spec["axis"]}
+    return ovr.Overrides({**ov.tensors, **extra}) if extra else ov
 
 
 def _input_dequantized(x: gs.Tensor) -> gs.Tensor | None:

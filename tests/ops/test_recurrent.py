@@ -63,6 +63,14 @@ def test_int8_through_every_stage(op: str, target: str, dirs: int) -> None:
     run_case(_rnn(op, dirs=dirs), target, 8)
 
 
+@pytest.mark.parametrize(("op", "dirs", "acts"), [
+    ("LSTM", 1, ["Sigmoid", "Tanh", "Tanh"]),  # as Keras' exporters write them (DTLN)
+    ("GRU", 2, ["Sigmoid", "Tanh"] * 2),
+])
+def test_default_activations_written_out_are_accepted(op: str, dirs: int, acts) -> None:
+    run_case(_rnn(op, dirs=dirs, activations=acts), "esp32p4", 8)
+
+
 def _qdq_and_sim(case, target: str, bits: int):
     m, _ = case()
     data, x = _data(m)
@@ -210,6 +218,7 @@ def test_gate_exponent_follows_the_data() -> None:
     (_rnn("GRU", clip=1.0), "'clip'"),
     (_rnn("GRU", layout=1), "layout=1"),
     (_rnn("LSTM", activations=["Sigmoid", "Tanh", "Relu"]), "'activations'"),
+    (_rnn("GRU", dirs=2, activations=["Sigmoid", "Tanh"]), "'activations'"),  # one direction
 ])
 def test_refused_at_calibrate(case, words: str) -> None:
     refused(case, "calibrate", words)
