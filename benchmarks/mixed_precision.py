@@ -151,6 +151,51 @@ def run_case(i: int, m, target: str, sqnr: float, n_cal: int, n_held: int) -> di
     return row
 
 
+#: the guards of mixed.py rule 10 tried by --sweep: (margin dB, folds)
+SWEEP = ((0.0, 1), (0.5, 1), (1.0, 1), (1.5, 1), (2.0, 1), (3.0, 1), (0.0, 2), (0.0, 4),
+         (0.0, 8))
+
+
+def sweep_case(i: int, m, target: str, sqnr: float, n_cal: int, n_held: int) -> list[dict]:
+    """--sweep: the guard of rule 10 (margin, folds) against held-out SQNR, one model."""
+    from espstream.optimize import optimize_model
+    from espstream.quant import calibrate_model, mixed, model_inputs, read_calibration_data
+
+    model = m.build()
+    opt = optimize_model(model).model
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    cal_x = make_inputs(m.inputs, shape, n_cal, 1000 + i)
+    held = make_inputs(m.inputs, shape, n_held, 2000 + i)
+    import tempfile
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "calib.npy"
+        np.save(p, cal_x)
+        data = read_calibration_data(str(p), model_inputs(opt))
+        for margin, folds in SWEEP:
+            mixed.TARGET_MARGIN_DB, mixed.TARGET_FOLDS = margin, folds
+            try:
+                rm = calibrate_model(opt, data, target=target, mixed=(None, sqnr),
+                                     report_samples=0)
+                try:
+                    held_db, engine = sim_sqnr(rm.model, opt, held), "int8 simulator"
+                except Exception:
+                    held_db, engine = ort_sqnr(rm.model, opt, held), "fake-quant onnxruntime"
+                ch = rm.mixed.to_json()
+                out.append({"model": m.name, "half": m.half, "margin_db": margin,
+                            "folds": folds, "calibration_sqnr_db": ch["sqnr_db"],
+                            "held_sqnr_db": held_db, "engine": engine,
+                            "int16_mac_share": ch["int16_mac_share"],
+                            "int16_layers": ch["int16_layers"]})
+            finally:
+                mixed.TARGET_MARGIN_DB, mixed.TARGET_FOLDS = 0.0, 1
+            print(f"{m.half:4s} {m.name:14s} margin {margin} folds {folds}: calibration "
+                  f"{out[-1]['calibration_sqnr_db']} held {out[-1]['held_sqnr_db']} share "
+                  f"{out[-1]['int16_mac_share']}", flush=True)
+    return out
+
+
 def summary(rows: list[dict], sqnr: float) -> dict:
     out = {}
     for half in ("dev", "held"):
@@ -178,11 +223,27 @@ def main() -> int:
     ap.add_argument("--sqnr", type=float, default=40.0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /
                                          "mixed_precision.json"))
+    ap.add_argument("--models", default="", help="comma-separated zoo names (default all)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="the development half only: rule 10's guard (margin, folds) against "
+                         "held-out SQNR, to benchmarks/results/mixed_precision_sweep.json")
     a = ap.parse_args()
     n_cal, n_held = 32, (16 if a.quick else 64)
+    only = {x for x in a.models.split(",") if x}
+    if a.sweep:
+        rows = []
+        for i, m in enumerate(zoo()):
+            if m.half != "dev" or (only and m.name not in only):
+                continue
+            rows += sweep_case(i, m, a.target, a.sqnr, n_cal, n_held)
+        out = Path(a.out).with_name("mixed_precision_sweep.json")
+        out.write_text(json.dumps({"target": a.target, "target_sqnr_db": a.sqnr,
+                                   "calibration_samples": n_cal, "held_out_samples": n_held,
+                                   "rows": rows}, indent=1) + "\n")
+        return 0
     rows = []
     for i, m in enumerate(zoo()):
-        if a.quick and m.name not in QUICK:
+        if (a.quick and m.name not in QUICK) or (only and m.name not in only):
             continue
         row = run_case(i, m, a.target, a.sqnr, n_cal, n_held)
         rows.append(row)

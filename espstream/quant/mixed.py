@@ -110,9 +110,6 @@ def resolve_layers(plan: Any, model: onnx.ModelProto, names: list[str]) -> list[
                                      if close else ""))
         raise UserError(f"--int16: no node named {', '.join(hints)} in the model")
     for n in names:
-        if n in plan.recurrent:
-            raise UserError(f"--int16: node {n!r} is a {ops[n]}; its precision is the model's "
-                            "--bits")
         if n not in node_layer:
             raise UserError(f"--int16: node {n!r} ({ops[n]}) has no exponent of its own (data "
                             "movement shares its input's, and so its precision); name the layer "
@@ -329,7 +326,8 @@ def check_budget(mode: str | None, max_macs: float | None, target_sqnr: float | 
 
 
 class Evaluator:
-    """Output SQNR (worst output, dB) of a precision choice on the calibration data (rule 7)."""
+    """Output SQNR (worst output, dB) of a precision choice on the calibration data (rule 7),
+    and the guarded figure `--target-sqnr` is held to (rule 10)."""
 
     def __init__(self, fm: onnx.ModelProto, plan: Any, observers: dict, opts: Any, data: Any,
                  samples: int) -> None:
@@ -342,33 +340,65 @@ class Evaluator:
         runner = Runner(fm, outs, batch=1)
         self.ref = [[v.astype(np.float64) for v in vals] for _, vals in runner.run(self.feeds)]
         self.count = 0
+        self._sums: dict[frozenset, tuple[np.ndarray, np.ndarray]] = {}
 
-    def sqnr(self, layers16: list[str]) -> float:
+    def sums(self, layers16: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Per sample and output, the float output's energy and the error's: [samples, outputs]
+        each (one QDQ model built and run per distinct set)."""
         from espstream.quant.calibrate import build_qdq
         from espstream.quant.engine import Runner
 
+        key = frozenset(layers16)
+        if key in self._sums:
+            return self._sums[key]
         self.count += 1
         prec = make_precision(self.plan, self.fm, layers16) if layers16 else None
         qm = build_qdq(self.fm, self.plan, self.observers, self.opts, prec)[0]
         runner = Runner(qm, self.outs, batch=1)
-        sig = np.zeros(len(self.outs))
-        err = np.zeros(len(self.outs))
-        for ref, (_, vals) in zip(self.ref, runner.run(self.feeds), strict=True):
+        sig = np.zeros((len(self.ref), len(self.outs)))
+        err = np.zeros_like(sig)
+        for i, (ref, (_, vals)) in enumerate(zip(self.ref, runner.run(self.feeds), strict=True)):
             for k, (r, v) in enumerate(zip(ref, vals, strict=True)):
-                sig[k] += float(np.sum(r * r))
-                err[k] += float(np.sum((r - v) ** 2))
-        return min(scheme.sqnr_from_sums(s, e) for s, e in zip(sig, err, strict=True))
+                sig[i, k] = float(np.sum(r * r))
+                err[i, k] = float(np.sum((r - v) ** 2))
+        self._sums[key] = (sig, err)
+        return sig, err
+
+    def sqnr(self, layers16: list[str]) -> float:
+        sig, err = self.sums(layers16)
+        return _worst(sig, err)
+
+    def guarded(self, layers16: list[str], margin_db: float = 0.0, folds: int = 1) -> float:
+        """Rule 10's figure: the worst of the SQNRs of `folds` contiguous parts of the samples
+        (1: all of them), less `margin_db`."""
+        sig, err = self.sums(layers16)
+        parts = np.array_split(np.arange(len(sig)), max(1, min(folds, len(sig))))
+        return min(_worst(sig[p], err[p]) for p in parts) - margin_db
+
+
+def _worst(sig: np.ndarray, err: np.ndarray) -> float:
+    """The worst output's SQNR of the samples in `sig` / `err` ([samples, outputs])."""
+    return min(scheme.sqnr_from_sums(float(s), float(e))
+               for s, e in zip(sig.sum(axis=0), err.sum(axis=0), strict=True))
+
+
+#: rule 10's guard against the calibration data's optimism (the defaults): the set must
+#: reach the target by this margin, on each of this many contiguous parts of the samples
+TARGET_MARGIN_DB = 0.0
+TARGET_FOLDS = 1
 
 
 def choose_auto(fm: onnx.ModelProto, plan: Any, observers: dict, opts: Any, data: Any,
                 max_macs: float | None = None, target_sqnr: float | None = None,
-                samples: int = 32) -> MixedChoice:
+                samples: int = 32, margin_db: float | None = None,
+                folds: int | None = None) -> MixedChoice:
     """Rules 7 to 10 on the calibration data (the first `samples` samples)."""
+    margin_db = TARGET_MARGIN_DB if margin_db is None else margin_db
+    folds = TARGET_FOLDS if folds is None else folds
     ev = Evaluator(fm, plan, observers, opts, data, samples)
     macs = layer_macs(fm, plan)
     weights = layer_weight_bytes(fm, plan)
-    cands = [layer.name for layer in plan.layers
-             if layer.kind != "input" and not any(n in plan.recurrent for n in layer.nodes)]
+    cands = [layer.name for layer in plan.layers if layer.kind != "input"]
     base = ev.sqnr([])
     every = ev.sqnr(cands) if cands else base
     gains = {c: ev.sqnr([c]) - base for c in cands}
@@ -397,14 +427,13 @@ def choose_auto(fm: onnx.ModelProto, plan: Any, observers: dict, opts: Any, data
                 chosen.remove(c)
                 used -= macs.get(c, 0)
         sq = ev.sqnr(chosen) if chosen else base
-    elif every < target_sqnr:  # type: ignore[operator]
-        reached = False
+    elif ev.guarded(cands, margin_db, folds) < target_sqnr:  # type: ignore[operator]
+        reached = every >= target_sqnr  # type: ignore[operator]
     else:
         for c in order:  # rule 10: one measured pass
             trial = [d for d in chosen if d != c]
-            s = ev.sqnr(trial) if trial else base
-            if s >= target_sqnr:  # type: ignore[operator]
-                chosen, sq = trial, s
+            if ev.guarded(trial, margin_db, folds) >= target_sqnr:  # type: ignore[operator]
+                chosen, sq = trial, ev.sqnr(trial)
     keep = [layer.name for layer in plan.layers if layer.name in chosen]
     return MixedChoice(mode, budget, keep, base, every, sq, gains, macs, weights, reached,
                        ev.count, loss)
