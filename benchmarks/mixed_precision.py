@@ -152,8 +152,8 @@ def run_case(i: int, m, target: str, sqnr: float, n_cal: int, n_held: int) -> di
 
 
 #: the guards of mixed.py rule 10 tried by --sweep: (margin dB, folds)
-SWEEP = ((0.0, 1), (0.5, 1), (1.0, 1), (1.5, 1), (2.0, 1), (3.0, 1), (0.0, 2), (0.0, 4),
-         (0.0, 8))
+SWEEP = ((0.0, 1, 0), (0.5, 1, 0), (1.0, 1, 0), (1.5, 1, 0), (2.0, 1, 0), (3.0, 1, 0),
+         (0.0, 4, 0), (0.0, 8, 0), (0.0, 1, 2), (0.0, 1, 4), (0.5, 1, 2), (0.5, 1, 4))
 
 
 def sweep_case(i: int, m, target: str, sqnr: float, n_cal: int, n_held: int) -> list[dict]:
@@ -173,8 +173,9 @@ def sweep_case(i: int, m, target: str, sqnr: float, n_cal: int, n_held: int) -> 
         p = Path(tmp) / "calib.npy"
         np.save(p, cal_x)
         data = read_calibration_data(str(p), model_inputs(opt))
-        for margin, folds in SWEEP:
-            mixed.TARGET_MARGIN_DB, mixed.TARGET_FOLDS = margin, folds
+        saved = mixed.TARGET_MARGIN_DB, mixed.TARGET_FOLDS, mixed.TARGET_CROSS
+        for margin, folds, cross in SWEEP:
+            mixed.TARGET_MARGIN_DB, mixed.TARGET_FOLDS, mixed.TARGET_CROSS = margin, folds, cross
             try:
                 rm = calibrate_model(opt, data, target=target, mixed=(None, sqnr),
                                      report_samples=0)
@@ -184,13 +185,13 @@ def sweep_case(i: int, m, target: str, sqnr: float, n_cal: int, n_held: int) -> 
                     held_db, engine = ort_sqnr(rm.model, opt, held), "fake-quant onnxruntime"
                 ch = rm.mixed.to_json()
                 out.append({"model": m.name, "half": m.half, "margin_db": margin,
-                            "folds": folds, "calibration_sqnr_db": ch["sqnr_db"],
+                            "folds": folds, "cross": cross, "calibration_sqnr_db": ch["sqnr_db"],
                             "held_sqnr_db": held_db, "engine": engine,
                             "int16_mac_share": ch["int16_mac_share"],
                             "int16_layers": ch["int16_layers"]})
             finally:
-                mixed.TARGET_MARGIN_DB, mixed.TARGET_FOLDS = 0.0, 1
-            print(f"{m.half:4s} {m.name:14s} margin {margin} folds {folds}: calibration "
+                mixed.TARGET_MARGIN_DB, mixed.TARGET_FOLDS, mixed.TARGET_CROSS = saved
+            print(f"{m.half:4s} {m.name:14s} margin {margin} folds {folds} cross {cross}: calibration "
                   f"{out[-1]['calibration_sqnr_db']} held {out[-1]['held_sqnr_db']} share "
                   f"{out[-1]['int16_mac_share']}", flush=True)
     return out
