@@ -191,9 +191,9 @@ def sweep_case(i: int, m, target: str, sqnr: float, n_cal: int, n_held: int) -> 
                             "int16_layers": ch["int16_layers"]})
             finally:
                 mixed.TARGET_MARGIN_DB, mixed.TARGET_FOLDS, mixed.TARGET_CROSS = saved
-            print(f"{m.half:4s} {m.name:14s} margin {margin} folds {folds} cross {cross}: calibration "
-                  f"{out[-1]['calibration_sqnr_db']} held {out[-1]['held_sqnr_db']} share "
-                  f"{out[-1]['int16_mac_share']}", flush=True)
+            print(f"{m.half:4s} {m.name:14s} margin {margin} folds {folds} cross {cross}: "
+                  f"calibration {out[-1]['calibration_sqnr_db']} held "
+                  f"{out[-1]['held_sqnr_db']} share {out[-1]['int16_mac_share']}", flush=True)
     return out
 
 
