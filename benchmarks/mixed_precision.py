@@ -95,7 +95,7 @@ def _conv64(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, attrs: dict) -> 
                          strides[i]) for i in range(nd))
         patch = xp[(slice(None), slice(None), *sl)]  # [N, Cin, *out]
         for g in range(groups):
-            wk = w[g * cout_g:(g + 1) * cout_g, :, *k]  # [cout_g, cin_g]
+            wk = w[(slice(g * cout_g, (g + 1) * cout_g), slice(None), *k)]  # [cout_g, cin_g]
             pg = patch[:, g * cin_g:(g + 1) * cin_g]
             y[:, g * cout_g:(g + 1) * cout_g] += np.einsum("oc,nc...->no...", wk, pg)
     if b is not None:
