@@ -325,6 +325,43 @@ def sweep_case(i: int, m, target: str, sqnr: float, n_cal: int, n_held: int) -> 
     return out
 
 
+def f64_case(i: int, m, sqnr: float, n_cal: int) -> list[dict]:
+    """--f64: simulator vs the fake-quant model in float32 (onnxruntime) and in float64
+    (`qdq_f64`) on 4 held-out samples, int8 / int16 / --mixed auto, esp32p4 and esp32s3."""
+    from espstream.optimize import optimize_model
+    from espstream.quant import calibrate_model, model_inputs, read_calibration_data
+
+    model = m.build()
+    opt = optimize_model(model).model
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    cal_x = make_inputs(m.inputs, shape, n_cal, 1000 + i)
+    held = make_inputs(m.inputs, shape, 4, 2000 + i)
+    feeds = [{opt.graph.input[0].name: held[k : k + 1]} for k in range(len(held))]
+    import tempfile
+
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "calib.npy"
+        np.save(p, cal_x)
+        data = read_calibration_data(str(p), model_inputs(opt))
+        for target in ("esp32p4", "esp32s3"):
+            for label, kw in (("int8", {"bits": 8}), ("int16", {"bits": 16}),
+                              ("mixed", {"mixed": (None, sqnr)})):
+                r = calibrate_model(opt, data, target=target, report_samples=0, **kw)
+                try:
+                    agree: dict | str = f64_agreement(r.model, feeds)
+                except KeyError as e:
+                    agree = f"float64 evaluation lacks operator {e}"
+                row = {"model": m.name, "half": m.half, "target": target, "case": label,
+                       "int16_layers": r.mixed.layers16 if r.mixed else None,
+                       "agreement": agree}
+                out.append(row)
+                print(f"{m.half:4s} {m.name:14s} {target} {label:5s} {agree}", flush=True)
+                if isinstance(agree, str):
+                    return out
+    return out
+
+
 def summary(rows: list[dict], sqnr: float) -> dict:
     out = {}
     for half in ("dev", "held"):
@@ -356,9 +393,20 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true",
                     help="the development half only: rule 10's guard (margin, folds) against "
                          "held-out SQNR, to benchmarks/results/mixed_precision_sweep.json")
+    ap.add_argument("--f64", action="store_true",
+                    help="simulator vs fake-quant in float32 and float64, int8 / int16 / mixed, "
+                         "to benchmarks/results/mixed_precision_f64.json")
     a = ap.parse_args()
     n_cal, n_held = 32, (16 if a.quick else 64)
     only = {x for x in a.models.split(",") if x}
+    if a.f64:
+        rows = []
+        for i, m in enumerate(zoo()):
+            if not only or m.name in only:
+                rows += f64_case(i, m, a.sqnr, n_cal)
+        out = Path(a.out).with_name("mixed_precision_f64.json")
+        out.write_text(json.dumps({"samples": 4, "rows": rows}, indent=1) + "\n")
+        return 0
     if a.sweep:
         rows = []
         for i, m in enumerate(zoo()):
