@@ -364,6 +364,14 @@ def test_gru_is_an_auto_candidate_with_its_macs_and_bytes(gru_case):
     assert j["int16_mac_share"] == 1.0 and j["int16_byte_share"] == 1.0
 
 
+def test_auto_measures_a_recurrent_model_in_the_simulator(gru_case):
+    """Rule 7: with a GRU the measured SQNR is the simulator's (ESP-DL's gate tables), not the
+    fake-quant model's float gates."""
+    m, data, x, _ = gru_case
+    r = calibrate_model(m, data, mixed=(100.0, None), report_samples=0)
+    assert r.mixed.sqnr_db == pytest.approx(_sim_sqnr(r.model, r.float_model, x), abs=1e-6)
+
+
 def test_bias_correction_of_an_int8_layer_reading_int16(model, data):
     """PTQ rule 6: conv2 (int8) reads relu1 (int16) at its reader exponent; its corrected bias
     stays as small a change as in the all-int8 model (it once read the int16 exponent at 8 bits
