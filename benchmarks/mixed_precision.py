@@ -1,7 +1,7 @@
 """`--mixed auto --target-sqnr 40` on the evaluation zoo, both halves (issue 16, item 3).
 
     .venv/bin/python benchmarks/mixed_precision.py [--quick] [--target esp32p4] [--sqnr 40]
-        [--out benchmarks/results/mixed_precision.json]
+        [--models a,b] [--out benchmarks/results/mixed_precision.json] [--sweep | --f64]
 
 For every zoo model (benchmarks/zoo.py): calibration data (32 samples, seed 1000 + index, as
 zoo_quality.py) and held-out data (64 samples, seed 2000 + index; --quick: 16). Three
@@ -13,7 +13,13 @@ their share of MACs, the extra parameter bytes, whether DB was reached where int
 reaches it, and the mixed model's exactness: simulator vs fake-quant (identical share) and,
 where the model streams (chunk 4, else 1), `verify --engine int8` (streaming == offline
 exactly). No threshold is tuned here: the target is the issue's 40 dB and the only rule is
-mixed.py's; both halves are reported apart.
+mixed.py's; both halves are reported apart. Simulator vs fake-quant is given twice: against
+onnxruntime (float32) and against the same QDQ model evaluated in float64 (`qdq_f64`).
+
+`--sweep` (development half only, mixed_precision_sweep.json): rule 10's guard, a margin of
+0-3 dB or splits of the calibration data, against held-out SQNR; mixed.TARGET_MARGIN_DB was
+chosen from it. `--f64` (mixed_precision_f64.json): simulator vs fake-quant in float32 and in
+float64 for int8, int16 and mixed models on esp32p4 and esp32s3.
 """
 
 from __future__ import annotations

@@ -187,7 +187,7 @@ def test_cli_mixed_streaming_verify_int8(tmp_path):
     s = tmp_path / "s.onnx"
     p = espstream("calibrate", MODEL, "-d", CALIB, "--int16", "conv2", "-o", q)
     assert p.returncode == 0, p.stderr.decode()
-    assert "(int16)" in p.stderr.decode() and "of MACs in int16" in p.stderr.decode()
+    assert "(int16)" in p.stderr.decode() and "of parameter bytes in int16" in p.stderr.decode()
     p = espstream("streamify", q, "--chunk", "4", "-o", s)
     assert p.returncode == 0, p.stderr.decode()
     p = espstream("verify", q, s, "--engine", "int8", "-d", CALIB)

@@ -326,7 +326,8 @@ class MixedChoice:
         how = "--int16" if self.mode == "int16" else f"{self.mode} {self.budget:g}"
         return (f"mixed precision ({how}): {len(self.layers16)} int16 "
                 f"layer(s) {', '.join(self.layers16) or '-'}; {100 * j['int16_mac_share']:.1f}% "
-                f"of MACs in int16, +{j['extra_parameter_bytes']} parameter bytes; output SQNR "
+                f"of MACs and {100 * j['int16_byte_share']:.1f}% of parameter bytes in int16, "
+                f"+{j['extra_parameter_bytes']} parameter bytes; output SQNR "
                 f"{_fmt(self.sqnr_db)} dB (all int8 {_fmt(self.sqnr_int8_db)}"
                 + (f", all int16 {_fmt(self.sqnr_int16_all_db)}" if not math.isnan(
                     self.sqnr_int16_all_db) else "") + ")"
