@@ -382,6 +382,13 @@ def summary(rows: list[dict], sqnr: float) -> dict:
             "median_int16_mac_share": (round(float(np.median([r["int16_mac_share"]
                                                                for r in need])), 3)
                                        if need else None),
+            "median_int16_byte_share": (round(float(np.median([
+                r["choice"]["int16_byte_share"] for r in need])), 3) if need else None),
+            "sim_equals_float64_fakequant": sum(
+                isinstance(r.get("sim_vs_fakequant"), dict) and
+                r["sim_vs_fakequant"]["numpy_f64"]["identical"] ==
+                r["sim_vs_fakequant"]["numpy_f64"]["elements"] for r in rs),
+            "float64_evaluated": sum(isinstance(r.get("sim_vs_fakequant"), dict) for r in rs),
             "verify_int8_ok": sum(bool(r.get("verify_int8_ok")) for r in rs),
             "streamed": sum("verify_int8_ok" in r for r in rs),
         }
