@@ -237,20 +237,24 @@ def test_macs_of_layers(model, data):
 # ---- GRU / LSTM as int16 candidates ------------------------------------------------------------
 
 
-def conv_gru_model(T: int = 24, cin: int = 6, ch: int = 8, hidden: int = 8) -> onnx.ModelProto:
-    """A causal Conv (pads k-1 in front only), Relu, Transpose to [T, 1, ch], a GRU and a Conv
-    head over its Y: streamable, both precisions on either side of the GRU."""
+def conv_gru_model(T: int = 24, cin: int = 6, ch: int = 8, hidden: int = 8,
+                   kind: str = "GRU") -> onnx.ModelProto:
+    """A causal Conv (pads k-1 in front only), Relu, Transpose to [T, 1, ch], a GRU (or LSTM)
+    and a Gemm head over its Y: streamable, both precisions on either side of the GRU."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(7)
     f32 = np.float32
+    G = 3 if kind == "GRU" else 4
+    extra = {"linear_before_reset": 1} if kind == "GRU" else {}
     inits = [
         numpy_helper.from_array((rng.standard_normal((ch, cin, 3)) / 3).astype(f32), "w1"),
         numpy_helper.from_array((0.1 * rng.standard_normal(ch)).astype(f32), "b1"),
-        numpy_helper.from_array((rng.standard_normal((1, 3 * hidden, ch)) / 3).astype(f32), "W"),
-        numpy_helper.from_array((rng.standard_normal((1, 3 * hidden, hidden)) / 3).astype(f32),
+        numpy_helper.from_array((rng.standard_normal((1, G * hidden, ch)) / 3).astype(f32), "W"),
+        numpy_helper.from_array((rng.standard_normal((1, G * hidden, hidden)) / 3).astype(f32),
                                 "R"),
-        numpy_helper.from_array((0.1 * rng.standard_normal((1, 6 * hidden))).astype(f32), "B"),
+        numpy_helper.from_array((0.1 * rng.standard_normal((1, 2 * G * hidden))).astype(f32),
+                                "B"),
         numpy_helper.from_array(np.array([T, hidden], np.int64), "shape2"),
         numpy_helper.from_array((rng.standard_normal((4, hidden)) / 3).astype(f32), "wg"),
     ]
@@ -259,8 +263,8 @@ def conv_gru_model(T: int = 24, cin: int = 6, ch: int = 8, hidden: int = 8) -> o
                          pads=[2, 0]),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
         helper.make_node("Transpose", ["r1"], ["t1"], name="tr1", perm=[2, 0, 1]),
-        helper.make_node("GRU", ["t1", "W", "R", "B"], ["y"], name="gru", hidden_size=hidden,
-                         linear_before_reset=1),
+        helper.make_node(kind, ["t1", "W", "R", "B"], ["y"], name="gru", hidden_size=hidden,
+                         **extra),
         helper.make_node("Reshape", ["y", "shape2"], ["y2"], name="flat"),
         helper.make_node("Gemm", ["y2", "wg"], ["out"], name="head", transB=1),
     ]
@@ -272,9 +276,9 @@ def conv_gru_model(T: int = 24, cin: int = 6, ch: int = 8, hidden: int = 8) -> o
     return onnx.shape_inference.infer_shapes(m)
 
 
-@pytest.fixture(scope="module")
-def gru_case(tmp_path_factory):
-    m = conv_gru_model()
+@pytest.fixture(scope="module", params=["GRU", "LSTM"])
+def gru_case(request, tmp_path_factory):
+    m = conv_gru_model(kind=request.param)
     x = np.random.default_rng(3).standard_normal((16, 6, 24)).astype(np.float32)
     p = tmp_path_factory.mktemp("gru") / "x.npy"
     np.save(p, x)
@@ -310,7 +314,7 @@ def test_gru_in_a_mixed_model_lowers_as_espdl_s16(gru_case, sel):
     assert ge == json.loads({p.key: p.value for p in want.model.metadata_props}[
         "espstream.gate_exponents"])["gru"]
     g = lower(r.model)
-    gru = next(n for n in g.nodes if n.op_type == "GRU")
+    gru = next(n for n in g.nodes if n.op_type in ("GRU", "LSTM"))
     qt = "S16" if "gru" in sel else "S8"
     wdt = np.int16 if "gru" in sel else np.int8
     assert gru.attrs["quant_type"] == qt and gru.attrs["gate_exponent"] == ge
@@ -348,7 +352,8 @@ def test_int16_gru_gains_in_the_simulator_and_streams_exactly(gru_case, tmp_path
     out = espstream("export", st, "-o", tmp_path / "m.espdl")
     assert out.returncode == 0, out.stderr.decode()
     got = load_graph(str(tmp_path / "m.espdl"))
-    assert {n.attrs.get("quant_type") for n in got.nodes if n.op_type == "GRU"} == {"S16"}
+    assert {n.attrs.get("quant_type") for n in got.nodes
+            if n.op_type in ("GRU", "LSTM")} == {"S16"}
 
 
 def test_gru_is_an_auto_candidate_with_its_macs_and_bytes(gru_case):
@@ -356,10 +361,12 @@ def test_gru_is_an_auto_candidate_with_its_macs_and_bytes(gru_case):
     r = calibrate_model(m, data, mixed=(100.0, None), report_samples=0)
     ch = r.mixed
     assert "gru" in ch.layers16
-    # 24 steps x 3 gates x 8 hidden x (8 inputs + 8 hidden)
-    assert ch.macs["gru"] == 24 * 24 * 16
-    # W, R 24 x 8 each: 1 -> 2 bytes; the bias int16 (48 values) at either width
-    assert mixed.layer_weight_bytes(r.float_model, r.plan)["gru"] == (384 + 96, 768 + 96)
+    G = 3 if m.graph.node[3].op_type == "GRU" else 4
+    # 24 steps x G gates x 8 hidden x (8 inputs + 8 hidden)
+    assert ch.macs["gru"] == 24 * G * 8 * 16
+    # W, R G*8 x 8 each: 1 -> 2 bytes; the bias int16 (2 G 8 values) at either width
+    w, b = 2 * G * 8 * 8, 2 * (2 * G * 8)
+    assert mixed.layer_weight_bytes(r.float_model, r.plan)["gru"] == (w + b, 2 * w + b)
     j = ch.to_json()
     assert j["int16_mac_share"] == 1.0 and j["int16_byte_share"] == 1.0
 
