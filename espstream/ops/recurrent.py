@@ -378,8 +378,18 @@ def choose_gate_exponents(fm: onnx.ModelProto, plan: Plan, data, stream=None,
             top[name] = max(top[name], _gate_range(nodes[name], info, vals, inits))
     for name, info in plan.recurrent.items():
         need = top[name] * GATE_HEADROOM / 32767.0
-        e = math.ceil(math.log2(need)) if need > 0 else GATE_EXP_MIN[bits]
-        info["gate_exp"] = max(GATE_EXP_MIN[bits], e)
+        # kept uncapped: a mixed model may put this layer at the other width (`gate_exponent`)
+        info["gate_need"] = math.ceil(math.log2(need)) if need > 0 else None
+        info["gate_exp"] = gate_exponent(info, bits)
+
+
+def gate_exponent(info: dict, bits: int) -> int:
+    """The gate exponent of a GRU / LSTM computing at `bits` (its plan entry after
+    `choose_gate_exponents`): what the data needs, not finer than GATE_EXP_MIN[bits]."""
+    if "gate_need" not in info:  # set by hand (tests): as given
+        return int(info["gate_exp"])
+    need = info["gate_need"]
+    return GATE_EXP_MIN[bits] if need is None else max(GATE_EXP_MIN[bits], int(need))
 
 
 def _gate_range(n: onnx.NodeProto, info: dict, vals: dict, inits: dict) -> float:
@@ -410,16 +420,19 @@ def quantize_recurrent(rw, nodes: dict) -> None:
     W and R as integers per tensor (the weight method's exponent), B as int32 values within
     int16 at the gate exponent (ESP-DL reads int16; ONNX's DequantizeLinear of an 8-bit
     model takes no int16), a constant initial_h at Y's exponent, a constant initial_c as int16
-    values at the gate exponent."""
+    values at the gate exponent. In a mixed model the node's own width (`rw.nbits`) sets the
+    weights' width and the gate exponent (ESP-DL's S8 / S16 module reads X, W, R, Y at one
+    width)."""
     for name, info in rw.plan.recurrent.items():
         node, onode = nodes[name], rw.onnx_nodes[name]
-        ge = info["gate_exp"]
+        bits = rw.nbits(name)
+        ge = gate_exponent(info, bits)
         exps = []
         for k in (1, 2):
             w = numpy_helper.to_array(rw.inits[onode.input[k]]).astype(np.float64)
-            e = int(weight_exponents(w, None, rw.bits, rw.weight_method)[0])
+            e = int(weight_exponents(w, None, bits, rw.weight_method)[0])
             exps.append(e)
-            q = scheme.quantize(w, e, rw.bits, "half_even")
+            q = scheme.quantize(w, e, bits, "half_even")
             node.inputs[k] = rw._int_const(onode.input[k], np.asarray(q), np.array([e]), None)
         rw.weight_exps[name] = exps
         if len(onode.input) > 3 and onode.input[3]:
@@ -432,7 +445,7 @@ def quantize_recurrent(rw, nodes: dict) -> None:
         if info["h0_const"]:
             h = numpy_helper.to_array(rw.inits[info["h0"]]).astype(np.float64)
             e = rw.exps[info["y"]]
-            q = np.asarray(scheme.quantize(h, e, rw.bits, "half_even"))
+            q = np.asarray(scheme.quantize(h, e, bits, "half_even"))
             node.inputs[5] = rw._int_const(info["h0"], q, np.array([e]), None)
         if info["c0_const"]:
             c = numpy_helper.to_array(rw.inits[onode.input[6]]).astype(np.float64)

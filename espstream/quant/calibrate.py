@@ -331,7 +331,8 @@ def calibrate_model(
     from espstream.quant import ptq  # rule 10
 
     exps = choose_exponents(plan, observers, opts, precision=precision)
-    adjust = ptq.weight_adjuster(fm, plan, data, exps, target, opts, stream, notes)
+    adjust = ptq.weight_adjuster(fm, plan, data, exps, target, opts, stream, notes, precision,
+                                 observers)
 
     def build(e: dict[str, int]) -> tuple[onnx.ModelProto, dict[str, int], _Rewriter]:
         return build_qdq(fm, plan, observers, opts, precision, stream, adjust, e)
@@ -401,8 +402,11 @@ def build_qdq(fm: onnx.ModelProto, plan: Plan, observers: dict[str, HistogramObs
     if plan.recurrent:
         import json
 
+        from espstream.ops.recurrent import gate_exponent
+
         meta["espstream.gate_exponents"] = json.dumps(
-            {k: v["gate_exp"] for k, v in plan.recurrent.items()}, sort_keys=True)
+            {k: gate_exponent(v, precision.of_node(k) if precision else opts.bits)
+             for k, v in plan.recurrent.items()}, sort_keys=True)
     if stream is not None and stream.source == "options":
         meta.update(stream.metadata())  # the hand-written model's streaming facts
     if precision is not None:

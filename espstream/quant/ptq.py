@@ -18,6 +18,9 @@
    (`convert --chunk` calibrates the offline model, so it has them).
 5. The weight adjustments are computed once per layer and kept, so the exponent search's
    rebuilds reuse them.
+6. Mixed precision: only the layers at the model's `--bits` are adjusted (an int16 layer of
+   an int8 model keeps nearest rounding and its bias), each from its input as it reads it: at
+   the reader's exponent (`mixed.reader_exponent`) where the input is of the other width.
 """
 
 from __future__ import annotations
@@ -59,26 +62,32 @@ class _first:
 
 def collect_moments(fm: onnx.ModelProto, plan: Plan, data: CalibrationData,
                     exps: dict[str, int], target: scheme.Target, bits: int, batch: int,
-                    second: bool = True) -> dict[str, Moments]:
-    """Rules 1-2: per gemm node (that `patches.layout` takes), its input patches' moments."""
+                    second: bool = True, in_exps: dict[str, int] | None = None,
+                    ) -> dict[str, Moments]:
+    """Rules 1-2: per gemm node (that `patches.layout` takes), its input patches' moments.
+    `in_exps` (mixed precision, rule 6): the nodes to take, each with the exponent it reads
+    its input at in `bits`; default every node at its input's exponent."""
     inits = {t.name: t for t in fm.graph.initializer}
     nodes = {n.name: n for n in fm.graph.node}
     moments: dict[str, Moments] = {}
-    by_input: dict[str, list[str]] = {}
+    by_input: dict[str, dict[int, list[str]]] = {}
     for name, info in plan.gemms.items():
         lay = layout(nodes[name], inits)
-        if lay is None or info.input not in exps:
+        if lay is None or info.input not in exps or (in_exps is not None and
+                                                      name not in in_exps):
             continue
         moments[name] = Moments(lay, second)  # second: AdaRound's (bias correction: means)
-        by_input.setdefault(info.input, []).append(name)
+        e = exps[info.input] if in_exps is None else in_exps[name]
+        by_input.setdefault(info.input, {}).setdefault(e, []).append(name)
     if not moments:
         return moments
     graph_inputs = {i.name for i in fm.graph.input}
 
     def feed(t: str, v: np.ndarray) -> None:
-        xq = scheme.fake_quant(v, exps[t], bits, target.rounding)
-        for name in by_input[t]:
-            moments[name].update(xq, v)
+        for e, names in by_input[t].items():
+            xq = scheme.fake_quant(v, e, bits, target.rounding)
+            for name in names:
+                moments[name].update(xq, v)
 
     data = _first(data, MOMENT_SAMPLES)
     direct = [t for t in by_input if t in graph_inputs]
@@ -139,9 +148,11 @@ class WeightAdjuster:
 
 def weight_adjuster(fm: onnx.ModelProto, plan: Plan, data: CalibrationData,
                     exps: dict[str, int], target: scheme.Target, opts: Any, stream: Any,
-                    notes: list[str]) -> WeightAdjuster | None:
+                    notes: list[str], precision: Any = None,
+                    observers: dict | None = None) -> WeightAdjuster | None:
     """calibrate's hook: the rewriter's weight adjuster when bias correction or AdaRound is
-    asked for (rule 1), None otherwise; rule 4 for a streaming calibration."""
+    asked for (rule 1), None otherwise; rule 4 for a streaming calibration; rule 6 for a
+    mixed model (`precision`)."""
     if stream is not None:
         if opts.ptq_applied():
             notes.append("equalization, bias correction, AdaRound and the exponent search are "
@@ -149,8 +160,19 @@ def weight_adjuster(fm: onnx.ModelProto, plan: Plan, data: CalibrationData,
         return None
     if not (opts.adaround or opts.bias_correction):
         return None
+    in_exps = None
+    if precision is not None:
+        from espstream.quant.mixed import reader_exponent
+
+        in_exps = {}
+        for name, info in plan.gemms.items():
+            if precision.of_node(name) != opts.bits or info.input not in exps:
+                continue  # an int16 layer of an int8 model: not adjusted (rewriter)
+            t_bits = precision.of_tensor(info.input)
+            in_exps[name] = exps[info.input] if t_bits == opts.bits else reader_exponent(
+                exps, observers or {}, plan, info.input, opts.bits, opts)
     moments = collect_moments(fm, plan, data, exps, target, opts.bits, opts.batch,
-                              second=bool(opts.adaround))
+                              second=bool(opts.adaround), in_exps=in_exps)
     return WeightAdjuster(fm, moments, opts.bits, opts.adaround, opts.bias_correction)
 
 
