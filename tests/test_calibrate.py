@@ -323,6 +323,30 @@ def test_unsupported_operator_is_named():
         make_plan(m)
 
 
+def test_operators_optimize_removes_point_to_optimize():
+    # an unoptimized export (BatchNormalization, Dropout) piped into calibrate: the line says
+    # what fixes it instead of listing every supported operator
+    scale, bias, mean, var = (np.ones(4, np.float32), np.zeros(4, np.float32),
+                              np.zeros(4, np.float32), np.ones(4, np.float32))
+    m = make_model([helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["h"],
+                                     name="bn"),
+                    helper.make_node("Dropout", ["h"], ["y"], name="drop")],
+                   {"x": [1, 4, 6]}, {"y": [1, 4, 6]},
+                   {"s": scale, "b": bias, "m": mean, "v": var})
+    with pytest.raises(UserError) as e:
+        calibrate_model(m, _data(m), report_samples=0)
+    msg = str(e.value)
+    assert "BatchNormalization (node 'bn')" in msg and "Dropout (node 'drop')" in msg
+    assert "run `espstream optimize` first" in msg and "supported:" not in msg
+    # anything else still gets the list of what calibrate takes
+    m = make_model([helper.make_node("Erf", ["x"], ["h"], name="erf0"),
+                    helper.make_node("Dropout", ["h"], ["y"], name="drop")],
+                   {"x": [1, 4]}, {"y": [1, 4]})
+    with pytest.raises(UserError, match=r"supported: .*Conv") as e:
+        calibrate_model(m, _data(m), report_samples=0)
+    assert "optimize" not in str(e.value)
+
+
 def test_batched_and_single_runs_give_the_same_exponents():
     m = rules_model()
     a = calibrate_model(m, _data(m, 40), batch=16, method="mse", report_samples=0)

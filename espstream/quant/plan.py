@@ -340,6 +340,10 @@ def make_plan(model: onnx.ModelProto) -> Plan:
     return plan
 
 
+# Operators `optimize` folds or removes from every model it accepts.
+_OPTIMIZE_REMOVES = {"BatchNormalization", "Dropout"}
+
+
 def _refuse_unsupported(nodes, float_out, spec_of) -> None:
     """One error naming every unsupported operator type that computes a float tensor (not just
     the first met), so a user sees at once all that a model needs replaced."""
@@ -353,6 +357,9 @@ def _refuse_unsupported(nodes, float_out, spec_of) -> None:
     if not bad:
         return
     supported = f"(supported: {', '.join(registry.calibrated())})"
+    if set(bad) <= _OPTIMIZE_REMOVES:  # a float export piped straight in: say what fixes it
+        supported = ("(run `espstream optimize` first: it folds BatchNormalization into the "
+                     "layer before it and removes Dropout)")
     if len(bad) == 1:
         (op, names), = bad.items()
         raise UserError(f"node {names[0]!r}: operator {op} is not supported by calibrate "
