@@ -63,40 +63,27 @@ def conv(
     """ESP-DL Conv (see `reference.conv`): x `[W, C]`/`[1, W, C]` or `[H, W, C]`/`[1, H, W, C]`,
     w `[C_out, kW, C_in/g]` or `[C_out, kH, kW, C_in/g]`, shift = e_out - e_in - e_w."""
     sp = conv_spec(x, w, bias, stride, dilation, pads, groups, shift, rounding)
-    return _conv_run(_ConvPlan(sp, rounding, relu), x)
+    return _conv_plan(sp, rounding, relu, x)(np.ascontiguousarray(x))
 
 
-class _ConvPlan:
-    """What `conv` derives from checked arguments (`conv_spec`) before running the kernel."""
-
-    def __init__(self, sp, rounding: str, relu: bool) -> None:
-        self.win = win = sp.window
-        self.c_in, self.c_out = c_in, c_out = sp.x.shape[2], sp.w.shape[0]
-        kh, kw = win.kernel
-        self.depthwise = depthwise = sp.groups == c_in == c_out and c_in > 1
-        if depthwise:  # [C, kH, kW, 1] -> [kH * kW, C]: the channel loop is innermost
-            self.w16 = np.ascontiguousarray(sp.w.reshape(c_out, kh * kw).T, dtype=np.int16)
-        else:
-            self.w16 = np.ascontiguousarray(sp.w.reshape(c_out, -1), dtype=np.int16)
-        self.acc_type = np.int32 if sp.x.dtype == np.int8 else np.int64
-        self.dtype = sp.x.dtype
-        self.bias, self.shift, self.groups = sp.bias, sp.shift, sp.groups
-        self.mode, self.relu = _MODE[rounding], bool(relu)
-
-
-def _conv_run(plan: _ConvPlan, x: np.ndarray) -> np.ndarray:
-    win = plan.win
+def _conv_plan(sp, rounding: str, relu: bool, x: np.ndarray) -> _int8.Conv:
+    """The Cython conv fixed for checked arguments (`conv_spec`) and the shape of `x`: bias,
+    shift and packed weights are derived here once, not on every call."""
+    win = sp.window
+    c_in, c_out = sp.x.shape[2], sp.w.shape[0]
     kh, kw = win.kernel
-    x16 = np.ascontiguousarray(to_hwc(x, win.nd), dtype=np.int16)
-    acc = np.empty(max(plan.c_in, 2 * plan.c_out), plan.acc_type)
-    runs = np.empty(6 * kh * kw, np.intp)
-    y = np.empty((*win.out_hw, plan.c_out), plan.dtype)
-    _int8.conv(
-        x16, plan.w16, plan.bias, plan.shift, acc, y, kh, kw, plan.groups, *win.stride,
-        *win.dilation, win.pads[0], win.pads[2], plan.mode, plan.relu, plan.depthwise, runs,
-        np.empty(3 * plan.c_out, np.int64),
+    depthwise = sp.groups == c_in == c_out and c_in > 1
+    if depthwise:  # [C, kH, kW, 1] -> [kH * kW, C]: the channel loop is innermost
+        w16 = np.ascontiguousarray(sp.w.reshape(c_out, kh * kw).T, dtype=np.int16)
+    else:
+        w16 = np.ascontiguousarray(sp.w.reshape(c_out, -1), dtype=np.int16)
+    out_shape = from_hwc(np.empty((*win.out_hw, 0)), x, win.nd).shape[:-1] + (c_out,)
+    return _int8.Conv(
+        w16, np.ascontiguousarray(sp.bias, np.int64), np.ascontiguousarray(sp.shift, np.int64),
+        tuple(win.in_hw), c_in, tuple(win.out_hw), tuple(out_shape), kh, kw, sp.groups,
+        *win.stride, *win.dilation, win.pads[0], win.pads[2], _MODE[rounding], bool(relu),
+        depthwise, sp.x.dtype == np.int8,
     )  # fmt: skip
-    return from_hwc(y, x, win.nd)
 
 
 def conv_prepared(
@@ -118,7 +105,7 @@ def conv_prepared(
     (the checks depend on nothing else), not on every call: a simulator runs each Conv node
     once per chunk. The arguments are kept, not copied: do not modify them afterwards.
     """
-    plans: dict[tuple, _ConvPlan] = {}
+    plans: dict[tuple, _int8.Conv] = {}
 
     def run(x: np.ndarray) -> np.ndarray:
         x = np.asarray(x)
@@ -126,8 +113,10 @@ def conv_prepared(
         plan = plans.get(key)
         if plan is None:
             sp = conv_spec(x, w, bias, stride, dilation, pads, groups, shift, rounding)
-            plan = plans[key] = _ConvPlan(sp, rounding, relu)
-        return _conv_run(plan, x)
+            plan = plans[key] = _conv_plan(sp, rounding, relu, x)
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        return plan(x)
 
     return run
 

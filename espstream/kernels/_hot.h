@@ -269,6 +269,104 @@ static esp_bcast_fn esp_bcast_pick(void)
 #endif
 }
 
+/* ---- All output channels of up to four pixels, AVX-512 VNNI -----------------------------
+ * The broadcast form above with vpdpwssd: one instruction multiplies the int16 pairs of 16
+ * output channels by a broadcast input pair and adds into int32 lanes (no saturation: the
+ * caller guarantees the sums fit), so there is no separate add and each weight load serves up
+ * to four pixels (X, X + step, X + 2 step, X + 3 step: neighbouring outputs with the same
+ * taps). Same packed weights as esp_bcast_* ([K / 2][cp][2], cp a multiple of 16). Writes
+ * y[p][0..C_out) for p < npix. Integer sums are exact in any order: the bits equal the others'. */
+typedef void (*esp_vnni_fn)(const int16_t *X, ptrdiff_t step, ptrdiff_t npix, const int16_t *wp,
+                            ptrdiff_t cout, ptrdiff_t cp, const ptrdiff_t *rx,
+                            const ptrdiff_t *rw, const ptrdiff_t *rn, ptrdiff_t nr,
+                            int32_t *y0, int32_t *y1, int32_t *y2, int32_t *y3);
+
+#if defined(ESP_BC_X86) && defined(__GNUC__) && (__GNUC__ >= 8 || defined(__clang__))
+#define ESP_VNNI 1
+#define ESP_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+/* NP pixels x NB blocks of 16 channels starting at channel c0; NP, NB are constants after
+ * inlining, so the 4 x 4 accumulators live in registers. */
+#define ESP_VNNI_BODY(NP, NB)                                                                  \
+    do {                                                                                       \
+        __m512i acc[4][4];                                                                     \
+        for (int p = 0; p < NP; p++)                                                           \
+            for (int j = 0; j < NB; j++)                                                       \
+                acc[p][j] = _mm512_setzero_si512();                                            \
+        for (ptrdiff_t r = 0; r < nr; r++) {                                                   \
+            const int16_t *xp = X + rx[r];                                                     \
+            const int16_t *w = wp + (rw[r] / 2 * cp + c0) * 2;                                 \
+            ptrdiff_t np_ = rn[r] / 2;                                                         \
+            for (ptrdiff_t k = 0; k < np_; k++, w += 2 * cp) {                                 \
+                __m512i wv[4], xv[4];                                                          \
+                for (int j = 0; j < NB; j++)                                                   \
+                    wv[j] = _mm512_loadu_si512((const void *)(w + 32 * j));                    \
+                for (int p = 0; p < NP; p++)                                                   \
+                    xv[p] = _mm512_set1_epi32(esp_ld_pair(xp + p * step + 2 * k));             \
+                for (int p = 0; p < NP; p++)                                                   \
+                    for (int j = 0; j < NB; j++)                                               \
+                        acc[p][j] = _mm512_dpwssd_epi32(acc[p][j], xv[p], wv[j]);              \
+            }                                                                                  \
+        }                                                                                      \
+        for (int p = 0; p < NP; p++)                                                           \
+            for (int j = 0; j < NB; j++) {                                                     \
+                ptrdiff_t left = cout - c0 - 16 * j;                                           \
+                __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);  \
+                _mm512_mask_storeu_epi32((void *)(ys[p] + c0 + 16 * j), m, acc[p][j]);         \
+            }                                                                                  \
+    } while (0)
+
+#define ESP_VNNI_FN(NP)                                                                        \
+    ESP_VNNI_TARGET static void esp_vnni_np##NP(                                               \
+        const int16_t *X, ptrdiff_t step, const int16_t *wp, ptrdiff_t cout, ptrdiff_t cp,     \
+        const ptrdiff_t *rx, const ptrdiff_t *rw, const ptrdiff_t *rn, ptrdiff_t nr,           \
+        int32_t *const *ys)                                                                    \
+    {                                                                                          \
+        ptrdiff_t c0 = 0;                                                                      \
+        for (; c0 + 64 <= cout; c0 += 64)                                                      \
+            ESP_VNNI_BODY(NP, 4);                                                              \
+        switch ((cout - c0 + 15) / 16) {                                                       \
+        case 4: ESP_VNNI_BODY(NP, 4); break;                                                   \
+        case 3: ESP_VNNI_BODY(NP, 3); break;                                                   \
+        case 2: ESP_VNNI_BODY(NP, 2); break;                                                   \
+        case 1: ESP_VNNI_BODY(NP, 1); break;                                                   \
+        default: break;                                                                        \
+        }                                                                                      \
+    }
+
+ESP_VNNI_FN(1)
+ESP_VNNI_FN(2)
+ESP_VNNI_FN(3)
+ESP_VNNI_FN(4)
+
+static void esp_vnni(const int16_t *X, ptrdiff_t step, ptrdiff_t npix, const int16_t *wp,
+                     ptrdiff_t cout, ptrdiff_t cp, const ptrdiff_t *rx, const ptrdiff_t *rw,
+                     const ptrdiff_t *rn, ptrdiff_t nr, int32_t *y0, int32_t *y1, int32_t *y2,
+                     int32_t *y3)
+{
+    int32_t *ys[4] = {y0, y1, y2, y3};
+    switch (npix) {
+    case 4: esp_vnni_np4(X, step, wp, cout, cp, rx, rw, rn, nr, ys); break;
+    case 3: esp_vnni_np3(X, step, wp, cout, cp, rx, rw, rn, nr, ys); break;
+    case 2: esp_vnni_np2(X, step, wp, cout, cp, rx, rw, rn, nr, ys); break;
+    default: esp_vnni_np1(X, step, wp, cout, cp, rx, rw, rn, nr, ys); break;
+    }
+}
+#endif
+
+/* The VNNI form where this CPU has it (AVX-512 F, BW and VNNI), else NULL: the caller then
+ * runs the two-pixel broadcast form. */
+static esp_vnni_fn esp_vnni_pick(void)
+{
+#ifdef ESP_VNNI
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vnni"))
+        return esp_vnni;
+#endif
+    return NULL;
+}
+
 /* ---- Depthwise, AVX2 -------------------------------------------------------------------
  * vpmaddwd sums lane pairs, but depthwise channels must not mix: with weights whose odd
  * channels are zeroed (we) one vpmaddwd gives the even channels' products in int32 lanes, with

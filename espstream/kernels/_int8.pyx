@@ -22,6 +22,12 @@ constant into the bias when every shift is > 0.
 from libc.stddef cimport ptrdiff_t
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
+cimport numpy as cnp
+import numpy as np
+
+cnp.import_array()
 
 
 cdef extern from "_hot.h" nogil:
@@ -52,6 +58,13 @@ cdef extern from "_hot.h" nogil:
                                ptrdiff_t nt, ptrdiff_t C, int32_t* acc)
     void esp_dw_pack(const int16_t* w, ptrdiff_t T, ptrdiff_t C, int16_t* wp)
     esp_dw_fn esp_dw_pick()
+    # Up to four pixels' output channels at once with AVX-512 VNNI (NULL without it).
+    ctypedef void (*esp_vnni_fn)(const int16_t* X, ptrdiff_t step, ptrdiff_t npix,
+                                 const int16_t* wp, ptrdiff_t cout, ptrdiff_t cp,
+                                 const ptrdiff_t* rx, const ptrdiff_t* rw, const ptrdiff_t* rn,
+                                 ptrdiff_t nr, int32_t* y0, int32_t* y1, int32_t* y2,
+                                 int32_t* y3)
+    esp_vnni_fn esp_vnni_pick()
     void esp_dw_plain(const int16_t* X, const int16_t* w, const int16_t* wp, ptrdiff_t T,
                       const ptrdiff_t* xo, const ptrdiff_t* wo, ptrdiff_t nt, ptrdiff_t C,
                       int32_t* acc)
@@ -59,6 +72,19 @@ cdef extern from "_hot.h" nogil:
 
 cdef esp_bcast_fn _bcast = esp_bcast_pick()  # AVX2, SSE2 or plain C, once per process
 cdef esp_dw_fn _dw = esp_dw_pick()  # AVX2 or plain C
+cdef esp_vnni_fn _vnni = esp_vnni_pick()  # AVX-512 VNNI or NULL (then _bcast)
+
+
+def set_no_vnni(bint off):
+    """Turn the AVX-512 VNNI conv loop off (True) or pick by CPU again (False): lets the tests
+    check the AVX2 broadcast form on a CPU that has VNNI."""
+    global _vnni
+    _vnni = NULL if off else esp_vnni_pick()
+
+
+def has_vnni():
+    """Does this process run the AVX-512 VNNI conv loop?"""
+    return _vnni != NULL
 
 
 def set_plain_depthwise(bint plain):
@@ -219,6 +245,12 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
     channels) the sums of every channel come from `_bcast` instead."""
     cdef Py_ssize_t cig = C // G, cog = cout // G, K = KH * KW * cig, T = KH * KW
     cdef Py_ssize_t oh, ow, g, co, co_end, r, i, n, nr, nr2, nr_loop, npix, step = sw * C
+    cdef Py_ssize_t maxpix = 2, p
+    cdef esp_vnni_fn vnni = NULL
+    if acc_t is int32_t:
+        if wpk != NULL and _vnni != NULL:
+            vnni = _vnni
+            maxpix = 4
     cdef Py_ssize_t* rx = runs
     cdef Py_ssize_t* rw = runs + T
     cdef Py_ssize_t* rn = runs + 2 * T
@@ -244,14 +276,28 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
         while ow < OW:
             nr = _taps(oh * sh - pt, ow * sw - pl, H, W, C, KH, KW, dh, dw, cig, rx, rw, rn)
             npix = 1
-            if ow + 1 < OW:
-                nr2 = _taps(oh * sh - pt, (ow + 1) * sw - pl, H, W, C, KH, KW, dh, dw, cig,
+            while npix < maxpix and ow + npix < OW:
+                nr2 = _taps(oh * sh - pt, (ow + npix) * sw - pl, H, W, C, KH, KW, dh, dw, cig,
                             rx2, rw2, rn2)
-                if _same_runs(nr, nr2, step, rx, rw, rn, rx2, rw2, rn2):
-                    npix = 2
+                if not _same_runs(nr, nr2, npix * step, rx, rw, rn, rx2, rw2, rn2):
+                    break
+                npix += 1
             yp = Y + (oh * OW + ow) * cout
             yq = yp + cout
             if acc_t is int32_t:
+                if vnni != NULL:  # up to 4 pixels, sums into accbuf rows
+                    vnni(X, step, npix, wpk, cout, cp, <const ptrdiff_t*>rx,
+                         <const ptrdiff_t*>rw, <const ptrdiff_t*>rn, nr, qa, qa + cout,
+                         qa + 2 * cout, qa + 3 * cout)
+                    for p in range(npix):
+                        if add32 != NULL:
+                            _rq32_row(qa + p * cout, add32, s32, lo32, hi32, yp + p * cout, cout)
+                        else:
+                            for co in range(cout):
+                                yp[p * cout + co] = <data_t>rq(qa[p * cout + co] + add[co],
+                                                               shift[co], kind, mode, lo, hi)
+                    ow += npix
+                    continue
                 if wpk != NULL:
                     _bcast(X, step if npix == 2 else 0, wpk, cout, cp, <const ptrdiff_t*>rx,
                            <const ptrdiff_t*>rw, <const ptrdiff_t*>rn, nr, qa,
@@ -418,90 +464,166 @@ cdef void _conv_depthwise(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize
                     yp[c] = <data_t>rq(acc[c] + add[c], shift[c], kind, mode, lo, hi)
 
 
-def conv(const int16_t[:, :, ::1] x, const int16_t[:, ::1] w, const int64_t[::1] bias,
-         const int64_t[::1] shift, acc_t[::1] acc, data_t[:, :, ::1] y,
-         Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t groups, Py_ssize_t sh, Py_ssize_t sw,
-         Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl, int mode, bint relu,
-         bint depthwise, Py_ssize_t[::1] runs, int64_t[::1] scratch):
-    """Conv on widened data: x [H, W, C] int16, w [C_out, K] int16 (depthwise: [kH*kW, C]),
-    bias and shift per output channel; acc: scratch of the accumulator type (int32 for int8
-    data, int64 for int16; length >= max(C, 2 * C_out)); y: output [OH, OW, C_out]; runs: scratch of
-    6 * kH * kW; scratch: 2 * C_out."""
-    cdef int64_t lo, hi, s
-    cdef Py_ssize_t c
-    cdef int kind
-    if data_t is int8_t:
-        lo, hi = -128, 127
-    else:
-        lo, hi = -32768, 32767
-    if relu:
-        lo = 0
-    cdef Py_ssize_t H = x.shape[0], W = x.shape[1], C = x.shape[2]
-    cdef Py_ssize_t OH = y.shape[0], OW = y.shape[1], cout = y.shape[2]
-    if OH == 0 or OW == 0 or cout == 0 or C == 0:
-        return
-    # When every shift is a right shift, fold the rounding constant of half-up into the bias:
-    # the kernels then do one add and one shift per output.
-    cdef int64_t* add = &scratch[0]
-    cdef int64_t* shf = &scratch[cout]
-    cdef int32_t* add32 = <int32_t*>&scratch[2 * cout]
-    cdef int64_t amax = 0
-    kind = RQ_UP if mode == HALF_UP else RQ_EVEN
-    for c in range(cout):
-        if shift[c] <= 0:
-            kind = RQ_ANY
-    for c in range(cout):
-        s = shift[c]
-        add[c] = bias[c]
-        if kind != RQ_ANY and s > 62:
-            s = 62  # as reference.round_shift: no effect on |v| < 2**61
-        if kind == RQ_UP:
-            add[c] += (<int64_t>1) << (s - 1)
-        shf[c] = s
-    # int8, half-up, one shift: requantize in int32 if acc + add cannot overflow.
-    if data_t is int8_t and kind == RQ_UP:
-        for c in range(cout):
-            if shf[c] != shf[0]:
-                add32 = NULL
-                break
-            if add[c] > amax:
-                amax = add[c]
-            elif -add[c] > amax:
-                amax = -add[c]
-        if amax + KH * KW * (C // groups) * 16384 >= 2147483647:
-            add32 = NULL
-        if add32 != NULL:
-            for c in range(cout):
-                add32[c] = <int32_t>add[c]
-    else:
-        add32 = NULL
-    # int8 data, groups == 1, even C_in: the broadcast form over packed weights (see _hot.h).
-    cdef int16_t* wpk = NULL
-    cdef int16_t* wdw = NULL
-    cdef Py_ssize_t K = w.shape[1], cp = 0
-    if data_t is int8_t and acc_t is int32_t and depthwise:
-        wdw = <int16_t*>malloc(2 * KH * KW * C * sizeof(int16_t))
-        if wdw == NULL:
-            raise MemoryError()
-        esp_dw_pack(&w[0, 0], KH * KW, C, wdw)
-    if data_t is int8_t and acc_t is int32_t:
-        if not depthwise and groups == 1 and C % 2 == 0:
-            cp = (cout + ESP_BC_BLOCK - 1) // ESP_BC_BLOCK * ESP_BC_BLOCK
-            wpk = <int16_t*>malloc(K * cp * sizeof(int16_t))
-            if wpk == NULL:
-                raise MemoryError()
-            esp_pack_pairs(&w[0, 0], cout, K, cp, wpk)
-    with nogil:
-        if depthwise:
-            _conv_depthwise(&x[0, 0, 0], H, W, C, &w[0, 0], KH, KW, sh, sw, dh, dw, pt, pl,
-                            OH, OW, add, shf, kind, mode, lo, hi, &runs[0], &acc[0],
-                            add32, wdw, &y[0, 0, 0])
+cdef class Conv:
+    """One conv layer fixed for one input shape: everything but the data is derived once
+    (bias plus rounding constant, shift kind, weights packed for the broadcast / VNNI / depthwise
+    loops), so a call only widens x to int16, runs the loop and returns a fresh output.
+
+    w: int16 [C_out, K] (depthwise: [kH * kW, C]); bias, shift: int64 [C_out]; in_hw, out_hw:
+    (H, W) of the data and of the output; out_shape: the output array's shape (the caller's
+    rank); int8: data type int8 (else int16). Calls take a C-contiguous array of in_hw x C of
+    that type, already checked by the caller (`espstream.kernels`)."""
+
+    cdef object w16, out_shape, out_dtype
+    cdef const int16_t* w
+    cdef int16_t* wpk
+    cdef int16_t* wdw
+    cdef int64_t* add
+    cdef int64_t* shf
+    cdef int32_t* add32
+    cdef Py_ssize_t H, W, C, OH, OW, cout, KH, KW, G, sh, sw, dh, dw, pt, pl, cp, nacc
+    cdef int kind, mode
+    cdef bint is8, depthwise
+    cdef int64_t lo, hi
+
+    def __cinit__(self):
+        self.wpk = NULL
+        self.wdw = NULL
+        self.add = NULL
+
+    def __init__(self, w16, const int64_t[::1] bias, const int64_t[::1] shift, tuple in_hw,
+                 Py_ssize_t C, tuple out_hw, tuple out_shape, Py_ssize_t KH, Py_ssize_t KW,
+                 Py_ssize_t groups, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw,
+                 Py_ssize_t pt, Py_ssize_t pl, int mode, bint relu, bint depthwise, bint int8):
+        cdef const int16_t[:, ::1] wv = w16
+        cdef Py_ssize_t c, cout = bias.shape[0], K = wv.shape[1]
+        cdef int64_t s, amax = 0
+        self.w16 = w16  # kept alive: self.w points into it
+        self.w = &wv[0, 0] if wv.shape[0] * wv.shape[1] else NULL
+        self.H, self.W = in_hw
+        self.OH, self.OW = out_hw
+        self.C, self.cout, self.KH, self.KW, self.G = C, cout, KH, KW, groups
+        self.sh, self.sw, self.dh, self.dw, self.pt, self.pl = sh, sw, dh, dw, pt, pl
+        self.mode, self.is8, self.depthwise = mode, int8, depthwise
+        self.out_shape = out_shape
+        self.out_dtype = np.int8 if int8 else np.int16
+        self.nacc = max(C, 4 * cout, 1)
+        if int8:
+            self.lo, self.hi = -128, 127
         else:
-            _conv_general(&x[0, 0, 0], H, W, C, &w[0, 0], cout, KH, KW, groups, sh, sw, dh, dw,
-                          pt, pl, OH, OW, add, shf, kind, mode, lo, hi,
-                          &runs[0], &acc[0], add32, wpk, cp, &y[0, 0, 0])
-    free(wpk)
-    free(wdw)
+            self.lo, self.hi = -32768, 32767
+        if relu:
+            self.lo = 0
+        # add[c] = bias (+ the half-up rounding constant when every shift is a right shift),
+        # shf, then add32: the int32 copy when int8, half-up, one shift and no overflow.
+        self.add = <int64_t*>malloc((3 * cout + 1) * sizeof(int64_t))
+        if self.add == NULL:
+            raise MemoryError()
+        self.shf = self.add + cout
+        self.add32 = <int32_t*>(self.add + 2 * cout)
+        self.kind = RQ_UP if mode == HALF_UP else RQ_EVEN
+        for c in range(cout):
+            if shift[c] <= 0:
+                self.kind = RQ_ANY
+        for c in range(cout):
+            s = shift[c]
+            self.add[c] = bias[c]
+            if self.kind != RQ_ANY and s > 62:
+                s = 62  # as reference.round_shift: no effect on |v| < 2**61
+            if self.kind == RQ_UP:
+                self.add[c] += (<int64_t>1) << (s - 1)
+            self.shf[c] = s
+        if int8 and self.kind == RQ_UP:
+            for c in range(cout):
+                if self.shf[c] != self.shf[0]:
+                    self.add32 = NULL
+                    break
+                if self.add[c] > amax:
+                    amax = self.add[c]
+                elif -self.add[c] > amax:
+                    amax = -self.add[c]
+            if amax + KH * KW * (C // groups) * 16384 >= 2147483647:
+                self.add32 = NULL
+            if self.add32 != NULL:
+                for c in range(cout):
+                    self.add32[c] = <int32_t>self.add[c]
+        else:
+            self.add32 = NULL
+        self.cp = 0
+        if int8 and depthwise and C > 0:
+            self.wdw = <int16_t*>malloc(2 * KH * KW * C * sizeof(int16_t))
+            if self.wdw == NULL:
+                raise MemoryError()
+            esp_dw_pack(self.w, KH * KW, C, self.wdw)
+        if int8 and not depthwise and groups == 1 and C % 2 == 0 and K > 0 and cout > 0:
+            self.cp = (cout + ESP_BC_BLOCK - 1) // ESP_BC_BLOCK * ESP_BC_BLOCK
+            self.wpk = <int16_t*>malloc(K * self.cp * sizeof(int16_t))
+            if self.wpk == NULL:
+                raise MemoryError()
+            esp_pack_pairs(self.w, cout, K, self.cp, self.wpk)
+
+    def __dealloc__(self):
+        free(self.wpk)
+        free(self.wdw)
+        free(self.add)
+
+    def __call__(self, x):
+        """The output for x (C-contiguous, in_hw x C, the data type): a new array."""
+        cdef cnp.ndarray xa = <cnp.ndarray>x
+        cdef cnp.ndarray y = np.empty(self.out_shape, self.out_dtype)
+        cdef Py_ssize_t n = self.H * self.W * self.C, i
+        if self.OH == 0 or self.OW == 0 or self.cout == 0 or self.C == 0:
+            return y
+        cdef int16_t* x16 = <int16_t*>malloc((n + 1) * sizeof(int16_t))
+        cdef void* acc = malloc(self.nacc * (4 if self.is8 else 8))
+        cdef Py_ssize_t* runs = <Py_ssize_t*>malloc(6 * self.KH * self.KW * sizeof(Py_ssize_t))
+        cdef const int8_t* x8
+        cdef const int16_t* xs
+        if x16 == NULL or acc == NULL or runs == NULL:
+            free(x16)
+            free(acc)
+            free(runs)
+            raise MemoryError()
+        with nogil:
+            if self.is8:
+                x8 = <const int8_t*>cnp.PyArray_DATA(xa)
+                for i in range(n):
+                    x16[i] = x8[i]
+                self._run8(x16, runs, <int32_t*>acc, <int8_t*>cnp.PyArray_DATA(y))
+            else:
+                xs = <const int16_t*>cnp.PyArray_DATA(xa)
+                memcpy(x16, xs, n * sizeof(int16_t))
+                self._run16(x16, runs, <int64_t*>acc, <int16_t*>cnp.PyArray_DATA(y))
+        free(x16)
+        free(acc)
+        free(runs)
+        return y
+
+    cdef void _run8(self, const int16_t* x16, Py_ssize_t* runs, int32_t* acc,
+                    int8_t* y) noexcept nogil:
+        if self.depthwise:
+            _conv_depthwise(x16, self.H, self.W, self.C, self.w, self.KH, self.KW, self.sh,
+                            self.sw, self.dh, self.dw, self.pt, self.pl, self.OH, self.OW,
+                            self.add, self.shf, self.kind, self.mode, self.lo, self.hi, runs,
+                            acc, self.add32, self.wdw, y)
+        else:
+            _conv_general(x16, self.H, self.W, self.C, self.w, self.cout, self.KH, self.KW,
+                          self.G, self.sh, self.sw, self.dh, self.dw, self.pt, self.pl,
+                          self.OH, self.OW, self.add, self.shf, self.kind, self.mode, self.lo,
+                          self.hi, runs, acc, self.add32, self.wpk, self.cp, y)
+
+    cdef void _run16(self, const int16_t* x16, Py_ssize_t* runs, int64_t* acc,
+                     int16_t* y) noexcept nogil:
+        if self.depthwise:
+            _conv_depthwise(x16, self.H, self.W, self.C, self.w, self.KH, self.KW, self.sh,
+                            self.sw, self.dh, self.dw, self.pt, self.pl, self.OH, self.OW,
+                            self.add, self.shf, self.kind, self.mode, self.lo, self.hi, runs,
+                            acc, <int32_t*>NULL, <int16_t*>NULL, y)
+        else:
+            _conv_general(x16, self.H, self.W, self.C, self.w, self.cout, self.KH, self.KW,
+                          self.G, self.sh, self.sw, self.dh, self.dw, self.pt, self.pl,
+                          self.OH, self.OW, self.add, self.shf, self.kind, self.mode, self.lo,
+                          self.hi, runs, acc, <int32_t*>NULL, <int16_t*>NULL, 0, y)
 
 
 def avgpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, float[::1] acc,
