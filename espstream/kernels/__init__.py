@@ -14,10 +14,12 @@ rounding conventions). A simulator can take either module:
   float32 path;
 - `maxpool(x, kernel, *, stride, dilation, pads)`: MaxPool over valid taps;
 - `requantize(x, shift, *, rounding, dtype)`: RequantizeLinear;
-- `add(a, b)`, `sub(a, b)`, `mul(a, b, shift, *, rounding, dtype)`: elementwise, NumPy in
-  both modules; here computed in the narrowest type that holds every intermediate exactly
-  (int16 for int8 sums, int32 for int16 sums and int8 products) and saturated in place, where
-  the reference widens to int64; outside those ranges the reference itself runs.
+- `add(a, b)`, `sub(a, b)`, `mul(a, b, shift, *, rounding, dtype)`: elementwise; here computed
+  in the narrowest type that holds every intermediate exactly (int16 for int8 sums, int32 for
+  int16 sums and int8 products), same-shape add / sub and requantize of int8 / int16 data in
+  one C pass (`_hot.h`), where the reference widens to int64; outside those ranges the
+  reference itself runs;
+- `cache_step(kept, x, window, axis)`: one StreamingCache call, (output, frames kept).
 
 Arguments are checked by the shared helpers in `reference` (a bad shape or parameter raises
 ValueError naming it); the Cython kernels run without the GIL.
@@ -42,7 +44,8 @@ from espstream.kernels.reference import (
     to_hwc,
 )
 
-__all__ = ["conv", "conv_prepared", "avgpool", "maxpool", "requantize", "add", "sub", "mul"]
+__all__ = ["conv", "conv_prepared", "avgpool", "maxpool", "requantize", "add", "sub", "mul",
+           "cache_step"]
 
 _MODE = {"half_up": 0, "half_even": 1}
 
@@ -181,7 +184,11 @@ def requantize(
         raise ValueError(f"requantize takes int8, int16 or int32 data, got {x.dtype}")
     out = np.dtype(x.dtype if dtype is None else dtype)
     int_range(out)
-    wide = _shift_type(x.dtype, int(shift))
+    shift = int(shift)
+    if x.dtype.itemsize <= 2 and -15 <= shift <= 30:  # one pass, int32 intermediates (_hot.h)
+        return _int8.requantize_narrow(np.ascontiguousarray(x), shift, rounding == "half_even",
+                                       out == np.int8)
+    wide = _shift_type(x.dtype, shift)
     if wide is not None:
         return _saturate(_round_shift(x, int(shift), rounding, wide), out)
     flat = np.ascontiguousarray(x).reshape(-1)
@@ -245,9 +252,18 @@ def _operands(a: np.ndarray, b: np.ndarray, what: str) -> tuple[np.ndarray, np.n
     return a, b
 
 
+def _same_flat(a: np.ndarray, b: np.ndarray) -> bool:
+    """One shape, int8 / int16, both C-contiguous: the flat loop of _hot.h applies."""
+    return (a.shape == b.shape and a.dtype in _SUM_TYPE and a.flags.c_contiguous
+            and b.flags.c_contiguous)
+
+
 def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Saturating integer Add (see `reference.add`): the sum in int16 / int32, clipped in place."""
+    """Saturating integer Add (see `reference.add`): the sum in int16 / int32, clipped in place
+    (same-shape operands: one pass in C)."""
     a, b = _operands(a, b, "add")
+    if _same_flat(a, b):
+        return _int8.addsub(a, b, False)
     wide = _SUM_TYPE.get(a.dtype)
     if wide is None:
         return _ref.add(a, b)
@@ -257,6 +273,8 @@ def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Saturating integer Sub (see `reference.sub`)."""
     a, b = _operands(a, b, "sub")
+    if _same_flat(a, b):
+        return _int8.addsub(a, b, True)
     wide = _SUM_TYPE.get(a.dtype)
     if wide is None:
         return _ref.sub(a, b)
@@ -284,3 +302,14 @@ def mul(
             np.left_shift(p, -shift, out=p)
         return _saturate(p, out)
     return _saturate(_round_shift(p, shift, rounding, np.dtype(np.int32)), out)
+
+
+def cache_step(kept: np.ndarray | None, x: np.ndarray, window: int,
+               axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """StreamingCache's step (see `reference.cache_step`), three memcpy's in C."""
+    x = np.asarray(x)
+    kept_shape, out_shape = _ref.cache_shapes(x, window, axis)
+    if kept is None:
+        kept = np.zeros(kept_shape, x.dtype)
+    _ref.check_kept(kept, kept_shape, x)
+    return _int8.cache_step(np.ascontiguousarray(kept), np.ascontiguousarray(x), out_shape)

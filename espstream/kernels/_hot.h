@@ -431,6 +431,64 @@ static esp_dw_fn esp_dw_pick(void)
     return esp_dw_plain;
 }
 
+/* ---- Elementwise (flat arrays) -----------------------------------------------------------
+ * Saturating add / sub of int8 (sums in int16) or int16 (sums in int32): exact, then clipped.
+ * Requantize of int8 / int16 data with one shift s in [-15, 30]: every intermediate of
+ * round(v * 2**-s) fits int32 (|v| << 15 <= 2**30, |v| + 2**29 < 2**31), half-up or half-even
+ * (even != 0), then saturation to [lo, hi]. Each loop is one pass the compiler vectorises. */
+#define ESP_ADDSUB(NAME, T, W)                                                                 \
+    ESP_HOT static void NAME(const T *a, const T *b, T *y, ptrdiff_t n, int sub, W lo, W hi)   \
+    {                                                                                          \
+        if (sub) {                                                                             \
+            for (ptrdiff_t i = 0; i < n; i++) {                                                \
+                W v = (W)a[i] - (W)b[i];                                                       \
+                v = v < lo ? lo : v;                                                           \
+                y[i] = (T)(v > hi ? hi : v);                                                   \
+            }                                                                                  \
+        } else {                                                                               \
+            for (ptrdiff_t i = 0; i < n; i++) {                                                \
+                W v = (W)a[i] + (W)b[i];                                                       \
+                v = v < lo ? lo : v;                                                           \
+                y[i] = (T)(v > hi ? hi : v);                                                   \
+            }                                                                                  \
+        }                                                                                      \
+    }
+ESP_ADDSUB(esp_addsub_i8, int8_t, int16_t)
+ESP_ADDSUB(esp_addsub_i16, int16_t, int32_t)
+
+#define ESP_RQ(NAME, S, D)                                                                     \
+    ESP_HOT static void NAME(const S *x, D *y, ptrdiff_t n, int32_t s, int even, int32_t lo,   \
+                             int32_t hi)                                                       \
+    {                                                                                          \
+        if (s <= 0) {                                                                          \
+            int32_t m = (int32_t)1 << -s;                                                      \
+            for (ptrdiff_t i = 0; i < n; i++) {                                                \
+                int32_t v = (int32_t)x[i] * m;                                                 \
+                v = v < lo ? lo : v;                                                           \
+                y[i] = (D)(v > hi ? hi : v);                                                   \
+            }                                                                                  \
+        } else if (!even) {                                                                    \
+            int32_t h = (int32_t)1 << (s - 1);                                                 \
+            for (ptrdiff_t i = 0; i < n; i++) {                                                \
+                int32_t v = ((int32_t)x[i] + h) >> s;                                          \
+                v = v < lo ? lo : v;                                                           \
+                y[i] = (D)(v > hi ? hi : v);                                                   \
+            }                                                                                  \
+        } else {                                                                               \
+            int32_t h = (int32_t)1 << (s - 1), mask = (h << 1) - 1;                            \
+            for (ptrdiff_t i = 0; i < n; i++) {                                                \
+                int32_t v = x[i], q = v >> s, r = v & mask;                                    \
+                q += (r > h) | ((r == h) & (q & 1));                                           \
+                q = q < lo ? lo : q;                                                           \
+                y[i] = (D)(q > hi ? hi : q);                                                   \
+            }                                                                                  \
+        }                                                                                      \
+    }
+ESP_RQ(esp_rq_i8_i8, int8_t, int8_t)
+ESP_RQ(esp_rq_i8_i16, int8_t, int16_t)
+ESP_RQ(esp_rq_i16_i8, int16_t, int8_t)
+ESP_RQ(esp_rq_i16_i16, int16_t, int16_t)
+
 /* Throughput probe for benchmarks/kernels.py: n rounds of 10 independent vpmaddwd (16 MACs
  * each). Returns a nonzero checksum so the loop is not removed; 0 where AVX2 is not compiled
  * in or the CPU lacks it. */

@@ -65,6 +65,19 @@ cdef extern from "_hot.h" nogil:
                                  ptrdiff_t nr, int32_t* y0, int32_t* y1, int32_t* y2,
                                  int32_t* y3)
     esp_vnni_fn esp_vnni_pick()
+    # Flat elementwise loops (saturating add / sub, requantize with int32 intermediates).
+    void esp_addsub_i8(const int8_t* a, const int8_t* b, int8_t* y, ptrdiff_t n, int sub,
+                       int16_t lo, int16_t hi)
+    void esp_addsub_i16(const int16_t* a, const int16_t* b, int16_t* y, ptrdiff_t n, int sub,
+                        int32_t lo, int32_t hi)
+    void esp_rq_i8_i8(const int8_t* x, int8_t* y, ptrdiff_t n, int32_t s, int even, int32_t lo,
+                      int32_t hi)
+    void esp_rq_i8_i16(const int8_t* x, int16_t* y, ptrdiff_t n, int32_t s, int even,
+                       int32_t lo, int32_t hi)
+    void esp_rq_i16_i8(const int16_t* x, int8_t* y, ptrdiff_t n, int32_t s, int even,
+                       int32_t lo, int32_t hi)
+    void esp_rq_i16_i16(const int16_t* x, int16_t* y, ptrdiff_t n, int32_t s, int even,
+                        int32_t lo, int32_t hi)
     void esp_dw_plain(const int16_t* X, const int16_t* w, const int16_t* wp, ptrdiff_t T,
                       const ptrdiff_t* xo, const ptrdiff_t* wo, ptrdiff_t nt, ptrdiff_t C,
                       int32_t* acc)
@@ -743,3 +756,58 @@ def madd_probe(int64_t n):
     with nogil:
         r = esp_madd_probe(n)
     return r
+
+
+def addsub(cnp.ndarray a, cnp.ndarray b, bint sub):
+    """Saturating a + b (a - b if sub) of two C-contiguous int8 or int16 arrays of one shape
+    and type (the caller checks): a new array."""
+    cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(a), cnp.PyArray_DIMS(a),
+                                           cnp.PyArray_TYPE(a), 0)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(a)
+    cdef int t = cnp.PyArray_TYPE(a)
+    cdef void* pa = cnp.PyArray_DATA(a)
+    cdef void* pb = cnp.PyArray_DATA(b)
+    cdef void* py = cnp.PyArray_DATA(y)
+    with nogil:
+        if t == cnp.NPY_INT8:
+            esp_addsub_i8(<const int8_t*>pa, <const int8_t*>pb, <int8_t*>py, n, sub, -128, 127)
+        else:
+            esp_addsub_i16(<const int16_t*>pa, <const int16_t*>pb, <int16_t*>py, n, sub,
+                           -32768, 32767)
+    return y
+
+
+def requantize_narrow(cnp.ndarray x, int32_t shift, bint even, bint out8):
+    """saturate(round(x * 2**-shift)) of a C-contiguous int8 or int16 array, shift in
+    [-15, 30] (the caller checks), into a new int8 (out8) or int16 array of x's shape."""
+    cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x),
+                                           cnp.NPY_INT8 if out8 else cnp.NPY_INT16, 0)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(x)
+    cdef bint in8 = cnp.PyArray_TYPE(x) == cnp.NPY_INT8
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* py = cnp.PyArray_DATA(y)
+    with nogil:
+        if in8 and out8:
+            esp_rq_i8_i8(<const int8_t*>px, <int8_t*>py, n, shift, even, -128, 127)
+        elif in8:
+            esp_rq_i8_i16(<const int8_t*>px, <int16_t*>py, n, shift, even, -32768, 32767)
+        elif out8:
+            esp_rq_i16_i8(<const int16_t*>px, <int8_t*>py, n, shift, even, -128, 127)
+        else:
+            esp_rq_i16_i16(<const int16_t*>px, <int16_t*>py, n, shift, even, -32768, 32767)
+    return y
+
+
+def cache_step(cnp.ndarray kept, cnp.ndarray x, tuple out_shape):
+    """StreamingCache's byte-flat step on C-contiguous arrays of one type: out = [kept ; x]
+    (shape out_shape), new kept = the last kept.size elements of out. Returns (out, kept)."""
+    cdef cnp.ndarray out = np.empty(out_shape, x.dtype)
+    cdef cnp.ndarray nxt = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(kept), cnp.PyArray_DIMS(kept),
+                                             cnp.PyArray_TYPE(kept), 0)
+    cdef size_t kb = cnp.PyArray_NBYTES(kept), xb = cnp.PyArray_NBYTES(x)
+    cdef char* po = <char*>cnp.PyArray_DATA(out)
+    with nogil:
+        memcpy(po, cnp.PyArray_DATA(kept), kb)
+        memcpy(po + kb, cnp.PyArray_DATA(x), xb)
+        memcpy(cnp.PyArray_DATA(nxt), po + xb, kb)
+    return out, nxt
