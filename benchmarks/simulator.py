@@ -109,8 +109,14 @@ def make_contenders(res, x: np.ndarray, chunk: int):
     ort_st = ort_session(st_q)
     st_inputs = {i.name: i for i in st_q.graph.input}
 
+    # other inputs (a GRU / LSTM's initial state): zeros, for both engines
+    off_feeds = {name: x}
+    for i in off_q.graph.input[1:]:
+        off_feeds[i.name] = np.zeros([d.dim_value for d in i.type.tensor_type.shape.dim],
+                                     np.float32)
+
     def ort_offline():
-        ort_off.run(None, {name: x})
+        ort_off.run(None, off_feeds)
 
     states0 = {}
     for sin, _so in meta.states:
@@ -131,17 +137,34 @@ def make_contenders(res, x: np.ndarray, chunk: int):
 
     r_off = Int8Runner(off_q, "offline")
     r_st = Int8Runner(st_q, "streaming")
-    q_off = {name: r_off.quantize(name, x)}
-    q_chunks = [{name: r_st.quantize(name, c)} for c in chunks]
     sim_off, sim_st = r_off.sim, r_st.sim
+    q_off = {name: r_off.quantize(name, x)}
+    for vi in sim_off.graph.inputs:
+        if vi.name != name:
+            q_off[vi.name] = np.zeros(vi.shape, vi.dtype)
+    q_chunks = [{name: r_st.quantize(name, c)} for c in chunks]
+    # GRU / LSTM states of the streaming model: zeros at start, each call's output fed back
+    # (as `espstream.sim.run_chunks` and the application do)
+    recurrent = json.loads(sim_st.graph.metadata.get("espstream.recurrent_states", "[]"))
+    state0 = {r["input"]: np.zeros(sim_st.graph.value_info(r["input"]).shape,
+                                   sim_st.graph.value_info(r["input"]).dtype) for r in recurrent}
+
+    def chunked(sim, qs):
+        sim.reset()
+        state = dict(state0)
+        outs = []
+        for q in qs:
+            res = sim.run({**q, **state})
+            for r in recurrent:
+                state[r["input"]] = res[r["output"]]
+            outs.append(res)
+        return outs
 
     def sim_offline():
         sim_off.run(q_off)
 
     def sim_chunked():
-        sim_st.reset()
-        for q in q_chunks:
-            sim_st.run(q)
+        chunked(sim_st, q_chunks)
 
     # bit-exactness guard: fast kernels == NumPy twin, offline and chunked (first 4 chunks)
     ref_off = Simulator(lower(off_q), reference, check_shapes=False)
@@ -149,9 +172,7 @@ def make_contenders(res, x: np.ndarray, chunk: int):
     want = ref_off.run(q_off)
     ok = all(np.array_equal(got[k], want[k]) for k in want)
     ref_st = Simulator(lower(st_q), reference)
-    sim_st.reset()
-    for q in q_chunks[:4]:
-        g, w = sim_st.run(q), ref_st.run(q)
+    for g, w in zip(chunked(sim_st, q_chunks[:4]), chunked(ref_st, q_chunks[:4]), strict=True):
         ok = ok and all(np.array_equal(g[k], w[k]) for k in w)
     return T - T % chunk, ok, {
         "offline": (sim_offline, ort_offline),
