@@ -489,6 +489,156 @@ ESP_RQ(esp_rq_i8_i16, int8_t, int16_t)
 ESP_RQ(esp_rq_i16_i8, int16_t, int8_t)
 ESP_RQ(esp_rq_i16_i16, int16_t, int16_t)
 
+/* ---- GRU / LSTM time loop (espstream/ops/recurrent.py's rnn_forward, in C) ----------------
+ * The same integer and float32 steps in the same order as rnn_forward (its docstring has the
+ * rules); float32 arithmetic must stay IEEE single operations one by one, so this code is never
+ * cloned for other instruction sets and contraction into FMAs is turned off. The caller checks
+ * the ranges (shifts in [-20, 62], rows short enough that no float conversion overflows). */
+#if defined(__clang__)
+#define ESP_NO_CONTRACT _Pragma("clang fp contract(off)")
+#else
+#define ESP_NO_CONTRACT
+#endif
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+#include <math.h>
+
+typedef struct {
+    int lstm, dirs, p4, pie_w, pie_r;  /* p4: esp32p4 (rint, PIE ties to even), else floor / up */
+    ptrdiff_t H, nin, seq;       /* hidden size, input features, frames */
+    const int32_t *w[2], *r[2];        /* [G * H, I], [G * H, H] */
+    const int64_t *wb[2], *rb[2];      /* [G * H] or NULL */
+    int w_shift, r_shift;
+    const float *sig, *tnh;            /* gate tables [qmax + 1] */
+    int64_t sig_qmin, sig_qmax, tnh_qmin, tnh_qmax;
+    float resc_y, resc_c;
+    int64_t lo, hi;
+} esp_rnn_args;
+
+static inline int64_t esp_round_c(float v, int p4)
+{
+    ESP_NO_CONTRACT
+    if (p4)
+        return (int64_t)rintf(v);
+    return (int64_t)floorf((float)((double)v + 0.5));
+}
+
+static inline int64_t esp_wrap16(int64_t v) { return ((v + 32768) & 0xFFFF) - 32768; }
+
+static inline int64_t esp_sat(int64_t v, int64_t lo, int64_t hi)
+{
+    return v < lo ? lo : (v > hi ? hi : v);
+}
+
+static inline float esp_lut(const float *t, int64_t qmin, int64_t qmax, int odd, int64_t i)
+{
+    ESP_NO_CONTRACT
+    if (i >= 0)
+        return t[i < qmax ? i : qmax];
+    float v = t[i > qmin ? -i : qmax];
+    return odd ? -v : 1.0f - v;
+}
+
+static inline int64_t esp_mat_row(const int32_t *m, const int64_t *v, ptrdiff_t n, int shift,
+                                  int pie, int p4)
+{
+    ESP_NO_CONTRACT
+    int64_t acc = 0, out;
+    for (ptrdiff_t k = 0; k < n; k++)
+        acc += (int64_t)m[k] * v[k];
+    if (pie) {  /* shift >= 0 */
+        int s = shift > 62 ? 62 : shift;
+        if (s == 0) {
+            out = acc;
+        } else if (p4) {
+            int64_t q = acc >> s, rest = acc - (q << s), half = (int64_t)1 << (s - 1);
+            out = q + ((rest > half) | ((rest == half) & (q & 1)));
+        } else {
+            out = (acc + ((int64_t)1 << (s - 1))) >> s;
+        }
+    } else {
+        float scale = (float)ldexp(1.0, -shift);
+        out = esp_round_c((float)acc * scale, p4);
+    }
+    return esp_sat(out, -32768, 32767);
+}
+
+/* x [seq, nin] (int64), h0 / c0 [dirs, H] or NULL; y [seq, dirs, H], yh, yc [dirs, H]; scratch:
+ * 2 * G * H + 3 * H int64. */
+static void esp_rnn(const esp_rnn_args *a, const int64_t *x, const int64_t *h0,
+                    const int64_t *c0, int64_t *y, int64_t *yh, int64_t *yc, int64_t *scratch)
+{
+    ESP_NO_CONTRACT
+    ptrdiff_t H = a->H, nin = a->nin, G = a->lstm ? 4 : 3, GH = G * H;
+    int64_t *ic = scratch, *hc = scratch + GH, *h = hc + GH, *c = h + H, *hx = c + H;
+    for (int d = 0; d < a->dirs; d++) {
+        for (ptrdiff_t j = 0; j < H; j++) {
+            h[j] = h0 ? h0[d * H + j] : 0;
+            c[j] = c0 ? c0[d * H + j] : 0;
+        }
+        for (ptrdiff_t st = 0; st < a->seq; st++) {
+            ptrdiff_t s = d == 0 ? st : a->seq - 1 - st;
+            const int64_t *xs = x + s * nin;
+            for (ptrdiff_t k = 0; k < GH; k++) {
+                ic[k] = esp_mat_row(a->w[d] + k * nin, xs, nin, a->w_shift, a->pie_w, a->p4);
+                hc[k] = esp_mat_row(a->r[d] + k * H, h, H, a->r_shift, a->pie_r, a->p4);
+            }
+            if (!a->lstm) {
+                if (a->wb[d]) {
+                    for (ptrdiff_t k = 0; k < GH; k++) {
+                        ic[k] = esp_wrap16(ic[k] + a->wb[d][k]);
+                        hc[k] = esp_wrap16(hc[k] + a->rb[d][k]);
+                    }
+                }
+                for (ptrdiff_t j = 0; j < H; j++) {
+                    float z = esp_lut(a->sig, a->sig_qmin, a->sig_qmax, 0, ic[j] + hc[j]);
+                    float r = esp_lut(a->sig, a->sig_qmin, a->sig_qmax, 0,
+                                      ic[H + j] + hc[H + j]);
+                    float hn = (float)hc[2 * H + j], icn = (float)ic[2 * H + j];
+                    float rh = r * hn;
+                    int64_t idx = esp_round_c(icn + rh, a->p4);
+                    float n = esp_lut(a->tnh, a->tnh_qmin, a->tnh_qmax, 1, idx);
+                    float tmp = ((1.0f - z) * n) * a->resc_y;
+                    float zh = z * (float)h[j];
+                    tmp = tmp + zh;
+                    hx[j] = esp_sat(esp_round_c(tmp, a->p4), a->lo, a->hi);
+                }
+            } else {
+                for (ptrdiff_t k = 0; k < GH; k++)
+                    ic[k] = a->wb[d] ? esp_wrap16(ic[k] + (a->wb[d][k] + hc[k] + a->rb[d][k]))
+                                     : esp_wrap16(ic[k] + hc[k]);
+                for (ptrdiff_t j = 0; j < H; j++) {
+                    float ig_ = esp_lut(a->sig, a->sig_qmin, a->sig_qmax, 0, ic[j]);
+                    float og = esp_lut(a->sig, a->sig_qmin, a->sig_qmax, 0, ic[H + j]);
+                    float fg = esp_lut(a->sig, a->sig_qmin, a->sig_qmax, 0, ic[2 * H + j]);
+                    float gg = esp_lut(a->tnh, a->tnh_qmin, a->tnh_qmax, 1, ic[3 * H + j]);
+                    float ig = (ig_ * gg) * a->resc_c;
+                    float fc = fg * (float)c[j];
+                    float tmp = fc + ig;
+                    c[j] = esp_wrap16(esp_round_c(tmp, a->p4));
+                    float t2 = (og * esp_lut(a->tnh, a->tnh_qmin, a->tnh_qmax, 1, c[j]))
+                               * a->resc_y;
+                    hx[j] = esp_sat(esp_round_c(t2, a->p4), a->lo, a->hi);
+                }
+            }
+            for (ptrdiff_t j = 0; j < H; j++) {
+                h[j] = hx[j];
+                y[(s * a->dirs + d) * H + j] = h[j];
+            }
+        }
+        for (ptrdiff_t j = 0; j < H; j++) {
+            yh[d * H + j] = h[j];
+            if (yc)
+                yc[d * H + j] = c[j];
+        }
+    }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
 /* Throughput probe for benchmarks/kernels.py: n rounds of 10 independent vpmaddwd (16 MACs
  * each). Returns a nonzero checksum so the loop is not removed; 0 where AVX2 is not compiled
  * in or the CPU lacks it. */

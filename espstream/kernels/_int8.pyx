@@ -65,6 +65,22 @@ cdef extern from "_hot.h" nogil:
                                  ptrdiff_t nr, int32_t* y0, int32_t* y1, int32_t* y2,
                                  int32_t* y3)
     esp_vnni_fn esp_vnni_pick()
+    # GRU / LSTM time loop (recurrent.py's rnn_forward in C).
+    ctypedef struct esp_rnn_args:
+        int lstm, dirs, p4, pie_w, pie_r
+        ptrdiff_t H, nin, seq
+        const int32_t* w[2]
+        const int32_t* r[2]
+        const int64_t* wb[2]
+        const int64_t* rb[2]
+        int w_shift, r_shift
+        const float* sig
+        const float* tnh
+        int64_t sig_qmin, sig_qmax, tnh_qmin, tnh_qmax
+        float resc_y, resc_c
+        int64_t lo, hi
+    void esp_rnn(const esp_rnn_args* a, const int64_t* x, const int64_t* h0, const int64_t* c0,
+                 int64_t* y, int64_t* yh, int64_t* yc, int64_t* scratch)
     # Flat elementwise loops (saturating add / sub, requantize with int32 intermediates).
     void esp_addsub_i8(const int8_t* a, const int8_t* b, int8_t* y, ptrdiff_t n, int sub,
                        int16_t lo, int16_t hi)
@@ -811,3 +827,92 @@ def cache_step(cnp.ndarray kept, cnp.ndarray x, tuple out_shape):
         memcpy(po + kb, cnp.PyArray_DATA(x), xb)
         memcpy(cnp.PyArray_DATA(nxt), po + xb, kb)
     return out, nxt
+
+
+cdef class Rnn:
+    """One ESP-DL GRU / LSTM node's time loop in C (`esp_rnn` of _hot.h; the rules and the
+    NumPy twin are `espstream.ops.recurrent.rnn_forward`). Built from that module's operands,
+    called with x [seq, I] and the initial states as int64 arrays (None: zeros)."""
+
+    cdef esp_rnn_args a
+    cdef list keep
+    cdef Py_ssize_t G
+
+    def __init__(self, bint lstm, list w, list r, list wb, list rb, int w_shift, int r_shift,
+                 bint pie_w, bint pie_r, bint p4, sig, int64_t sig_qmin, int64_t sig_qmax,
+                 tnh, int64_t tnh_qmin, int64_t tnh_qmax, float resc_y, float resc_c,
+                 int64_t lo, int64_t hi):
+        cdef Py_ssize_t d
+        cdef const int32_t[:, ::1] m
+        cdef const int64_t[::1] b
+        cdef const float[::1] t
+        self.keep = []
+        self.a.lstm, self.a.dirs, self.a.p4 = lstm, len(w), p4
+        self.a.pie_w, self.a.pie_r = pie_w, pie_r
+        self.a.w_shift, self.a.r_shift = w_shift, r_shift
+        self.G = 4 if lstm else 3
+        for d in range(len(w)):
+            m = np.ascontiguousarray(w[d], np.int32)
+            self.keep.append(m)
+            self.a.w[d] = &m[0, 0]
+            self.a.nin = m.shape[1]
+            self.a.H = m.shape[0] // self.G
+            m = np.ascontiguousarray(r[d], np.int32)
+            self.keep.append(m)
+            self.a.r[d] = &m[0, 0]
+            self.a.wb[d] = NULL
+            self.a.rb[d] = NULL
+            if wb[d] is not None:
+                b = np.ascontiguousarray(wb[d], np.int64)
+                self.keep.append(b)
+                self.a.wb[d] = &b[0]
+                b = np.ascontiguousarray(rb[d], np.int64)
+                self.keep.append(b)
+                self.a.rb[d] = &b[0]
+        t = np.ascontiguousarray(sig, np.float32)
+        self.keep.append(t)
+        self.a.sig = &t[0]
+        t = np.ascontiguousarray(tnh, np.float32)
+        self.keep.append(t)
+        self.a.tnh = &t[0]
+        self.a.sig_qmin, self.a.sig_qmax = sig_qmin, sig_qmax
+        self.a.tnh_qmin, self.a.tnh_qmax = tnh_qmin, tnh_qmax
+        self.a.resc_y, self.a.resc_c, self.a.lo, self.a.hi = resc_y, resc_c, lo, hi
+
+    def __call__(self, x, h0, c0):
+        """(Y [seq, dirs, H], Y_h [dirs, H], Y_c [dirs, H] or None), int64."""
+        cdef const int64_t[:, ::1] xv = np.ascontiguousarray(x, np.int64)
+        cdef Py_ssize_t H = self.a.H, dirs = self.a.dirs, seq = xv.shape[0]
+        cdef const int64_t[::1] hv, cv
+        cdef const int64_t* hp = NULL
+        cdef const int64_t* cp = NULL
+        if xv.shape[1] != self.a.nin:
+            raise ValueError(f"input of {xv.shape[1]} features, the weights take {self.a.nin}")
+        if h0 is not None:
+            hv = np.ascontiguousarray(h0, np.int64).reshape(-1)
+            if hv.shape[0] != dirs * H:
+                raise ValueError("initial_h of the wrong size")
+            hp = &hv[0]
+        if c0 is not None:
+            cv = np.ascontiguousarray(c0, np.int64).reshape(-1)
+            if cv.shape[0] != dirs * H:
+                raise ValueError("initial_c of the wrong size")
+            cp = &cv[0]
+        y = np.zeros((seq, dirs, H), np.int64)
+        yh = np.zeros((dirs, H), np.int64)
+        yc = np.zeros((dirs, H), np.int64) if self.a.lstm else None
+        scratch = np.empty(2 * self.G * H + 3 * H + 1, np.int64)
+        cdef int64_t[:, :, ::1] yv = y
+        cdef int64_t[:, ::1] yhv = yh
+        cdef int64_t[:, ::1] ycv
+        cdef int64_t* ycp = NULL
+        cdef int64_t[::1] sv = scratch
+        if yc is not None:
+            ycv = yc
+            ycp = &ycv[0, 0]
+        self.a.seq = seq
+        if seq > 0 and H > 0:
+            with nogil:
+                esp_rnn(&self.a, &xv[0, 0] if self.a.nin > 0 else NULL, hp, cp, &yv[0, 0, 0],
+                        &yhv[0, 0], ycp, &sv[0])
+        return y, yh, yc

@@ -306,6 +306,45 @@ def test_kernel_equals_the_element_by_element_oracle(case) -> None:
         np.testing.assert_array_equal(a, b)
 
 
+@settings(max_examples=150, deadline=None)
+@given(_params(), st.integers(1, 40))
+def test_c_loop_equals_numpy_and_oracle(case, seq) -> None:
+    """`rnn_kernel`'s C loop against `rnn_forward` (and the element-by-element oracle on the
+    short sequences): every target, 8 / 16 bits, GRU / LSTM, biases or none, both directions,
+    given or zero states, sequences long enough for the states to saturate and wrap."""
+    p, x, h0, c0 = case
+    rng = np.random.default_rng(seq)
+    info = np.iinfo(x.dtype)
+    x = rng.integers(info.min, info.max + 1, (seq, x.shape[1])).astype(x.dtype)
+    loop = rec.rnn_kernel(p)
+    assert loop is not None
+    got = loop(x, h0, c0)
+    want = rec.rnn_forward(p, x, h0, c0)
+    for a, b in zip(got, want, strict=True):
+        if a is None:
+            assert b is None
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    if seq <= 4:
+        for a, b in zip(got, rec.rnn_oracle(p, x, h0, c0), strict=True):
+            if a is not None:
+                np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=10, deadline=None)
+@given(_params())
+def test_c_loop_declines_outside_its_ranges(case) -> None:
+    """Shifts the C loop's float conversions could overflow on: None (rnn_forward runs)."""
+    from dataclasses import replace
+
+    p = case[0]
+
+    assert rec.rnn_kernel(replace(p, w_shift=-21)) is None
+    assert rec.rnn_kernel(replace(p, r_shift=63)) is None
+    assert rec.rnn_kernel(p) is not None
+
+
 @pytest.mark.parametrize("e", [-12, -10, -9, -6])
 def test_gate_tables_as_esp_dl_builds_them(e: int) -> None:
     """Entries f(i * 2^e) for i in 0..qmax with qmax = int(bound / 2^e) + 1, the negative half
