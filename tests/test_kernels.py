@@ -731,3 +731,20 @@ def test_cache_step_matches_reference(seed, dtype, rank, window, frames, calls):
     for impl in (fast, ref):
         with pytest.raises(ValueError, match="between calls"):
             impl.cache_step(kept, np.zeros((3, 2), np.int8), 3, 0)
+
+
+@FAST
+@given(pool_cases(), st.integers(-30, 20), st.integers(-30, 20), st.sampled_from(ref.ROUNDINGS),
+       st.integers(0, 3))
+def test_pool_prepared_matches_pool(case, e_in, e_out, rounding, extra):
+    """The prepared pools (window checked once per shape) on two input sizes, called again and
+    on a strided view, fast and reference, against the reference pools bit for bit."""
+    x, kernel, kwargs = case
+    wider = np.concatenate([x, x[..., -1:, :].repeat(extra, axis=-2)], axis=-2)
+    scales = dict(e_in=e_in, e_out=e_out, rounding=rounding)
+    for impl in (fast, ref):
+        avg = impl.avgpool_prepared(kernel, **scales, **kwargs)
+        mx = impl.maxpool_prepared(kernel, **kwargs)
+        for data in (x, wider, x, wider[..., ::-1, :]):
+            _assert_same(avg(data), ref.avgpool(data, kernel, **scales, **kwargs))
+            _assert_same(mx(data), ref.maxpool(data, kernel, **kwargs))

@@ -12,7 +12,8 @@ rounding conventions). A simulator can take either module:
   every argument but the data and returns `run(x)` (a simulator calls one conv many times);
 - `avgpool(x, kernel, *, stride, dilation, pads, e_in, e_out, rounding)`: AveragePool on the
   float32 path;
-- `maxpool(x, kernel, *, stride, dilation, pads)`: MaxPool over valid taps;
+- `maxpool(x, kernel, *, stride, dilation, pads)`: MaxPool over valid taps; `avgpool_prepared`
+  and `maxpool_prepared` fix every argument but the data (checked once per input shape);
 - `requantize(x, shift, *, rounding, dtype)`: RequantizeLinear;
 - `add(a, b)`, `sub(a, b)`, `mul(a, b, shift, *, rounding, dtype)`: elementwise; here computed
   in the narrowest type that holds every intermediate exactly (int16 for int8 sums, int32 for
@@ -44,8 +45,8 @@ from espstream.kernels.reference import (
     to_hwc,
 )
 
-__all__ = ["conv", "conv_prepared", "avgpool", "maxpool", "requantize", "add", "sub", "mul",
-           "cache_step"]
+__all__ = ["conv", "conv_prepared", "avgpool", "avgpool_prepared", "maxpool", "maxpool_prepared",
+           "requantize", "add", "sub", "mul", "cache_step"]
 
 _MODE = {"half_up": 0, "half_even": 1}
 
@@ -124,15 +125,28 @@ def conv_prepared(
     return run
 
 
-def _pool_args(x: np.ndarray, kernel: IntArg, stride: IntArg, dilation: IntArg, pads: IntArg):
+def _pool_plan(x: np.ndarray, kernel: IntArg, stride: IntArg, dilation: IntArg, pads: IntArg):
+    """(window, kernel geometry) of a pool on x, checked (as `reference`'s pools check)."""
     nd = 1 if np.isscalar(kernel) or len(kernel) == 1 else 2  # type: ignore[arg-type]
     x3 = to_hwc(x, nd)
     int_range(x3.dtype)
     win = resolve_window(x3.shape[:2], kernel, nd, stride, dilation, pads)
-    x3 = np.ascontiguousarray(x3)
-    y = np.empty((*win.out_hw, x3.shape[2]), x3.dtype)
     geometry = (*win.kernel, *win.stride, *win.dilation, win.pads[0], win.pads[2])
-    return x3, y, win, geometry
+    return win, geometry
+
+
+def _pool_run(f, x: np.ndarray, win, c: int, *extra) -> np.ndarray:
+    x3 = np.ascontiguousarray(to_hwc(x, win.nd))
+    y = np.empty((*win.out_hw, c), x3.dtype)
+    f(x3, y, *extra)
+    return from_hwc(y, x, win.nd)
+
+
+def _avg_scales(win, e_in: int, e_out: int, rounding: str) -> tuple:
+    area = win.kernel[0] * win.kernel[1]
+    inv_area = np.float32(1.0) / np.float32(area)
+    return (float(np.float32(2.0**e_in)), float(inv_area), float(np.float32(2.0**e_out)),
+            _MODE[rounding])
 
 
 def avgpool(
@@ -149,15 +163,38 @@ def avgpool(
     """ESP-DL AveragePool on its float32 path (see `reference.avgpool`)."""
     check_rounding(rounding)
     check_exponents(e_in, e_out)
-    x3, y, win, geometry = _pool_args(x, kernel, stride, dilation, pads)
-    area = win.kernel[0] * win.kernel[1]
-    inv_area = np.float32(1.0) / np.float32(area)
-    acc = np.empty(x3.shape[2], np.float32)
-    _int8.avgpool(
-        x3, y, acc, *geometry, float(np.float32(2.0**e_in)), float(inv_area),
-        float(np.float32(2.0**e_out)), _MODE[rounding],
-    )  # fmt: skip
-    return from_hwc(y, x, win.nd)
+    x = np.asarray(x)
+    win, geometry = _pool_plan(x, kernel, stride, dilation, pads)
+    return _pool_run(_int8.avgpool, x, win, x.shape[-1], *geometry,
+                     *_avg_scales(win, e_in, e_out, rounding))
+
+
+def avgpool_prepared(
+    kernel: IntArg,
+    *,
+    stride: IntArg = 1,
+    dilation: IntArg = 1,
+    pads: IntArg = 0,
+    e_in: int,
+    e_out: int,
+    rounding: str = "half_up",
+) -> Callable[[np.ndarray], np.ndarray]:
+    """`avgpool` with every argument but the data fixed: `avgpool_prepared(k, ...)(x)` is
+    `avgpool(x, k, ...)`, bit for bit; the window is checked once per shape and type of x."""
+    check_rounding(rounding)
+    check_exponents(e_in, e_out)
+    plans: dict[tuple, tuple] = {}
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        key = (x.shape, x.dtype)
+        plan = plans.get(key)
+        if plan is None:
+            win, geometry = _pool_plan(x, kernel, stride, dilation, pads)
+            plan = plans[key] = (win, (*geometry, *_avg_scales(win, e_in, e_out, rounding)))
+        return _pool_run(_int8.avgpool, x, plan[0], x.shape[-1], *plan[1])
+
+    return run
 
 
 def maxpool(
@@ -169,9 +206,30 @@ def maxpool(
     pads: IntArg = 0,
 ) -> np.ndarray:
     """ESP-DL MaxPool over valid taps (see `reference.maxpool`)."""
-    x3, y, win, geometry = _pool_args(x, kernel, stride, dilation, pads)
-    _int8.maxpool(x3, y, *geometry)
-    return from_hwc(y, x, win.nd)
+    x = np.asarray(x)
+    win, geometry = _pool_plan(x, kernel, stride, dilation, pads)
+    return _pool_run(_int8.maxpool, x, win, x.shape[-1], *geometry)
+
+
+def maxpool_prepared(
+    kernel: IntArg,
+    *,
+    stride: IntArg = 1,
+    dilation: IntArg = 1,
+    pads: IntArg = 0,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """`maxpool` with every argument but the data fixed (the window checked once per shape)."""
+    plans: dict[tuple, tuple] = {}
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        key = (x.shape, x.dtype)
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = _pool_plan(x, kernel, stride, dilation, pads)
+        return _pool_run(_int8.maxpool, x, plan[0], x.shape[-1], *plan[1])
+
+    return run
 
 
 def requantize(

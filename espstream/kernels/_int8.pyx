@@ -655,20 +655,14 @@ cdef class Conv:
                           self.hi, runs, acc, <int32_t*>NULL, <int16_t*>NULL, 0, y)
 
 
-def avgpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, float[::1] acc,
-            Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh,
-            Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl, float scale_in, float inv_area,
-            float scale_out, int mode):
-    """AveragePool in float32: acc += float(q) * scale_in over valid taps in row-major order,
-    y = (acc * inv_area) / scale_out, saturated and rounded exactly. acc: scratch [C].
-    Each float step is a separate float32 operation; x * scale_in is exact (a power of two),
-    so even an FMA contraction of the accumulate step could not change a result."""
-    cdef Py_ssize_t H = x.shape[0], W = x.shape[1], C = x.shape[2]
-    cdef Py_ssize_t OH = y.shape[0], OW = y.shape[1]
+cdef void _avgpool(const data_t* x, data_t* y, float* a, Py_ssize_t H, Py_ssize_t W,
+                   Py_ssize_t C, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t KH, Py_ssize_t KW,
+                   Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt,
+                   Py_ssize_t pl, float scale_in, float inv_area, float scale_out,
+                   int mode) noexcept nogil:
     cdef Py_ssize_t oh, ow, i, j, ih, iw, c
     cdef const data_t* xp
     cdef data_t* yp
-    cdef float* a
     cdef float v, r, d, lo, hi
     # float32 constants, so no step is promoted to double
     cdef float magic = 12582912.0, zero = 0.0, one = 1.0, half = 0.5
@@ -676,53 +670,75 @@ def avgpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, float[::1] acc,
         lo, hi = -128.0, 127.0
     else:
         lo, hi = -32768.0, 32767.0
-    if OH == 0 or OW == 0 or C == 0:
-        return
-    a = &acc[0]
-    with nogil:
-        for oh in range(OH):
-            for ow in range(OW):
-                for c in range(C):
-                    a[c] = 0.0
-                for i in range(KH):
-                    ih = oh * sh - pt + i * dh
-                    if ih < 0 or ih >= H:
+    for oh in range(OH):
+        for ow in range(OW):
+            for c in range(C):
+                a[c] = 0.0
+            for i in range(KH):
+                ih = oh * sh - pt + i * dh
+                if ih < 0 or ih >= H:
+                    continue
+                for j in range(KW):
+                    iw = ow * sw - pl + j * dw
+                    if iw < 0 or iw >= W:
                         continue
-                    for j in range(KW):
-                        iw = ow * sw - pl + j * dw
-                        if iw < 0 or iw >= W:
-                            continue
-                        xp = &x[ih, iw, 0]
-                        for c in range(C):
-                            a[c] = a[c] + (<float>xp[c]) * scale_in
-                yp = &y[oh, ow, 0]
-                # Clamp first (lo, hi are integers, so rounding commutes with it); then round
-                # in float32 without libm: adding and removing 1.5 * 2**23 rounds half to even
-                # exactly for |v| < 2**22, and v - r is exact, so a tie shows as v - r == 0.5.
-                if mode == HALF_UP:
+                    xp = x + (ih * W + iw) * C
                     for c in range(C):
-                        v = (a[c] * inv_area) / scale_out
-                        v = lo if v < lo else v
-                        v = hi if v > hi else v
-                        r = (v + magic) - magic
-                        d = v - r
-                        r = r + (one if d == half else zero)
-                        yp[c] = <data_t><int32_t>r
-                else:
-                    for c in range(C):
-                        v = (a[c] * inv_area) / scale_out
-                        v = lo if v < lo else v
-                        v = hi if v > hi else v
-                        r = (v + magic) - magic
-                        yp[c] = <data_t><int32_t>r
+                        a[c] = a[c] + (<float>xp[c]) * scale_in
+            yp = y + (oh * OW + ow) * C
+            # Clamp first (lo, hi are integers, so rounding commutes with it); then round
+            # in float32 without libm: adding and removing 1.5 * 2**23 rounds half to even
+            # exactly for |v| < 2**22, and v - r is exact, so a tie shows as v - r == 0.5.
+            if mode == HALF_UP:
+                for c in range(C):
+                    v = (a[c] * inv_area) / scale_out
+                    v = lo if v < lo else v
+                    v = hi if v > hi else v
+                    r = (v + magic) - magic
+                    d = v - r
+                    r = r + (one if d == half else zero)
+                    yp[c] = <data_t><int32_t>r
+            else:
+                for c in range(C):
+                    v = (a[c] * inv_area) / scale_out
+                    v = lo if v < lo else v
+                    v = hi if v > hi else v
+                    r = (v + magic) - magic
+                    yp[c] = <data_t><int32_t>r
 
 
-def maxpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, Py_ssize_t KH, Py_ssize_t KW,
-            Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt,
-            Py_ssize_t pl):
-    """MaxPool over the valid taps; a window with none gives the type's minimum."""
+def avgpool(cnp.ndarray x, cnp.ndarray y, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
+            Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl,
+            float scale_in, float inv_area, float scale_out, int mode):
+    """AveragePool in float32 on C-contiguous x [H, W, C] into y [OH, OW, C] of x's type
+    (int8 / int16; the caller checks): acc += float(q) * scale_in over valid taps in row-major
+    order, y = (acc * inv_area) / scale_out, saturated and rounded exactly. Each float step is a
+    separate float32 operation; x * scale_in is exact (a power of two), so even an FMA
+    contraction of the accumulate step could not change a result."""
     cdef Py_ssize_t H = x.shape[0], W = x.shape[1], C = x.shape[2]
     cdef Py_ssize_t OH = y.shape[0], OW = y.shape[1]
+    cdef bint is8 = cnp.PyArray_TYPE(x) == cnp.NPY_INT8
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* py = cnp.PyArray_DATA(y)
+    if OH == 0 or OW == 0 or C == 0:
+        return
+    cdef float* a = <float*>malloc(C * sizeof(float))
+    if a == NULL:
+        raise MemoryError()
+    with nogil:
+        if is8:
+            _avgpool(<const int8_t*>px, <int8_t*>py, a, H, W, C, OH, OW, KH, KW, sh, sw, dh,
+                     dw, pt, pl, scale_in, inv_area, scale_out, mode)
+        else:
+            _avgpool(<const int16_t*>px, <int16_t*>py, a, H, W, C, OH, OW, KH, KW, sh, sw, dh,
+                     dw, pt, pl, scale_in, inv_area, scale_out, mode)
+    free(a)
+
+
+cdef void _maxpool(const data_t* x, data_t* y, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                   Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
+                   Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt,
+                   Py_ssize_t pl) noexcept nogil:
     cdef Py_ssize_t oh, ow, i, j, ih, iw, c
     cdef const data_t* xp
     cdef data_t* yp
@@ -731,25 +747,42 @@ def maxpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, Py_ssize_t KH, Py_ss
         lo = -128
     else:
         lo = -32768
+    for oh in range(OH):
+        for ow in range(OW):
+            yp = y + (oh * OW + ow) * C
+            for c in range(C):
+                yp[c] = lo
+            for i in range(KH):
+                ih = oh * sh - pt + i * dh
+                if ih < 0 or ih >= H:
+                    continue
+                for j in range(KW):
+                    iw = ow * sw - pl + j * dw
+                    if iw < 0 or iw >= W:
+                        continue
+                    xp = x + (ih * W + iw) * C
+                    for c in range(C):  # an unconditional store lets this vectorise
+                        yp[c] = xp[c] if xp[c] > yp[c] else yp[c]
+
+
+def maxpool(cnp.ndarray x, cnp.ndarray y, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
+            Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl):
+    """MaxPool over the valid taps of C-contiguous x [H, W, C] into y [OH, OW, C] of x's type;
+    a window with none gives the type's minimum."""
+    cdef Py_ssize_t H = x.shape[0], W = x.shape[1], C = x.shape[2]
+    cdef Py_ssize_t OH = y.shape[0], OW = y.shape[1]
+    cdef bint is8 = cnp.PyArray_TYPE(x) == cnp.NPY_INT8
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* py = cnp.PyArray_DATA(y)
     if OH == 0 or OW == 0 or C == 0:
         return
     with nogil:
-        for oh in range(OH):
-            for ow in range(OW):
-                yp = &y[oh, ow, 0]
-                for c in range(C):
-                    yp[c] = lo
-                for i in range(KH):
-                    ih = oh * sh - pt + i * dh
-                    if ih < 0 or ih >= H:
-                        continue
-                    for j in range(KW):
-                        iw = ow * sw - pl + j * dw
-                        if iw < 0 or iw >= W:
-                            continue
-                        xp = &x[ih, iw, 0]
-                        for c in range(C):  # an unconditional store lets this vectorise
-                            yp[c] = xp[c] if xp[c] > yp[c] else yp[c]
+        if is8:
+            _maxpool(<const int8_t*>px, <int8_t*>py, H, W, C, OH, OW, KH, KW, sh, sw, dh, dw,
+                     pt, pl)
+        else:
+            _maxpool(<const int16_t*>px, <int16_t*>py, H, W, C, OH, OW, KH, KW, sh, sw, dh,
+                     dw, pt, pl)
 
 
 def requantize(const src_t[::1] x, data_t[::1] y, int64_t shift, int mode):

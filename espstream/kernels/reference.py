@@ -402,6 +402,33 @@ def maxpool(
     return from_hwc(np.maximum(taps.max(axis=0), lo).astype(x3.dtype), x, nd)
 
 
+def avgpool_prepared(
+    kernel: IntArg,
+    *,
+    stride: IntArg = 1,
+    dilation: IntArg = 1,
+    pads: IntArg = 0,
+    e_in: int,
+    e_out: int,
+    rounding: str = "half_up",
+) -> Callable[[np.ndarray], np.ndarray]:
+    """`avgpool` with every argument but the data fixed: `avgpool_prepared(k, ...)(x)` is
+    `avgpool(x, k, ...)`."""
+    return lambda x: avgpool(x, kernel, stride=stride, dilation=dilation, pads=pads,
+                             e_in=e_in, e_out=e_out, rounding=rounding)
+
+
+def maxpool_prepared(
+    kernel: IntArg,
+    *,
+    stride: IntArg = 1,
+    dilation: IntArg = 1,
+    pads: IntArg = 0,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """`maxpool` with every argument but the data fixed."""
+    return lambda x: maxpool(x, kernel, stride=stride, dilation=dilation, pads=pads)
+
+
 def requantize(
     x: np.ndarray, shift: int, *, rounding: str = "half_up", dtype: np.dtype | type | None = None
 ) -> np.ndarray:

@@ -298,7 +298,7 @@ def sim_movement(sim: Simulator, node: Node) -> Fn:
         def flatten(args: list) -> list:
             x = args[0]
             a = axis % x.ndim if x.ndim else 0
-            return [x.reshape(int(np.prod(x.shape[:a])), int(np.prod(x.shape[a:])))]
+            return [x.reshape(math.prod(x.shape[:a]), math.prod(x.shape[a:]))]
 
         return flatten
     if op == "Reshape":
