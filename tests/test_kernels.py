@@ -647,7 +647,7 @@ def test_depthwise_paths_match_reference(seed, c, kernel, width, dtype, plain, p
 @settings(max_examples=80, deadline=None)
 @given(
     st.integers(0, 2**32 - 1),
-    st.sampled_from([2, 4, 6, 40, 128]),
+    st.sampled_from([1, 2, 3, 4, 6, 39, 40, 128]),
     st.integers(1, 140),
     st.sampled_from([(1,), (3,), (5,), (3, 3), (1, 2)]),
     st.integers(1, 13),
@@ -657,10 +657,10 @@ def test_depthwise_paths_match_reference(seed, c, kernel, width, dtype, plain, p
 )
 def test_conv_vnni_and_broadcast_paths_match_reference(seed, c_in, c_out, kernel, width,
                                                        dilation, one_shift, no_vnni):
-    """int8, groups 1, even C_in: the AVX-512 VNNI loop (1-4 pixels sharing their taps, blocks
-    of 64 output channels and a 16-channel remainder) and the AVX2 broadcast form it replaces
-    (forced by set_no_vnni), against the oracle, the prepared call as well; widths around the
-    4-pixel group, edges with fewer taps, channel counts around 16 / 64."""
+    """int8, groups 1: the AVX-512 VNNI loop (1-4 pixels sharing their taps, blocks of 64
+    output channels and a 16-channel remainder) and the AVX2 broadcast form it replaces (forced
+    by set_no_vnni), against the oracle, the prepared call as well; odd C_in (widened by a zero
+    channel), widths around the 4-pixel group, edges with fewer taps, C_out around 16 / 64."""
     from espstream.kernels import _int8
 
     rng = np.random.default_rng(seed)

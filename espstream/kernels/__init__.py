@@ -77,16 +77,23 @@ def _conv_plan(sp, rounding: str, relu: bool, x: np.ndarray) -> _int8.Conv:
     c_in, c_out = sp.x.shape[2], sp.w.shape[0]
     kh, kw = win.kernel
     depthwise = sp.groups == c_in == c_out and c_in > 1
+    c_k = c_in
     if depthwise:  # [C, kH, kW, 1] -> [kH * kW, C]: the channel loop is innermost
         w16 = np.ascontiguousarray(sp.w.reshape(c_out, kh * kw).T, dtype=np.int16)
     else:
-        w16 = np.ascontiguousarray(sp.w.reshape(c_out, -1), dtype=np.int16)
+        w = sp.w
+        if sp.x.dtype == np.int8 and sp.groups == 1 and c_in % 2:
+            # odd C_in: one zero channel more in weights and data, and the paired-channel
+            # (broadcast / VNNI) loops apply; the zero products change no sum
+            w = np.concatenate([w, np.zeros((*w.shape[:3], 1), w.dtype)], axis=3)
+            c_k = c_in + 1
+        w16 = np.ascontiguousarray(w.reshape(c_out, -1), dtype=np.int16)
     out_shape = from_hwc(np.empty((*win.out_hw, 0)), x, win.nd).shape[:-1] + (c_out,)
     return _int8.Conv(
         w16, np.ascontiguousarray(sp.bias, np.int64), np.ascontiguousarray(sp.shift, np.int64),
-        tuple(win.in_hw), c_in, tuple(win.out_hw), tuple(out_shape), kh, kw, sp.groups,
+        tuple(win.in_hw), c_k, tuple(win.out_hw), tuple(out_shape), kh, kw, sp.groups,
         *win.stride, *win.dilation, win.pads[0], win.pads[2], _MODE[rounding], bool(relu),
-        depthwise, sp.x.dtype == np.int8,
+        depthwise, sp.x.dtype == np.int8, c_in,
     )  # fmt: skip
 
 

@@ -510,7 +510,7 @@ cdef class Conv:
     cdef int64_t* add
     cdef int64_t* shf
     cdef int32_t* add32
-    cdef Py_ssize_t H, W, C, OH, OW, cout, KH, KW, G, sh, sw, dh, dw, pt, pl, cp, nacc
+    cdef Py_ssize_t H, W, C, OH, OW, cout, KH, KW, G, sh, sw, dh, dw, pt, pl, cp, nacc, Cd
     cdef int kind, mode
     cdef bint is8, depthwise
     cdef int64_t lo, hi
@@ -523,7 +523,8 @@ cdef class Conv:
     def __init__(self, w16, const int64_t[::1] bias, const int64_t[::1] shift, tuple in_hw,
                  Py_ssize_t C, tuple out_hw, tuple out_shape, Py_ssize_t KH, Py_ssize_t KW,
                  Py_ssize_t groups, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw,
-                 Py_ssize_t pt, Py_ssize_t pl, int mode, bint relu, bint depthwise, bint int8):
+                 Py_ssize_t pt, Py_ssize_t pl, int mode, bint relu, bint depthwise, bint int8,
+                 Py_ssize_t data_c=-1):
         cdef const int16_t[:, ::1] wv = w16
         cdef Py_ssize_t c, cout = bias.shape[0], K = wv.shape[1]
         cdef int64_t s, amax = 0
@@ -532,6 +533,9 @@ cdef class Conv:
         self.H, self.W = in_hw
         self.OH, self.OW = out_hw
         self.C, self.cout, self.KH, self.KW, self.G = C, cout, KH, KW, groups
+        # data_c < C: the data has data_c channels and is widened with zero channels to C (the
+        # weights already hold zeros there), so an odd C_in takes the paired-channel loops
+        self.Cd = C if data_c < 0 else data_c
         self.sh, self.sw, self.dh, self.dw, self.pt, self.pl = sh, sw, dh, dw, pt, pl
         self.mode, self.is8, self.depthwise = mode, int8, depthwise
         self.out_shape = out_shape
@@ -600,7 +604,7 @@ cdef class Conv:
         """The output for x (C-contiguous, in_hw x C, the data type): a new array."""
         cdef cnp.ndarray xa = <cnp.ndarray>x
         cdef cnp.ndarray y = np.empty(self.out_shape, self.out_dtype)
-        cdef Py_ssize_t n = self.H * self.W * self.C, i
+        cdef Py_ssize_t n = self.H * self.W * self.C, i, c, px, C = self.C, Cd = self.Cd
         if self.OH == 0 or self.OW == 0 or self.cout == 0 or self.C == 0:
             return y
         cdef int16_t* x16 = <int16_t*>malloc((n + 1) * sizeof(int16_t))
@@ -616,8 +620,15 @@ cdef class Conv:
         with nogil:
             if self.is8:
                 x8 = <const int8_t*>cnp.PyArray_DATA(xa)
-                for i in range(n):
-                    x16[i] = x8[i]
+                if Cd == C:
+                    for i in range(n):
+                        x16[i] = x8[i]
+                else:
+                    for px in range(self.H * self.W):
+                        for c in range(Cd):
+                            x16[px * C + c] = x8[px * Cd + c]
+                        for c in range(Cd, C):
+                            x16[px * C + c] = 0
                 self._run8(x16, runs, <int32_t*>acc, <int8_t*>cnp.PyArray_DATA(y))
             else:
                 xs = <const int16_t*>cnp.PyArray_DATA(xa)
