@@ -489,6 +489,22 @@ ESP_RQ(esp_rq_i8_i16, int8_t, int16_t)
 ESP_RQ(esp_rq_i16_i8, int16_t, int8_t)
 ESP_RQ(esp_rq_i16_i16, int16_t, int16_t)
 
+/* acc[j] = sum_k mT[k * rows + j] * v[k] over int16 operands whose products and sums fit int32
+ * (the GRU / LSTM loop's int8 case): column by column, so the loop over the rows vectorises.
+ * Integers only, so cloning it for AVX2 changes no bit. */
+ESP_HOT static void esp_matvec_cols(const int16_t *mT, const int16_t *v, ptrdiff_t n,
+                                    ptrdiff_t rows, int32_t *acc)
+{
+    for (ptrdiff_t j = 0; j < rows; j++)
+        acc[j] = 0;
+    for (ptrdiff_t k = 0; k < n; k++) {
+        const int16_t *col = mT + k * rows;
+        int32_t vk = v[k];
+        for (ptrdiff_t j = 0; j < rows; j++)
+            acc[j] += (int32_t)col[j] * vk;
+    }
+}
+
 /* ---- GRU / LSTM time loop (espstream/ops/recurrent.py's rnn_forward, in C) ----------------
  * The same integer and float32 steps in the same order as rnn_forward (its docstring has the
  * rules); float32 arithmetic must stay IEEE single operations one by one, so this code is never
@@ -510,6 +526,9 @@ typedef struct {
     ptrdiff_t H, nin, seq;       /* hidden size, input features, frames */
     const int32_t *w[2], *r[2];        /* [G * H, I], [G * H, H] */
     const int64_t *wb[2], *rb[2];      /* [G * H] or NULL */
+    const int16_t *w16[2], *r16[2];    /* narrow: W^T [nin][G * H], R^T [H][G * H] as int16;
+                                          int32 sums are exact */
+    int narrow;
     int w_shift, r_shift;
     const float *sig, *tnh;            /* gate tables [qmax + 1] */
     int64_t sig_qmin, sig_qmax, tnh_qmin, tnh_qmax;
@@ -517,12 +536,33 @@ typedef struct {
     int64_t lo, hi;
 } esp_rnn_args;
 
+/* rintf without a libm call where it is exact: adding and removing 1.5 * 2**23 rounds half to
+ * even for |v| < 2**22 (both steps are exact float32 operations); beyond, libm. */
+static inline float esp_rintf(float v)
+{
+    ESP_NO_CONTRACT
+    const float magic = 12582912.0f;
+    if (v > -4194304.0f && v < 4194304.0f)
+        return (v + magic) - magic;
+    return rintf(v);
+}
+
+static inline float esp_floorf(float v)
+{
+    ESP_NO_CONTRACT
+    if (v > -4194304.0f && v < 4194304.0f) {
+        float r = esp_rintf(v);
+        return r > v ? r - 1.0f : r;
+    }
+    return floorf(v);
+}
+
 static inline int64_t esp_round_c(float v, int p4)
 {
     ESP_NO_CONTRACT
     if (p4)
-        return (int64_t)rintf(v);
-    return (int64_t)floorf((float)((double)v + 0.5));
+        return (int64_t)esp_rintf(v);
+    return (int64_t)esp_floorf((float)((double)v + 0.5));
 }
 
 static inline int64_t esp_wrap16(int64_t v) { return ((v + 32768) & 0xFFFF) - 32768; }
@@ -541,13 +581,10 @@ static inline float esp_lut(const float *t, int64_t qmin, int64_t qmax, int odd,
     return odd ? -v : 1.0f - v;
 }
 
-static inline int64_t esp_mat_row(const int32_t *m, const int64_t *v, ptrdiff_t n, int shift,
-                                  int pie, int p4)
+static inline int64_t esp_mat_out(int64_t acc, int shift, int pie, int p4)
 {
     ESP_NO_CONTRACT
-    int64_t acc = 0, out;
-    for (ptrdiff_t k = 0; k < n; k++)
-        acc += (int64_t)m[k] * v[k];
+    int64_t out;
     if (pie) {  /* shift >= 0 */
         int s = shift > 62 ? 62 : shift;
         if (s == 0) {
@@ -565,14 +602,27 @@ static inline int64_t esp_mat_row(const int32_t *m, const int64_t *v, ptrdiff_t 
     return esp_sat(out, -32768, 32767);
 }
 
+static inline int64_t esp_mat_row(const int32_t *m, const int64_t *v, ptrdiff_t n, int shift,
+                                  int pie, int p4)
+{
+    int64_t acc = 0;
+    for (ptrdiff_t k = 0; k < n; k++)
+        acc += (int64_t)m[k] * v[k];
+    return esp_mat_out(acc, shift, pie, p4);
+}
+
 /* x [seq, nin] (int64), h0 / c0 [dirs, H] or NULL; y [seq, dirs, H], yh, yc [dirs, H]; scratch:
- * 2 * G * H + 3 * H int64. */
+ * 3 * G * H + 3 * H int64, scratch16: nin + H int16. `narrow` (int8 W, R, x and h) takes the
+ * int16 copies of the weights and sums in int32. */
 static void esp_rnn(const esp_rnn_args *a, const int64_t *x, const int64_t *h0,
-                    const int64_t *c0, int64_t *y, int64_t *yh, int64_t *yc, int64_t *scratch)
+                    const int64_t *c0, int64_t *y, int64_t *yh, int64_t *yc, int64_t *scratch,
+                    int16_t *scratch16)
 {
     ESP_NO_CONTRACT
     ptrdiff_t H = a->H, nin = a->nin, G = a->lstm ? 4 : 3, GH = G * H;
     int64_t *ic = scratch, *hc = scratch + GH, *h = hc + GH, *c = h + H, *hx = c + H;
+    int16_t *x16 = scratch16, *h16 = scratch16 + nin;  /* narrow: x_t and h as int16 */
+    int32_t *s32 = (int32_t *)(hx + H);                 /* narrow: 2 * G * H int32 sums */
     for (int d = 0; d < a->dirs; d++) {
         for (ptrdiff_t j = 0; j < H; j++) {
             h[j] = h0 ? h0[d * H + j] : 0;
@@ -581,9 +631,23 @@ static void esp_rnn(const esp_rnn_args *a, const int64_t *x, const int64_t *h0,
         for (ptrdiff_t st = 0; st < a->seq; st++) {
             ptrdiff_t s = d == 0 ? st : a->seq - 1 - st;
             const int64_t *xs = x + s * nin;
-            for (ptrdiff_t k = 0; k < GH; k++) {
-                ic[k] = esp_mat_row(a->w[d] + k * nin, xs, nin, a->w_shift, a->pie_w, a->p4);
-                hc[k] = esp_mat_row(a->r[d] + k * H, h, H, a->r_shift, a->pie_r, a->p4);
+            if (a->narrow) {
+                for (ptrdiff_t k = 0; k < nin; k++)
+                    x16[k] = (int16_t)xs[k];
+                for (ptrdiff_t j = 0; j < H; j++)
+                    h16[j] = (int16_t)h[j];
+                esp_matvec_cols(a->w16[d], x16, nin, GH, s32);
+                esp_matvec_cols(a->r16[d], h16, H, GH, s32 + GH);
+                for (ptrdiff_t k = 0; k < GH; k++) {
+                    ic[k] = esp_mat_out(s32[k], a->w_shift, a->pie_w, a->p4);
+                    hc[k] = esp_mat_out(s32[GH + k], a->r_shift, a->pie_r, a->p4);
+                }
+            } else {
+                for (ptrdiff_t k = 0; k < GH; k++) {
+                    ic[k] = esp_mat_row(a->w[d] + k * nin, xs, nin, a->w_shift, a->pie_w,
+                                        a->p4);
+                    hc[k] = esp_mat_row(a->r[d] + k * H, h, H, a->r_shift, a->pie_r, a->p4);
+                }
             }
             if (!a->lstm) {
                 if (a->wb[d]) {

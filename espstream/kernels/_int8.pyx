@@ -73,6 +73,9 @@ cdef extern from "_hot.h" nogil:
         const int32_t* r[2]
         const int64_t* wb[2]
         const int64_t* rb[2]
+        const int16_t* w16[2]
+        const int16_t* r16[2]
+        int narrow
         int w_shift, r_shift
         const float* sig
         const float* tnh
@@ -80,7 +83,7 @@ cdef extern from "_hot.h" nogil:
         float resc_y, resc_c
         int64_t lo, hi
     void esp_rnn(const esp_rnn_args* a, const int64_t* x, const int64_t* h0, const int64_t* c0,
-                 int64_t* y, int64_t* yh, int64_t* yc, int64_t* scratch)
+                 int64_t* y, int64_t* yh, int64_t* yc, int64_t* scratch, int16_t* scratch16)
     # Flat elementwise loops (saturating add / sub, requantize with int32 intermediates).
     void esp_addsub_i8(const int8_t* a, const int8_t* b, int8_t* y, ptrdiff_t n, int sub,
                        int16_t lo, int16_t hi)
@@ -885,8 +888,11 @@ cdef class Rnn:
     def __init__(self, bint lstm, list w, list r, list wb, list rb, int w_shift, int r_shift,
                  bint pie_w, bint pie_r, bint p4, sig, int64_t sig_qmin, int64_t sig_qmax,
                  tnh, int64_t tnh_qmin, int64_t tnh_qmax, float resc_y, float resc_c,
-                 int64_t lo, int64_t hi):
+                 int64_t lo, int64_t hi, bint narrow):
+        """narrow: W, R, x and the state are int8 values (the caller checks), so the
+        products are summed in int32 (exact below 2**17 terms)."""
         cdef Py_ssize_t d
+        cdef const int16_t[:, ::1] m16
         cdef const int32_t[:, ::1] m
         cdef const int64_t[::1] b
         cdef const float[::1] t
@@ -904,6 +910,15 @@ cdef class Rnn:
             m = np.ascontiguousarray(r[d], np.int32)
             self.keep.append(m)
             self.a.r[d] = &m[0, 0]
+            self.a.w16[d] = NULL
+            self.a.r16[d] = NULL
+            if narrow:
+                m16 = np.ascontiguousarray(np.asarray(w[d]).T, np.int16)  # columns
+                self.keep.append(m16)
+                self.a.w16[d] = &m16[0, 0]
+                m16 = np.ascontiguousarray(np.asarray(r[d]).T, np.int16)
+                self.keep.append(m16)
+                self.a.r16[d] = &m16[0, 0]
             self.a.wb[d] = NULL
             self.a.rb[d] = NULL
             if wb[d] is not None:
@@ -922,6 +937,7 @@ cdef class Rnn:
         self.a.sig_qmin, self.a.sig_qmax = sig_qmin, sig_qmax
         self.a.tnh_qmin, self.a.tnh_qmax = tnh_qmin, tnh_qmax
         self.a.resc_y, self.a.resc_c, self.a.lo, self.a.hi = resc_y, resc_c, lo, hi
+        self.a.narrow = narrow and self.a.nin < (1 << 17) and self.a.H < (1 << 17)
 
     def __call__(self, x, h0, c0):
         """(Y [seq, dirs, H], Y_h [dirs, H], Y_c [dirs, H] or None), int64."""
@@ -945,7 +961,9 @@ cdef class Rnn:
         y = np.zeros((seq, dirs, H), np.int64)
         yh = np.zeros((dirs, H), np.int64)
         yc = np.zeros((dirs, H), np.int64) if self.a.lstm else None
-        scratch = np.empty(2 * self.G * H + 3 * H + 1, np.int64)
+        scratch = np.empty(3 * self.G * H + 3 * H + 1, np.int64)
+        scratch16 = np.empty(self.a.nin + H + 1, np.int16)
+        cdef int16_t[::1] s16 = scratch16
         cdef int64_t[:, :, ::1] yv = y
         cdef int64_t[:, ::1] yhv = yh
         cdef int64_t[:, ::1] ycv
@@ -958,5 +976,5 @@ cdef class Rnn:
         if seq > 0 and H > 0:
             with nogil:
                 esp_rnn(&self.a, &xv[0, 0] if self.a.nin > 0 else NULL, hp, cp, &yv[0, 0, 0],
-                        &yhv[0, 0], ycp, &sv[0])
+                        &yhv[0, 0], ycp, &sv[0], &s16[0])
         return y, yh, yc

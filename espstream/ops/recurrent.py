@@ -782,13 +782,17 @@ def rnn_kernel(p: RnnParams):
     bits_w = 8 if p.w[0].dtype == np.int8 else 16
     bits_r = 8 if p.r[0].dtype == np.int8 else 16
     lo, hi = _INT_RANGE[np.dtype(p.dtype)]
+    # int8 W, R, x and state: the C loop sums in int32 (exact for these operands)
+    narrow = bits_w == bits_r == 8 and np.dtype(p.dtype) == np.int8
     loop = _int8.Rnn(p.kind == "LSTM", list(p.w), list(p.r), list(p.wb), list(p.rb),
                      p.w_shift, p.r_shift, pie_path(t, bits_w, p.w[0].shape[1], p.w_shift),
                      pie_path(t, bits_r, p.hidden, p.r_shift), t == "esp32p4", sig.table,
                      sig.qmin, sig.qmax, tanh.table, tanh.qmin, tanh.qmax,
-                     float(F32(2.0 ** -p.e_y)), float(F32(2.0 ** -p.gate_exp)), lo, hi)
+                     float(F32(2.0 ** -p.e_y)), float(F32(2.0 ** -p.gate_exp)), lo, hi, narrow)
 
     def run(x: np.ndarray, h0: np.ndarray | None, c0: np.ndarray | None):
+        if narrow and (x.dtype != np.int8 or (h0 is not None and h0.dtype != np.int8)):
+            return rnn_forward(p, x, h0, c0)  # int32 sums exact only for int8 operands
         y, yh, yc = loop(x, h0, c0)
         return (y.astype(p.dtype), yh.astype(p.dtype),
                 None if yc is None else yc.astype(np.int16))
