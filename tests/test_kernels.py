@@ -667,8 +667,12 @@ def test_conv_vnni_and_broadcast_paths_match_reference(seed, c_in, c_out, kernel
     shape = (width, c_in) if len(kernel) == 1 else (width, width + 2, c_in)
     x = _data(rng, shape, np.int8, ("full", "small", "extreme")[seed % 3])
     w = _data(rng, (c_out, *kernel, c_in), np.int8, ("full", "small", "extreme")[seed % 3])
-    bias = rng.integers(-(2**15), 2**15, c_out).astype(np.int32)
-    shift = 10 if one_shift else rng.integers(-1, 16, c_out)
+    # biases near 2**30 (int32 requantize refused: acc + bias may overflow) now and then;
+    # shifts past 31 (refused too), per channel all right shifts or some left ones
+    bmax = 2**30 if seed % 7 == 0 else 2**15
+    bias = rng.integers(-bmax, bmax, c_out).astype(np.int32)
+    shift = (10, 31, 33)[seed % 3] if one_shift else \
+        rng.integers(-1 if seed % 4 == 0 else 1, 34 if seed % 5 == 0 else 16, c_out)
     nd = len(kernel)
     pad = dilation * (kernel[-1] - 1)
     # padding keeps every window inside the padded input (1-D: causal, as streamify writes)

@@ -76,16 +76,31 @@ ESP_HOT static int32_t esp_dot1(const int16_t *X, const int16_t *w, const ptrdif
     return a;
 }
 
-/* Half-up requantize of n int32 sums with one right shift s (rounding constant already in
- * add32), then saturation to [lo, hi] (ReLU folded into lo), into int8. */
-ESP_HOT static void esp_rq32_i8(const int32_t *acc, const int32_t *add32, int32_t s,
+/* Requantize n int32 sums per channel into int8: p holds add[n] (the bias, plus the rounding
+ * constant when half-up), shift[n] in [1, 31], half[n] = 2**(shift-1) (then mask[n], unused).
+ * Half-up: (acc + add) >> shift; half-even (even != 0): floor plus one above half, or at half
+ * when the floor is odd. Then saturation to [lo, hi] (ReLU folded into lo). The caller
+ * guarantees |acc + add| + half fits int32. Vectorises (per-lane shifts: vpsravd, AVX2). */
+ESP_HOT static void esp_rq32_i8(const int32_t *acc, const int32_t *p, int32_t even,
                                 int32_t lo, int32_t hi, int8_t *y, ptrdiff_t n)
 {
-    for (ptrdiff_t c = 0; c < n; c++) {
-        int32_t v = (acc[c] + add32[c]) >> s;
-        v = v < lo ? lo : v;
-        v = v > hi ? hi : v;
-        y[c] = (int8_t)v;
+    const int32_t *add = p, *sh = p + n, *half = p + 2 * n;
+    if (even) {
+        /* ties to even without a compare chain: floor((v + half - 1 + odd(floor(v / 2^s))) /
+         * 2^s) (below half the sum stays under 2^s, above it reaches it, at half it adds the
+         * floor's parity); the caller guarantees |v| + half fits int32 */
+        for (ptrdiff_t c = 0; c < n; c++) {
+            int32_t v = acc[c] + add[c];
+            int32_t q = (v + (half[c] - 1) + ((v >> sh[c]) & 1)) >> sh[c];
+            q = q < lo ? lo : q;
+            y[c] = (int8_t)(q > hi ? hi : q);
+        }
+    } else {
+        for (ptrdiff_t c = 0; c < n; c++) {
+            int32_t v = (acc[c] + add[c]) >> sh[c];
+            v = v < lo ? lo : v;
+            y[c] = (int8_t)(v > hi ? hi : v);
+        }
     }
 }
 
@@ -475,10 +490,9 @@ ESP_ADDSUB(esp_addsub_i16, int16_t, int32_t)
                 y[i] = (D)(v > hi ? hi : v);                                                   \
             }                                                                                  \
         } else {                                                                               \
-            int32_t h = (int32_t)1 << (s - 1), mask = (h << 1) - 1;                            \
-            for (ptrdiff_t i = 0; i < n; i++) {                                                \
-                int32_t v = x[i], q = v >> s, r = v & mask;                                    \
-                q += (r > h) | ((r == h) & (q & 1));                                           \
+            int32_t h = (int32_t)1 << (s - 1);                                                 \
+            for (ptrdiff_t i = 0; i < n; i++) { /* ties to even, as in esp_rq32_i8 */          \
+                int32_t v = x[i], q = (v + (h - 1) + ((v >> s) & 1)) >> s;                     \
                 q = q < lo ? lo : q;                                                           \
                 y[i] = (D)(q > hi ? hi : q);                                                   \
             }                                                                                  \

@@ -38,7 +38,7 @@ cdef extern from "_hot.h" nogil:
                    int32_t* acc)
     int32_t esp_dot1(const int16_t* X, const int16_t* w, const ptrdiff_t* rx,
                      const ptrdiff_t* rw, const ptrdiff_t* rn, ptrdiff_t nr)
-    void esp_rq32_i8(const int32_t* acc, const int32_t* add32, int32_t s, int32_t lo,
+    void esp_rq32_i8(const int32_t* acc, const int32_t* p, int32_t even, int32_t lo,
                      int32_t hi, int8_t* y, ptrdiff_t n)
     void esp_dw_pixel(const int16_t* X, const int16_t* w, const ptrdiff_t* xo,
                       const ptrdiff_t* wo, ptrdiff_t nt, ptrdiff_t C, int32_t* acc)
@@ -232,21 +232,12 @@ cdef inline int64_t rq(int64_t v, int64_t s, int kind, int mode, int64_t lo,
     return v
 
 
-cdef inline void _rq32_row(const acc_t* acc, const int32_t* add32, int32_t s, int32_t lo,
+cdef inline void _rq32_row(const acc_t* acc, const int32_t* add32, int32_t even, int32_t lo,
                            int32_t hi, data_t* y, Py_ssize_t n) noexcept nogil:
-    """Half-up requantize of int32 sums with one shift: a loop the compiler vectorises."""
-    cdef Py_ssize_t c
-    cdef int32_t v
+    """Requantize a row of int32 sums with the per-channel int32 constants at add32 (see
+    esp_rq32_i8): a loop the compiler vectorises. add32 is only set for int8 data."""
     if data_t is int8_t and acc_t is int32_t:
-        esp_rq32_i8(acc, add32, s, lo, hi, y, n)
-    else:  # not reached: add32 is only set for int8 data
-        for c in range(n):
-            v = (<int32_t>acc[c] + add32[c]) >> s
-            if v < lo:
-                v = lo
-            if v > hi:
-                v = hi
-            y[c] = <data_t>v
+        esp_rq32_i8(acc, add32, even, lo, hi, y, n)
 
 
 cdef inline bint _same_runs(Py_ssize_t nr, Py_ssize_t nr2, Py_ssize_t step, Py_ssize_t* rx,
@@ -299,7 +290,7 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
     cdef data_t* yq
     cdef acc_t a0, a1, a2, a3, b0, b1, b2, b3
     cdef int32_t xa, xb, v0, v1, v2, v3
-    cdef int32_t s32 = <int32_t>shift[0], lo32 = <int32_t>lo, hi32 = <int32_t>hi
+    cdef int32_t s32 = kind == RQ_EVEN, lo32 = <int32_t>lo, hi32 = <int32_t>hi
     cdef acc_t* qa = accbuf
     cdef acc_t* qb = accbuf + cout
     cdef int32_t blk[8]
@@ -457,7 +448,7 @@ cdef void _conv_depthwise(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize
     (contiguous in both; the compiler vectorises them). With `add32` (one right shift for all
     channels, half-up, int32 cannot overflow) the requantize loop is vectorised too."""
     cdef Py_ssize_t oh, ow, i, j, ih, iw, c, t, nt
-    cdef int32_t s32 = <int32_t>shift[0], lo32 = <int32_t>lo, hi32 = <int32_t>hi
+    cdef int32_t s32 = kind == RQ_EVEN, lo32 = <int32_t>lo, hi32 = <int32_t>hi
     cdef Py_ssize_t* xo = runs
     cdef Py_ssize_t* wo = runs + KH * KW
     cdef const int16_t* xp
@@ -551,8 +542,9 @@ cdef class Conv:
         if relu:
             self.lo = 0
         # add[c] = bias (+ the half-up rounding constant when every shift is a right shift),
-        # shf, then add32: the int32 copy when int8, half-up, one shift and no overflow.
-        self.add = <int64_t*>malloc((3 * cout + 1) * sizeof(int64_t))
+        # shf, then add32: int32 constants per channel [add, shift, half, mask] when int8,
+        # every shift in [1, 31] and acc + add cannot overflow (esp_rq32_i8)
+        self.add = <int64_t*>malloc((4 * cout + 1) * sizeof(int64_t))
         if self.add == NULL:
             raise MemoryError()
         self.shf = self.add + cout
@@ -569,20 +561,24 @@ cdef class Conv:
             if self.kind == RQ_UP:
                 self.add[c] += (<int64_t>1) << (s - 1)
             self.shf[c] = s
-        if int8 and self.kind == RQ_UP:
+        if int8 and self.kind != RQ_ANY:
             for c in range(cout):
-                if self.shf[c] != self.shf[0]:
+                if self.shf[c] > 31:
                     self.add32 = NULL
                     break
-                if self.add[c] > amax:
-                    amax = self.add[c]
-                elif -self.add[c] > amax:
-                    amax = -self.add[c]
+                # |acc + add| + half must fit int32 (the half-even step adds half - 1 + 1)
+                s = (self.add[c] if self.add[c] >= 0 else -self.add[c]) + (
+                    ((<int64_t>1) << (self.shf[c] - 1)) if self.kind == RQ_EVEN else 0)
+                if s > amax:
+                    amax = s
             if amax + KH * KW * (C // groups) * 16384 >= 2147483647:
                 self.add32 = NULL
             if self.add32 != NULL:
                 for c in range(cout):
                     self.add32[c] = <int32_t>self.add[c]
+                    self.add32[cout + c] = <int32_t>self.shf[c]
+                    self.add32[2 * cout + c] = (<int32_t>1) << (self.shf[c] - 1)
+                    self.add32[3 * cout + c] = <int32_t>(((<int64_t>1) << self.shf[c]) - 1)
         else:
             self.add32 = NULL
         self.cp = 0
