@@ -209,7 +209,12 @@ class Simulator:
             for n in node.inputs:
                 if n and n in self.graph.initializers:
                     base[n] = self.graph.initializers[n].data
-        steps = [(node, fn, tuple(node.inputs), tuple(node.outputs)) for node, fn in self._plan]
+        steps = []
+        for node, fn in self._plan:
+            outs = tuple(node.outputs)
+            # one named output (most nodes): stored without the zip loop
+            single = outs[0] if len(outs) == 1 and outs[0] else None
+            steps.append((node, fn, tuple(node.inputs), outs, single))
         self._lean = (base, steps, tuple(self.output_names))
 
     def _run_lean(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -225,15 +230,19 @@ class Simulator:
                 f"graph '{self.graph.name}' has no input named {extra[0]!r} "
                 f"(inputs: {', '.join(self._inputs)})"
             )
-        for node, fn, ins, outs in steps:
+        get = values.__getitem__
+        for node, fn, ins, outs, single in steps:
             try:
-                args = [values[n] for n in ins]
+                args = list(map(get, ins))
             except KeyError:  # an earlier node gave fewer outputs than it names
                 args = [self._value(values, node, n) for n in ins]  # raises trace's error
             try:
                 res = fn(args)
             except (ValueError, IndexError) as e:
                 raise UserError(f"node '{node.name}' ({node.op_type}): {e}") from None
+            if single is not None and res:
+                values[single] = res[0]
+                continue
             for name, out in zip(outs, res, strict=False):
                 if name:
                     values[name] = out

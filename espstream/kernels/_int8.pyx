@@ -294,9 +294,41 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
     cdef acc_t* qa = accbuf
     cdef acc_t* qb = accbuf + cout
     cdef int32_t blk[8]
+    # Interior columns [ow_lo, ow_hi): every horizontal tap inside the input, so the taps of
+    # one output row are those of ow_lo shifted by (ow - ow_lo) * step: the VNNI loop runs
+    # them from runs3 (computed once per row) without recomputing any window.
+    cdef Py_ssize_t ow_lo = (pl + sw - 1) // sw, ow_hi = 0, nr3 = 0
+    cdef Py_ssize_t* rx3 = runs + 6 * T
+    cdef Py_ssize_t* rw3 = runs + 7 * T
+    cdef Py_ssize_t* rn3 = runs + 8 * T
+    if W - 1 - (KW - 1) * dw + pl >= 0:
+        ow_hi = (W - 1 - (KW - 1) * dw + pl) // sw + 1
+    if ow_hi > OW:
+        ow_hi = OW
+    if vnni == NULL or ow_lo >= ow_hi:
+        ow_lo = ow_hi = 0
     for oh in range(OH):
         ow = 0
+        if ow_lo < ow_hi:
+            nr3 = _taps(oh * sh - pt, ow_lo * sw - pl, H, W, C, KH, KW, dh, dw, cig, rx3, rw3,
+                        rn3)
         while ow < OW:
+            if acc_t is int32_t:
+                if ow_lo <= ow < ow_hi:
+                    npix = ow_hi - ow if ow_hi - ow < 4 else 4
+                    yp = Y + (oh * OW + ow) * cout
+                    vnni(X + (ow - ow_lo) * step, step, npix, wpk, cout, cp,
+                         <const ptrdiff_t*>rx3, <const ptrdiff_t*>rw3, <const ptrdiff_t*>rn3,
+                         nr3, qa, qa + cout, qa + 2 * cout, qa + 3 * cout)
+                    for p in range(npix):
+                        if add32 != NULL:
+                            _rq32_row(qa + p * cout, add32, s32, lo32, hi32, yp + p * cout, cout)
+                        else:
+                            for co in range(cout):
+                                yp[p * cout + co] = <data_t>rq(qa[p * cout + co] + add[co],
+                                                               shift[co], kind, mode, lo, hi)
+                    ow += npix
+                    continue
             nr = _taps(oh * sh - pt, ow * sw - pl, H, W, C, KH, KW, dh, dw, cig, rx, rw, rn)
             npix = 1
             while npix < maxpix and ow + npix < OW:
@@ -608,7 +640,7 @@ cdef class Conv:
             return y
         cdef int16_t* x16 = <int16_t*>malloc((n + 1) * sizeof(int16_t))
         cdef void* acc = malloc(self.nacc * (4 if self.is8 else 8))
-        cdef Py_ssize_t* runs = <Py_ssize_t*>malloc(6 * self.KH * self.KW * sizeof(Py_ssize_t))
+        cdef Py_ssize_t* runs = <Py_ssize_t*>malloc(9 * self.KH * self.KW * sizeof(Py_ssize_t))
         cdef const int8_t* x8
         cdef const int16_t* xs
         if x16 == NULL or acc == NULL or runs == NULL:
