@@ -589,10 +589,13 @@ static inline int64_t esp_sat(int64_t v, int64_t lo, int64_t hi)
 static inline float esp_lut(const float *t, int64_t qmin, int64_t qmax, int odd, int64_t i)
 {
     ESP_NO_CONTRACT
-    if (i >= 0)
-        return t[i < qmax ? i : qmax];
-    float v = t[i > qmin ? -i : qmax];
-    return odd ? -v : 1.0f - v;
+    /* GateTable.get without branches on the data: both halves read, one chosen */
+    int64_t ip = i < 0 ? 0 : (i < qmax ? i : qmax);
+    int64_t in = i > qmin ? -i : qmax;
+    in = in < 0 ? 0 : in;
+    float tp = t[ip], tn = t[in];
+    float neg = odd ? -tn : 1.0f - tn;
+    return i >= 0 ? tp : neg;
 }
 
 static inline int64_t esp_mat_out(int64_t acc, int shift, int pie, int p4)
@@ -625,6 +628,31 @@ static inline int64_t esp_mat_row(const int32_t *m, const int64_t *v, ptrdiff_t 
     return esp_mat_out(acc, shift, pie, p4);
 }
 
+/* esp_mat_out over n int32 sums (the int8 case: |acc| <= 2**29) into out: the PIE roundings
+ * with 1 <= shift <= 30 as loops the compiler vectorises (|acc| + half fits int32), the rest
+ * element by element. */
+static inline void esp_mat_outs(const int32_t *acc, int64_t *out, ptrdiff_t n, int shift,
+                                int pie, int p4)
+{
+    if (pie && shift >= 1 && shift <= 30) {
+        int32_t h = (int32_t)1 << (shift - 1);
+        if (p4) {
+            for (ptrdiff_t k = 0; k < n; k++) {
+                int32_t v = acc[k], q = (v + (h - 1) + ((v >> shift) & 1)) >> shift;
+                out[k] = q < -32768 ? -32768 : (q > 32767 ? 32767 : q);
+            }
+        } else {
+            for (ptrdiff_t k = 0; k < n; k++) {
+                int32_t q = (acc[k] + h) >> shift;
+                out[k] = q < -32768 ? -32768 : (q > 32767 ? 32767 : q);
+            }
+        }
+        return;
+    }
+    for (ptrdiff_t k = 0; k < n; k++)
+        out[k] = esp_mat_out(acc[k], shift, pie, p4);
+}
+
 /* x [seq, nin] (int64), h0 / c0 [dirs, H] or NULL; y [seq, dirs, H], yh, yc [dirs, H]; scratch:
  * 3 * G * H + 3 * H int64, scratch16: nin + H int16. `narrow` (int8 W, R, x and h) takes the
  * int16 copies of the weights and sums in int32. */
@@ -652,10 +680,8 @@ static void esp_rnn(const esp_rnn_args *a, const int64_t *x, const int64_t *h0,
                     h16[j] = (int16_t)h[j];
                 esp_matvec_cols(a->w16[d], x16, nin, GH, s32);
                 esp_matvec_cols(a->r16[d], h16, H, GH, s32 + GH);
-                for (ptrdiff_t k = 0; k < GH; k++) {
-                    ic[k] = esp_mat_out(s32[k], a->w_shift, a->pie_w, a->p4);
-                    hc[k] = esp_mat_out(s32[GH + k], a->r_shift, a->pie_r, a->p4);
-                }
+                esp_mat_outs(s32, ic, GH, a->w_shift, a->pie_w, a->p4);
+                esp_mat_outs(s32 + GH, hc, GH, a->r_shift, a->pie_r, a->p4);
             } else {
                 for (ptrdiff_t k = 0; k < GH; k++) {
                     ic[k] = esp_mat_row(a->w[d] + k * nin, xs, nin, a->w_shift, a->pie_w,

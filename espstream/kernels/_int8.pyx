@@ -918,7 +918,7 @@ cdef class Rnn:
                  tnh, int64_t tnh_qmin, int64_t tnh_qmax, float resc_y, float resc_c,
                  int64_t lo, int64_t hi, bint narrow):
         """narrow: W, R, x and the state are int8 values (the caller checks), so the
-        products are summed in int32 (exact below 2**17 terms)."""
+        products are summed in int32 (exact up to 2**15 terms)."""
         cdef Py_ssize_t d
         cdef const int16_t[:, ::1] m16
         cdef const int32_t[:, ::1] m
@@ -965,7 +965,8 @@ cdef class Rnn:
         self.a.sig_qmin, self.a.sig_qmax = sig_qmin, sig_qmax
         self.a.tnh_qmin, self.a.tnh_qmax = tnh_qmin, tnh_qmax
         self.a.resc_y, self.a.resc_c, self.a.lo, self.a.hi = resc_y, resc_c, lo, hi
-        self.a.narrow = narrow and self.a.nin < (1 << 17) and self.a.H < (1 << 17)
+        # int8 sums of up to 2**15 terms: |acc| <= 2**29, and acc + half still fits int32
+        self.a.narrow = narrow and self.a.nin <= (1 << 15) and self.a.H <= (1 << 15)
 
     def __call__(self, x, h0, c0):
         """(Y [seq, dirs, H], Y_h [dirs, H], Y_c [dirs, H] or None), int64."""
