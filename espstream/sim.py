@@ -215,15 +215,24 @@ class Simulator:
             # one named output (most nodes): stored without the zip loop
             single = outs[0] if len(outs) == 1 and outs[0] else None
             steps.append((node, fn, tuple(node.inputs), outs, single))
-        self._lean = (base, steps, tuple(self.output_names))
+        checks = []  # (name, dtype, declared shape or None) per input, for a quick check
+        for name, vi in self._inputs.items():
+            fixed = vi.shape is not None and all(isinstance(d, int) for d in vi.shape)
+            checks.append((name, vi.dtype, tuple(vi.shape) if fixed else None, vi))
+        self._lean = (base, steps, tuple(self.output_names), checks)
 
     def _run_lean(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        base, steps, outputs = self._lean
+        base, steps, outputs, checks = self._lean
         values = dict(base)
-        for name, vi in self._inputs.items():
+        strict = self.check_shapes
+        for name, dtype, shape, vi in checks:
             if name not in inputs:
                 raise UserError(f"graph '{self.graph.name}': no value given for input '{name}'")
-            values[name] = self._check_input(name, inputs[name], vi)
+            x = inputs[name]
+            if type(x) is not np.ndarray or (dtype is not None and x.dtype != dtype) or (
+                    shape is not None and (x.ndim != len(shape) or (strict and x.shape != shape))):
+                x = self._check_input(name, x, vi)  # converts, or raises its error
+            values[name] = x
         if len(inputs) != len(self._inputs):
             extra = sorted(set(inputs) - set(self._inputs))
             raise UserError(

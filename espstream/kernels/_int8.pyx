@@ -970,40 +970,40 @@ cdef class Rnn:
 
     def __call__(self, x, h0, c0):
         """(Y [seq, dirs, H], Y_h [dirs, H], Y_c [dirs, H] or None), int64."""
-        cdef const int64_t[:, ::1] xv = np.ascontiguousarray(x, np.int64)
-        cdef Py_ssize_t H = self.a.H, dirs = self.a.dirs, seq = xv.shape[0]
-        cdef const int64_t[::1] hv, cv
+        cdef cnp.ndarray xa = np.ascontiguousarray(x, np.int64)
+        cdef Py_ssize_t H = self.a.H, dirs = self.a.dirs, seq
+        cdef cnp.ndarray ha, ca
         cdef const int64_t* hp = NULL
         cdef const int64_t* cp = NULL
-        if xv.shape[1] != self.a.nin:
-            raise ValueError(f"input of {xv.shape[1]} features, the weights take {self.a.nin}")
+        if xa.ndim != 2 or xa.shape[1] != self.a.nin:
+            raise ValueError(f"input of {np.shape(x)}, the weights take {self.a.nin} "
+                             "features")
+        seq = xa.shape[0]
         if h0 is not None:
-            hv = np.ascontiguousarray(h0, np.int64).reshape(-1)
-            if hv.shape[0] != dirs * H:
+            ha = np.ascontiguousarray(h0, np.int64)
+            if cnp.PyArray_SIZE(ha) != dirs * H:
                 raise ValueError("initial_h of the wrong size")
-            hp = &hv[0]
+            hp = <const int64_t*>cnp.PyArray_DATA(ha)
         if c0 is not None:
-            cv = np.ascontiguousarray(c0, np.int64).reshape(-1)
-            if cv.shape[0] != dirs * H:
+            ca = np.ascontiguousarray(c0, np.int64)
+            if cnp.PyArray_SIZE(ca) != dirs * H:
                 raise ValueError("initial_c of the wrong size")
-            cp = &cv[0]
-        y = np.zeros((seq, dirs, H), np.int64)
-        yh = np.zeros((dirs, H), np.int64)
-        yc = np.zeros((dirs, H), np.int64) if self.a.lstm else None
-        scratch = np.empty(3 * self.G * H + 3 * H + 1, np.int64)
-        scratch16 = np.empty(self.a.nin + H + 1, np.int16)
-        cdef int16_t[::1] s16 = scratch16
-        cdef int64_t[:, :, ::1] yv = y
-        cdef int64_t[:, ::1] yhv = yh
-        cdef int64_t[:, ::1] ycv
-        cdef int64_t* ycp = NULL
-        cdef int64_t[::1] sv = scratch
-        if yc is not None:
-            ycv = yc
-            ycp = &ycv[0, 0]
+            cp = <const int64_t*>cnp.PyArray_DATA(ca)
+        cdef cnp.ndarray y = np.zeros((seq, dirs, H), np.int64)
+        cdef cnp.ndarray yh = np.zeros((dirs, H), np.int64)
+        cdef cnp.ndarray yc = np.zeros((dirs, H), np.int64)
+        cdef int64_t* scratch = <int64_t*>malloc((3 * self.G * H + 3 * H + 1) * sizeof(int64_t))
+        cdef int16_t* s16 = <int16_t*>malloc((self.a.nin + H + 1) * sizeof(int16_t))
+        if scratch == NULL or s16 == NULL:
+            free(scratch)
+            free(s16)
+            raise MemoryError()
         self.a.seq = seq
         if seq > 0 and H > 0:
             with nogil:
-                esp_rnn(&self.a, &xv[0, 0] if self.a.nin > 0 else NULL, hp, cp, &yv[0, 0, 0],
-                        &yhv[0, 0], ycp, &sv[0], &s16[0])
-        return y, yh, yc
+                esp_rnn(&self.a, <const int64_t*>cnp.PyArray_DATA(xa), hp, cp,
+                        <int64_t*>cnp.PyArray_DATA(y), <int64_t*>cnp.PyArray_DATA(yh),
+                        <int64_t*>cnp.PyArray_DATA(yc) if self.a.lstm else NULL, scratch, s16)
+        free(scratch)
+        free(s16)
+        return y, yh, (yc if self.a.lstm else None)
