@@ -543,6 +543,7 @@ typedef struct {
     const int16_t *w16[2], *r16[2];    /* narrow: W^T [nin][G * H], R^T [H][G * H] as int16;
                                           int32 sums are exact */
     int narrow;
+    int vec;  /* the AVX2 unit loop may run: symmetric tables, bounded scales, a CPU with AVX2 */
     int w_shift, r_shift;
     const float *sig, *tnh;            /* gate tables [qmax + 1] */
     int64_t sig_qmin, sig_qmax, tnh_qmin, tnh_qmax;
@@ -653,6 +654,120 @@ static inline void esp_mat_outs(const int32_t *acc, int64_t *out, ptrdiff_t n, i
         out[k] = esp_mat_out(acc[k], shift, pie, p4);
 }
 
+#ifdef ESP_BC_X86
+/* The unit loops of esp_rnn eight hidden units at a time (AVX2, no FMA: each float32 step is
+ * the same IEEE operation as the scalar code's, gathers read the same table entries, roundps /
+ * floorps / the double step are the scalar roundings exactly). The caller guarantees symmetric
+ * tables (qmin = -qmax) and scales small enough that every rounded value fits int32. Returns
+ * how many units it did (a multiple of 8); the scalar loop does the rest. */
+#define ESP_AVX2 __attribute__((target("avx2")))
+
+ESP_AVX2 static inline __m256i esp_ld8(const int64_t *p)
+{
+    return _mm256_setr_epi32((int32_t)p[0], (int32_t)p[1], (int32_t)p[2], (int32_t)p[3],
+                             (int32_t)p[4], (int32_t)p[5], (int32_t)p[6], (int32_t)p[7]);
+}
+
+ESP_AVX2 static inline void esp_st8(int64_t *p, __m256i v)
+{
+    int32_t t[8];
+    _mm256_storeu_si256((__m256i *)t, v);
+    for (int k = 0; k < 8; k++)
+        p[k] = t[k];
+}
+
+ESP_AVX2 static inline __m256 esp_lut8(const float *t, int32_t qmax, int odd, __m256i i)
+{
+    ESP_NO_CONTRACT
+    __m256i zero = _mm256_setzero_si256(), q = _mm256_set1_epi32(qmax);
+    __m256i ip = _mm256_min_epi32(_mm256_max_epi32(i, zero), q);
+    __m256i in = _mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(zero, i), zero), q);
+    __m256 tp = _mm256_i32gather_ps(t, ip, 4), tn = _mm256_i32gather_ps(t, in, 4);
+    __m256 neg = odd ? _mm256_xor_ps(tn, _mm256_set1_ps(-0.0f))
+                     : _mm256_sub_ps(_mm256_set1_ps(1.0f), tn);
+    __m256i nonneg = _mm256_cmpgt_epi32(i, _mm256_set1_epi32(-1));
+    return _mm256_blendv_ps(neg, tp, _mm256_castsi256_ps(nonneg));
+}
+
+ESP_AVX2 static inline __m256i esp_round8(__m256 v, int p4)
+{
+    ESP_NO_CONTRACT
+    __m256 r;
+    if (p4) {
+        r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {  /* floorf((float)((double)v + 0.5)) */
+        __m256d half = _mm256_set1_pd(0.5);
+        __m256d lo = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), half);
+        __m256d hi = _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), half);
+        r = _mm256_floor_ps(_mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)));
+    }
+    return _mm256_cvttps_epi32(r);
+}
+
+ESP_AVX2 static inline __m256i esp_sat8(__m256i v, int32_t lo, int32_t hi)
+{
+    return _mm256_min_epi32(_mm256_max_epi32(v, _mm256_set1_epi32(lo)), _mm256_set1_epi32(hi));
+}
+
+ESP_AVX2 static ptrdiff_t esp_gru_units_avx2(const esp_rnn_args *a, const int64_t *ic,
+                                             const int64_t *hc, const int64_t *h, int64_t *hx)
+{
+    ESP_NO_CONTRACT
+    ptrdiff_t H = a->H, j = 0;
+    int32_t sq = (int32_t)a->sig_qmax, tq = (int32_t)a->tnh_qmax;
+    __m256 one = _mm256_set1_ps(1.0f), ry = _mm256_set1_ps(a->resc_y);
+    for (; j + 8 <= H; j += 8) {
+        __m256 z = esp_lut8(a->sig, sq, 0, _mm256_add_epi32(esp_ld8(ic + j), esp_ld8(hc + j)));
+        __m256 r = esp_lut8(a->sig, sq, 0, _mm256_add_epi32(esp_ld8(ic + H + j),
+                                                              esp_ld8(hc + H + j)));
+        __m256 hn = _mm256_cvtepi32_ps(esp_ld8(hc + 2 * H + j));
+        __m256 icn = _mm256_cvtepi32_ps(esp_ld8(ic + 2 * H + j));
+        __m256 rh = _mm256_mul_ps(r, hn);
+        __m256i idx = esp_round8(_mm256_add_ps(icn, rh), a->p4);
+        __m256 n = esp_lut8(a->tnh, tq, 1, idx);
+        __m256 tmp = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(one, z), n), ry);
+        __m256 zh = _mm256_mul_ps(z, _mm256_cvtepi32_ps(esp_ld8(h + j)));
+        tmp = _mm256_add_ps(tmp, zh);
+        esp_st8(hx + j, esp_sat8(esp_round8(tmp, a->p4), (int32_t)a->lo, (int32_t)a->hi));
+    }
+    return j;
+}
+
+ESP_AVX2 static ptrdiff_t esp_lstm_units_avx2(const esp_rnn_args *a, const int64_t *g4,
+                                              int64_t *c, int64_t *hx)
+{
+    ESP_NO_CONTRACT
+    ptrdiff_t H = a->H, j = 0;
+    int32_t sq = (int32_t)a->sig_qmax, tq = (int32_t)a->tnh_qmax;
+    __m256 rc = _mm256_set1_ps(a->resc_c), ry = _mm256_set1_ps(a->resc_y);
+    __m256i k32 = _mm256_set1_epi32(32768), m16 = _mm256_set1_epi32(0xFFFF);
+    for (; j + 8 <= H; j += 8) {
+        __m256 ig_ = esp_lut8(a->sig, sq, 0, esp_ld8(g4 + j));
+        __m256 og = esp_lut8(a->sig, sq, 0, esp_ld8(g4 + H + j));
+        __m256 fg = esp_lut8(a->sig, sq, 0, esp_ld8(g4 + 2 * H + j));
+        __m256 gg = esp_lut8(a->tnh, tq, 1, esp_ld8(g4 + 3 * H + j));
+        __m256 ig = _mm256_mul_ps(_mm256_mul_ps(ig_, gg), rc);
+        __m256 fc = _mm256_mul_ps(fg, _mm256_cvtepi32_ps(esp_ld8(c + j)));
+        __m256i cn = esp_round8(_mm256_add_ps(fc, ig), a->p4);
+        cn = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(cn, k32), m16), k32);
+        esp_st8(c + j, cn);
+        __m256 t2 = _mm256_mul_ps(_mm256_mul_ps(og, esp_lut8(a->tnh, tq, 1, cn)), ry);
+        esp_st8(hx + j, esp_sat8(esp_round8(t2, a->p4), (int32_t)a->lo, (int32_t)a->hi));
+    }
+    return j;
+}
+#endif
+
+static int esp_rnn_avx2(void)
+{
+#ifdef ESP_BC_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2");
+#else
+    return 0;
+#endif
+}
+
 /* x [seq, nin] (int64), h0 / c0 [dirs, H] or NULL; y [seq, dirs, H], yh, yc [dirs, H]; scratch:
  * 3 * G * H + 3 * H int64, scratch16: nin + H int16. `narrow` (int8 W, R, x and h) takes the
  * int16 copies of the weights and sums in int32. */
@@ -696,7 +811,12 @@ static void esp_rnn(const esp_rnn_args *a, const int64_t *x, const int64_t *h0,
                         hc[k] = esp_wrap16(hc[k] + a->rb[d][k]);
                     }
                 }
-                for (ptrdiff_t j = 0; j < H; j++) {
+                ptrdiff_t j0 = 0;
+#ifdef ESP_BC_X86
+                if (a->vec)
+                    j0 = esp_gru_units_avx2(a, ic, hc, h, hx);
+#endif
+                for (ptrdiff_t j = j0; j < H; j++) {
                     float z = esp_lut(a->sig, a->sig_qmin, a->sig_qmax, 0, ic[j] + hc[j]);
                     float r = esp_lut(a->sig, a->sig_qmin, a->sig_qmax, 0,
                                       ic[H + j] + hc[H + j]);
@@ -713,7 +833,12 @@ static void esp_rnn(const esp_rnn_args *a, const int64_t *x, const int64_t *h0,
                 for (ptrdiff_t k = 0; k < GH; k++)
                     ic[k] = a->wb[d] ? esp_wrap16(ic[k] + (a->wb[d][k] + hc[k] + a->rb[d][k]))
                                      : esp_wrap16(ic[k] + hc[k]);
-                for (ptrdiff_t j = 0; j < H; j++) {
+                ptrdiff_t j0 = 0;
+#ifdef ESP_BC_X86
+                if (a->vec)
+                    j0 = esp_lstm_units_avx2(a, ic, c, hx);
+#endif
+                for (ptrdiff_t j = j0; j < H; j++) {
                     float ig_ = esp_lut(a->sig, a->sig_qmin, a->sig_qmax, 0, ic[j]);
                     float og = esp_lut(a->sig, a->sig_qmin, a->sig_qmax, 0, ic[H + j]);
                     float fg = esp_lut(a->sig, a->sig_qmin, a->sig_qmax, 0, ic[2 * H + j]);

@@ -76,6 +76,7 @@ cdef extern from "_hot.h" nogil:
         const int16_t* w16[2]
         const int16_t* r16[2]
         int narrow
+        int vec
         int w_shift, r_shift
         const float* sig
         const float* tnh
@@ -84,6 +85,7 @@ cdef extern from "_hot.h" nogil:
         int64_t lo, hi
     void esp_rnn(const esp_rnn_args* a, const int64_t* x, const int64_t* h0, const int64_t* c0,
                  int64_t* y, int64_t* yh, int64_t* yc, int64_t* scratch, int16_t* scratch16)
+    int esp_rnn_avx2()
     # Flat elementwise loops (saturating add / sub, requantize with int32 intermediates).
     void esp_addsub_i8(const int8_t* a, const int8_t* b, int8_t* y, ptrdiff_t n, int sub,
                        int16_t lo, int16_t hi)
@@ -904,6 +906,16 @@ def cache_step(cnp.ndarray kept, cnp.ndarray x, tuple out_shape):
     return out, nxt
 
 
+cdef bint _rnn_vec = True
+
+
+def set_plain_rnn(bint plain):
+    """GRU / LSTM objects built after this call run their hidden units one by one (True) or
+    eight at a time with AVX2 where the CPU has it (False): lets the tests pit them."""
+    global _rnn_vec
+    _rnn_vec = not plain
+
+
 cdef class Rnn:
     """One ESP-DL GRU / LSTM node's time loop in C (`esp_rnn` of _hot.h; the rules and the
     NumPy twin are `espstream.ops.recurrent.rnn_forward`). Built from that module's operands,
@@ -965,6 +977,11 @@ cdef class Rnn:
         self.a.sig_qmin, self.a.sig_qmax = sig_qmin, sig_qmax
         self.a.tnh_qmin, self.a.tnh_qmax = tnh_qmin, tnh_qmax
         self.a.resc_y, self.a.resc_c, self.a.lo, self.a.hi = resc_y, resc_c, lo, hi
+        # the AVX2 unit loop: symmetric tables (gate_table makes them so) and scales that keep
+        # every rounded value inside int32 (|c| <= 2**15 + resc_c, |h| <= resc_y + 2**15)
+        self.a.vec = (_rnn_vec and esp_rnn_avx2() and sig_qmin == -sig_qmax
+                      and tnh_qmin == -tnh_qmax and sig_qmax < (1 << 30) and tnh_qmax < (1 << 30)
+                      and resc_y <= (1 << 24) and resc_c <= (1 << 24))
         # int8 sums of up to 2**15 terms: |acc| <= 2**29, and acc + half still fits int32
         self.a.narrow = narrow and self.a.nin <= (1 << 15) and self.a.H <= (1 << 15)
 

@@ -259,11 +259,11 @@ def test_sim_refuses_what_esp_dl_does_not_create() -> None:
 
 
 @st.composite
-def _params(draw):
+def _params(draw, hmax: int = 6):
     kind = draw(st.sampled_from(["GRU", "LSTM"]))
     bits = draw(st.sampled_from([8, 16]))
     target = draw(st.sampled_from(TARGETS))
-    H = draw(st.integers(1, 6))
+    H = draw(st.integers(1, hmax))
     inp = draw(st.sampled_from([1, 3, 8, 16]))  # 8 / 16: the PIE paths
     seq = draw(st.integers(1, 4))
     dirs = draw(st.integers(1, 2))
@@ -307,16 +307,24 @@ def test_kernel_equals_the_element_by_element_oracle(case) -> None:
 
 
 @settings(max_examples=150, deadline=None)
-@given(_params(), st.integers(1, 40))
-def test_c_loop_equals_numpy_and_oracle(case, seq) -> None:
+@given(_params(hmax=20), st.integers(1, 40), st.booleans())
+def test_c_loop_equals_numpy_and_oracle(case, seq, plain) -> None:
     """`rnn_kernel`'s C loop against `rnn_forward` (and the element-by-element oracle on the
     short sequences): every target, 8 / 16 bits, GRU / LSTM, biases or none, both directions,
-    given or zero states, sequences long enough for the states to saturate and wrap."""
+    given or zero states, sequences long enough for the states to saturate and wrap; hidden
+    sizes past 8 and 16 with the AVX2 unit loop (eight units at a time, the rest one by one)
+    and with the plain one (set_plain_rnn)."""
+    from espstream.kernels import _int8
+
     p, x, h0, c0 = case
     rng = np.random.default_rng(seq)
     info = np.iinfo(x.dtype)
     x = rng.integers(info.min, info.max + 1, (seq, x.shape[1])).astype(x.dtype)
-    loop = rec.rnn_kernel(p)
+    _int8.set_plain_rnn(plain)
+    try:
+        loop = rec.rnn_kernel(p)
+    finally:
+        _int8.set_plain_rnn(False)
     assert loop is not None
     got = loop(x, h0, c0)
     want = rec.rnn_forward(p, x, h0, c0)
