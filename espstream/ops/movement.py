@@ -289,9 +289,8 @@ def sim_movement(sim: Simulator, node: Node) -> Fn:
         return lambda args: [args[0].copy()]
     if op == "Transpose":
         perm = node.attrs.get("perm")
-        return lambda args: [
-            np.ascontiguousarray(np.transpose(args[0], None if perm is None else ints(perm)))
-        ]
+        axes = None if perm is None else tuple(ints(perm))  # read once, not per call
+        return lambda args: [np.ascontiguousarray(np.transpose(args[0], axes))]
     if op == "Flatten":
         axis = int(node.attrs.get("axis", 1))
 
