@@ -385,7 +385,7 @@ static esp_vnni_fn esp_vnni_pick(void)
 /* ---- Depthwise, AVX2 -------------------------------------------------------------------
  * vpmaddwd sums lane pairs, but depthwise channels must not mix: with weights whose odd
  * channels are zeroed (we) one vpmaddwd gives the even channels' products in int32 lanes, with
- * the even ones zeroed (wo) the odd channels'. Weights are packed once per call by
+ * the even ones zeroed (wo) the odd channels'. Weights are packed once per layer by
  * esp_dw_pack as we[T][C] then wo[T][C]; 16 channels per step, the rest in plain C. */
 static void esp_dw_pack(const int16_t *w, ptrdiff_t T, ptrdiff_t C, int16_t *wp)
 {

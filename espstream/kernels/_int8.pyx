@@ -5,18 +5,25 @@ Low-level entry points: arguments arrive checked and resolved by `espstream.kern
 window geometry, dtypes, C-contiguity); call those public wrappers, not these. All data is
 `[H, W, C]` (1-D uses H = 1). Inner loops run on raw pointers without the GIL.
 
-Conv: data and weights are widened to int16 once per call, so the inner dot products are
-int16 x int16 -> int32 products (pmaddwd) accumulated in int32 for int8 data (the caller
-guarantees no overflow) and in int64 for int16 data. Weights are `[C_out, kH * kW * C_in/g]`.
-Taps adjacent in both the input and the weights (the whole kernel row when groups == 1 and the
-horizontal dilation is 1) merge into one contiguous run; two neighbouring output pixels with the
-same taps share each weight load (no im2col). The int32 (int8 data) loops live in `_hot.h`,
-built for AVX2 and baseline x86-64 and picked at load time (plain C elsewhere): with groups == 1
-and an even C_in the weights are packed in input-channel pairs and every output channel of a
-pixel pair is summed at once in vector lanes (`_bcast`); otherwise four output channels share
-each input load (8 dot products per pass). Depthwise convs (groups == C_in == C_out) take
-weights as `[kH * kW, C]` and loop over channels. Requantization folds the half-up rounding
-constant into the bias when every shift is > 0.
+Conv (`Conv`, one object per layer and input shape): the weights are widened to int16, packed
+and the bias / rounding constants derived once, when the object is made; a call widens the data
+to int16, so the inner dot products are int16 x int16 -> int32 products accumulated in int32 for
+int8 data (the caller guarantees no overflow) and in int64 for int16 data. Weights are
+`[C_out, kH * kW * C_in/g]`. Taps adjacent in both the input and the weights (the whole kernel
+row when groups == 1 and the horizontal dilation is 1) merge into one contiguous run;
+neighbouring output pixels with the same taps share each weight load (no im2col). The int32
+(int8 data) loops live in `_hot.h`, built for AVX2 and baseline x86-64 and picked at load time
+(plain C elsewhere): with groups == 1 (an odd C_in widened by a zero channel) the weights are
+packed in input-channel pairs and every output channel of up to four pixels is summed at once in
+vector lanes (AVX-512 VNNI `_vnni`, else two pixels with AVX2 / SSE2 `_bcast`); interior columns
+reuse one row's taps. Otherwise four output channels share each input load (8 dot products per
+pass). Depthwise convs (groups == C_in == C_out) take weights as `[kH * kW, C]` and loop over
+channels. Requantization: int8 sums with every shift in [1, 31] (per channel or not, either
+rounding) in one vectorised int32 pass per pixel (`esp_rq32_i8`), the half-up constant folded
+into the bias; the general int64 path otherwise.
+
+Also here: pools, RequantizeLinear and saturating Add / Sub in one pass, StreamingCache's step
+(three memcpy's) and the GRU / LSTM time loop (`Rnn`; its rules: espstream/ops/recurrent.py).
 """
 
 from libc.stddef cimport ptrdiff_t
