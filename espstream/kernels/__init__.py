@@ -149,6 +149,25 @@ def _pool_run(f, x: np.ndarray, win, c: int, *extra) -> np.ndarray:
     return from_hwc(y, x, win.nd)
 
 
+def _pool_prepared_run(f, plans: dict, x: np.ndarray, make) -> np.ndarray:
+    """A prepared pool's call: the plan of x's shape (made by `make(x)` the first time:
+    window, geometry, the 3-D shape of the data and the output's shapes) and one kernel call."""
+    x = np.asarray(x)
+    key = (x.shape, x.dtype)
+    plan = plans.get(key)
+    if plan is None:
+        win, extra = make(x)
+        x3 = to_hwc(x, win.nd)
+        out3 = (*win.out_hw, x.shape[-1])
+        plan = plans[key] = (x3.shape, out3, from_hwc(np.empty(out3), x, win.nd).shape, extra)
+        return _pool_run(f, x, win, x.shape[-1], *extra)
+    shape3, out3, out_shape, extra = plan
+    x3 = np.ascontiguousarray(x).reshape(shape3)
+    y = np.empty(out3, x.dtype)
+    f(x3, y, *extra)
+    return y.reshape(out_shape)
+
+
 def _avg_scales(win, e_in: int, e_out: int, rounding: str) -> tuple:
     area = win.kernel[0] * win.kernel[1]
     inv_area = np.float32(1.0) / np.float32(area)
@@ -192,16 +211,11 @@ def avgpool_prepared(
     check_exponents(e_in, e_out)
     plans: dict[tuple, tuple] = {}
 
-    def run(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        key = (x.shape, x.dtype)
-        plan = plans.get(key)
-        if plan is None:
-            win, geometry = _pool_plan(x, kernel, stride, dilation, pads)
-            plan = plans[key] = (win, (*geometry, *_avg_scales(win, e_in, e_out, rounding)))
-        return _pool_run(_int8.avgpool, x, plan[0], x.shape[-1], *plan[1])
+    def make(x: np.ndarray) -> tuple:
+        win, geometry = _pool_plan(x, kernel, stride, dilation, pads)
+        return win, (*geometry, *_avg_scales(win, e_in, e_out, rounding))
 
-    return run
+    return lambda x: _pool_prepared_run(_int8.avgpool, plans, x, make)
 
 
 def maxpool(
@@ -227,16 +241,8 @@ def maxpool_prepared(
 ) -> Callable[[np.ndarray], np.ndarray]:
     """`maxpool` with every argument but the data fixed (the window checked once per shape)."""
     plans: dict[tuple, tuple] = {}
-
-    def run(x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x)
-        key = (x.shape, x.dtype)
-        plan = plans.get(key)
-        if plan is None:
-            plan = plans[key] = _pool_plan(x, kernel, stride, dilation, pads)
-        return _pool_run(_int8.maxpool, x, plan[0], x.shape[-1], *plan[1])
-
-    return run
+    return lambda x: _pool_prepared_run(
+        _int8.maxpool, plans, x, lambda x: _pool_plan(x, kernel, stride, dilation, pads))
 
 
 def requantize(
@@ -326,6 +332,9 @@ def _same_flat(a: np.ndarray, b: np.ndarray) -> bool:
 def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Saturating integer Add (see `reference.add`): the sum in int16 / int32, clipped in place
     (same-shape operands: one pass in C)."""
+    if type(a) is np.ndarray and type(b) is np.ndarray and a.dtype == b.dtype \
+            and _same_flat(a, b):  # the common case first, without conversions
+        return _int8.addsub(a, b, False)
     a, b = _operands(a, b, "add")
     if _same_flat(a, b):
         return _int8.addsub(a, b, False)
@@ -337,6 +346,9 @@ def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Saturating integer Sub (see `reference.sub`)."""
+    if type(a) is np.ndarray and type(b) is np.ndarray and a.dtype == b.dtype \
+            and _same_flat(a, b):
+        return _int8.addsub(a, b, True)
     a, b = _operands(a, b, "sub")
     if _same_flat(a, b):
         return _int8.addsub(a, b, True)

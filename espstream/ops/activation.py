@@ -258,7 +258,7 @@ def sim_lookup(sim: Simulator, node: Node) -> Fn:
         if x.dtype != np.int8:
             raise UserError(f"node '{node.name}': a 256-entry table needs int8 input, "
                             f"got {x.dtype}")
-        return [by_byte[x.view(np.uint8)]]
+        return [by_byte.take(x.view(np.uint8))]
 
     return lut
 
@@ -292,7 +292,7 @@ def sim_table(sim: Simulator, node: Node) -> Fn:
     def fn(args: list) -> list:
         x = args[0]
         if x.dtype == np.int8 and by_byte is not None:
-            return [by_byte[x.view(np.uint8)]]
+            return [by_byte.take(x.view(np.uint8))]
         return [compute(x)]
 
     return fn
