@@ -503,22 +503,6 @@ ESP_RQ(esp_rq_i8_i16, int8_t, int16_t)
 ESP_RQ(esp_rq_i16_i8, int16_t, int8_t)
 ESP_RQ(esp_rq_i16_i16, int16_t, int16_t)
 
-/* acc[j] = sum_k mT[k * rows + j] * v[k] over int16 operands whose products and sums fit int32
- * (the GRU / LSTM loop's int8 case): column by column, so the loop over the rows vectorises.
- * Integers only, so cloning it for AVX2 changes no bit. */
-ESP_HOT static void esp_matvec_cols(const int16_t *mT, const int16_t *v, ptrdiff_t n,
-                                    ptrdiff_t rows, int32_t *acc)
-{
-    for (ptrdiff_t j = 0; j < rows; j++)
-        acc[j] = 0;
-    for (ptrdiff_t k = 0; k < n; k++) {
-        const int16_t *col = mT + k * rows;
-        int32_t vk = v[k];
-        for (ptrdiff_t j = 0; j < rows; j++)
-            acc[j] += (int32_t)col[j] * vk;
-    }
-}
-
 /* ---- GRU / LSTM time loop (espstream/ops/recurrent.py's rnn_forward, in C) ----------------
  * The same integer and float32 steps in the same order as rnn_forward (its docstring has the
  * rules); float32 arithmetic must stay IEEE single operations one by one, so this code is never
@@ -540,8 +524,11 @@ typedef struct {
     ptrdiff_t H, nin, seq;       /* hidden size, input features, frames */
     const int32_t *w[2], *r[2];        /* [G * H, I], [G * H, H] */
     const int64_t *wb[2], *rb[2];      /* [G * H] or NULL */
-    const int16_t *w16[2], *r16[2];    /* narrow: W^T [nin][G * H], R^T [H][G * H] as int16;
-                                          int32 sums are exact */
+    const int16_t *wp[2], *rp[2];      /* narrow: W, R packed in input pairs (esp_pack_pairs,
+                                          cp channels, rows of nin2 / H2 = even lengths) */
+    ptrdiff_t cp, nin2, H2;
+    esp_vnni_fn vnni;                  /* the conv loops sum the int8 case exactly in int32: */
+    esp_bcast_fn bc;                   /* VNNI where the CPU has it, else the broadcast form */
     int narrow;
     int vec;  /* the AVX2 unit loop may run: symmetric tables, bounded scales, a CPU with AVX2 */
     int w_shift, r_shift;
@@ -768,9 +755,20 @@ static int esp_rnn_avx2(void)
 #endif
 }
 
+/* out[0..rows) = packed rows . v (v of n2 int16, even), through the conv's all-channel loop */
+static inline void esp_rnn_mv(const esp_rnn_args *a, const int16_t *v, const int16_t *wp,
+                              ptrdiff_t n2, ptrdiff_t rows, int32_t *out)
+{
+    ptrdiff_t rx = 0, rw = 0, rn = n2;
+    if (a->vnni)
+        a->vnni(v, 0, 1, wp, rows, a->cp, &rx, &rw, &rn, 1, out, NULL, NULL, NULL);
+    else
+        a->bc(v, 0, wp, rows, a->cp, &rx, &rw, &rn, 1, out, NULL);
+}
+
 /* x [seq, nin] (int64), h0 / c0 [dirs, H] or NULL; y [seq, dirs, H], yh, yc [dirs, H]; scratch:
- * 3 * G * H + 3 * H int64, scratch16: nin + H int16. `narrow` (int8 W, R, x and h) takes the
- * int16 copies of the weights and sums in int32. */
+ * 3 * G * H + 3 * H int64, scratch16: nin + H + 2 int16. `narrow` (int8 W, R, x and h) takes
+ * the packed weights and sums in int32 (exact: |product| <= 2**14, at most 2**15 terms). */
 static void esp_rnn(const esp_rnn_args *a, const int64_t *x, const int64_t *h0,
                     const int64_t *c0, int64_t *y, int64_t *yh, int64_t *yc, int64_t *scratch,
                     int16_t *scratch16)
@@ -778,7 +776,7 @@ static void esp_rnn(const esp_rnn_args *a, const int64_t *x, const int64_t *h0,
     ESP_NO_CONTRACT
     ptrdiff_t H = a->H, nin = a->nin, G = a->lstm ? 4 : 3, GH = G * H;
     int64_t *ic = scratch, *hc = scratch + GH, *h = hc + GH, *c = h + H, *hx = c + H;
-    int16_t *x16 = scratch16, *h16 = scratch16 + nin;  /* narrow: x_t and h as int16 */
+    int16_t *x16 = scratch16, *h16 = scratch16 + a->nin2;  /* narrow: x_t, h as int16 */
     int32_t *s32 = (int32_t *)(hx + H);                 /* narrow: 2 * G * H int32 sums */
     for (int d = 0; d < a->dirs; d++) {
         for (ptrdiff_t j = 0; j < H; j++) {
@@ -793,8 +791,12 @@ static void esp_rnn(const esp_rnn_args *a, const int64_t *x, const int64_t *h0,
                     x16[k] = (int16_t)xs[k];
                 for (ptrdiff_t j = 0; j < H; j++)
                     h16[j] = (int16_t)h[j];
-                esp_matvec_cols(a->w16[d], x16, nin, GH, s32);
-                esp_matvec_cols(a->r16[d], h16, H, GH, s32 + GH);
+                if (a->nin2 > nin)
+                    x16[nin] = 0;  /* the padding pair's zero */
+                if (a->H2 > H)
+                    h16[H] = 0;
+                esp_rnn_mv(a, x16, a->wp[d], a->nin2, GH, s32);
+                esp_rnn_mv(a, h16, a->rp[d], a->H2, GH, s32 + GH);
                 esp_mat_outs(s32, ic, GH, a->w_shift, a->pie_w, a->p4);
                 esp_mat_outs(s32 + GH, hc, GH, a->r_shift, a->pie_r, a->p4);
             } else {

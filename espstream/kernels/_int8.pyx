@@ -80,8 +80,11 @@ cdef extern from "_hot.h" nogil:
         const int32_t* r[2]
         const int64_t* wb[2]
         const int64_t* rb[2]
-        const int16_t* w16[2]
-        const int16_t* r16[2]
+        const int16_t* wp[2]
+        const int16_t* rp[2]
+        ptrdiff_t cp, nin2, H2
+        esp_vnni_fn vnni
+        esp_bcast_fn bc
         int narrow
         int vec
         int w_shift, r_shift
@@ -916,6 +919,14 @@ def cache_step(cnp.ndarray kept, cnp.ndarray x, tuple out_shape):
 cdef bint _rnn_vec = True
 
 
+def _even_rows(m):
+    """int16 copy of a 2-D array with a zero column added when its rows are odd."""
+    m = np.asarray(m)
+    if m.shape[1] % 2:
+        m = np.concatenate([m, np.zeros((m.shape[0], 1), m.dtype)], axis=1)
+    return np.ascontiguousarray(m, np.int16)
+
+
 def set_plain_rnn(bint plain):
     """GRU / LSTM objects built after this call run their hidden units one by one (True) or
     eight at a time with AVX2 where the CPU has it (False): lets the tests pit them."""
@@ -939,6 +950,7 @@ cdef class Rnn:
         """narrow: W, R, x and the state are int8 values (the caller checks), so the
         products are summed in int32 (exact up to 2**15 terms)."""
         cdef Py_ssize_t d
+        cdef int16_t[::1] pk
         cdef const int16_t[:, ::1] m16
         cdef const int32_t[:, ::1] m
         cdef const int64_t[::1] b
@@ -957,15 +969,21 @@ cdef class Rnn:
             m = np.ascontiguousarray(r[d], np.int32)
             self.keep.append(m)
             self.a.r[d] = &m[0, 0]
-            self.a.w16[d] = NULL
-            self.a.r16[d] = NULL
-            if narrow:
-                m16 = np.ascontiguousarray(np.asarray(w[d]).T, np.int16)  # columns
-                self.keep.append(m16)
-                self.a.w16[d] = &m16[0, 0]
-                m16 = np.ascontiguousarray(np.asarray(r[d]).T, np.int16)
-                self.keep.append(m16)
-                self.a.r16[d] = &m16[0, 0]
+            self.a.wp[d] = NULL
+            self.a.rp[d] = NULL
+            if narrow:  # rows padded to an even length, packed in pairs for the conv loop
+                self.a.cp = (m.shape[0] + ESP_BC_BLOCK - 1) // ESP_BC_BLOCK * ESP_BC_BLOCK
+                for src, is_w in ((w[d], True), (r[d], False)):
+                    m16 = _even_rows(src)
+                    pk = np.zeros(m16.shape[1] * self.a.cp, np.int16)
+                    esp_pack_pairs(&m16[0, 0], m16.shape[0], m16.shape[1], self.a.cp, &pk[0])
+                    self.keep.append(pk)
+                    if is_w:
+                        self.a.wp[d] = &pk[0]
+                        self.a.nin2 = m16.shape[1]
+                    else:
+                        self.a.rp[d] = &pk[0]
+                        self.a.H2 = m16.shape[1]
             self.a.wb[d] = NULL
             self.a.rb[d] = NULL
             if wb[d] is not None:
@@ -975,6 +993,8 @@ cdef class Rnn:
                 b = np.ascontiguousarray(rb[d], np.int64)
                 self.keep.append(b)
                 self.a.rb[d] = &b[0]
+        self.a.vnni = _vnni
+        self.a.bc = _bcast
         t = np.ascontiguousarray(sig, np.float32)
         self.keep.append(t)
         self.a.sig = &t[0]
@@ -1017,7 +1037,7 @@ cdef class Rnn:
         cdef cnp.ndarray yh = np.zeros((dirs, H), np.int64)
         cdef cnp.ndarray yc = np.zeros((dirs, H), np.int64)
         cdef int64_t* scratch = <int64_t*>malloc((3 * self.G * H + 3 * H + 1) * sizeof(int64_t))
-        cdef int16_t* s16 = <int16_t*>malloc((self.a.nin + H + 1) * sizeof(int16_t))
+        cdef int16_t* s16 = <int16_t*>malloc((self.a.nin + H + 3) * sizeof(int16_t))
         if scratch == NULL or s16 == NULL:
             free(scratch)
             free(s16)

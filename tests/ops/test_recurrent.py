@@ -313,7 +313,8 @@ def test_c_loop_equals_numpy_and_oracle(case, seq, plain) -> None:
     short sequences): every target, 8 / 16 bits, GRU / LSTM, biases or none, both directions,
     given or zero states, sequences long enough for the states to saturate and wrap; hidden
     sizes past 8 and 16 with the AVX2 unit loop (eight units at a time, the rest one by one)
-    and with the plain one (set_plain_rnn)."""
+    and the VNNI matrix-vector loop, or with the plain units and the AVX2 / SSE2 broadcast one
+    (set_plain_rnn, set_no_vnni)."""
     from espstream.kernels import _int8
 
     p, x, h0, c0 = case
@@ -321,10 +322,12 @@ def test_c_loop_equals_numpy_and_oracle(case, seq, plain) -> None:
     info = np.iinfo(x.dtype)
     x = rng.integers(info.min, info.max + 1, (seq, x.shape[1])).astype(x.dtype)
     _int8.set_plain_rnn(plain)
+    _int8.set_no_vnni(plain)
     try:
         loop = rec.rnn_kernel(p)
     finally:
         _int8.set_plain_rnn(False)
+        _int8.set_no_vnni(False)
     assert loop is not None
     got = loop(x, h0, c0)
     want = rec.rnn_forward(p, x, h0, c0)
