@@ -1042,10 +1042,11 @@ cdef class Rnn:
             free(scratch)
             free(s16)
             raise MemoryError()
-        self.a.seq = seq
+        cdef esp_rnn_args args = self.a  # a copy: calls from several threads do not share seq
+        args.seq = seq
         if seq > 0 and H > 0:
             with nogil:
-                esp_rnn(&self.a, <const int64_t*>cnp.PyArray_DATA(xa), hp, cp,
+                esp_rnn(&args, <const int64_t*>cnp.PyArray_DATA(xa), hp, cp,
                         <int64_t*>cnp.PyArray_DATA(y), <int64_t*>cnp.PyArray_DATA(yh),
                         <int64_t*>cnp.PyArray_DATA(yc) if self.a.lstm else NULL, scratch, s16)
         free(scratch)
