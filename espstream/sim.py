@@ -159,6 +159,7 @@ class Simulator:
         self.cache_state: dict[str, np.ndarray | None] = {}
         self._warned: set[str] = set()
         self._plan = [(node, self._compile(node)) for node in self._order]
+        self._prepare_run()
         self.reset()
 
     # ---- public --------------------------------------------------------------------------
@@ -182,8 +183,84 @@ class Simulator:
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call of the model: graph outputs by name (caches advance by one chunk)."""
-        values = self.trace(inputs)
-        return {name: values[name] for name in self.output_names}
+        if self._lean is None:  # a graph `trace` reports an error for: its message
+            values = self.trace(inputs)
+            return {name: values[name] for name in self.output_names}
+        return self._run_lean(inputs)
+
+    def _prepare_run(self) -> None:
+        """What `run` needs per node, found once per model: the input names each node reads
+        (an initializer's data bound in advance) and the output names it writes. `trace` does
+        the same work name by name with every check; `run` takes this path only when every
+        read is satisfied by an earlier node, a graph input or an initializer and every graph
+        output is produced, so the two return the same values (tests/test_sim.py)."""
+        known = set(self._inputs)
+        for node in self._order:
+            if any(n and n not in known and n not in self.graph.initializers
+                   for n in node.inputs):
+                self._lean = None
+                return
+            known.update(n for n in node.outputs if n)
+        if any(n not in known for n in self.output_names):
+            self._lean = None
+            return
+        base: dict[str, np.ndarray | None] = {"": None}
+        for node in self._order:
+            for n in node.inputs:
+                if n and n in self.graph.initializers:
+                    base[n] = self.graph.initializers[n].data
+        steps = []
+        for node, fn in self._plan:
+            outs = tuple(node.outputs)
+            # one named output (most nodes): stored without the zip loop
+            single = outs[0] if len(outs) == 1 and outs[0] else None
+            steps.append((node, fn, tuple(node.inputs), outs, single))
+        checks = []  # (name, dtype, declared shape or None) per input, for a quick check
+        for name, vi in self._inputs.items():
+            fixed = vi.shape is not None and all(isinstance(d, int) for d in vi.shape)
+            checks.append((name, vi.dtype, tuple(vi.shape) if fixed else None, vi))
+        self._lean = (base, steps, tuple(self.output_names), checks)
+
+    def _run_lean(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        base, steps, outputs, checks = self._lean
+        values = dict(base)
+        strict = self.check_shapes
+        for name, dtype, shape, vi in checks:
+            if name not in inputs:
+                raise UserError(f"graph '{self.graph.name}': no value given for input '{name}'")
+            x = inputs[name]
+            if type(x) is not np.ndarray or (dtype is not None and x.dtype != dtype) or (
+                    shape is not None and (x.ndim != len(shape) or (strict and x.shape != shape))):
+                x = self._check_input(name, x, vi)  # converts, or raises its error
+            values[name] = x
+        if len(inputs) != len(self._inputs):
+            extra = sorted(set(inputs) - set(self._inputs))
+            raise UserError(
+                f"graph '{self.graph.name}' has no input named {extra[0]!r} "
+                f"(inputs: {', '.join(self._inputs)})"
+            )
+        get = values.__getitem__
+        for node, fn, ins, outs, single in steps:
+            try:
+                args = list(map(get, ins))
+            except KeyError:  # an earlier node gave fewer outputs than it names
+                args = [self._value(values, node, n) for n in ins]  # raises trace's error
+            try:
+                res = fn(args)
+            except (ValueError, IndexError) as e:
+                raise UserError(f"node '{node.name}' ({node.op_type}): {e}") from None
+            if single is not None and res:
+                values[single] = res[0]
+                continue
+            for name, out in zip(outs, res, strict=False):
+                if name:
+                    values[name] = out
+        try:
+            return {name: values[name] for name in outputs}
+        except KeyError as e:
+            raise UserError(
+                f"graph '{self.graph.name}': no node produces output '{e.args[0]}'"
+            ) from None
 
     def trace(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Like `run`, but returns every tensor of the call by name: graph inputs, every node

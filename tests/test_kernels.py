@@ -642,3 +642,113 @@ def test_depthwise_paths_match_reference(seed, c, kernel, width, dtype, plain, p
         _int8.set_plain_depthwise(False)
     assert np.array_equal(got, want)
     assert np.array_equal(prepared, want)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([1, 2, 3, 4, 6, 39, 40, 128]),
+    st.integers(1, 140),
+    st.sampled_from([(1,), (3,), (5,), (3, 3), (1, 2)]),
+    st.integers(1, 13),
+    st.integers(1, 8),
+    st.booleans(),
+    st.booleans(),
+)
+def test_conv_vnni_and_broadcast_paths_match_reference(seed, c_in, c_out, kernel, width,
+                                                       dilation, one_shift, no_vnni):
+    """int8, groups 1: the AVX-512 VNNI loop (1-4 pixels sharing their taps, blocks of 64
+    output channels and a 16-channel remainder) and the AVX2 broadcast form it replaces (forced
+    by set_no_vnni), against the oracle, the prepared call as well; odd C_in (widened by a zero
+    channel), widths around the 4-pixel group, edges with fewer taps, C_out around 16 / 64."""
+    from espstream.kernels import _int8
+
+    rng = np.random.default_rng(seed)
+    shape = (width, c_in) if len(kernel) == 1 else (width, width + 2, c_in)
+    x = _data(rng, shape, np.int8, ("full", "small", "extreme")[seed % 3])
+    w = _data(rng, (c_out, *kernel, c_in), np.int8, ("full", "small", "extreme")[seed % 3])
+    # biases near 2**30 (int32 requantize refused: acc + bias may overflow) now and then;
+    # shifts past 31 (refused too), per channel all right shifts or some left ones
+    bmax = 2**30 if seed % 7 == 0 else 2**15
+    bias = rng.integers(-bmax, bmax, c_out).astype(np.int32)
+    shift = (10, 31, 33)[seed % 3] if one_shift else \
+        rng.integers(-1 if seed % 4 == 0 else 1, 34 if seed % 5 == 0 else 16, c_out)
+    nd = len(kernel)
+    pad = dilation * (kernel[-1] - 1)
+    # padding keeps every window inside the padded input (1-D: causal, as streamify writes)
+    kw = dict(dilation=dilation if nd == 1 else (1, dilation),
+              pads=(pad, 0) if nd == 1 else (kernel[0] - 1, 0, pad, 1), shift=shift,
+              rounding=("half_up", "half_even")[seed % 2], relu=bool(seed % 5 == 0),
+              stride=1 + seed % 2)
+    want = ref.conv(x, w, bias, **kw)
+    _int8.set_no_vnni(no_vnni)
+    try:
+        got = fast.conv(x, w, bias, **kw)
+        prepared = fast.conv_prepared(w, bias, **kw)
+        again = [prepared(x), prepared(x)]
+    finally:
+        _int8.set_no_vnni(False)
+    _assert_same(got, want)
+    for g in again:
+        _assert_same(g, want)
+
+
+@FAST
+@given(st.integers(0, 2**32 - 1), st.sampled_from(DTYPES), st.sampled_from(DTYPES),
+       st.integers(-16, 31), st.sampled_from(ref.ROUNDINGS),
+       st.sampled_from(["full", "small", "extreme"]), st.integers(1, 700), st.booleans())
+def test_flat_elementwise_loops_match_reference(seed, src, dst, shift, rounding, style, n,
+                                                strided):
+    """The one-pass C loops (same-shape add / sub, requantize of int8 / int16 data with a shift
+    in [-15, 30], and just outside it) on lengths across the vector width and its remainder,
+    contiguous or strided (copied first), against the int64 reference."""
+    rng = np.random.default_rng(seed)
+    a = _data(rng, (n, 2 if strided else 1), src, style)[:, 0]
+    b = _data(rng, (n, 2 if strided else 1), src, style)[:, -1]
+    _assert_same(fast.add(a, b), ref.add(a, b))
+    _assert_same(fast.sub(a, b), ref.sub(a, b))
+    _assert_same(fast.requantize(a, shift, rounding=rounding, dtype=dst),
+                 ref.requantize(a, shift, rounding=rounding, dtype=dst))
+
+
+@FAST
+@given(st.integers(0, 2**32 - 1), st.sampled_from(DTYPES), st.integers(1, 4),
+       st.integers(1, 7), st.integers(1, 5), st.integers(1, 4))
+def test_cache_step_matches_reference(seed, dtype, rank, window, frames, calls):
+    """StreamingCache's step, memcpy twin against the concatenating reference, over several
+    calls (the kept frames carried), from the zero state, on any frame axis."""
+    rng = np.random.default_rng(seed)
+    axis = int(rng.integers(-rank, rank))
+    shape = [int(d) for d in rng.integers(1, 4, rank)]
+    shape[axis] = frames
+    kf = kr = None
+    for _ in range(calls):
+        x = _data(rng, shape, dtype, "full")
+        out_f, kf = fast.cache_step(kf, x, window, axis)
+        out_r, kr = ref.cache_step(kr, x, window, axis)
+        _assert_same(out_f, out_r)
+        _assert_same(kf, kr)
+    # the reference itself, by hand: W - 1 = 2 kept frames on axis 0 of [F, 1]
+    out, kept = ref.cache_step(None, np.array([[1], [2], [3]], np.int8), 3, 0)
+    np.testing.assert_array_equal(out[:, 0], [0, 0, 1, 2, 3])
+    np.testing.assert_array_equal(kept[:, 0], [2, 3])
+    for impl in (fast, ref):
+        with pytest.raises(ValueError, match="between calls"):
+            impl.cache_step(kept, np.zeros((3, 2), np.int8), 3, 0)
+
+
+@FAST
+@given(pool_cases(), st.integers(-30, 20), st.integers(-30, 20), st.sampled_from(ref.ROUNDINGS),
+       st.integers(0, 3))
+def test_pool_prepared_matches_pool(case, e_in, e_out, rounding, extra):
+    """The prepared pools (window checked once per shape) on two input sizes, called again and
+    on a strided view, fast and reference, against the reference pools bit for bit."""
+    x, kernel, kwargs = case
+    wider = np.concatenate([x, x[..., -1:, :].repeat(extra, axis=-2)], axis=-2)
+    scales = dict(e_in=e_in, e_out=e_out, rounding=rounding)
+    for impl in (fast, ref):
+        avg = impl.avgpool_prepared(kernel, **scales, **kwargs)
+        mx = impl.maxpool_prepared(kernel, **kwargs)
+        for data in (x, wider, x, wider[..., ::-1, :]):
+            _assert_same(avg(data), ref.avgpool(data, kernel, **scales, **kwargs))
+            _assert_same(mx(data), ref.maxpool(data, kernel, **kwargs))

@@ -76,16 +76,31 @@ ESP_HOT static int32_t esp_dot1(const int16_t *X, const int16_t *w, const ptrdif
     return a;
 }
 
-/* Half-up requantize of n int32 sums with one right shift s (rounding constant already in
- * add32), then saturation to [lo, hi] (ReLU folded into lo), into int8. */
-ESP_HOT static void esp_rq32_i8(const int32_t *acc, const int32_t *add32, int32_t s,
+/* Requantize n int32 sums per channel into int8: p holds add[n] (the bias, plus the rounding
+ * constant when half-up), shift[n] in [1, 31], half[n] = 2**(shift-1) (then mask[n], unused).
+ * Half-up: (acc + add) >> shift; half-even (even != 0): floor plus one above half, or at half
+ * when the floor is odd. Then saturation to [lo, hi] (ReLU folded into lo). The caller
+ * guarantees |acc + add| + half fits int32. Vectorises (per-lane shifts: vpsravd, AVX2). */
+ESP_HOT static void esp_rq32_i8(const int32_t *acc, const int32_t *p, int32_t even,
                                 int32_t lo, int32_t hi, int8_t *y, ptrdiff_t n)
 {
-    for (ptrdiff_t c = 0; c < n; c++) {
-        int32_t v = (acc[c] + add32[c]) >> s;
-        v = v < lo ? lo : v;
-        v = v > hi ? hi : v;
-        y[c] = (int8_t)v;
+    const int32_t *add = p, *sh = p + n, *half = p + 2 * n;
+    if (even) {
+        /* ties to even without a compare chain: floor((v + half - 1 + odd(floor(v / 2^s))) /
+         * 2^s) (below half the sum stays under 2^s, above it reaches it, at half it adds the
+         * floor's parity); the caller guarantees |v| + half fits int32 */
+        for (ptrdiff_t c = 0; c < n; c++) {
+            int32_t v = acc[c] + add[c];
+            int32_t q = (v + (half[c] - 1) + ((v >> sh[c]) & 1)) >> sh[c];
+            q = q < lo ? lo : q;
+            y[c] = (int8_t)(q > hi ? hi : q);
+        }
+    } else {
+        for (ptrdiff_t c = 0; c < n; c++) {
+            int32_t v = (acc[c] + add[c]) >> sh[c];
+            v = v < lo ? lo : v;
+            y[c] = (int8_t)(v > hi ? hi : v);
+        }
     }
 }
 
@@ -269,10 +284,108 @@ static esp_bcast_fn esp_bcast_pick(void)
 #endif
 }
 
+/* ---- All output channels of up to four pixels, AVX-512 VNNI -----------------------------
+ * The broadcast form above with vpdpwssd: one instruction multiplies the int16 pairs of 16
+ * output channels by a broadcast input pair and adds into int32 lanes (no saturation: the
+ * caller guarantees the sums fit), so there is no separate add and each weight load serves up
+ * to four pixels (X, X + step, X + 2 step, X + 3 step: neighbouring outputs with the same
+ * taps). Same packed weights as esp_bcast_* ([K / 2][cp][2], cp a multiple of 16). Writes
+ * y[p][0..C_out) for p < npix. Integer sums are exact in any order: the bits equal the others'. */
+typedef void (*esp_vnni_fn)(const int16_t *X, ptrdiff_t step, ptrdiff_t npix, const int16_t *wp,
+                            ptrdiff_t cout, ptrdiff_t cp, const ptrdiff_t *rx,
+                            const ptrdiff_t *rw, const ptrdiff_t *rn, ptrdiff_t nr,
+                            int32_t *y0, int32_t *y1, int32_t *y2, int32_t *y3);
+
+#if defined(ESP_BC_X86) && defined(__GNUC__) && (__GNUC__ >= 8 || defined(__clang__))
+#define ESP_VNNI 1
+#define ESP_VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni")))
+
+/* NP pixels x NB blocks of 16 channels starting at channel c0; NP, NB are constants after
+ * inlining, so the 4 x 4 accumulators live in registers. */
+#define ESP_VNNI_BODY(NP, NB)                                                                  \
+    do {                                                                                       \
+        __m512i acc[4][4];                                                                     \
+        for (int p = 0; p < NP; p++)                                                           \
+            for (int j = 0; j < NB; j++)                                                       \
+                acc[p][j] = _mm512_setzero_si512();                                            \
+        for (ptrdiff_t r = 0; r < nr; r++) {                                                   \
+            const int16_t *xp = X + rx[r];                                                     \
+            const int16_t *w = wp + (rw[r] / 2 * cp + c0) * 2;                                 \
+            ptrdiff_t np_ = rn[r] / 2;                                                         \
+            for (ptrdiff_t k = 0; k < np_; k++, w += 2 * cp) {                                 \
+                __m512i wv[4], xv[4];                                                          \
+                for (int j = 0; j < NB; j++)                                                   \
+                    wv[j] = _mm512_loadu_si512((const void *)(w + 32 * j));                    \
+                for (int p = 0; p < NP; p++)                                                   \
+                    xv[p] = _mm512_set1_epi32(esp_ld_pair(xp + p * step + 2 * k));             \
+                for (int p = 0; p < NP; p++)                                                   \
+                    for (int j = 0; j < NB; j++)                                               \
+                        acc[p][j] = _mm512_dpwssd_epi32(acc[p][j], xv[p], wv[j]);              \
+            }                                                                                  \
+        }                                                                                      \
+        for (int p = 0; p < NP; p++)                                                           \
+            for (int j = 0; j < NB; j++) {                                                     \
+                ptrdiff_t left = cout - c0 - 16 * j;                                           \
+                __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);  \
+                _mm512_mask_storeu_epi32((void *)(ys[p] + c0 + 16 * j), m, acc[p][j]);         \
+            }                                                                                  \
+    } while (0)
+
+#define ESP_VNNI_FN(NP)                                                                        \
+    ESP_VNNI_TARGET static void esp_vnni_np##NP(                                               \
+        const int16_t *X, ptrdiff_t step, const int16_t *wp, ptrdiff_t cout, ptrdiff_t cp,     \
+        const ptrdiff_t *rx, const ptrdiff_t *rw, const ptrdiff_t *rn, ptrdiff_t nr,           \
+        int32_t *const *ys)                                                                    \
+    {                                                                                          \
+        ptrdiff_t c0 = 0;                                                                      \
+        for (; c0 + 64 <= cout; c0 += 64)                                                      \
+            ESP_VNNI_BODY(NP, 4);                                                              \
+        switch ((cout - c0 + 15) / 16) {                                                       \
+        case 4: ESP_VNNI_BODY(NP, 4); break;                                                   \
+        case 3: ESP_VNNI_BODY(NP, 3); break;                                                   \
+        case 2: ESP_VNNI_BODY(NP, 2); break;                                                   \
+        case 1: ESP_VNNI_BODY(NP, 1); break;                                                   \
+        default: break;                                                                        \
+        }                                                                                      \
+    }
+
+ESP_VNNI_FN(1)
+ESP_VNNI_FN(2)
+ESP_VNNI_FN(3)
+ESP_VNNI_FN(4)
+
+static void esp_vnni(const int16_t *X, ptrdiff_t step, ptrdiff_t npix, const int16_t *wp,
+                     ptrdiff_t cout, ptrdiff_t cp, const ptrdiff_t *rx, const ptrdiff_t *rw,
+                     const ptrdiff_t *rn, ptrdiff_t nr, int32_t *y0, int32_t *y1, int32_t *y2,
+                     int32_t *y3)
+{
+    int32_t *ys[4] = {y0, y1, y2, y3};
+    switch (npix) {
+    case 4: esp_vnni_np4(X, step, wp, cout, cp, rx, rw, rn, nr, ys); break;
+    case 3: esp_vnni_np3(X, step, wp, cout, cp, rx, rw, rn, nr, ys); break;
+    case 2: esp_vnni_np2(X, step, wp, cout, cp, rx, rw, rn, nr, ys); break;
+    default: esp_vnni_np1(X, step, wp, cout, cp, rx, rw, rn, nr, ys); break;
+    }
+}
+#endif
+
+/* The VNNI form where this CPU has it (AVX-512 F, BW and VNNI), else NULL: the caller then
+ * runs the two-pixel broadcast form. */
+static esp_vnni_fn esp_vnni_pick(void)
+{
+#ifdef ESP_VNNI
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vnni"))
+        return esp_vnni;
+#endif
+    return NULL;
+}
+
 /* ---- Depthwise, AVX2 -------------------------------------------------------------------
  * vpmaddwd sums lane pairs, but depthwise channels must not mix: with weights whose odd
  * channels are zeroed (we) one vpmaddwd gives the even channels' products in int32 lanes, with
- * the even ones zeroed (wo) the odd channels'. Weights are packed once per call by
+ * the even ones zeroed (wo) the odd channels'. Weights are packed once per layer by
  * esp_dw_pack as we[T][C] then wo[T][C]; 16 channels per step, the rest in plain C. */
 static void esp_dw_pack(const int16_t *w, ptrdiff_t T, ptrdiff_t C, int16_t *wp)
 {
@@ -332,6 +445,430 @@ static esp_dw_fn esp_dw_pick(void)
 #endif
     return esp_dw_plain;
 }
+
+/* ---- Elementwise (flat arrays) -----------------------------------------------------------
+ * Saturating add / sub of int8 (sums in int16) or int16 (sums in int32): exact, then clipped.
+ * Requantize of int8 / int16 data with one shift s in [-15, 30]: every intermediate of
+ * round(v * 2**-s) fits int32 (|v| << 15 <= 2**30, |v| + 2**29 < 2**31), half-up or half-even
+ * (even != 0), then saturation to [lo, hi]. Each loop is one pass the compiler vectorises. */
+#define ESP_ADDSUB(NAME, T, W)                                                                 \
+    ESP_HOT static void NAME(const T *a, const T *b, T *y, ptrdiff_t n, int sub, W lo, W hi)   \
+    {                                                                                          \
+        if (sub) {                                                                             \
+            for (ptrdiff_t i = 0; i < n; i++) {                                                \
+                W v = (W)a[i] - (W)b[i];                                                       \
+                v = v < lo ? lo : v;                                                           \
+                y[i] = (T)(v > hi ? hi : v);                                                   \
+            }                                                                                  \
+        } else {                                                                               \
+            for (ptrdiff_t i = 0; i < n; i++) {                                                \
+                W v = (W)a[i] + (W)b[i];                                                       \
+                v = v < lo ? lo : v;                                                           \
+                y[i] = (T)(v > hi ? hi : v);                                                   \
+            }                                                                                  \
+        }                                                                                      \
+    }
+ESP_ADDSUB(esp_addsub_i8, int8_t, int16_t)
+ESP_ADDSUB(esp_addsub_i16, int16_t, int32_t)
+
+#define ESP_RQ(NAME, S, D)                                                                     \
+    ESP_HOT static void NAME(const S *x, D *y, ptrdiff_t n, int32_t s, int even, int32_t lo,   \
+                             int32_t hi)                                                       \
+    {                                                                                          \
+        if (s <= 0) {                                                                          \
+            int32_t m = (int32_t)1 << -s;                                                      \
+            for (ptrdiff_t i = 0; i < n; i++) {                                                \
+                int32_t v = (int32_t)x[i] * m;                                                 \
+                v = v < lo ? lo : v;                                                           \
+                y[i] = (D)(v > hi ? hi : v);                                                   \
+            }                                                                                  \
+        } else if (!even) {                                                                    \
+            int32_t h = (int32_t)1 << (s - 1);                                                 \
+            for (ptrdiff_t i = 0; i < n; i++) {                                                \
+                int32_t v = ((int32_t)x[i] + h) >> s;                                          \
+                v = v < lo ? lo : v;                                                           \
+                y[i] = (D)(v > hi ? hi : v);                                                   \
+            }                                                                                  \
+        } else {                                                                               \
+            int32_t h = (int32_t)1 << (s - 1);                                                 \
+            for (ptrdiff_t i = 0; i < n; i++) { /* ties to even, as in esp_rq32_i8 */          \
+                int32_t v = x[i], q = (v + (h - 1) + ((v >> s) & 1)) >> s;                     \
+                q = q < lo ? lo : q;                                                           \
+                y[i] = (D)(q > hi ? hi : q);                                                   \
+            }                                                                                  \
+        }                                                                                      \
+    }
+ESP_RQ(esp_rq_i8_i8, int8_t, int8_t)
+ESP_RQ(esp_rq_i8_i16, int8_t, int16_t)
+ESP_RQ(esp_rq_i16_i8, int16_t, int8_t)
+ESP_RQ(esp_rq_i16_i16, int16_t, int16_t)
+
+/* ---- GRU / LSTM time loop (espstream/ops/recurrent.py's rnn_forward, in C) ----------------
+ * The same integer and float32 steps in the same order as rnn_forward (its docstring has the
+ * rules); float32 arithmetic must stay IEEE single operations one by one, so this code is never
+ * cloned for other instruction sets and contraction into FMAs is turned off. The caller checks
+ * the ranges (shifts in [-20, 62], rows short enough that no float conversion overflows). */
+#if defined(__clang__)
+#define ESP_NO_CONTRACT _Pragma("clang fp contract(off)")
+#else
+#define ESP_NO_CONTRACT
+#endif
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+#include <math.h>
+
+typedef struct {
+    int lstm, dirs, p4, pie_w, pie_r;  /* p4: esp32p4 (rint, PIE ties to even), else floor / up */
+    ptrdiff_t H, nin, seq;       /* hidden size, input features, frames */
+    const int32_t *w[2], *r[2];        /* [G * H, I], [G * H, H] */
+    const int64_t *wb[2], *rb[2];      /* [G * H] or NULL */
+    const int16_t *wp[2], *rp[2];      /* narrow: W, R packed in input pairs (esp_pack_pairs,
+                                          cp channels, rows of nin2 / H2 = even lengths) */
+    ptrdiff_t cp, nin2, H2;
+    esp_vnni_fn vnni;                  /* the conv loops sum the int8 case exactly in int32: */
+    esp_bcast_fn bc;                   /* VNNI where the CPU has it, else the broadcast form */
+    int narrow;
+    int vec;  /* the AVX2 unit loop may run: symmetric tables, bounded scales, a CPU with AVX2 */
+    int w_shift, r_shift;
+    const float *sig, *tnh;            /* gate tables [qmax + 1] */
+    int64_t sig_qmin, sig_qmax, tnh_qmin, tnh_qmax;
+    float resc_y, resc_c;
+    int64_t lo, hi;
+} esp_rnn_args;
+
+/* rintf without a libm call where it is exact: adding and removing 1.5 * 2**23 rounds half to
+ * even for |v| < 2**22 (both steps are exact float32 operations); beyond, libm. */
+static inline float esp_rintf(float v)
+{
+    ESP_NO_CONTRACT
+    const float magic = 12582912.0f;
+    if (v > -4194304.0f && v < 4194304.0f)
+        return (v + magic) - magic;
+    return rintf(v);
+}
+
+static inline float esp_floorf(float v)
+{
+    ESP_NO_CONTRACT
+    if (v > -4194304.0f && v < 4194304.0f) {
+        float r = esp_rintf(v);
+        return r > v ? r - 1.0f : r;
+    }
+    return floorf(v);
+}
+
+static inline int64_t esp_round_c(float v, int p4)
+{
+    ESP_NO_CONTRACT
+    if (p4)
+        return (int64_t)esp_rintf(v);
+    return (int64_t)esp_floorf((float)((double)v + 0.5));
+}
+
+static inline int64_t esp_wrap16(int64_t v) { return ((v + 32768) & 0xFFFF) - 32768; }
+
+static inline int64_t esp_sat(int64_t v, int64_t lo, int64_t hi)
+{
+    return v < lo ? lo : (v > hi ? hi : v);
+}
+
+static inline float esp_lut(const float *t, int64_t qmin, int64_t qmax, int odd, int64_t i)
+{
+    ESP_NO_CONTRACT
+    /* GateTable.get without branches on the data: both halves read, one chosen */
+    int64_t ip = i < 0 ? 0 : (i < qmax ? i : qmax);
+    int64_t in = i > qmin ? -i : qmax;
+    in = in < 0 ? 0 : in;
+    float tp = t[ip], tn = t[in];
+    float neg = odd ? -tn : 1.0f - tn;
+    return i >= 0 ? tp : neg;
+}
+
+static inline int64_t esp_mat_out(int64_t acc, int shift, int pie, int p4)
+{
+    ESP_NO_CONTRACT
+    int64_t out;
+    if (pie) {  /* shift >= 0 */
+        int s = shift > 62 ? 62 : shift;
+        if (s == 0) {
+            out = acc;
+        } else if (p4) {
+            int64_t q = acc >> s, rest = acc - (q << s), half = (int64_t)1 << (s - 1);
+            out = q + ((rest > half) | ((rest == half) & (q & 1)));
+        } else {
+            out = (acc + ((int64_t)1 << (s - 1))) >> s;
+        }
+    } else {
+        float scale = (float)ldexp(1.0, -shift);
+        out = esp_round_c((float)acc * scale, p4);
+    }
+    return esp_sat(out, -32768, 32767);
+}
+
+static inline int64_t esp_mat_row(const int32_t *m, const int64_t *v, ptrdiff_t n, int shift,
+                                  int pie, int p4)
+{
+    int64_t acc = 0;
+    for (ptrdiff_t k = 0; k < n; k++)
+        acc += (int64_t)m[k] * v[k];
+    return esp_mat_out(acc, shift, pie, p4);
+}
+
+/* esp_mat_out over n int32 sums (the int8 case: |acc| <= 2**29) into out: the PIE roundings
+ * with 1 <= shift <= 30 as loops the compiler vectorises (|acc| + half fits int32), the rest
+ * element by element. */
+static inline void esp_mat_outs(const int32_t *acc, int64_t *out, ptrdiff_t n, int shift,
+                                int pie, int p4)
+{
+    if (pie && shift >= 1 && shift <= 30) {
+        int32_t h = (int32_t)1 << (shift - 1);
+        if (p4) {
+            for (ptrdiff_t k = 0; k < n; k++) {
+                int32_t v = acc[k], q = (v + (h - 1) + ((v >> shift) & 1)) >> shift;
+                out[k] = q < -32768 ? -32768 : (q > 32767 ? 32767 : q);
+            }
+        } else {
+            for (ptrdiff_t k = 0; k < n; k++) {
+                int32_t q = (acc[k] + h) >> shift;
+                out[k] = q < -32768 ? -32768 : (q > 32767 ? 32767 : q);
+            }
+        }
+        return;
+    }
+    for (ptrdiff_t k = 0; k < n; k++)
+        out[k] = esp_mat_out(acc[k], shift, pie, p4);
+}
+
+#ifdef ESP_BC_X86
+/* The unit loops of esp_rnn eight hidden units at a time (AVX2, no FMA: each float32 step is
+ * the same IEEE operation as the scalar code's, gathers read the same table entries, roundps /
+ * floorps / the double step are the scalar roundings exactly). The caller guarantees symmetric
+ * tables (qmin = -qmax) and scales small enough that every rounded value fits int32. Returns
+ * how many units it did (a multiple of 8); the scalar loop does the rest. */
+#define ESP_AVX2 __attribute__((target("avx2")))
+
+ESP_AVX2 static inline __m256i esp_ld8(const int64_t *p)
+{
+    return _mm256_setr_epi32((int32_t)p[0], (int32_t)p[1], (int32_t)p[2], (int32_t)p[3],
+                             (int32_t)p[4], (int32_t)p[5], (int32_t)p[6], (int32_t)p[7]);
+}
+
+ESP_AVX2 static inline void esp_st8(int64_t *p, __m256i v)
+{
+    int32_t t[8];
+    _mm256_storeu_si256((__m256i *)t, v);
+    for (int k = 0; k < 8; k++)
+        p[k] = t[k];
+}
+
+ESP_AVX2 static inline __m256 esp_lut8(const float *t, int32_t qmax, int odd, __m256i i)
+{
+    ESP_NO_CONTRACT
+    __m256i zero = _mm256_setzero_si256(), q = _mm256_set1_epi32(qmax);
+    __m256i ip = _mm256_min_epi32(_mm256_max_epi32(i, zero), q);
+    __m256i in = _mm256_min_epi32(_mm256_max_epi32(_mm256_sub_epi32(zero, i), zero), q);
+    __m256 tp = _mm256_i32gather_ps(t, ip, 4), tn = _mm256_i32gather_ps(t, in, 4);
+    __m256 neg = odd ? _mm256_xor_ps(tn, _mm256_set1_ps(-0.0f))
+                     : _mm256_sub_ps(_mm256_set1_ps(1.0f), tn);
+    __m256i nonneg = _mm256_cmpgt_epi32(i, _mm256_set1_epi32(-1));
+    return _mm256_blendv_ps(neg, tp, _mm256_castsi256_ps(nonneg));
+}
+
+ESP_AVX2 static inline __m256i esp_round8(__m256 v, int p4)
+{
+    ESP_NO_CONTRACT
+    __m256 r;
+    if (p4) {
+        r = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {  /* floorf((float)((double)v + 0.5)) */
+        __m256d half = _mm256_set1_pd(0.5);
+        __m256d lo = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), half);
+        __m256d hi = _mm256_add_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), half);
+        r = _mm256_floor_ps(_mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo)));
+    }
+    return _mm256_cvttps_epi32(r);
+}
+
+ESP_AVX2 static inline __m256i esp_sat8(__m256i v, int32_t lo, int32_t hi)
+{
+    return _mm256_min_epi32(_mm256_max_epi32(v, _mm256_set1_epi32(lo)), _mm256_set1_epi32(hi));
+}
+
+ESP_AVX2 static ptrdiff_t esp_gru_units_avx2(const esp_rnn_args *a, const int64_t *ic,
+                                             const int64_t *hc, const int64_t *h, int64_t *hx)
+{
+    ESP_NO_CONTRACT
+    ptrdiff_t H = a->H, j = 0;
+    int32_t sq = (int32_t)a->sig_qmax, tq = (int32_t)a->tnh_qmax;
+    __m256 one = _mm256_set1_ps(1.0f), ry = _mm256_set1_ps(a->resc_y);
+    for (; j + 8 <= H; j += 8) {
+        __m256 z = esp_lut8(a->sig, sq, 0, _mm256_add_epi32(esp_ld8(ic + j), esp_ld8(hc + j)));
+        __m256 r = esp_lut8(a->sig, sq, 0, _mm256_add_epi32(esp_ld8(ic + H + j),
+                                                              esp_ld8(hc + H + j)));
+        __m256 hn = _mm256_cvtepi32_ps(esp_ld8(hc + 2 * H + j));
+        __m256 icn = _mm256_cvtepi32_ps(esp_ld8(ic + 2 * H + j));
+        __m256 rh = _mm256_mul_ps(r, hn);
+        __m256i idx = esp_round8(_mm256_add_ps(icn, rh), a->p4);
+        __m256 n = esp_lut8(a->tnh, tq, 1, idx);
+        __m256 tmp = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(one, z), n), ry);
+        __m256 zh = _mm256_mul_ps(z, _mm256_cvtepi32_ps(esp_ld8(h + j)));
+        tmp = _mm256_add_ps(tmp, zh);
+        esp_st8(hx + j, esp_sat8(esp_round8(tmp, a->p4), (int32_t)a->lo, (int32_t)a->hi));
+    }
+    return j;
+}
+
+ESP_AVX2 static ptrdiff_t esp_lstm_units_avx2(const esp_rnn_args *a, const int64_t *g4,
+                                              int64_t *c, int64_t *hx)
+{
+    ESP_NO_CONTRACT
+    ptrdiff_t H = a->H, j = 0;
+    int32_t sq = (int32_t)a->sig_qmax, tq = (int32_t)a->tnh_qmax;
+    __m256 rc = _mm256_set1_ps(a->resc_c), ry = _mm256_set1_ps(a->resc_y);
+    __m256i k32 = _mm256_set1_epi32(32768), m16 = _mm256_set1_epi32(0xFFFF);
+    for (; j + 8 <= H; j += 8) {
+        __m256 ig_ = esp_lut8(a->sig, sq, 0, esp_ld8(g4 + j));
+        __m256 og = esp_lut8(a->sig, sq, 0, esp_ld8(g4 + H + j));
+        __m256 fg = esp_lut8(a->sig, sq, 0, esp_ld8(g4 + 2 * H + j));
+        __m256 gg = esp_lut8(a->tnh, tq, 1, esp_ld8(g4 + 3 * H + j));
+        __m256 ig = _mm256_mul_ps(_mm256_mul_ps(ig_, gg), rc);
+        __m256 fc = _mm256_mul_ps(fg, _mm256_cvtepi32_ps(esp_ld8(c + j)));
+        __m256i cn = esp_round8(_mm256_add_ps(fc, ig), a->p4);
+        cn = _mm256_sub_epi32(_mm256_and_si256(_mm256_add_epi32(cn, k32), m16), k32);
+        esp_st8(c + j, cn);
+        __m256 t2 = _mm256_mul_ps(_mm256_mul_ps(og, esp_lut8(a->tnh, tq, 1, cn)), ry);
+        esp_st8(hx + j, esp_sat8(esp_round8(t2, a->p4), (int32_t)a->lo, (int32_t)a->hi));
+    }
+    return j;
+}
+#endif
+
+static int esp_rnn_avx2(void)
+{
+#ifdef ESP_BC_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2");
+#else
+    return 0;
+#endif
+}
+
+/* out[0..rows) = packed rows . v (v of n2 int16, even), through the conv's all-channel loop */
+static inline void esp_rnn_mv(const esp_rnn_args *a, const int16_t *v, const int16_t *wp,
+                              ptrdiff_t n2, ptrdiff_t rows, int32_t *out)
+{
+    ptrdiff_t rx = 0, rw = 0, rn = n2;
+    if (a->vnni)
+        a->vnni(v, 0, 1, wp, rows, a->cp, &rx, &rw, &rn, 1, out, NULL, NULL, NULL);
+    else
+        a->bc(v, 0, wp, rows, a->cp, &rx, &rw, &rn, 1, out, NULL);
+}
+
+/* x [seq, nin] (int64), h0 / c0 [dirs, H] or NULL; y [seq, dirs, H], yh, yc [dirs, H]; scratch:
+ * 3 * G * H + 3 * H int64, scratch16: nin + H + 2 int16. `narrow` (int8 W, R, x and h) takes
+ * the packed weights and sums in int32 (exact: |product| <= 2**14, at most 2**15 terms). */
+static void esp_rnn(const esp_rnn_args *a, const int64_t *x, const int64_t *h0,
+                    const int64_t *c0, int64_t *y, int64_t *yh, int64_t *yc, int64_t *scratch,
+                    int16_t *scratch16)
+{
+    ESP_NO_CONTRACT
+    ptrdiff_t H = a->H, nin = a->nin, G = a->lstm ? 4 : 3, GH = G * H;
+    int64_t *ic = scratch, *hc = scratch + GH, *h = hc + GH, *c = h + H, *hx = c + H;
+    int16_t *x16 = scratch16, *h16 = scratch16 + a->nin2;  /* narrow: x_t, h as int16 */
+    int32_t *s32 = (int32_t *)(hx + H);                 /* narrow: 2 * G * H int32 sums */
+    for (int d = 0; d < a->dirs; d++) {
+        for (ptrdiff_t j = 0; j < H; j++) {
+            h[j] = h0 ? h0[d * H + j] : 0;
+            c[j] = c0 ? c0[d * H + j] : 0;
+        }
+        for (ptrdiff_t st = 0; st < a->seq; st++) {
+            ptrdiff_t s = d == 0 ? st : a->seq - 1 - st;
+            const int64_t *xs = x + s * nin;
+            if (a->narrow) {
+                for (ptrdiff_t k = 0; k < nin; k++)
+                    x16[k] = (int16_t)xs[k];
+                for (ptrdiff_t j = 0; j < H; j++)
+                    h16[j] = (int16_t)h[j];
+                if (a->nin2 > nin)
+                    x16[nin] = 0;  /* the padding pair's zero */
+                if (a->H2 > H)
+                    h16[H] = 0;
+                esp_rnn_mv(a, x16, a->wp[d], a->nin2, GH, s32);
+                esp_rnn_mv(a, h16, a->rp[d], a->H2, GH, s32 + GH);
+                esp_mat_outs(s32, ic, GH, a->w_shift, a->pie_w, a->p4);
+                esp_mat_outs(s32 + GH, hc, GH, a->r_shift, a->pie_r, a->p4);
+            } else {
+                for (ptrdiff_t k = 0; k < GH; k++) {
+                    ic[k] = esp_mat_row(a->w[d] + k * nin, xs, nin, a->w_shift, a->pie_w,
+                                        a->p4);
+                    hc[k] = esp_mat_row(a->r[d] + k * H, h, H, a->r_shift, a->pie_r, a->p4);
+                }
+            }
+            if (!a->lstm) {
+                if (a->wb[d]) {
+                    for (ptrdiff_t k = 0; k < GH; k++) {
+                        ic[k] = esp_wrap16(ic[k] + a->wb[d][k]);
+                        hc[k] = esp_wrap16(hc[k] + a->rb[d][k]);
+                    }
+                }
+                ptrdiff_t j0 = 0;
+#ifdef ESP_BC_X86
+                if (a->vec)
+                    j0 = esp_gru_units_avx2(a, ic, hc, h, hx);
+#endif
+                for (ptrdiff_t j = j0; j < H; j++) {
+                    float z = esp_lut(a->sig, a->sig_qmin, a->sig_qmax, 0, ic[j] + hc[j]);
+                    float r = esp_lut(a->sig, a->sig_qmin, a->sig_qmax, 0,
+                                      ic[H + j] + hc[H + j]);
+                    float hn = (float)hc[2 * H + j], icn = (float)ic[2 * H + j];
+                    float rh = r * hn;
+                    int64_t idx = esp_round_c(icn + rh, a->p4);
+                    float n = esp_lut(a->tnh, a->tnh_qmin, a->tnh_qmax, 1, idx);
+                    float tmp = ((1.0f - z) * n) * a->resc_y;
+                    float zh = z * (float)h[j];
+                    tmp = tmp + zh;
+                    hx[j] = esp_sat(esp_round_c(tmp, a->p4), a->lo, a->hi);
+                }
+            } else {
+                for (ptrdiff_t k = 0; k < GH; k++)
+                    ic[k] = a->wb[d] ? esp_wrap16(ic[k] + (a->wb[d][k] + hc[k] + a->rb[d][k]))
+                                     : esp_wrap16(ic[k] + hc[k]);
+                ptrdiff_t j0 = 0;
+#ifdef ESP_BC_X86
+                if (a->vec)
+                    j0 = esp_lstm_units_avx2(a, ic, c, hx);
+#endif
+                for (ptrdiff_t j = j0; j < H; j++) {
+                    float ig_ = esp_lut(a->sig, a->sig_qmin, a->sig_qmax, 0, ic[j]);
+                    float og = esp_lut(a->sig, a->sig_qmin, a->sig_qmax, 0, ic[H + j]);
+                    float fg = esp_lut(a->sig, a->sig_qmin, a->sig_qmax, 0, ic[2 * H + j]);
+                    float gg = esp_lut(a->tnh, a->tnh_qmin, a->tnh_qmax, 1, ic[3 * H + j]);
+                    float ig = (ig_ * gg) * a->resc_c;
+                    float fc = fg * (float)c[j];
+                    float tmp = fc + ig;
+                    c[j] = esp_wrap16(esp_round_c(tmp, a->p4));
+                    float t2 = (og * esp_lut(a->tnh, a->tnh_qmin, a->tnh_qmax, 1, c[j]))
+                               * a->resc_y;
+                    hx[j] = esp_sat(esp_round_c(t2, a->p4), a->lo, a->hi);
+                }
+            }
+            for (ptrdiff_t j = 0; j < H; j++) {
+                h[j] = hx[j];
+                y[(s * a->dirs + d) * H + j] = h[j];
+            }
+        }
+        for (ptrdiff_t j = 0; j < H; j++) {
+            yh[d * H + j] = h[j];
+            if (yc)
+                yc[d * H + j] = c[j];
+        }
+    }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 /* Throughput probe for benchmarks/kernels.py: n rounds of 10 independent vpmaddwd (16 MACs
  * each). Returns a nonzero checksum so the loop is not removed; 0 where AVX2 is not compiled

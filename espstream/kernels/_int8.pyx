@@ -5,23 +5,36 @@ Low-level entry points: arguments arrive checked and resolved by `espstream.kern
 window geometry, dtypes, C-contiguity); call those public wrappers, not these. All data is
 `[H, W, C]` (1-D uses H = 1). Inner loops run on raw pointers without the GIL.
 
-Conv: data and weights are widened to int16 once per call, so the inner dot products are
-int16 x int16 -> int32 products (pmaddwd) accumulated in int32 for int8 data (the caller
-guarantees no overflow) and in int64 for int16 data. Weights are `[C_out, kH * kW * C_in/g]`.
-Taps adjacent in both the input and the weights (the whole kernel row when groups == 1 and the
-horizontal dilation is 1) merge into one contiguous run; two neighbouring output pixels with the
-same taps share each weight load (no im2col). The int32 (int8 data) loops live in `_hot.h`,
-built for AVX2 and baseline x86-64 and picked at load time (plain C elsewhere): with groups == 1
-and an even C_in the weights are packed in input-channel pairs and every output channel of a
-pixel pair is summed at once in vector lanes (`_bcast`); otherwise four output channels share
-each input load (8 dot products per pass). Depthwise convs (groups == C_in == C_out) take
-weights as `[kH * kW, C]` and loop over channels. Requantization folds the half-up rounding
-constant into the bias when every shift is > 0.
+Conv (`Conv`, one object per layer and input shape): the weights are widened to int16, packed
+and the bias / rounding constants derived once, when the object is made; a call widens the data
+to int16, so the inner dot products are int16 x int16 -> int32 products accumulated in int32 for
+int8 data (the caller guarantees no overflow) and in int64 for int16 data. Weights are
+`[C_out, kH * kW * C_in/g]`. Taps adjacent in both the input and the weights (the whole kernel
+row when groups == 1 and the horizontal dilation is 1) merge into one contiguous run;
+neighbouring output pixels with the same taps share each weight load (no im2col). The int32
+(int8 data) loops live in `_hot.h`, built for AVX2 and baseline x86-64 and picked at load time
+(plain C elsewhere): with groups == 1 (an odd C_in widened by a zero channel) the weights are
+packed in input-channel pairs and every output channel of up to four pixels is summed at once in
+vector lanes (AVX-512 VNNI `_vnni`, else two pixels with AVX2 / SSE2 `_bcast`); interior columns
+reuse one row's taps. Otherwise four output channels share each input load (8 dot products per
+pass). Depthwise convs (groups == C_in == C_out) take weights as `[kH * kW, C]` and loop over
+channels. Requantization: int8 sums with every shift in [1, 31] (per channel or not, either
+rounding) in one vectorised int32 pass per pixel (`esp_rq32_i8`), the half-up constant folded
+into the bias; the general int64 path otherwise.
+
+Also here: pools, RequantizeLinear and saturating Add / Sub in one pass, StreamingCache's step
+(three memcpy's) and the GRU / LSTM time loop (`Rnn`; its rules: espstream/ops/recurrent.py).
 """
 
 from libc.stddef cimport ptrdiff_t
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
+
+cimport numpy as cnp
+import numpy as np
+
+cnp.import_array()
 
 
 cdef extern from "_hot.h" nogil:
@@ -32,7 +45,7 @@ cdef extern from "_hot.h" nogil:
                    int32_t* acc)
     int32_t esp_dot1(const int16_t* X, const int16_t* w, const ptrdiff_t* rx,
                      const ptrdiff_t* rw, const ptrdiff_t* rn, ptrdiff_t nr)
-    void esp_rq32_i8(const int32_t* acc, const int32_t* add32, int32_t s, int32_t lo,
+    void esp_rq32_i8(const int32_t* acc, const int32_t* p, int32_t even, int32_t lo,
                      int32_t hi, int8_t* y, ptrdiff_t n)
     void esp_dw_pixel(const int16_t* X, const int16_t* w, const ptrdiff_t* xo,
                       const ptrdiff_t* wo, ptrdiff_t nt, ptrdiff_t C, int32_t* acc)
@@ -52,6 +65,50 @@ cdef extern from "_hot.h" nogil:
                                ptrdiff_t nt, ptrdiff_t C, int32_t* acc)
     void esp_dw_pack(const int16_t* w, ptrdiff_t T, ptrdiff_t C, int16_t* wp)
     esp_dw_fn esp_dw_pick()
+    # Up to four pixels' output channels at once with AVX-512 VNNI (NULL without it).
+    ctypedef void (*esp_vnni_fn)(const int16_t* X, ptrdiff_t step, ptrdiff_t npix,
+                                 const int16_t* wp, ptrdiff_t cout, ptrdiff_t cp,
+                                 const ptrdiff_t* rx, const ptrdiff_t* rw, const ptrdiff_t* rn,
+                                 ptrdiff_t nr, int32_t* y0, int32_t* y1, int32_t* y2,
+                                 int32_t* y3)
+    esp_vnni_fn esp_vnni_pick()
+    # GRU / LSTM time loop (recurrent.py's rnn_forward in C).
+    ctypedef struct esp_rnn_args:
+        int lstm, dirs, p4, pie_w, pie_r
+        ptrdiff_t H, nin, seq
+        const int32_t* w[2]
+        const int32_t* r[2]
+        const int64_t* wb[2]
+        const int64_t* rb[2]
+        const int16_t* wp[2]
+        const int16_t* rp[2]
+        ptrdiff_t cp, nin2, H2
+        esp_vnni_fn vnni
+        esp_bcast_fn bc
+        int narrow
+        int vec
+        int w_shift, r_shift
+        const float* sig
+        const float* tnh
+        int64_t sig_qmin, sig_qmax, tnh_qmin, tnh_qmax
+        float resc_y, resc_c
+        int64_t lo, hi
+    void esp_rnn(const esp_rnn_args* a, const int64_t* x, const int64_t* h0, const int64_t* c0,
+                 int64_t* y, int64_t* yh, int64_t* yc, int64_t* scratch, int16_t* scratch16)
+    int esp_rnn_avx2()
+    # Flat elementwise loops (saturating add / sub, requantize with int32 intermediates).
+    void esp_addsub_i8(const int8_t* a, const int8_t* b, int8_t* y, ptrdiff_t n, int sub,
+                       int16_t lo, int16_t hi)
+    void esp_addsub_i16(const int16_t* a, const int16_t* b, int16_t* y, ptrdiff_t n, int sub,
+                        int32_t lo, int32_t hi)
+    void esp_rq_i8_i8(const int8_t* x, int8_t* y, ptrdiff_t n, int32_t s, int even, int32_t lo,
+                      int32_t hi)
+    void esp_rq_i8_i16(const int8_t* x, int16_t* y, ptrdiff_t n, int32_t s, int even,
+                       int32_t lo, int32_t hi)
+    void esp_rq_i16_i8(const int16_t* x, int8_t* y, ptrdiff_t n, int32_t s, int even,
+                       int32_t lo, int32_t hi)
+    void esp_rq_i16_i16(const int16_t* x, int16_t* y, ptrdiff_t n, int32_t s, int even,
+                        int32_t lo, int32_t hi)
     void esp_dw_plain(const int16_t* X, const int16_t* w, const int16_t* wp, ptrdiff_t T,
                       const ptrdiff_t* xo, const ptrdiff_t* wo, ptrdiff_t nt, ptrdiff_t C,
                       int32_t* acc)
@@ -59,6 +116,19 @@ cdef extern from "_hot.h" nogil:
 
 cdef esp_bcast_fn _bcast = esp_bcast_pick()  # AVX2, SSE2 or plain C, once per process
 cdef esp_dw_fn _dw = esp_dw_pick()  # AVX2 or plain C
+cdef esp_vnni_fn _vnni = esp_vnni_pick()  # AVX-512 VNNI or NULL (then _bcast)
+
+
+def set_no_vnni(bint off):
+    """Turn the AVX-512 VNNI conv loop off (True) or pick by CPU again (False): lets the tests
+    check the AVX2 broadcast form on a CPU that has VNNI."""
+    global _vnni
+    _vnni = NULL if off else esp_vnni_pick()
+
+
+def has_vnni():
+    """Does this process run the AVX-512 VNNI conv loop?"""
+    return _vnni != NULL
 
 
 def set_plain_depthwise(bint plain):
@@ -174,21 +244,12 @@ cdef inline int64_t rq(int64_t v, int64_t s, int kind, int mode, int64_t lo,
     return v
 
 
-cdef inline void _rq32_row(const acc_t* acc, const int32_t* add32, int32_t s, int32_t lo,
+cdef inline void _rq32_row(const acc_t* acc, const int32_t* add32, int32_t even, int32_t lo,
                            int32_t hi, data_t* y, Py_ssize_t n) noexcept nogil:
-    """Half-up requantize of int32 sums with one shift: a loop the compiler vectorises."""
-    cdef Py_ssize_t c
-    cdef int32_t v
+    """Requantize a row of int32 sums with the per-channel int32 constants at add32 (see
+    esp_rq32_i8): a loop the compiler vectorises. add32 is only set for int8 data."""
     if data_t is int8_t and acc_t is int32_t:
-        esp_rq32_i8(acc, add32, s, lo, hi, y, n)
-    else:  # not reached: add32 is only set for int8 data
-        for c in range(n):
-            v = (<int32_t>acc[c] + add32[c]) >> s
-            if v < lo:
-                v = lo
-            if v > hi:
-                v = hi
-            y[c] = <data_t>v
+        esp_rq32_i8(acc, add32, even, lo, hi, y, n)
 
 
 cdef inline bint _same_runs(Py_ssize_t nr, Py_ssize_t nr2, Py_ssize_t step, Py_ssize_t* rx,
@@ -219,6 +280,12 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
     channels) the sums of every channel come from `_bcast` instead."""
     cdef Py_ssize_t cig = C // G, cog = cout // G, K = KH * KW * cig, T = KH * KW
     cdef Py_ssize_t oh, ow, g, co, co_end, r, i, n, nr, nr2, nr_loop, npix, step = sw * C
+    cdef Py_ssize_t maxpix = 2, p
+    cdef esp_vnni_fn vnni = NULL
+    if acc_t is int32_t:
+        if wpk != NULL and _vnni != NULL:
+            vnni = _vnni
+            maxpix = 4
     cdef Py_ssize_t* rx = runs
     cdef Py_ssize_t* rw = runs + T
     cdef Py_ssize_t* rn = runs + 2 * T
@@ -235,23 +302,69 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
     cdef data_t* yq
     cdef acc_t a0, a1, a2, a3, b0, b1, b2, b3
     cdef int32_t xa, xb, v0, v1, v2, v3
-    cdef int32_t s32 = <int32_t>shift[0], lo32 = <int32_t>lo, hi32 = <int32_t>hi
+    cdef int32_t s32 = kind == RQ_EVEN, lo32 = <int32_t>lo, hi32 = <int32_t>hi
     cdef acc_t* qa = accbuf
     cdef acc_t* qb = accbuf + cout
     cdef int32_t blk[8]
+    # Interior columns [ow_lo, ow_hi): every horizontal tap inside the input, so the taps of
+    # one output row are those of ow_lo shifted by (ow - ow_lo) * step: the VNNI loop runs
+    # them from runs3 (computed once per row) without recomputing any window.
+    cdef Py_ssize_t ow_lo = (pl + sw - 1) // sw, ow_hi = 0, nr3 = 0
+    cdef Py_ssize_t* rx3 = runs + 6 * T
+    cdef Py_ssize_t* rw3 = runs + 7 * T
+    cdef Py_ssize_t* rn3 = runs + 8 * T
+    if W - 1 - (KW - 1) * dw + pl >= 0:
+        ow_hi = (W - 1 - (KW - 1) * dw + pl) // sw + 1
+    if ow_hi > OW:
+        ow_hi = OW
+    if vnni == NULL or ow_lo >= ow_hi:
+        ow_lo = ow_hi = 0
     for oh in range(OH):
         ow = 0
+        if ow_lo < ow_hi:
+            nr3 = _taps(oh * sh - pt, ow_lo * sw - pl, H, W, C, KH, KW, dh, dw, cig, rx3, rw3,
+                        rn3)
         while ow < OW:
+            if acc_t is int32_t:
+                if ow_lo <= ow < ow_hi:
+                    npix = ow_hi - ow if ow_hi - ow < 4 else 4
+                    yp = Y + (oh * OW + ow) * cout
+                    vnni(X + (ow - ow_lo) * step, step, npix, wpk, cout, cp,
+                         <const ptrdiff_t*>rx3, <const ptrdiff_t*>rw3, <const ptrdiff_t*>rn3,
+                         nr3, qa, qa + cout, qa + 2 * cout, qa + 3 * cout)
+                    for p in range(npix):
+                        if add32 != NULL:
+                            _rq32_row(qa + p * cout, add32, s32, lo32, hi32, yp + p * cout, cout)
+                        else:
+                            for co in range(cout):
+                                yp[p * cout + co] = <data_t>rq(qa[p * cout + co] + add[co],
+                                                               shift[co], kind, mode, lo, hi)
+                    ow += npix
+                    continue
             nr = _taps(oh * sh - pt, ow * sw - pl, H, W, C, KH, KW, dh, dw, cig, rx, rw, rn)
             npix = 1
-            if ow + 1 < OW:
-                nr2 = _taps(oh * sh - pt, (ow + 1) * sw - pl, H, W, C, KH, KW, dh, dw, cig,
+            while npix < maxpix and ow + npix < OW:
+                nr2 = _taps(oh * sh - pt, (ow + npix) * sw - pl, H, W, C, KH, KW, dh, dw, cig,
                             rx2, rw2, rn2)
-                if _same_runs(nr, nr2, step, rx, rw, rn, rx2, rw2, rn2):
-                    npix = 2
+                if not _same_runs(nr, nr2, npix * step, rx, rw, rn, rx2, rw2, rn2):
+                    break
+                npix += 1
             yp = Y + (oh * OW + ow) * cout
             yq = yp + cout
             if acc_t is int32_t:
+                if vnni != NULL:  # up to 4 pixels, sums into accbuf rows
+                    vnni(X, step, npix, wpk, cout, cp, <const ptrdiff_t*>rx,
+                         <const ptrdiff_t*>rw, <const ptrdiff_t*>rn, nr, qa, qa + cout,
+                         qa + 2 * cout, qa + 3 * cout)
+                    for p in range(npix):
+                        if add32 != NULL:
+                            _rq32_row(qa + p * cout, add32, s32, lo32, hi32, yp + p * cout, cout)
+                        else:
+                            for co in range(cout):
+                                yp[p * cout + co] = <data_t>rq(qa[p * cout + co] + add[co],
+                                                               shift[co], kind, mode, lo, hi)
+                    ow += npix
+                    continue
                 if wpk != NULL:
                     _bcast(X, step if npix == 2 else 0, wpk, cout, cp, <const ptrdiff_t*>rx,
                            <const ptrdiff_t*>rw, <const ptrdiff_t*>rn, nr, qa,
@@ -379,7 +492,7 @@ cdef void _conv_depthwise(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize
     (contiguous in both; the compiler vectorises them). With `add32` (one right shift for all
     channels, half-up, int32 cannot overflow) the requantize loop is vectorised too."""
     cdef Py_ssize_t oh, ow, i, j, ih, iw, c, t, nt
-    cdef int32_t s32 = <int32_t>shift[0], lo32 = <int32_t>lo, hi32 = <int32_t>hi
+    cdef int32_t s32 = kind == RQ_EVEN, lo32 = <int32_t>lo, hi32 = <int32_t>hi
     cdef Py_ssize_t* xo = runs
     cdef Py_ssize_t* wo = runs + KH * KW
     cdef const int16_t* xp
@@ -418,106 +531,192 @@ cdef void _conv_depthwise(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize
                     yp[c] = <data_t>rq(acc[c] + add[c], shift[c], kind, mode, lo, hi)
 
 
-def conv(const int16_t[:, :, ::1] x, const int16_t[:, ::1] w, const int64_t[::1] bias,
-         const int64_t[::1] shift, acc_t[::1] acc, data_t[:, :, ::1] y,
-         Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t groups, Py_ssize_t sh, Py_ssize_t sw,
-         Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl, int mode, bint relu,
-         bint depthwise, Py_ssize_t[::1] runs, int64_t[::1] scratch):
-    """Conv on widened data: x [H, W, C] int16, w [C_out, K] int16 (depthwise: [kH*kW, C]),
-    bias and shift per output channel; acc: scratch of the accumulator type (int32 for int8
-    data, int64 for int16; length >= max(C, 2 * C_out)); y: output [OH, OW, C_out]; runs: scratch of
-    6 * kH * kW; scratch: 2 * C_out."""
-    cdef int64_t lo, hi, s
-    cdef Py_ssize_t c
-    cdef int kind
-    if data_t is int8_t:
-        lo, hi = -128, 127
-    else:
-        lo, hi = -32768, 32767
-    if relu:
-        lo = 0
-    cdef Py_ssize_t H = x.shape[0], W = x.shape[1], C = x.shape[2]
-    cdef Py_ssize_t OH = y.shape[0], OW = y.shape[1], cout = y.shape[2]
-    if OH == 0 or OW == 0 or cout == 0 or C == 0:
-        return
-    # When every shift is a right shift, fold the rounding constant of half-up into the bias:
-    # the kernels then do one add and one shift per output.
-    cdef int64_t* add = &scratch[0]
-    cdef int64_t* shf = &scratch[cout]
-    cdef int32_t* add32 = <int32_t*>&scratch[2 * cout]
-    cdef int64_t amax = 0
-    kind = RQ_UP if mode == HALF_UP else RQ_EVEN
-    for c in range(cout):
-        if shift[c] <= 0:
-            kind = RQ_ANY
-    for c in range(cout):
-        s = shift[c]
-        add[c] = bias[c]
-        if kind != RQ_ANY and s > 62:
-            s = 62  # as reference.round_shift: no effect on |v| < 2**61
-        if kind == RQ_UP:
-            add[c] += (<int64_t>1) << (s - 1)
-        shf[c] = s
-    # int8, half-up, one shift: requantize in int32 if acc + add cannot overflow.
-    if data_t is int8_t and kind == RQ_UP:
-        for c in range(cout):
-            if shf[c] != shf[0]:
-                add32 = NULL
-                break
-            if add[c] > amax:
-                amax = add[c]
-            elif -add[c] > amax:
-                amax = -add[c]
-        if amax + KH * KW * (C // groups) * 16384 >= 2147483647:
-            add32 = NULL
-        if add32 != NULL:
-            for c in range(cout):
-                add32[c] = <int32_t>add[c]
-    else:
-        add32 = NULL
-    # int8 data, groups == 1, even C_in: the broadcast form over packed weights (see _hot.h).
-    cdef int16_t* wpk = NULL
-    cdef int16_t* wdw = NULL
-    cdef Py_ssize_t K = w.shape[1], cp = 0
-    if data_t is int8_t and acc_t is int32_t and depthwise:
-        wdw = <int16_t*>malloc(2 * KH * KW * C * sizeof(int16_t))
-        if wdw == NULL:
-            raise MemoryError()
-        esp_dw_pack(&w[0, 0], KH * KW, C, wdw)
-    if data_t is int8_t and acc_t is int32_t:
-        if not depthwise and groups == 1 and C % 2 == 0:
-            cp = (cout + ESP_BC_BLOCK - 1) // ESP_BC_BLOCK * ESP_BC_BLOCK
-            wpk = <int16_t*>malloc(K * cp * sizeof(int16_t))
-            if wpk == NULL:
-                raise MemoryError()
-            esp_pack_pairs(&w[0, 0], cout, K, cp, wpk)
-    with nogil:
-        if depthwise:
-            _conv_depthwise(&x[0, 0, 0], H, W, C, &w[0, 0], KH, KW, sh, sw, dh, dw, pt, pl,
-                            OH, OW, add, shf, kind, mode, lo, hi, &runs[0], &acc[0],
-                            add32, wdw, &y[0, 0, 0])
+cdef class Conv:
+    """One conv layer fixed for one input shape: everything but the data is derived once
+    (bias plus rounding constant, shift kind, weights packed for the broadcast / VNNI / depthwise
+    loops), so a call only widens x to int16, runs the loop and returns a fresh output.
+
+    w: int16 [C_out, K] (depthwise: [kH * kW, C]); bias, shift: int64 [C_out]; in_hw, out_hw:
+    (H, W) of the data and of the output; out_shape: the output array's shape (the caller's
+    rank); int8: data type int8 (else int16). Calls take a C-contiguous array of in_hw x C of
+    that type, already checked by the caller (`espstream.kernels`)."""
+
+    cdef object w16, out_shape, out_dtype
+    cdef const int16_t* w
+    cdef int16_t* wpk
+    cdef int16_t* wdw
+    cdef int64_t* add
+    cdef int64_t* shf
+    cdef int32_t* add32
+    cdef Py_ssize_t H, W, C, OH, OW, cout, KH, KW, G, sh, sw, dh, dw, pt, pl, cp, nacc, Cd
+    cdef int kind, mode
+    cdef bint is8, depthwise
+    cdef int64_t lo, hi
+
+    def __cinit__(self):
+        self.wpk = NULL
+        self.wdw = NULL
+        self.add = NULL
+
+    def __init__(self, w16, const int64_t[::1] bias, const int64_t[::1] shift, tuple in_hw,
+                 Py_ssize_t C, tuple out_hw, tuple out_shape, Py_ssize_t KH, Py_ssize_t KW,
+                 Py_ssize_t groups, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw,
+                 Py_ssize_t pt, Py_ssize_t pl, int mode, bint relu, bint depthwise, bint int8,
+                 Py_ssize_t data_c=-1):
+        cdef const int16_t[:, ::1] wv = w16
+        cdef Py_ssize_t c, cout = bias.shape[0], K = wv.shape[1]
+        cdef int64_t s, amax = 0
+        self.w16 = w16  # kept alive: self.w points into it
+        self.w = &wv[0, 0] if wv.shape[0] * wv.shape[1] else NULL
+        self.H, self.W = in_hw
+        self.OH, self.OW = out_hw
+        self.C, self.cout, self.KH, self.KW, self.G = C, cout, KH, KW, groups
+        # data_c < C: the data has data_c channels and is widened with zero channels to C (the
+        # weights already hold zeros there), so an odd C_in takes the paired-channel loops
+        self.Cd = C if data_c < 0 else data_c
+        self.sh, self.sw, self.dh, self.dw, self.pt, self.pl = sh, sw, dh, dw, pt, pl
+        self.mode, self.is8, self.depthwise = mode, int8, depthwise
+        self.out_shape = out_shape
+        self.out_dtype = np.int8 if int8 else np.int16
+        self.nacc = max(C, 4 * cout, 1)
+        if int8:
+            self.lo, self.hi = -128, 127
         else:
-            _conv_general(&x[0, 0, 0], H, W, C, &w[0, 0], cout, KH, KW, groups, sh, sw, dh, dw,
-                          pt, pl, OH, OW, add, shf, kind, mode, lo, hi,
-                          &runs[0], &acc[0], add32, wpk, cp, &y[0, 0, 0])
-    free(wpk)
-    free(wdw)
+            self.lo, self.hi = -32768, 32767
+        if relu:
+            self.lo = 0
+        # add[c] = bias (+ the half-up rounding constant when every shift is a right shift),
+        # shf, then add32: int32 constants per channel [add, shift, half, mask] when int8,
+        # every shift in [1, 31] and acc + add cannot overflow (esp_rq32_i8)
+        self.add = <int64_t*>malloc((4 * cout + 1) * sizeof(int64_t))
+        if self.add == NULL:
+            raise MemoryError()
+        self.shf = self.add + cout
+        self.add32 = <int32_t*>(self.add + 2 * cout)
+        self.kind = RQ_UP if mode == HALF_UP else RQ_EVEN
+        for c in range(cout):
+            if shift[c] <= 0:
+                self.kind = RQ_ANY
+        for c in range(cout):
+            s = shift[c]
+            self.add[c] = bias[c]
+            if self.kind != RQ_ANY and s > 62:
+                s = 62  # as reference.round_shift: no effect on |v| < 2**61
+            if self.kind == RQ_UP:
+                self.add[c] += (<int64_t>1) << (s - 1)
+            self.shf[c] = s
+        if int8 and self.kind != RQ_ANY:
+            for c in range(cout):
+                if self.shf[c] > 31:
+                    self.add32 = NULL
+                    break
+                # |acc + add| + half must fit int32 (the half-even step adds half - 1 + 1)
+                s = (self.add[c] if self.add[c] >= 0 else -self.add[c]) + (
+                    ((<int64_t>1) << (self.shf[c] - 1)) if self.kind == RQ_EVEN else 0)
+                if s > amax:
+                    amax = s
+            if amax + KH * KW * (C // groups) * 16384 >= 2147483647:
+                self.add32 = NULL
+            if self.add32 != NULL:
+                for c in range(cout):
+                    self.add32[c] = <int32_t>self.add[c]
+                    self.add32[cout + c] = <int32_t>self.shf[c]
+                    self.add32[2 * cout + c] = (<int32_t>1) << (self.shf[c] - 1)
+                    self.add32[3 * cout + c] = <int32_t>(((<int64_t>1) << self.shf[c]) - 1)
+        else:
+            self.add32 = NULL
+        self.cp = 0
+        if int8 and depthwise and C > 0:
+            self.wdw = <int16_t*>malloc(2 * KH * KW * C * sizeof(int16_t))
+            if self.wdw == NULL:
+                raise MemoryError()
+            esp_dw_pack(self.w, KH * KW, C, self.wdw)
+        if int8 and not depthwise and groups == 1 and C % 2 == 0 and K > 0 and cout > 0:
+            self.cp = (cout + ESP_BC_BLOCK - 1) // ESP_BC_BLOCK * ESP_BC_BLOCK
+            self.wpk = <int16_t*>malloc(K * self.cp * sizeof(int16_t))
+            if self.wpk == NULL:
+                raise MemoryError()
+            esp_pack_pairs(self.w, cout, K, self.cp, self.wpk)
+
+    def __dealloc__(self):
+        free(self.wpk)
+        free(self.wdw)
+        free(self.add)
+
+    def __call__(self, x):
+        """The output for x (C-contiguous, in_hw x C, the data type): a new array."""
+        cdef cnp.ndarray xa = <cnp.ndarray>x
+        cdef cnp.ndarray y = np.empty(self.out_shape, self.out_dtype)
+        cdef Py_ssize_t n = self.H * self.W * self.C, i, c, px, C = self.C, Cd = self.Cd
+        if self.OH == 0 or self.OW == 0 or self.cout == 0 or self.C == 0:
+            return y
+        cdef int16_t* x16 = <int16_t*>malloc((n + 1) * sizeof(int16_t))
+        cdef void* acc = malloc(self.nacc * (4 if self.is8 else 8))
+        cdef Py_ssize_t* runs = <Py_ssize_t*>malloc(9 * self.KH * self.KW * sizeof(Py_ssize_t))
+        cdef const int8_t* x8
+        cdef const int16_t* xs
+        if x16 == NULL or acc == NULL or runs == NULL:
+            free(x16)
+            free(acc)
+            free(runs)
+            raise MemoryError()
+        with nogil:
+            if self.is8:
+                x8 = <const int8_t*>cnp.PyArray_DATA(xa)
+                if Cd == C:
+                    for i in range(n):
+                        x16[i] = x8[i]
+                else:
+                    for px in range(self.H * self.W):
+                        for c in range(Cd):
+                            x16[px * C + c] = x8[px * Cd + c]
+                        for c in range(Cd, C):
+                            x16[px * C + c] = 0
+                self._run8(x16, runs, <int32_t*>acc, <int8_t*>cnp.PyArray_DATA(y))
+            else:
+                xs = <const int16_t*>cnp.PyArray_DATA(xa)
+                memcpy(x16, xs, n * sizeof(int16_t))
+                self._run16(x16, runs, <int64_t*>acc, <int16_t*>cnp.PyArray_DATA(y))
+        free(x16)
+        free(acc)
+        free(runs)
+        return y
+
+    cdef void _run8(self, const int16_t* x16, Py_ssize_t* runs, int32_t* acc,
+                    int8_t* y) noexcept nogil:
+        if self.depthwise:
+            _conv_depthwise(x16, self.H, self.W, self.C, self.w, self.KH, self.KW, self.sh,
+                            self.sw, self.dh, self.dw, self.pt, self.pl, self.OH, self.OW,
+                            self.add, self.shf, self.kind, self.mode, self.lo, self.hi, runs,
+                            acc, self.add32, self.wdw, y)
+        else:
+            _conv_general(x16, self.H, self.W, self.C, self.w, self.cout, self.KH, self.KW,
+                          self.G, self.sh, self.sw, self.dh, self.dw, self.pt, self.pl,
+                          self.OH, self.OW, self.add, self.shf, self.kind, self.mode, self.lo,
+                          self.hi, runs, acc, self.add32, self.wpk, self.cp, y)
+
+    cdef void _run16(self, const int16_t* x16, Py_ssize_t* runs, int64_t* acc,
+                     int16_t* y) noexcept nogil:
+        if self.depthwise:
+            _conv_depthwise(x16, self.H, self.W, self.C, self.w, self.KH, self.KW, self.sh,
+                            self.sw, self.dh, self.dw, self.pt, self.pl, self.OH, self.OW,
+                            self.add, self.shf, self.kind, self.mode, self.lo, self.hi, runs,
+                            acc, <int32_t*>NULL, <int16_t*>NULL, y)
+        else:
+            _conv_general(x16, self.H, self.W, self.C, self.w, self.cout, self.KH, self.KW,
+                          self.G, self.sh, self.sw, self.dh, self.dw, self.pt, self.pl,
+                          self.OH, self.OW, self.add, self.shf, self.kind, self.mode, self.lo,
+                          self.hi, runs, acc, <int32_t*>NULL, <int16_t*>NULL, 0, y)
 
 
-def avgpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, float[::1] acc,
-            Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh,
-            Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl, float scale_in, float inv_area,
-            float scale_out, int mode):
-    """AveragePool in float32: acc += float(q) * scale_in over valid taps in row-major order,
-    y = (acc * inv_area) / scale_out, saturated and rounded exactly. acc: scratch [C].
-    Each float step is a separate float32 operation; x * scale_in is exact (a power of two),
-    so even an FMA contraction of the accumulate step could not change a result."""
-    cdef Py_ssize_t H = x.shape[0], W = x.shape[1], C = x.shape[2]
-    cdef Py_ssize_t OH = y.shape[0], OW = y.shape[1]
+cdef void _avgpool(const data_t* x, data_t* y, float* a, Py_ssize_t H, Py_ssize_t W,
+                   Py_ssize_t C, Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t KH, Py_ssize_t KW,
+                   Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt,
+                   Py_ssize_t pl, float scale_in, float inv_area, float scale_out,
+                   int mode) noexcept nogil:
     cdef Py_ssize_t oh, ow, i, j, ih, iw, c
     cdef const data_t* xp
     cdef data_t* yp
-    cdef float* a
     cdef float v, r, d, lo, hi
     # float32 constants, so no step is promoted to double
     cdef float magic = 12582912.0, zero = 0.0, one = 1.0, half = 0.5
@@ -525,53 +724,75 @@ def avgpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, float[::1] acc,
         lo, hi = -128.0, 127.0
     else:
         lo, hi = -32768.0, 32767.0
-    if OH == 0 or OW == 0 or C == 0:
-        return
-    a = &acc[0]
-    with nogil:
-        for oh in range(OH):
-            for ow in range(OW):
-                for c in range(C):
-                    a[c] = 0.0
-                for i in range(KH):
-                    ih = oh * sh - pt + i * dh
-                    if ih < 0 or ih >= H:
+    for oh in range(OH):
+        for ow in range(OW):
+            for c in range(C):
+                a[c] = 0.0
+            for i in range(KH):
+                ih = oh * sh - pt + i * dh
+                if ih < 0 or ih >= H:
+                    continue
+                for j in range(KW):
+                    iw = ow * sw - pl + j * dw
+                    if iw < 0 or iw >= W:
                         continue
-                    for j in range(KW):
-                        iw = ow * sw - pl + j * dw
-                        if iw < 0 or iw >= W:
-                            continue
-                        xp = &x[ih, iw, 0]
-                        for c in range(C):
-                            a[c] = a[c] + (<float>xp[c]) * scale_in
-                yp = &y[oh, ow, 0]
-                # Clamp first (lo, hi are integers, so rounding commutes with it); then round
-                # in float32 without libm: adding and removing 1.5 * 2**23 rounds half to even
-                # exactly for |v| < 2**22, and v - r is exact, so a tie shows as v - r == 0.5.
-                if mode == HALF_UP:
+                    xp = x + (ih * W + iw) * C
                     for c in range(C):
-                        v = (a[c] * inv_area) / scale_out
-                        v = lo if v < lo else v
-                        v = hi if v > hi else v
-                        r = (v + magic) - magic
-                        d = v - r
-                        r = r + (one if d == half else zero)
-                        yp[c] = <data_t><int32_t>r
-                else:
-                    for c in range(C):
-                        v = (a[c] * inv_area) / scale_out
-                        v = lo if v < lo else v
-                        v = hi if v > hi else v
-                        r = (v + magic) - magic
-                        yp[c] = <data_t><int32_t>r
+                        a[c] = a[c] + (<float>xp[c]) * scale_in
+            yp = y + (oh * OW + ow) * C
+            # Clamp first (lo, hi are integers, so rounding commutes with it); then round
+            # in float32 without libm: adding and removing 1.5 * 2**23 rounds half to even
+            # exactly for |v| < 2**22, and v - r is exact, so a tie shows as v - r == 0.5.
+            if mode == HALF_UP:
+                for c in range(C):
+                    v = (a[c] * inv_area) / scale_out
+                    v = lo if v < lo else v
+                    v = hi if v > hi else v
+                    r = (v + magic) - magic
+                    d = v - r
+                    r = r + (one if d == half else zero)
+                    yp[c] = <data_t><int32_t>r
+            else:
+                for c in range(C):
+                    v = (a[c] * inv_area) / scale_out
+                    v = lo if v < lo else v
+                    v = hi if v > hi else v
+                    r = (v + magic) - magic
+                    yp[c] = <data_t><int32_t>r
 
 
-def maxpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, Py_ssize_t KH, Py_ssize_t KW,
-            Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt,
-            Py_ssize_t pl):
-    """MaxPool over the valid taps; a window with none gives the type's minimum."""
+def avgpool(cnp.ndarray x, cnp.ndarray y, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
+            Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl,
+            float scale_in, float inv_area, float scale_out, int mode):
+    """AveragePool in float32 on C-contiguous x [H, W, C] into y [OH, OW, C] of x's type
+    (int8 / int16; the caller checks): acc += float(q) * scale_in over valid taps in row-major
+    order, y = (acc * inv_area) / scale_out, saturated and rounded exactly. Each float step is a
+    separate float32 operation; x * scale_in is exact (a power of two), so even an FMA
+    contraction of the accumulate step could not change a result."""
     cdef Py_ssize_t H = x.shape[0], W = x.shape[1], C = x.shape[2]
     cdef Py_ssize_t OH = y.shape[0], OW = y.shape[1]
+    cdef bint is8 = cnp.PyArray_TYPE(x) == cnp.NPY_INT8
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* py = cnp.PyArray_DATA(y)
+    if OH == 0 or OW == 0 or C == 0:
+        return
+    cdef float* a = <float*>malloc(C * sizeof(float))
+    if a == NULL:
+        raise MemoryError()
+    with nogil:
+        if is8:
+            _avgpool(<const int8_t*>px, <int8_t*>py, a, H, W, C, OH, OW, KH, KW, sh, sw, dh,
+                     dw, pt, pl, scale_in, inv_area, scale_out, mode)
+        else:
+            _avgpool(<const int16_t*>px, <int16_t*>py, a, H, W, C, OH, OW, KH, KW, sh, sw, dh,
+                     dw, pt, pl, scale_in, inv_area, scale_out, mode)
+    free(a)
+
+
+cdef void _maxpool(const data_t* x, data_t* y, Py_ssize_t H, Py_ssize_t W, Py_ssize_t C,
+                   Py_ssize_t OH, Py_ssize_t OW, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
+                   Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt,
+                   Py_ssize_t pl) noexcept nogil:
     cdef Py_ssize_t oh, ow, i, j, ih, iw, c
     cdef const data_t* xp
     cdef data_t* yp
@@ -580,25 +801,42 @@ def maxpool(const data_t[:, :, ::1] x, data_t[:, :, ::1] y, Py_ssize_t KH, Py_ss
         lo = -128
     else:
         lo = -32768
+    for oh in range(OH):
+        for ow in range(OW):
+            yp = y + (oh * OW + ow) * C
+            for c in range(C):
+                yp[c] = lo
+            for i in range(KH):
+                ih = oh * sh - pt + i * dh
+                if ih < 0 or ih >= H:
+                    continue
+                for j in range(KW):
+                    iw = ow * sw - pl + j * dw
+                    if iw < 0 or iw >= W:
+                        continue
+                    xp = x + (ih * W + iw) * C
+                    for c in range(C):  # an unconditional store lets this vectorise
+                        yp[c] = xp[c] if xp[c] > yp[c] else yp[c]
+
+
+def maxpool(cnp.ndarray x, cnp.ndarray y, Py_ssize_t KH, Py_ssize_t KW, Py_ssize_t sh,
+            Py_ssize_t sw, Py_ssize_t dh, Py_ssize_t dw, Py_ssize_t pt, Py_ssize_t pl):
+    """MaxPool over the valid taps of C-contiguous x [H, W, C] into y [OH, OW, C] of x's type;
+    a window with none gives the type's minimum."""
+    cdef Py_ssize_t H = x.shape[0], W = x.shape[1], C = x.shape[2]
+    cdef Py_ssize_t OH = y.shape[0], OW = y.shape[1]
+    cdef bint is8 = cnp.PyArray_TYPE(x) == cnp.NPY_INT8
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* py = cnp.PyArray_DATA(y)
     if OH == 0 or OW == 0 or C == 0:
         return
     with nogil:
-        for oh in range(OH):
-            for ow in range(OW):
-                yp = &y[oh, ow, 0]
-                for c in range(C):
-                    yp[c] = lo
-                for i in range(KH):
-                    ih = oh * sh - pt + i * dh
-                    if ih < 0 or ih >= H:
-                        continue
-                    for j in range(KW):
-                        iw = ow * sw - pl + j * dw
-                        if iw < 0 or iw >= W:
-                            continue
-                        xp = &x[ih, iw, 0]
-                        for c in range(C):  # an unconditional store lets this vectorise
-                            yp[c] = xp[c] if xp[c] > yp[c] else yp[c]
+        if is8:
+            _maxpool(<const int8_t*>px, <int8_t*>py, H, W, C, OH, OW, KH, KW, sh, sw, dh, dw,
+                     pt, pl)
+        else:
+            _maxpool(<const int16_t*>px, <int16_t*>py, H, W, C, OH, OW, KH, KW, sh, sw, dh,
+                     dw, pt, pl)
 
 
 def requantize(const src_t[::1] x, data_t[::1] y, int64_t shift, int mode):
@@ -621,3 +859,196 @@ def madd_probe(int64_t n):
     with nogil:
         r = esp_madd_probe(n)
     return r
+
+
+def addsub(cnp.ndarray a, cnp.ndarray b, bint sub):
+    """Saturating a + b (a - b if sub) of two C-contiguous int8 or int16 arrays of one shape
+    and type (the caller checks): a new array."""
+    cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(a), cnp.PyArray_DIMS(a),
+                                           cnp.PyArray_TYPE(a), 0)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(a)
+    cdef int t = cnp.PyArray_TYPE(a)
+    cdef void* pa = cnp.PyArray_DATA(a)
+    cdef void* pb = cnp.PyArray_DATA(b)
+    cdef void* py = cnp.PyArray_DATA(y)
+    with nogil:
+        if t == cnp.NPY_INT8:
+            esp_addsub_i8(<const int8_t*>pa, <const int8_t*>pb, <int8_t*>py, n, sub, -128, 127)
+        else:
+            esp_addsub_i16(<const int16_t*>pa, <const int16_t*>pb, <int16_t*>py, n, sub,
+                           -32768, 32767)
+    return y
+
+
+def requantize_narrow(cnp.ndarray x, int32_t shift, bint even, bint out8):
+    """saturate(round(x * 2**-shift)) of a C-contiguous int8 or int16 array, shift in
+    [-15, 30] (the caller checks), into a new int8 (out8) or int16 array of x's shape."""
+    cdef cnp.ndarray y = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x),
+                                           cnp.NPY_INT8 if out8 else cnp.NPY_INT16, 0)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(x)
+    cdef bint in8 = cnp.PyArray_TYPE(x) == cnp.NPY_INT8
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* py = cnp.PyArray_DATA(y)
+    with nogil:
+        if in8 and out8:
+            esp_rq_i8_i8(<const int8_t*>px, <int8_t*>py, n, shift, even, -128, 127)
+        elif in8:
+            esp_rq_i8_i16(<const int8_t*>px, <int16_t*>py, n, shift, even, -32768, 32767)
+        elif out8:
+            esp_rq_i16_i8(<const int16_t*>px, <int8_t*>py, n, shift, even, -128, 127)
+        else:
+            esp_rq_i16_i16(<const int16_t*>px, <int16_t*>py, n, shift, even, -32768, 32767)
+    return y
+
+
+def cache_step(cnp.ndarray kept, cnp.ndarray x, tuple out_shape):
+    """StreamingCache's byte-flat step on C-contiguous arrays of one type: out = [kept ; x]
+    (shape out_shape), new kept = the last kept.size elements of out. Returns (out, kept)."""
+    cdef cnp.ndarray out = np.empty(out_shape, x.dtype)
+    cdef cnp.ndarray nxt = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(kept), cnp.PyArray_DIMS(kept),
+                                             cnp.PyArray_TYPE(kept), 0)
+    cdef size_t kb = cnp.PyArray_NBYTES(kept), xb = cnp.PyArray_NBYTES(x)
+    cdef char* po = <char*>cnp.PyArray_DATA(out)
+    with nogil:
+        memcpy(po, cnp.PyArray_DATA(kept), kb)
+        memcpy(po + kb, cnp.PyArray_DATA(x), xb)
+        memcpy(cnp.PyArray_DATA(nxt), po + xb, kb)
+    return out, nxt
+
+
+cdef bint _rnn_vec = True
+
+
+def _even_rows(m):
+    """int16 copy of a 2-D array with a zero column added when its rows are odd."""
+    m = np.asarray(m)
+    if m.shape[1] % 2:
+        m = np.concatenate([m, np.zeros((m.shape[0], 1), m.dtype)], axis=1)
+    return np.ascontiguousarray(m, np.int16)
+
+
+def set_plain_rnn(bint plain):
+    """GRU / LSTM objects built after this call run their hidden units one by one (True) or
+    eight at a time with AVX2 where the CPU has it (False): lets the tests pit them."""
+    global _rnn_vec
+    _rnn_vec = not plain
+
+
+cdef class Rnn:
+    """One ESP-DL GRU / LSTM node's time loop in C (`esp_rnn` of _hot.h; the rules and the
+    NumPy twin are `espstream.ops.recurrent.rnn_forward`). Built from that module's operands,
+    called with x [seq, I] and the initial states as int64 arrays (None: zeros)."""
+
+    cdef esp_rnn_args a
+    cdef list keep
+    cdef Py_ssize_t G
+
+    def __init__(self, bint lstm, list w, list r, list wb, list rb, int w_shift, int r_shift,
+                 bint pie_w, bint pie_r, bint p4, sig, int64_t sig_qmin, int64_t sig_qmax,
+                 tnh, int64_t tnh_qmin, int64_t tnh_qmax, float resc_y, float resc_c,
+                 int64_t lo, int64_t hi, bint narrow):
+        """narrow: W, R, x and the state are int8 values (the caller checks), so the
+        products are summed in int32 (exact up to 2**15 terms)."""
+        cdef Py_ssize_t d
+        cdef int16_t[::1] pk
+        cdef const int16_t[:, ::1] m16
+        cdef const int32_t[:, ::1] m
+        cdef const int64_t[::1] b
+        cdef const float[::1] t
+        self.keep = []
+        self.a.lstm, self.a.dirs, self.a.p4 = lstm, len(w), p4
+        self.a.pie_w, self.a.pie_r = pie_w, pie_r
+        self.a.w_shift, self.a.r_shift = w_shift, r_shift
+        self.G = 4 if lstm else 3
+        for d in range(len(w)):
+            m = np.ascontiguousarray(w[d], np.int32)
+            self.keep.append(m)
+            self.a.w[d] = &m[0, 0]
+            self.a.nin = m.shape[1]
+            self.a.H = m.shape[0] // self.G
+            m = np.ascontiguousarray(r[d], np.int32)
+            self.keep.append(m)
+            self.a.r[d] = &m[0, 0]
+            self.a.wp[d] = NULL
+            self.a.rp[d] = NULL
+            if narrow:  # rows padded to an even length, packed in pairs for the conv loop
+                self.a.cp = (m.shape[0] + ESP_BC_BLOCK - 1) // ESP_BC_BLOCK * ESP_BC_BLOCK
+                for src, is_w in ((w[d], True), (r[d], False)):
+                    m16 = _even_rows(src)
+                    pk = np.zeros(m16.shape[1] * self.a.cp, np.int16)
+                    esp_pack_pairs(&m16[0, 0], m16.shape[0], m16.shape[1], self.a.cp, &pk[0])
+                    self.keep.append(pk)
+                    if is_w:
+                        self.a.wp[d] = &pk[0]
+                        self.a.nin2 = m16.shape[1]
+                    else:
+                        self.a.rp[d] = &pk[0]
+                        self.a.H2 = m16.shape[1]
+            self.a.wb[d] = NULL
+            self.a.rb[d] = NULL
+            if wb[d] is not None:
+                b = np.ascontiguousarray(wb[d], np.int64)
+                self.keep.append(b)
+                self.a.wb[d] = &b[0]
+                b = np.ascontiguousarray(rb[d], np.int64)
+                self.keep.append(b)
+                self.a.rb[d] = &b[0]
+        self.a.vnni = _vnni
+        self.a.bc = _bcast
+        t = np.ascontiguousarray(sig, np.float32)
+        self.keep.append(t)
+        self.a.sig = &t[0]
+        t = np.ascontiguousarray(tnh, np.float32)
+        self.keep.append(t)
+        self.a.tnh = &t[0]
+        self.a.sig_qmin, self.a.sig_qmax = sig_qmin, sig_qmax
+        self.a.tnh_qmin, self.a.tnh_qmax = tnh_qmin, tnh_qmax
+        self.a.resc_y, self.a.resc_c, self.a.lo, self.a.hi = resc_y, resc_c, lo, hi
+        # the AVX2 unit loop: symmetric tables (gate_table makes them so) and scales that keep
+        # every rounded value inside int32 (|c| <= 2**15 + resc_c, |h| <= resc_y + 2**15)
+        self.a.vec = (_rnn_vec and esp_rnn_avx2() and sig_qmin == -sig_qmax
+                      and tnh_qmin == -tnh_qmax and sig_qmax < (1 << 30) and tnh_qmax < (1 << 30)
+                      and resc_y <= (1 << 24) and resc_c <= (1 << 24))
+        # int8 sums of up to 2**15 terms: |acc| <= 2**29, and acc + half still fits int32
+        self.a.narrow = narrow and self.a.nin <= (1 << 15) and self.a.H <= (1 << 15)
+
+    def __call__(self, x, h0, c0):
+        """(Y [seq, dirs, H], Y_h [dirs, H], Y_c [dirs, H] or None), int64."""
+        cdef cnp.ndarray xa = np.ascontiguousarray(x, np.int64)
+        cdef Py_ssize_t H = self.a.H, dirs = self.a.dirs, seq
+        cdef cnp.ndarray ha, ca
+        cdef const int64_t* hp = NULL
+        cdef const int64_t* cp = NULL
+        if xa.ndim != 2 or xa.shape[1] != self.a.nin:
+            raise ValueError(f"input of {np.shape(x)}, the weights take {self.a.nin} "
+                             "features")
+        seq = xa.shape[0]
+        if h0 is not None:
+            ha = np.ascontiguousarray(h0, np.int64)
+            if cnp.PyArray_SIZE(ha) != dirs * H:
+                raise ValueError("initial_h of the wrong size")
+            hp = <const int64_t*>cnp.PyArray_DATA(ha)
+        if c0 is not None:
+            ca = np.ascontiguousarray(c0, np.int64)
+            if cnp.PyArray_SIZE(ca) != dirs * H:
+                raise ValueError("initial_c of the wrong size")
+            cp = <const int64_t*>cnp.PyArray_DATA(ca)
+        cdef cnp.ndarray y = np.zeros((seq, dirs, H), np.int64)
+        cdef cnp.ndarray yh = np.zeros((dirs, H), np.int64)
+        cdef cnp.ndarray yc = np.zeros((dirs, H), np.int64)
+        cdef int64_t* scratch = <int64_t*>malloc((3 * self.G * H + 3 * H + 1) * sizeof(int64_t))
+        cdef int16_t* s16 = <int16_t*>malloc((self.a.nin + H + 3) * sizeof(int16_t))
+        if scratch == NULL or s16 == NULL:
+            free(scratch)
+            free(s16)
+            raise MemoryError()
+        cdef esp_rnn_args args = self.a  # a copy: calls from several threads do not share seq
+        args.seq = seq
+        if seq > 0 and H > 0:
+            with nogil:
+                esp_rnn(&args, <const int64_t*>cnp.PyArray_DATA(xa), hp, cp,
+                        <int64_t*>cnp.PyArray_DATA(y), <int64_t*>cnp.PyArray_DATA(yh),
+                        <int64_t*>cnp.PyArray_DATA(yc) if self.a.lstm else NULL, scratch, s16)
+        free(scratch)
+        free(s16)
+        return y, yh, (yc if self.a.lstm else None)

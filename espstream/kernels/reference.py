@@ -402,6 +402,33 @@ def maxpool(
     return from_hwc(np.maximum(taps.max(axis=0), lo).astype(x3.dtype), x, nd)
 
 
+def avgpool_prepared(
+    kernel: IntArg,
+    *,
+    stride: IntArg = 1,
+    dilation: IntArg = 1,
+    pads: IntArg = 0,
+    e_in: int,
+    e_out: int,
+    rounding: str = "half_up",
+) -> Callable[[np.ndarray], np.ndarray]:
+    """`avgpool` with every argument but the data fixed: `avgpool_prepared(k, ...)(x)` is
+    `avgpool(x, k, ...)`."""
+    return lambda x: avgpool(x, kernel, stride=stride, dilation=dilation, pads=pads,
+                             e_in=e_in, e_out=e_out, rounding=rounding)
+
+
+def maxpool_prepared(
+    kernel: IntArg,
+    *,
+    stride: IntArg = 1,
+    dilation: IntArg = 1,
+    pads: IntArg = 0,
+) -> Callable[[np.ndarray], np.ndarray]:
+    """`maxpool` with every argument but the data fixed."""
+    return lambda x: maxpool(x, kernel, stride=stride, dilation=dilation, pads=pads)
+
+
 def requantize(
     x: np.ndarray, shift: int, *, rounding: str = "half_up", dtype: np.dtype | type | None = None
 ) -> np.ndarray:
@@ -451,3 +478,41 @@ def mul(
     out = np.dtype(a.dtype if dtype is None else dtype)
     int_range(out)
     return saturate(round_shift(a.astype(np.int64) * b.astype(np.int64), int(shift), rounding), out)
+
+
+# ----------------------------------------------------------------------------- streaming cache
+
+
+def cache_shapes(x: np.ndarray, window: int, axis: int) -> tuple[tuple, tuple]:
+    """(kept frames' shape, output shape) of a StreamingCache of `window` on `axis` of x."""
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"frame_axis {axis} is outside a rank-{x.ndim} input")
+    ax = axis % x.ndim
+    kept = list(x.shape)
+    kept[ax] = window - 1
+    out = list(x.shape)
+    out[ax] += window - 1
+    return tuple(kept), tuple(out)
+
+
+def check_kept(kept: np.ndarray, kept_shape: tuple, x: np.ndarray) -> None:
+    if kept.shape != kept_shape or kept.dtype != x.dtype:
+        raise ValueError(
+            f"the chunk changed from {kept.dtype} frames of shape {list(kept.shape)} to "
+            f"{x.dtype} {list(x.shape)} between calls; reset() first"
+        )
+
+
+def cache_step(kept: np.ndarray | None, x: np.ndarray, window: int,
+               axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """One call of ESP-DL's StreamingCache (window W >= 1, frame axis `axis`): the output is
+    [kept ; x] on that axis and the new kept frames are the last W - 1 of it, both taken
+    byte-flat as the runtime copies them (kept None: W - 1 zero frames, the state after reset).
+    Returns (output, new kept)."""
+    x = np.asarray(x)
+    kept_shape, out_shape = cache_shapes(x, window, axis)
+    if kept is None:
+        kept = np.zeros(kept_shape, x.dtype)
+    check_kept(kept, kept_shape, x)
+    flat = np.concatenate([kept.reshape(-1), x.reshape(-1)])
+    return flat.reshape(out_shape), flat[x.size:].reshape(kept_shape).copy()

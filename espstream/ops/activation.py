@@ -250,12 +250,15 @@ def sim_lookup(sim: Simulator, node: Node) -> Fn:
             f"2^16 / step + 1 int16 values, got {table.size} {table.dtype}"
         )
 
+    # table[q + 128] as one gather by the byte: q viewed as uint8 is q + 256 for q < 0
+    by_byte = np.concatenate([table[128:], table[:128]])
+
     def lut(args: list) -> list:
         x = args[0]
         if x.dtype != np.int8:
             raise UserError(f"node '{node.name}': a 256-entry table needs int8 input, "
                             f"got {x.dtype}")
-        return [table[x.astype(np.int16) + 128]]
+        return [by_byte.take(x.view(np.uint8))]
 
     return lut
 
@@ -283,11 +286,13 @@ def sim_table(sim: Simulator, node: Node) -> Fn:
         return saturate(round_float(y, rounding), dtype)
 
     table8 = compute(np.arange(-128, 128)) if dtype == np.int8 else None
+    # table8[q + 128] as one gather by the byte (q viewed as uint8 is q + 256 for q < 0)
+    by_byte = None if table8 is None else np.concatenate([table8[128:], table8[:128]])
 
     def fn(args: list) -> list:
         x = args[0]
-        if x.dtype == np.int8 and table8 is not None:
-            return [table8[x.astype(np.int16) + 128]]
+        if x.dtype == np.int8 and by_byte is not None:
+            return [by_byte.take(x.view(np.uint8))]
         return [compute(x)]
 
     return fn

@@ -80,10 +80,13 @@ def sim_add(sim: Simulator, node: Node) -> Fn:
     sub = node.op_type == "Sub"
     k = sim.kernels
 
+    op = k.sub if sub else k.add
+
     def fn(args: list) -> list:
         a, b = args[0], args[1]
-        check_broadcast(a.shape, b.shape)
-        return [k.sub(a, b) if sub else k.add(a, b)]
+        if a.shape != b.shape:
+            check_broadcast(a.shape, b.shape)
+        return [op(a, b)]
 
     return fn
 

@@ -421,15 +421,20 @@ def sim_slice(sim: Simulator, node: Node) -> Fn:
     if 0 in steps:
         raise UserError(f"node '{node.name}' (Slice): a step of 0")
 
+    indices: dict[tuple, tuple] = {}  # the index depends on the input shape only
+
     def fn(args: list) -> list:
         x = args[0]
-        index = [slice(None)] * x.ndim
-        for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
-            if not -x.ndim <= a < x.ndim:
-                raise ValueError(f"axis {a} is outside a rank-{x.ndim} input")
-            dim = x.shape[a]
-            index[a] = slice(*onnx_slice_bounds(s, e, st, dim))
-        return [np.ascontiguousarray(x[tuple(index)])]
+        index = indices.get(x.shape)
+        if index is None:
+            idx = [slice(None)] * x.ndim
+            for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
+                if not -x.ndim <= a < x.ndim:
+                    raise ValueError(f"axis {a} is outside a rank-{x.ndim} input")
+                dim = x.shape[a]
+                idx[a] = slice(*onnx_slice_bounds(s, e, st, dim))
+            index = indices[x.shape] = tuple(idx)
+        return [np.ascontiguousarray(x[index])]
 
     return fn
 

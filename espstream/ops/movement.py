@@ -289,16 +289,15 @@ def sim_movement(sim: Simulator, node: Node) -> Fn:
         return lambda args: [args[0].copy()]
     if op == "Transpose":
         perm = node.attrs.get("perm")
-        return lambda args: [
-            np.ascontiguousarray(np.transpose(args[0], None if perm is None else ints(perm)))
-        ]
+        axes = None if perm is None else tuple(ints(perm))  # read once, not per call
+        return lambda args: [np.ascontiguousarray(np.transpose(args[0], axes))]
     if op == "Flatten":
         axis = int(node.attrs.get("axis", 1))
 
         def flatten(args: list) -> list:
             x = args[0]
             a = axis % x.ndim if x.ndim else 0
-            return [x.reshape(int(np.prod(x.shape[:a])), int(np.prod(x.shape[a:])))]
+            return [x.reshape(math.prod(x.shape[:a]), math.prod(x.shape[a:]))]
 
         return flatten
     if op == "Reshape":

@@ -14,7 +14,8 @@ calibrated one behind its DequantizeLinear); the hidden (and cell) state becomes
 fed as initial_h (initial_c) and taken from Y_h (Y_c). Lower (`lower_rnn`): the node as ESP-PPQ
 1.3.12 writes it; a recurrent state pair stays a graph input / output pair (ESP-DL keeps no
 recurrent state between calls; `recurrent_pair_node`, metadata espstream.recurrent_states).
-Simulate (`sim_rnn` -> `rnn_forward`, twin `rnn_oracle`): the rules of `rnn_forward`.
+Simulate (`sim_rnn` -> `rnn_forward`, twin `rnn_oracle`): the rules of `rnn_forward`; with the
+fast kernels the same steps run as one C loop (`rnn_kernel`, tested against both).
 
 What the chip may compute otherwise: ESP-DL is built with -ffast-math -O3, so the float update's
 multiply-adds may be fused on chips with an FMA (esp32s3, esp32p4; `rnn_forward(fused=True)`,
@@ -762,6 +763,43 @@ def rnn_forward(p: RnnParams, x: np.ndarray, h0: np.ndarray | None, c0: np.ndarr
     return y, yh, yc
 
 
+_numpy_forward = rnn_forward  # a patched rnn_forward (benchmarks/recurrent_fma.py) is honoured
+
+
+def rnn_kernel(p: RnnParams):
+    """`rnn_forward`'s rules as one C loop (`espstream.kernels._int8.Rnn`, the same integer and
+    float32 steps in the same order): a callable (x, h0, c0) -> (Y, Y_h, Y_c) of the same types,
+    or None where the loop's ranges do not hold (shifts outside [-20, 62], rows over 4096, more
+    than two directions), and `rnn_forward` runs instead."""
+    from espstream.kernels import _int8
+
+    rows = max(p.w[0].shape[1], p.hidden)
+    if not (-20 <= p.w_shift <= 62 and -20 <= p.r_shift <= 62) or rows > 4096 \
+            or not 1 <= len(p.w) <= 2:
+        return None
+    sig, tanh = gate_table("sigmoid", p.gate_exp), gate_table("tanh", p.gate_exp)
+    t = p.target
+    bits_w = 8 if p.w[0].dtype == np.int8 else 16
+    bits_r = 8 if p.r[0].dtype == np.int8 else 16
+    lo, hi = _INT_RANGE[np.dtype(p.dtype)]
+    # int8 W, R, x and state: the C loop sums in int32 (exact for these operands)
+    narrow = bits_w == bits_r == 8 and np.dtype(p.dtype) == np.int8
+    loop = _int8.Rnn(p.kind == "LSTM", list(p.w), list(p.r), list(p.wb), list(p.rb),
+                     p.w_shift, p.r_shift, pie_path(t, bits_w, p.w[0].shape[1], p.w_shift),
+                     pie_path(t, bits_r, p.hidden, p.r_shift), t == "esp32p4", sig.table,
+                     sig.qmin, sig.qmax, tanh.table, tanh.qmin, tanh.qmax,
+                     float(F32(2.0 ** -p.e_y)), float(F32(2.0 ** -p.gate_exp)), lo, hi, narrow)
+
+    def run(x: np.ndarray, h0: np.ndarray | None, c0: np.ndarray | None):
+        if narrow and (x.dtype != np.int8 or (h0 is not None and h0.dtype != np.int8)):
+            return rnn_forward(p, x, h0, c0)  # int32 sums exact only for int8 operands
+        y, yh, yc = loop(x, h0, c0)
+        return (y.astype(p.dtype), yh.astype(p.dtype),
+                None if yc is None else yc.astype(np.int16))
+
+    return run
+
+
 def rnn_oracle(p: RnnParams, x: np.ndarray, h0: np.ndarray | None, c0: np.ndarray | None
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The same, one element at a time as the C loops are written (NumPy float32 scalars, exact
@@ -911,6 +949,9 @@ def sim_rnn(sim: Simulator, node: Node) -> Fn:
     p = RnnParams(kind, H, [w[d] for d in range(dirs)], [r[d] for d in range(dirs)], wb, rb,
                   gate_exp, gate_exp - (e_x + sim.init_exp(node.inputs[1])),
                   gate_exp - (e_h + sim.init_exp(node.inputs[2])), e_y, dtype, sim.target)
+    from espstream import kernels as fast
+
+    loop = rnn_kernel(p) if sim.kernels is fast else None  # the reference kernels: NumPy
 
     def fn(args: list) -> list:
         x = args[0]
@@ -922,7 +963,10 @@ def sim_rnn(sim: Simulator, node: Node) -> Fn:
         xs = x.reshape(-1, x.shape[2])
         h0 = args[5].reshape(dirs, H) if h_in else None
         c0 = args[6].reshape(dirs, H) if c_in else None
-        y, yh, yc = rnn_forward(p, xs, h0, c0)
+        if loop is not None and rnn_forward is _numpy_forward:
+            y, yh, yc = loop(xs, h0, c0)
+        else:
+            y, yh, yc = rnn_forward(p, xs, h0, c0)
         # the shapes ESP-DL's get_output_shape gives, whatever the layout (batch 1)
         res = [y.reshape(y.shape[0], dirs, 1, H), yh.reshape(dirs, 1, H),
                None if yc is None else yc.reshape(dirs, 1, H)]

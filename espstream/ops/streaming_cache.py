@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 
 from espstream.errors import UserError
 from espstream.intgraph import Node
+from espstream.kernels import reference
 from espstream.lower import Act, Lowerer, QConst, base_name, perm_of
 from espstream.ops.registry import (
     ESPPPQ_FIXTURE,
@@ -124,28 +125,12 @@ def sim_streaming_cache(sim: Simulator, node: Node) -> Fn:
     sim.same_exponent(node)
     key, caches = node.name, sim.cache_state
     caches[key] = None  # None: all zeros, allocated on the first call (as the runtime does)
+    # kernels.cache_step: three memcpy's (its twin, reference.cache_step, concatenates)
+    step = getattr(sim.kernels, "cache_step", None) or reference.cache_step
 
     def fn(args: list) -> list:
-        x = args[0]
-        if not -x.ndim <= axis < x.ndim:
-            raise ValueError(f"frame_axis {axis} is outside a rank-{x.ndim} input")
-        ax = axis % x.ndim
-        out_shape = list(x.shape)
-        out_shape[ax] += window - 1
-        kept_shape = list(x.shape)
-        kept_shape[ax] = window - 1
-        kept = caches[key]
-        if kept is None:
-            kept = np.zeros(kept_shape, x.dtype)
-        elif list(kept.shape) != kept_shape or kept.dtype != x.dtype:
-            raise ValueError(
-                f"the chunk changed from {kept.dtype} frames of shape {list(kept.shape)} to "
-                f"{x.dtype} {list(x.shape)} between calls; reset() first"
-            )
-        # Byte-flat, as the runtime: [kept ; chunk], then keep the tail of that output.
-        flat = np.concatenate([kept.reshape(-1), x.reshape(-1)])
-        caches[key] = flat[x.size :].reshape(kept_shape).copy()
-        return [flat.reshape(out_shape)]
+        out, caches[key] = step(caches[key], args[0], window, axis)
+        return [out]
 
     return fn
 

@@ -259,11 +259,11 @@ def test_sim_refuses_what_esp_dl_does_not_create() -> None:
 
 
 @st.composite
-def _params(draw):
+def _params(draw, hmax: int = 6):
     kind = draw(st.sampled_from(["GRU", "LSTM"]))
     bits = draw(st.sampled_from([8, 16]))
     target = draw(st.sampled_from(TARGETS))
-    H = draw(st.integers(1, 6))
+    H = draw(st.integers(1, hmax))
     inp = draw(st.sampled_from([1, 3, 8, 16]))  # 8 / 16: the PIE paths
     seq = draw(st.integers(1, 4))
     dirs = draw(st.integers(1, 2))
@@ -304,6 +304,56 @@ def test_kernel_equals_the_element_by_element_oracle(case) -> None:
             continue
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_params(hmax=20), st.integers(1, 40), st.booleans())
+def test_c_loop_equals_numpy_and_oracle(case, seq, plain) -> None:
+    """`rnn_kernel`'s C loop against `rnn_forward` (and the element-by-element oracle on the
+    short sequences): every target, 8 / 16 bits, GRU / LSTM, biases or none, both directions,
+    given or zero states, sequences long enough for the states to saturate and wrap; hidden
+    sizes past 8 and 16 with the AVX2 unit loop (eight units at a time, the rest one by one)
+    and the VNNI matrix-vector loop, or with the plain units and the AVX2 / SSE2 broadcast one
+    (set_plain_rnn, set_no_vnni)."""
+    from espstream.kernels import _int8
+
+    p, x, h0, c0 = case
+    rng = np.random.default_rng(seq)
+    info = np.iinfo(x.dtype)
+    x = rng.integers(info.min, info.max + 1, (seq, x.shape[1])).astype(x.dtype)
+    _int8.set_plain_rnn(plain)
+    _int8.set_no_vnni(plain)
+    try:
+        loop = rec.rnn_kernel(p)
+    finally:
+        _int8.set_plain_rnn(False)
+        _int8.set_no_vnni(False)
+    assert loop is not None
+    got = loop(x, h0, c0)
+    want = rec.rnn_forward(p, x, h0, c0)
+    for a, b in zip(got, want, strict=True):
+        if a is None:
+            assert b is None
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a, b)
+    if seq <= 4:
+        for a, b in zip(got, rec.rnn_oracle(p, x, h0, c0), strict=True):
+            if a is not None:
+                np.testing.assert_array_equal(a, b)
+
+
+@settings(max_examples=10, deadline=None)
+@given(_params())
+def test_c_loop_declines_outside_its_ranges(case) -> None:
+    """Shifts the C loop's float conversions could overflow on: None (rnn_forward runs)."""
+    from dataclasses import replace
+
+    p = case[0]
+
+    assert rec.rnn_kernel(replace(p, w_shift=-21)) is None
+    assert rec.rnn_kernel(replace(p, r_shift=63)) is None
+    assert rec.rnn_kernel(p) is not None
 
 
 @pytest.mark.parametrize("e", [-12, -10, -9, -6])
