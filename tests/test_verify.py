@@ -255,9 +255,9 @@ def _with_zero_point_type(m: onnx.ModelProto, dtype) -> onnx.ModelProto:
     """add_qdq's model with its activation grid's zero point retyped (int16: a 16-bit grid)."""
     out = onnx.ModelProto()
     out.CopyFrom(m)
-    for i, t in enumerate(out.graph.initializer):
+    for t in out.graph.initializer:
         if t.name == "qzp":
-            out.graph.initializer[i].CopyFrom(onnx.numpy_helper.from_array(np.array(0, dtype), "qzp"))
+            t.CopyFrom(onnx.numpy_helper.from_array(np.array(0, dtype), "qzp"))
     if dtype == np.int16:  # onnxruntime's int16 QuantizeLinear: opset 21
         for o in out.opset_import:
             if o.domain in ("", "ai.onnx"):
