@@ -349,7 +349,7 @@ def _float_rnn_preacts(kind: str, w, r, b, x, h_prev, c0, dirs: int,
             zr = ic[:, :2 * H] + hc[:, :2 * H]
             top = max(top, float(np.abs(ic).max()), float(np.abs(hc).max()),
                       float(np.abs(zr).max()))
-            r_g = 1.0 / (1.0 + np.exp(-zr[:, H:]))
+            r_g = 0.5 + 0.5 * np.tanh(0.5 * zr[:, H:])  # sigmoid, no overflow in exp
             count(zr, ic[:, 2 * H:] + r_g * hc[:, 2 * H:])  # tanh reads ic_n + r * hc_n
         else:
             s = ic + hc
