@@ -519,7 +519,11 @@ def _sqnr_check(
     report = {"sqnr_db": {k: {e: _finite(x) for e, x in d.items()} for k, d in sqnr.items()},
               "margin_db": INT8_MARGIN_DB, "agreement": agree.to_json()}
     if bad:
-        return sqnr, Check(name, False, "; ".join(bad) + f" ({lsb})", report)
+        from espstream.ops.recurrent import saturation_note
+
+        why = saturation_note(qdq)  # ESP-DL's own gate arithmetic, which fake-quant lacks
+        return sqnr, Check(name, False, "; ".join(bad) + f" ({lsb})" + (f"; {why}" if why else ""),
+                           report)
     return sqnr, Check(name, True, f"{len(samples)} sample(s): {lsb}", report)
 
 

@@ -35,6 +35,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from espstream import log
 from espstream.errors import UserError
 from espstream.intgraph import Node
 from espstream.kernels.reference import round_shift
@@ -196,6 +197,11 @@ GATE_EXP_MIN = {8: -10, 16: -12}
 GATE_HEADROOM = 1.25
 #: calibration samples run to observe the gate pre-activations
 GATE_SAMPLES = 64
+#: share of gate inputs beyond the tables' range (SIGMOID_BOUND / TANH_BOUND: ESP-DL returns
+#: the last entry there) above which calibrate warns and a failed int-vs-fake-quant check says
+#: so: NSNet2 48 kHz on noise, 31% of one GRU's sigmoid inputs, costs it 28 dB (31 dB left);
+#: its 16 kHz model, 0.35% in one GRU, passes the check
+GATE_SATURATED_SHARE = 0.01
 
 
 def _attr(n: onnx.NodeProto, key: str, default=None):
@@ -317,12 +323,22 @@ def calibrate_rnn(pc: PlanCtx, n: onnx.NodeProto, float_outs: list[str]) -> None
     plan.recurrent[n.name] = info
 
 
-def _float_rnn_preacts(kind: str, w, r, b, x, h_prev, c0, dirs: int) -> tuple[float, float]:
+def _float_rnn_preacts(kind: str, w, r, b, x, h_prev, c0, dirs: int,
+                       beyond: np.ndarray | None = None) -> tuple[float, float]:
     """max |pre-activation| (what ESP-DL holds in int16 at the gate exponent) and max |c| of
-    one sample, in float64: x [seq, I], h_prev [seq, dirs, H] (the state before each step)."""
+    one sample, in float64: x [seq, I], h_prev [seq, dirs, H] (the state before each step).
+
+    beyond: if given, int64 [4] += (sigmoid inputs beyond +-SIGMOID_BOUND, sigmoid inputs,
+    tanh inputs beyond +-TANH_BOUND, tanh inputs): where ESP-DL's gate tables saturate."""
     G = 3 if kind == "GRU" else 4
     top = 0.0
     cmax = 0.0
+    sb, tb = float(SIGMOID_BOUND), float(TANH_BOUND)
+
+    def count(sig: np.ndarray, tanh: np.ndarray) -> None:
+        if beyond is not None:
+            beyond[:] += [int(np.sum(np.abs(sig) > sb)), sig.size,
+                       int(np.sum(np.abs(tanh) > tb)), tanh.size]
     for d in range(dirs):
         H = r.shape[2]
         wb = b[d, :G * H] if b is not None else 0.0
@@ -330,8 +346,11 @@ def _float_rnn_preacts(kind: str, w, r, b, x, h_prev, c0, dirs: int) -> tuple[fl
         ic = x @ w[d].T + wb  # [seq, G*H]
         hc = h_prev[:, d] @ r[d].T + rb
         if kind == "GRU":
+            zr = ic[:, :2 * H] + hc[:, :2 * H]
             top = max(top, float(np.abs(ic).max()), float(np.abs(hc).max()),
-                      float(np.abs(ic[:, :2 * H] + hc[:, :2 * H]).max()))
+                      float(np.abs(zr).max()))
+            r_g = 0.5 + 0.5 * np.tanh(0.5 * zr[:, H:])  # sigmoid, no overflow in exp
+            count(zr, ic[:, 2 * H:] + r_g * hc[:, 2 * H:])  # tanh reads ic_n + r * hc_n
         else:
             s = ic + hc
             top = max(top, float(np.abs(ic).max()), float(np.abs(s).max()))
@@ -339,9 +358,12 @@ def _float_rnn_preacts(kind: str, w, r, b, x, h_prev, c0, dirs: int) -> tuple[fl
             i_g, f_g, g_g = sg[:, :H], sg[:, 2 * H:3 * H], np.tanh(s[:, 3 * H:])
             c = np.zeros(H) if c0 is None else c0[d].astype(np.float64)
             steps = range(len(x)) if d == 0 else range(len(x) - 1, -1, -1)
+            cs = np.empty((len(x), H))
             for t in steps:
                 c = f_g[t] * c + i_g[t] * g_g[t]
+                cs[t] = c
                 cmax = max(cmax, float(np.abs(c).max()))
+            count(s[:, :3 * H], np.concatenate([s[:, 3 * H:], cs], axis=1))  # tanh[g], tanh[c]
     return top, cmax
 
 
@@ -372,16 +394,24 @@ def choose_gate_exponents(fm: onnx.ModelProto, plan: Plan, data, stream=None,
         sess = engine.session(engine.with_outputs(fm, names))
         outs = [o.name for o in sess.get_outputs()]
         runs = ({**dict(zip(outs, sess.run(None, s), strict=True)), **s} for s in data)
+    beyond = {k: np.zeros(4, np.int64) for k in plan.recurrent}
     for i, vals in enumerate(runs):
         if i >= GATE_SAMPLES:
             break
         for name, info in plan.recurrent.items():
-            top[name] = max(top[name], _gate_range(nodes[name], info, vals, inits))
+            top[name] = max(top[name], _gate_range(nodes[name], info, vals, inits,
+                                                   beyond[name]))
     for name, info in plan.recurrent.items():
         need = top[name] * GATE_HEADROOM / 32767.0
         # kept uncapped: a mixed model may put this layer at the other width (`gate_exponent`)
         info["gate_need"] = math.ceil(math.log2(need)) if need > 0 else None
         info["gate_exp"] = gate_exponent(info, bits)
+        b = beyond[name]
+        info["gate_saturated"] = {"sigmoid": float(b[0] / max(b[1], 1)),
+                                  "tanh": float(b[2] / max(b[3], 1))}
+        note = saturation_text(nodes[name].op_type, name, info["gate_saturated"])
+        if note:
+            log.warn(f"{note}: the integer model departs from the fake-quant one there")
 
 
 def gate_exponent(info: dict, bits: int) -> int:
@@ -393,7 +423,8 @@ def gate_exponent(info: dict, bits: int) -> int:
     return GATE_EXP_MIN[bits] if need is None else max(GATE_EXP_MIN[bits], int(need))
 
 
-def _gate_range(n: onnx.NodeProto, info: dict, vals: dict, inits: dict) -> float:
+def _gate_range(n: onnx.NodeProto, info: dict, vals: dict, inits: dict,
+                beyond: np.ndarray | None = None) -> float:
     """The largest int16 quantity (`_float_rnn_preacts`) of one run of node `n`."""
     def arr(name: str) -> np.ndarray:
         v = vals.get(name)
@@ -412,8 +443,39 @@ def _gate_range(n: onnx.NodeProto, info: dict, vals: dict, inits: dict) -> float
     c0 = None
     if n.op_type == "LSTM" and len(n.input) > 6 and n.input[6]:
         c0 = arr(n.input[6]).reshape(dirs, H)
-    m, cm = _float_rnn_preacts(n.op_type, w, r, b, x, h_prev, c0, dirs)
+    m, cm = _float_rnn_preacts(n.op_type, w, r, b, x, h_prev, c0, dirs, beyond)
     return max(m, cm)
+
+
+def saturation_text(op: str, name: str, shares: dict) -> str:
+    """One clause naming a GRU / LSTM whose gate inputs on the calibration data lie beyond
+    ESP-DL's table range in more than GATE_SATURATED_SHARE of cases, else ''."""
+    if max(shares.values(), default=0.0) <= GATE_SATURATED_SHARE:
+        return ""
+    return (f"{op} '{name}': {100 * shares['sigmoid']:.1f}% of its sigmoid and "
+            f"{100 * shares['tanh']:.1f}% of its tanh gate inputs (calibration data) lie beyond "
+            f"ESP-DL's table range +-{float(SIGMOID_BOUND):g} / +-{float(TANH_BOUND):g}, where "
+            f"its tables return {1 / (1 + math.exp(-float(SIGMOID_BOUND))):.4f} / "
+            f"{math.tanh(float(TANH_BOUND)):.4f}, not 1 (no exponent changes this)")
+
+
+def saturated_gates(recurrent: dict) -> dict:
+    """{node: shares} of the GRU / LSTMs of a plan (`choose_gate_exponents`) whose gate
+    inputs saturate ESP-DL's tables beyond GATE_SATURATED_SHARE (metadata
+    espstream.gate_saturation, written only then)."""
+    return {k: v["gate_saturated"] for k, v in recurrent.items()
+            if max(v.get("gate_saturated", {}).values(), default=0.0) > GATE_SATURATED_SHARE}
+
+
+def saturation_note(model: onnx.ModelProto) -> str:
+    """The `saturation_text` of every GRU / LSTM of a calibrated model (metadata
+    espstream.gate_saturation), joined; '' if none saturates."""
+    raw = {p.key: p.value for p in model.metadata_props}.get("espstream.gate_saturation")
+    if not raw:
+        return ""
+    ops = {n.name: n.op_type for n in model.graph.node}
+    return "; ".join(t for name, shares in sorted(json.loads(raw).items())
+                     if (t := saturation_text(ops.get(name, "GRU/LSTM"), name, shares)))
 
 
 def quantize_recurrent(rw, nodes: dict) -> None:

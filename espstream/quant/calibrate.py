@@ -402,11 +402,14 @@ def build_qdq(fm: onnx.ModelProto, plan: Plan, observers: dict[str, HistogramObs
     if plan.recurrent:
         import json
 
-        from espstream.ops.recurrent import gate_exponent
+        from espstream.ops.recurrent import gate_exponent, saturated_gates
 
         meta["espstream.gate_exponents"] = json.dumps(
             {k: gate_exponent(v, precision.of_node(k) if precision else opts.bits)
              for k, v in plan.recurrent.items()}, sort_keys=True)
+        saturated = saturated_gates(plan.recurrent)
+        if saturated:  # read by ops/recurrent.py saturation_note
+            meta["espstream.gate_saturation"] = json.dumps(saturated, sort_keys=True)
     if stream is not None and stream.source == "options":
         meta.update(stream.metadata())  # the hand-written model's streaming facts
     if precision is not None:

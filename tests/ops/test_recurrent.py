@@ -696,3 +696,77 @@ def test_time_axis_zero_refused_by_verify() -> None:
         m.metadata_props.add(key=k, value=v)
     with pytest.raises(UserError, match=SEQ_FIRST):
         read_meta(m)
+
+
+# ---- gate inputs beyond ESP-DL's tables ------------------------------------------------------
+
+
+def _float_gru_beyond(m: onnx.ModelProto, x: np.ndarray) -> tuple[float, float]:
+    """Shares of sigmoid / tanh inputs of a one-direction GRU (linear_before_reset=1, ONNX gate
+    order z, r, h) beyond +-6.3 / +-3.5 over the samples x [n, seq, I], in plain float64."""
+    w = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in m.graph.initializer}
+    W, R, B = w["w"][0], w["r"][0], w["b"][0]
+    H = R.shape[1]
+    sig = tanh = 0
+    n_sig = n_tanh = 0
+    for seq in x.astype(np.float64):
+        h = np.zeros(H)
+        for xt in seq:
+            ic, hc = W @ xt + B[:3 * H], R @ h + B[3 * H:]
+            zr = ic[:2 * H] + hc[:2 * H]
+            g = 1.0 / (1.0 + np.exp(-zr))
+            a = ic[2 * H:] + g[H:] * hc[2 * H:]
+            sig += int(np.sum(np.abs(zr) > 6.3))
+            tanh += int(np.sum(np.abs(a) > 3.5))
+            n_sig, n_tanh = n_sig + zr.size, n_tanh + a.size
+            h = (1 - g[:H]) * np.tanh(a) + g[:H] * h
+    return sig / n_sig, tanh / n_tanh
+
+
+def test_gate_saturation_is_measured_and_recorded() -> None:
+    """calibrate counts the gate inputs beyond ESP-DL's table range on its data (a float GRU
+    written out here gives the same shares) and records them only past GATE_SATURATED_SHARE."""
+    big, _ = _rnn("GRU", H=16, inp=8, seq=24, scale=1.0)()
+    data, x = _data(big)
+    res = calibrate_model(big, data, target="esp32p4", bits=16, report_samples=0)
+    meta = {p.key: p.value for p in res.model.metadata_props}
+    (shares,) = json.loads(meta["espstream.gate_saturation"]).values()
+    want = _float_gru_beyond(big, x)
+    assert want[0] > 0.05 and want[1] > 0.05  # the case saturates
+    n = x.shape[0] * x.shape[1] * 16
+    assert abs(shares["sigmoid"] - want[0]) <= 1 / (2 * n)
+    assert abs(shares["tanh"] - want[1]) <= 1 / n
+    note = rec.saturation_note(res.model)
+    assert note.startswith("GRU 'GRU_1': ") and "beyond ESP-DL's table range +-6.3 / +-3.5" in note
+    small, _ = _rnn("GRU", H=16, inp=8, seq=24, scale=0.05)()
+    data, x = _data(small)
+    assert max(_float_gru_beyond(small, x)) == 0
+    res = calibrate_model(small, data, target="esp32p4", bits=16, report_samples=0)
+    assert "espstream.gate_saturation" not in {p.key for p in res.model.metadata_props}
+    assert rec.saturation_note(res.model) == ""
+
+
+def test_saturating_gates_fail_int16_check_by_name(monkeypatch) -> None:
+    """NSNet2 48 kHz in small: at int16 a GRU whose gate inputs pass +-6.3 / +-3.5 departs from
+    the fake-quant model (float gates) as ESP-DL does (dl_math.hpp SigmoidLUT / TanhLUT::get
+    return the last entry there); the failed check names the layer and why. With tables made
+    wide enough not to saturate, the same model passes: the tables' range is the cause."""
+    from espstream.convert import convert_model
+
+    m, _ = _rnn("GRU", H=16, inp=8, seq=24, scale=1.0)()
+
+    def check():
+        res = convert_model(m, random=8, chunk=4, axes={"x": 1}, target="esp32p4", bits=16)
+        return next(c for c in res.checks if c.name == "int8 vs fake-quant")
+
+    c = check()
+    assert not c.ok
+    assert "GRU 'GRU_1': " in c.detail and "ESP-DL's table range" in c.detail, c.detail
+    monkeypatch.setattr(rec, "SIGMOID_BOUND", rec.F32(40.0))
+    monkeypatch.setattr(rec, "TANH_BOUND", rec.F32(20.0))
+    rec.gate_table.cache_clear()
+    try:
+        c = check()
+    finally:
+        rec.gate_table.cache_clear()
+    assert c.ok, c.detail
