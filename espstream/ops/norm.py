@@ -76,10 +76,12 @@ def _rows(q: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _seq_sum(cols: np.ndarray) -> np.ndarray:
-    acc = np.zeros(cols.shape[0], np.float32)
-    for j in range(cols.shape[1]):
-        acc = (acc + cols[:, j]).astype(np.float32)
-    return acc
+    """Row sums added left to right in float32, as the C loop does (np.sum would add pairwise):
+    add.accumulate is sequential by definition."""
+    cols = np.asarray(cols, np.float32)
+    if cols.shape[1] == 0:
+        return np.zeros(cols.shape[0], np.float32)
+    return np.add.accumulate(cols, axis=1, dtype=np.float32)[:, -1]
 
 
 def _f(e: int) -> np.float32:

@@ -137,13 +137,13 @@ def sqrt_newton(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     r = x.copy()
     live = x != 0
+    half = np.float32(0.5)
     with np.errstate(divide="ignore", invalid="ignore"):
-        while live.any():
-            last = r[live]
-            new = ((last + x[live] / last) * np.float32(0.5)).astype(np.float32)
-            r[live] = new
-            idx = np.flatnonzero(live)
-            live[idx] = np.abs(new - last) > _EN
+        while live.any():  # every lane computes; only the live ones take the new iterate
+            new = (r + x / r) * half
+            go_on = np.abs(new - r) > _EN
+            np.copyto(r, new, where=live)
+            live &= go_on
     return np.where(x == 0, np.float32(0), r).astype(np.float32)
 
 
