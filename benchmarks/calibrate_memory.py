@@ -5,12 +5,19 @@ at T=1000 and T=10000 and calibrated as `convert --random 32` does (`calibrate_m
 standard-normal samples, its default options, the report included). Each case runs in its own
 subprocess; the figure is that process's peak resident memory (`resource.getrusage`,
 ru_maxrss), beside the same process's memory just before calibration (model built, modules
-imported). Two modes: `calibrate` (report_samples=0: observing, exponents, the QDQ model) and
-`convert` (the per-layer report on 32 samples too, as convert runs it). Goal: peak at T=10000
-within 1.3x of T=1000. Prints and saves JSON
+imported). Three modes:
+
+- `calibrate`: report_samples=0 (observing, the PTQ moments pass, exponents, the QDQ model);
+- `report`: the per-layer report on 32 samples too (what `calibrate` and `convert -v` run);
+- `convert`: `convert_model(model, random=32)`, what `convert --random 32` runs: optimize,
+  calibrate, export with test values, and the checks (SQNR of fake-quant and of the int8
+  simulator against float on the first 4 samples, their agreement, the .espdl test values).
+
+Goal: peak at T=10000 within 1.3x of T=1000. Prints and saves JSON
 (benchmarks/results/calibrate_memory.json).
 
     python benchmarks/calibrate_memory.py [--lengths 1000,10000] [--samples 32]
+        [--modes calibrate,report,convert]
 """
 
 from __future__ import annotations
@@ -70,19 +77,28 @@ def child(T: int, samples: int, mode: str) -> None:
     model = build_tcn(T)
     before = _maxrss_mb()
     t0 = time.perf_counter()
-    data = random_data(model_inputs(model), samples, seed=0)
-    res = calibrate_model(model, data, report_samples=0 if mode == "calibrate" else 32)
+    extra: dict = {}
+    if mode == "convert":
+        from espstream.convert import convert_model
+
+        r = convert_model(model, random=samples)
+        res = r.calibrated
+        extra = {"ok": r.ok, "sqnr_db": {k: {e: round(x, 3) for e, x in d.items()}
+                                         for k, d in r.sqnr.items()}}
+    else:
+        data = random_data(model_inputs(model), samples, seed=0)
+        res = calibrate_model(model, data, report_samples=0 if mode == "calibrate" else 32)
     print(json.dumps({"mode": mode, "T": T, "samples": samples, "rss_before_mb": round(before, 1),
                       "peak_mb": round(_maxrss_mb(), 1),
                       "seconds": round(time.perf_counter() - t0, 2),
-                      "batched": res.batched}))
+                      "batched": res.batched, **extra}))
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="1000,10000")
     ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--modes", default="calibrate,convert")
+    ap.add_argument("--modes", default="calibrate,report,convert")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="convert", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" /

@@ -183,11 +183,30 @@ def _finite(x: float) -> float | None:
 
 def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
     """10 log10(sum ref^2 / sum (ref - got)^2); +inf when equal."""
-    ref = np.asarray(ref, np.float64)
-    err = float(np.sum((ref - np.asarray(got, np.float64)) ** 2))
-    if err == 0.0:
-        return math.inf
-    return 10.0 * math.log10(max(float(np.sum(ref * ref)), 1e-300) / err)
+    s = SqnrSums()
+    s.add(ref, got)
+    return s.db()
+
+
+class SqnrSums:
+    """`sqnr_db` over several samples, one at a time: the float64 sums of ref^2 and of
+    (ref - got)^2 are added per sample, so no sample's outputs need to be kept (the result is
+    that of the concatenated samples, to the rounding of the sums)."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+
+    def add(self, ref: np.ndarray, got: np.ndarray) -> None:
+        ref = np.asarray(ref, np.float64)
+        d = ref - np.asarray(got, np.float64)
+        self.signal += float(np.vdot(ref, ref))
+        self.noise += float(np.vdot(d, d))
+
+    def db(self) -> float:
+        if self.noise == 0.0:
+            return math.inf
+        return 10.0 * math.log10(max(self.signal, 1e-300) / self.noise)
 
 
 class _Clock:
@@ -491,28 +510,39 @@ def _sqnr_check(
     """SQNR of fake-quant and of int8 against float, offline, and their agreement (check 5).
 
     cache: the runners of the streaming checks (same models, same samples), else new ones."""
-    from espstream.verify_int8 import int8_vs_fakequant
+    from espstream.verify_int8 import AgreementSums
 
     cache = cache or v.VerifyCache()
     runners = {"float": cache.runner(v.FloatEngine(), float_model, "optimized model"),
                "fakequant": cache.runner(v.FakeQuantEngine(), qdq, "calibrated model"),
                "int8": cache.runner(verify_int8.Int8Engine(), qdq, "calibrated model")}
-    got: dict[str, dict[str, list[np.ndarray]]] = {k: {} for k in runners}
+    sim = runners["int8"]
+    if sim.graph.streaming:
+        raise UserError("int8 vs fake-quant agreement is measured on the offline model")
+    # One sample at a time, its outputs dropped after adding them to the sums: memory stays
+    # that of one sample (and the runners' kept outputs, within verify.KEEP_BYTES).
+    sums: dict[str, dict[str, SqnrSums]] = {}
+    agreement = AgreementSums(sim)
     for s in samples:
-        for kind, r in runners.items():
-            for name, y in r.run(s).items():
-                got[kind].setdefault(name, []).append(np.asarray(y))
+        ref = runners["float"].run(s)
+        fq = runners["fakequant"].run(s)
+        i8 = sim.run(s)
+        ints = sim.run_int(s)  # the same simulation: kept by run (verify.OutputMemo)
+        for name, r in ref.items():
+            acc = sums.setdefault(name, {"fakequant": SqnrSums(), "int8": SqnrSums()})
+            acc["fakequant"].add(r, fq[name])
+            acc["int8"].add(r, i8[name])
+        agreement.add(fq, ints)
+        del ref, fq, ints, i8
     sqnr: dict[str, dict[str, float]] = {}
     bad = []
-    for name, ys in got["float"].items():
-        ref = np.concatenate(ys)
-        fq = sqnr_db(ref, np.concatenate(got["fakequant"][name]))
-        i8 = sqnr_db(ref, np.concatenate(got["int8"][name]))
-        sqnr[name] = {"fakequant": fq, "int8": i8}
-        if min(i8, SQNR_CAP_DB) < min(fq, SQNR_CAP_DB) - INT8_MARGIN_DB:
-            bad.append(f"output {name!r}: int8 {i8:.1f} dB vs fake-quant {fq:.1f} dB against "
-                       f"float (allowed {INT8_MARGIN_DB:g} dB less)")
-    agree = int8_vs_fakequant(qdq, samples, sim=runners["int8"], ort=runners["fakequant"])
+    for name, acc in sums.items():
+        fq_db, i8_db = acc["fakequant"].db(), acc["int8"].db()
+        sqnr[name] = {"fakequant": fq_db, "int8": i8_db}
+        if min(i8_db, SQNR_CAP_DB) < min(fq_db, SQNR_CAP_DB) - INT8_MARGIN_DB:
+            bad.append(f"output {name!r}: int8 {i8_db:.1f} dB vs fake-quant {fq_db:.1f} dB "
+                       f"against float (allowed {INT8_MARGIN_DB:g} dB less)")
+    agree = agreement.result()
     lsb = ", ".join(f"{c.name} {100 * c.identical_share:.1f}% identical, max {c.max_lsb} LSB"
                     for c in agree.checks)
     name = "int8 vs fake-quant"

@@ -50,6 +50,7 @@ forgets it; `run_stream` calls it before the first chunk of every sequence. Stat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable
@@ -107,7 +108,7 @@ class OrtRunner:
             first = first_line(e)
             raise UserError(f"{label}: onnxruntime cannot load it: {first}") from None
         self.outputs = [o.name for o in self.sess.get_outputs()]
-        self._kept: dict[tuple, dict[str, np.ndarray]] | None = None
+        self._kept: OutputMemo | None = None
 
     def reset(self) -> None:
         """Nothing to forget: onnxruntime sees the states only as inputs."""
@@ -116,12 +117,12 @@ class OrtRunner:
         """From now on run the model once per distinct input and answer repeats from memory
         (its outputs depend on its inputs only: states come in as inputs)."""
         if self._kept is None:
-            self._kept = {}
+            self._kept = OutputMemo()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         key = feeds_key(feeds) if self._kept is not None else None
         if key is not None and key in self._kept:
-            return dict(self._kept[key])
+            return self._kept.get(key)
         try:
             out = self.sess.run(None, feeds)
         except Exception as e:  # noqa: BLE001 - bad data shapes and the like
@@ -129,16 +130,57 @@ class OrtRunner:
             raise UserError(f"onnxruntime cannot run the model on this data: {first}") from None
         res = dict(zip(self.outputs, out, strict=True))
         if key is not None:
-            self._kept[key] = frozen(res)
+            self._kept.put(key, res)
         return res
 
 
 def feeds_key(feeds: dict[str, np.ndarray]) -> tuple:
-    """A dict key that is equal for equal inputs (names, types, shapes and every byte)."""
+    """A dict key that is equal for equal inputs (names, types, shapes and a SHA-256 of every
+    byte): a digest rather than the bytes, so a kept entry does not hold a copy of its input."""
     return tuple(
-        (name, a.dtype.str, a.shape, a.tobytes())
+        (name, a.dtype.str, a.shape, hashlib.sha256(np.ascontiguousarray(a).data).digest())
         for name, a in sorted((n, np.asarray(x)) for n, x in feeds.items())
     )
+
+
+#: what one runner's kept outputs may hold (`OutputMemo`): convert's checks run the same few
+#: samples through each offline model several times, and that reuse must not grow memory with
+#: the sequence length or the number of samples (beyond the budget a repeat just runs again)
+KEEP_BYTES = 64 << 20
+
+
+class OutputMemo:
+    """Outputs of an offline model by input (`feeds_key`), within `max_bytes` of arrays. An
+    input whose outputs do not fit is kept only until the next one (so a check that asks for
+    the same sample twice in a row still runs it once); beyond that it runs again when
+    repeated, giving the same values."""
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.max_bytes = KEEP_BYTES if max_bytes is None else max_bytes
+        self.bytes = 0
+        self._entries: dict[tuple, dict[str, np.ndarray]] = {}
+        self._last: tuple[tuple, dict[str, np.ndarray]] | None = None  # did not fit
+
+    def __len__(self) -> int:
+        """Inputs kept within the budget."""
+        return len(self._entries)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._entries or (self._last is not None and self._last[0] == key)
+
+    def get(self, key: tuple) -> dict[str, np.ndarray]:
+        if key in self._entries:
+            return dict(self._entries[key])
+        assert self._last is not None and self._last[0] == key
+        return dict(self._last[1])
+
+    def put(self, key: tuple, outputs: dict[str, np.ndarray]) -> None:
+        n = sum(int(np.asarray(a).nbytes) for a in outputs.values())
+        if self.bytes + n <= self.max_bytes:
+            self._entries[key] = frozen(dict(outputs))
+            self.bytes += n
+        else:
+            self._last = (key, frozen(dict(outputs)))
 
 
 def frozen(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -155,16 +197,18 @@ class KeptOutputs:
 
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
-        self._kept: dict[tuple, dict[str, np.ndarray]] = {}
+        self._kept = OutputMemo()
 
     def reset(self) -> None:
         self.runner.reset()
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         key = feeds_key(feeds)
-        if key not in self._kept:
-            self._kept[key] = frozen(dict(self.runner.run(feeds)))
-        return dict(self._kept[key])
+        if key in self._kept:
+            return self._kept.get(key)
+        out = dict(self.runner.run(feeds))
+        self._kept.put(key, out)
+        return out
 
 
 def _has_qdq(model: onnx.ModelProto) -> bool:

@@ -337,7 +337,7 @@ class Int8Runner:
         from espstream.quant import scheme
 
         self._scheme = scheme
-        self._kept: dict[tuple, dict[str, np.ndarray]] | None = None
+        self._kept: Any = None  # verify.OutputMemo once keep_outputs() is called
 
     def keep_outputs(self) -> None:
         """From now on simulate once per distinct input and answer repeats from memory: only
@@ -345,7 +345,9 @@ class Int8Runner:
         if self.graph.streaming:
             raise ValueError("the outputs of a streaming graph depend on its state")
         if self._kept is None:
-            self._kept = {}
+            from espstream.verify import OutputMemo
+
+            self._kept = OutputMemo()
 
     def quantize(self, name: str, x: np.ndarray) -> np.ndarray:
         vi = self.graph.value_info(name)
@@ -363,16 +365,16 @@ class Int8Runner:
 
     def run_int(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Float ONNX-layout feeds -> integer outputs in the ONNX layout."""
-        from espstream.verify import feeds_key, frozen
+        from espstream.verify import feeds_key
 
         key = feeds_key(feeds) if self._kept is not None else None
         if key is not None and key in self._kept:
-            return dict(self._kept[key])
+            return self._kept.get(key)
         q = {v.name: self.quantize(v.name, feeds[v.name]) for v in self.graph.inputs}
         out = self.sim.run(q)
         res = {n: self.to_onnx_layout(n, v) for n, v in out.items()}
         if key is not None:
-            self._kept[key] = frozen(res)
+            self._kept.put(key, res)
         return res
 
     def reset(self) -> None:
@@ -439,22 +441,37 @@ def int8_vs_fakequant(
         raise UserError("int8 vs fake-quant agreement is measured on the offline model")
     if ort is None:
         ort = OrtRunner(model, "model")
-    agg: dict[str, list] = {}
+    agree = AgreementSums(sim)
     for sample in samples:
-        ref = ort.run(sample)
-        got = sim.run_int(sample)
+        agree.add(ort.run(sample), sim.run_int(sample))
+    return agree.result()
+
+
+class AgreementSums:
+    """`int8_vs_fakequant`'s counts, one sample at a time: onnxruntime's float outputs and the
+    simulator's integers of each sample are added and can then be dropped."""
+
+    def __init__(self, sim: Int8Runner) -> None:
+        self.sim = sim
+        self.samples = 0
+        self._agg: dict[str, list] = {}
+
+    def add(self, ref: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> None:
+        """`ref`: onnxruntime's outputs of one sample; `got`: the simulator's (`run_int`)."""
+        self.samples += 1
         for name, q in got.items():
-            e = sim.graph.value_info(name).exponent
+            e = self.sim.graph.value_info(name).exponent
             want = np.rint(np.asarray(ref[name], np.float64) * 2.0**-e)
             d = np.abs(q.astype(np.int64) - want.astype(np.int64))
-            a = agg.setdefault(name, [0, 0, 0, str(q.dtype)])
+            a = self._agg.setdefault(name, [0, 0, 0, str(q.dtype)])
             a[0] += d.size
             a[1] += int(np.count_nonzero(d == 0))
             a[2] = max(a[2], int(d.max(initial=0)))
-    checks = [
-        IntCheck(n, dt, size, same, mx, 0, mx == 0) for n, (size, same, mx, dt) in agg.items()
-    ]
-    return Agreement(checks, len(samples))
+
+    def result(self) -> Agreement:
+        checks = [IntCheck(n, dt, size, same, mx, 0, mx == 0)
+                  for n, (size, same, mx, dt) in self._agg.items()]
+        return Agreement(checks, self.samples)
 
 
 def onnx_samples(

@@ -382,6 +382,36 @@ def test_report_layers_and_outputs(rules_p4):
     assert js["requantized"] and js["tensors"][0]["tensor"] == "x"
 
 
+def test_report_sums_run_in_the_session_as_scalars(rules_p4):
+    """qreport: the session's outputs are only the per-pair float64 sums of one sample, equal
+    to numpy's over the side-by-side model's tensors (so a run holds no reported tensor)."""
+    import onnxruntime as ort
+
+    from espstream.quant import qreport
+
+    m, r = rules_p4
+    combined, reported = qreport._combined(r)
+    pairs = list(dict.fromkeys((qreport.FLOAT_PREFIX + t if t != "x" else t, fq)
+                               for t, fq, _ in reported))
+    summed, names = qreport._with_sums(combined, pairs)
+    assert len(names) == 2 * len(pairs)
+    assert all(o.type.tensor_type.elem_type == onnx.TensorProto.DOUBLE
+               and not o.type.tensor_type.shape.dim for o in summed.graph.output)
+    sample = next(iter(_data(m)))
+    tensors = dict(zip([o.name for o in combined.graph.output], ort.InferenceSession(
+        combined.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, sample),
+        strict=True))
+    sess = ort.InferenceSession(summed.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in summed.graph.output], sess.run(None, sample), strict=True))
+    for k, (ref, x) in enumerate(pairs):
+        a = tensors[ref].astype(np.float64)
+        d = a - tensors[x].astype(np.float64)
+        assert got[names[2 * k]].shape == () and got[names[2 * k + 1]].shape == ()
+        assert float(got[names[2 * k]]) == pytest.approx(float(np.sum(a * a)), rel=1e-12)
+        assert float(got[names[2 * k + 1]]) == pytest.approx(float(np.sum(d * d)), rel=1e-12,
+                                                              abs=1e-300)
+
+
 def test_explicit_pad_before_a_pool_is_calibrated_as_written():
     """onnxruntime's optimizer would fold this Pad into the MaxPool (pads == kernel: refused)."""
     nodes = [

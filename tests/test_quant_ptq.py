@@ -128,3 +128,48 @@ def test_moments_take_the_first_samples_only():
     f = _first(Many(), MOMENT_SAMPLES)
     assert len(f) == MOMENT_SAMPLES
     assert list(f) == list(f) == list(range(MOMENT_SAMPLES))  # re-iterable
+
+
+def test_moment_runs_are_sized_by_bytes(monkeypatch):
+    """Rule 2: the moments pass stacks at most MOMENT_RUN_BYTES // (one sample's bytes)
+    samples per run, and the moments do not depend on the grouping (to float rounding)."""
+    from espstream.quant import engine, ptq, scheme
+    from espstream.quant.calibrate import (
+        CalibrateOptions,
+        choose_exponents,
+        make_plan,
+        observe,
+        prepare_float_model,
+    )
+
+    fm = prepare_float_model(ds_block(0), 8)  # input [1, 8, 24]: inner inputs 16 x 24 each
+    plan = make_plan(fm)
+    d = data(fm, 12, 0)
+    obs, _ = observe(fm, plan.observed(), d)
+    exps = choose_exponents(plan, obs, CalibrateOptions(**OFF))
+    target = scheme.get_target("esp32p4")
+    made: list[engine.Runner] = []
+
+    class Recorded(engine.Runner):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(ptq, "Runner", Recorded)
+    whole = ptq.collect_moments(fm, plan, d, exps, target, 8, 64)
+    assert made[-1].max_bytes == ptq.MOMENT_RUN_BYTES == engine.MAX_BATCH_BYTES // 4
+    assert made[-1].per_run == 64  # the batch: everything fits in one run
+    inner = len(made[-1].names)
+    one = (inner * 16 * 24 + 8 * 24) * 4  # float32 outputs of one sample and its input
+    monkeypatch.setattr(ptq, "MOMENT_RUN_BYTES", 4 * one)
+    split = ptq.collect_moments(fm, plan, d, exps, target, 8, 64)
+    assert made[-1].per_run == 4 and made[-1].batched is not None
+    monkeypatch.setattr(ptq, "MOMENT_RUN_BYTES", 2 * one)  # the 3-sample trial cannot fit
+    alone = ptq.collect_moments(fm, plan, d, exps, target, 8, 64)
+    assert made[-1].batched is None
+    assert whole.keys() == split.keys() == alone.keys() and whole
+    for k, m in whole.items():
+        for other in (split[k], alone[k]):
+            assert other.count == m.count
+            np.testing.assert_allclose(other.sum, m.sum, rtol=1e-12, atol=1e-9)
+            np.testing.assert_allclose(other.outer, m.outer, rtol=1e-12, atol=1e-9)

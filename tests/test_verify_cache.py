@@ -175,3 +175,79 @@ def test_convert_lowers_and_analyses_once_per_model(monkeypatch, chunk, lowers):
     r = convert_model(onnx.load(MODEL), CALIB, chunk=chunk)
     assert r.ok, r.failure()
     assert counts == {"lower": lowers, "analysis": 0}
+
+
+def test_kept_outputs_stay_within_their_byte_budget(models):
+    """OutputMemo: outputs are kept while they fit in max_bytes; one that does not fit is kept
+    only until the next input, so a repeat right after it is not run again."""
+    opt, fs, cal, qs, x = models
+    x = np.load(CALIB)[:4]
+    one = sum(int(a.nbytes) for a in v.OrtRunner(opt, "m").run({"x": x[:1]}).values())
+    r = v.KeptOutputs(v.OrtRunner(opt, "m"))
+    r._kept = v.OutputMemo(max_bytes=2 * one + one // 2)
+    counted = r.runner = Counting(r.runner)
+    for k in range(4):
+        r.run({"x": x[k : k + 1]})
+    assert counted.runs == 4 and len(r._kept) == 2 and r._kept.bytes == 2 * one
+    r.run({"x": x[3:4]})  # the last one, over the budget: still answered from memory
+    r.run({"x": x[0:1]})  # within the budget
+    assert counted.runs == 4
+    again = r.run({"x": x[2:3]})  # neither: run again, the same values
+    assert counted.runs == 5
+    fresh = v.OrtRunner(opt, "m").run({"x": x[2:3]})
+    for name, a in fresh.items():
+        np.testing.assert_array_equal(again[name], a)
+
+
+def test_feeds_key_tells_inputs_apart_by_type_shape_and_bytes():
+    a = np.arange(6, dtype=np.float32).reshape(1, 6)
+    assert v.feeds_key({"x": a}) == v.feeds_key({"x": a.copy()})
+    assert v.feeds_key({"x": a.T}) == v.feeds_key({"x": np.ascontiguousarray(a.T)})
+    b = a.copy()
+    b[0, 5] = np.nextafter(b[0, 5], np.float32(9))
+    for other in (b, a.reshape(1, 2, 3), a.astype(np.float64)):
+        assert v.feeds_key({"x": a}) != v.feeds_key({"x": other})
+    assert v.feeds_key({"x": a}) != v.feeds_key({"y": a})
+
+
+def test_sqnr_check_sums_one_sample_at_a_time(models, monkeypatch):
+    """convert's check 5 adds each sample to float64 sums: the SQNRs are those of all samples
+    concatenated (numpy here), each sample runs once per engine even when nothing fits in the
+    kept outputs' budget, and the agreement counts are int8_vs_fakequant's."""
+    from espstream import convert
+
+    opt, fs, cal, qs, x = models
+    samples = [{"x": x[k : k + 1]} for k in range(len(x))]
+    monkeypatch.setattr(v, "KEEP_BYTES", 0)
+    sims: list = []
+
+    class Sim(verify_int8.Int8Runner):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.runs = 0
+            sims.append(self)
+            simulate = self.sim.run
+
+            def counted(q):
+                self.runs += 1
+                return simulate(q)
+
+            self.sim.run = counted
+
+    monkeypatch.setattr(verify_int8, "Int8Runner", Sim)
+    sqnr, check = convert._sqnr_check(opt, cal, samples)
+    assert check.ok, check.detail
+    (sim,) = sims
+    monkeypatch.undo()
+    assert sim.runs == len(samples) and len(sim._kept) == 0
+    ref = v.OrtRunner(opt, "f")
+    fq = v.OrtRunner(cal, "q")
+    i8 = verify_int8.Int8Runner(cal, "i")
+    (name,) = sqnr
+    r = np.concatenate([ref.run(s)[name] for s in samples]).astype(np.float64)
+    for engine, runner in (("fakequant", fq), ("int8", i8)):
+        got = np.concatenate([runner.run(s)[name] for s in samples]).astype(np.float64)
+        want = 10 * np.log10(np.sum(r**2) / np.sum((r - got) ** 2))
+        assert sqnr[name][engine] == pytest.approx(want, rel=1e-12)
+    agree = verify_int8.int8_vs_fakequant(cal, samples)
+    assert check.report["agreement"] == agree.to_json()

@@ -8,7 +8,10 @@
    finally the exponent search (`exponent_search`) tries +-1 on each free activation exponent.
 2. The moments are of the layer input as the integer model sees it: the float model's value
    fake-quantized at the input's exponent (target rounding), beside the float value itself;
-   from the first MOMENT_SAMPLES (256) samples at most.
+   from the first MOMENT_SAMPLES (256) samples at most. A run of that pass holds at most
+   MOMENT_RUN_BYTES of layer inputs (engine rule 3 with a quarter of its budget): each value is
+   then fake-quantized and zero-padded in float64 beside it, about three more copies, so the
+   pass stays within what observation holds, at any sequence length.
 3. Every technique only changes initializer values and exponents: the output is the same kind
    of QDQ model, which export and the integer simulator take as they are.
 4. A streaming calibration (whole sequences, states fed back) takes none of them, with a
@@ -35,7 +38,7 @@ from espstream.quant import scheme
 from espstream.quant.adaround import adaround
 from espstream.quant.bias_correction import corrected_bias
 from espstream.quant.data import CalibrationData
-from espstream.quant.engine import Runner
+from espstream.quant.engine import MAX_BATCH_BYTES, Runner
 from espstream.quant.patches import Moments, layout
 from espstream.quant.plan import Plan
 
@@ -43,6 +46,9 @@ from espstream.quant.plan import Plan
 #: second moments of patches settle long before, and the extra pass would otherwise cost a
 #: whole second observation of large data sets
 MOMENT_SAMPLES = 256
+#: rule 2: layer inputs one run of the moments pass may hold (measured on a 128-channel TCN at
+#: T=10000: the pass peaked at 3.5x what its runs held, 966 MB with the full budget)
+MOMENT_RUN_BYTES = MAX_BATCH_BYTES // 4
 
 
 class _first:
@@ -97,7 +103,7 @@ def collect_moments(fm: onnx.ModelProto, plan: Plan, data: CalibrationData,
             for t in direct:
                 feed(t, s[t])
     if inner:
-        runner = Runner(fm, inner, batch, samples=len(data))
+        runner = Runner(fm, inner, batch, samples=len(data), max_bytes=MOMENT_RUN_BYTES)
         for _, values in runner.run(data):
             for t, v in zip(inner, values, strict=True):
                 feed(t, v)

@@ -8,6 +8,9 @@ One onnxruntime session runs three things side by side on each report sample:
    for Add / Sub / Concat, and its output Q/DQ (local error: only this layer quantized).
 SQNR = 10 log10(sum ref^2 / sum (ref - x)^2) summed over the report samples; +inf (JSON null)
 when a tensor is reproduced exactly. Clipping shares come from the calibration histograms.
+The sums are computed inside the session (`_with_sums`: Cast to float64, Sub, ReduceSumSquare,
+the graph's outputs only these scalars), so a run does not hold every reported tensor of the
+sample at once: memory stays flat in sequence length (issue 16, item 4).
 """
 
 from __future__ import annotations
@@ -193,8 +196,6 @@ def _combined(result: Any) -> tuple[onnx.ModelProto, list[tuple[str, str, str]]]
 
 def build_report(result: Any, data: CalibrationData, samples: int) -> QuantReport:
     model, reported = _combined(result)
-    names = [o.name for o in model.graph.output]
-    index = {n: i for i, n in enumerate(names)}
     pairs = []
     for t, fq, local in reported:
         ref = t if t in {i.name for i in model.graph.input} else FLOAT_PREFIX + t
@@ -203,15 +204,16 @@ def build_report(result: Any, data: CalibrationData, samples: int) -> QuantRepor
     for o in result.model.graph.output:
         pairs.append((FLOAT_PREFIX + o.name, o.name))
     acc = {p: [0.0, 0.0] for p in pairs}
+    model, sums = _with_sums(model, list(acc))
+    names = list(dict.fromkeys(sums))
+    index = {t: i for i, t in enumerate(names)}
     runner = Runner(model, names, batch=1)
     n = 0
     for _, values in runner.run(_first(data, samples)):
         n += 1
-        for ref, x in acc:
-            r = values[index[ref]].astype(np.float64)
-            d = r - values[index[x]]
-            acc[(ref, x)][0] += float(np.sum(r * r))
-            acc[(ref, x)][1] += float(np.sum(d * d))
+        for k, a in enumerate(acc.values()):
+            a[0] += float(values[index[sums[2 * k]]])
+            a[1] += float(values[index[sums[2 * k + 1]]])
     bits_of = getattr(result, "bits_of", lambda t: result.options.bits)
     stats = []
     for layer, (t, fq, local) in zip(result.plan.layers, reported, strict=True):
@@ -234,6 +236,41 @@ def build_report(result: Any, data: CalibrationData, samples: int) -> QuantRepor
 
         mixed = report_of(result, data, samples)
     return QuantReport(stats, outputs, n, mixed)
+
+
+def _with_sums(model: onnx.ModelProto, pairs: list[tuple[str, str]],
+               ) -> tuple[onnx.ModelProto, list[str]]:
+    """`model` whose outputs are, per (ref, x) pair, the float64 scalars sum ref^2 and
+    sum (ref - x)^2 of one run (what build_report adds up), in that order."""
+    from onnx import TensorProto, helper
+
+    m = copy.deepcopy(model)
+    g = m.graph
+    wide: dict[str, str] = {}
+
+    def f64(t: str) -> str:
+        if t not in wide:
+            wide[t] = f"sum::{t}@f64"
+            g.node.append(helper.make_node("Cast", [t], [wide[t]], f"sum::cast_{len(wide)}",
+                                           to=TensorProto.DOUBLE))
+        return wide[t]
+
+    signal: dict[str, str] = {}
+    outs = []
+    for k, (ref, x) in enumerate(pairs):
+        r = f64(ref)
+        if ref not in signal:
+            signal[ref] = f"sum::signal_{len(signal)}"
+            g.node.append(helper.make_node("ReduceSumSquare", [r], [signal[ref]],
+                                           f"sum::signal_{len(signal)}", keepdims=0))
+        d, noise = f"sum::diff_{k}", f"sum::noise_{k}"
+        g.node.append(helper.make_node("Sub", [r, f64(x)], [d], f"sum::sub_{k}"))
+        g.node.append(helper.make_node("ReduceSumSquare", [d], [noise], noise, keepdims=0))
+        outs += [signal[ref], noise]
+    del g.output[:]  # the reported tensors themselves are no longer outputs, so not held
+    for name in dict.fromkeys(outs):
+        g.output.append(helper.make_tensor_value_info(name, TensorProto.DOUBLE, []))
+    return m, outs
 
 
 def _first(data: CalibrationData, k: int):
