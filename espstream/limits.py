@@ -46,7 +46,10 @@ def check_shape(shape, itemsize: int, what: str) -> None:
             raise UserError(f"{what}: dimension {d} of shape {tuple(dims)} is out of range "
                             f"(0..{MAX_DIM - 1})")
     n = math.prod(dims)
-    if n > MAX_ELEMENTS or n * max(int(itemsize), 1) > MAX_ARRAY_BYTES:
+    if n > MAX_ELEMENTS:
+        raise UserError(f"{what}: shape {tuple(dims)} holds {n} elements, over the limit of "
+                        f"{MAX_ELEMENTS}")
+    if n * max(int(itemsize), 1) > MAX_ARRAY_BYTES:
         raise UserError(f"{what}: shape {tuple(dims)} needs {n * max(itemsize, 1)} bytes, over "
                         f"the limit of {MAX_ARRAY_BYTES} bytes")
 
