@@ -822,33 +822,63 @@ def _say(text: str) -> None:
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised so that cleanup runs as for SIGINT."""
+    """SIGTERM or SIGINT, raised so that cleanup runs; not a KeyboardInterrupt, which click
+    would answer with a blank line before our one."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _terminated(signum: int, frame: Any) -> None:
-    raise Terminated
+_signalled: list[int] = []  # the signals received: an import they cut short is not a crash
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    _signalled.append(signum)
+    raise Terminated(signum)
+
+
+def _interrupted(signum: int) -> None:
+    for s in (signal.SIGTERM, signal.SIGINT):  # a second signal: the same single line
+        signal.signal(s, signal.SIG_IGN)
+    outputs = sys.modules.get("espstream.outputs")
+    if outputs is not None:
+        outputs.cleanup()
+    _say("error: terminated" if signum == signal.SIGTERM else "error: interrupted")
+    sys.exit(143 if signum == signal.SIGTERM else 130)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     from espstream import outputs
+
+    debug = "--debug" in args
+    saved = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    _quiet_libraries(debug)
+    try:
+        _run(args, debug)
+    finally:
+        for s in saved:  # a late signal must not interrupt the last cleanup with a traceback
+            signal.signal(s, signal.SIG_IGN)
+        outputs.cleanup()  # whatever ended the command, no temporary file stays
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def _run(args: list[str], debug: bool) -> None:
+    from espstream import outputs
     from espstream.errors import CheckFailed
     from espstream.guard import as_user_error
 
-    debug = "--debug" in args
-    _quiet_libraries(debug)
-    signal.signal(signal.SIGTERM, _terminated)
     try:
         # Every output lands when the command ends, together; a failed check keeps its
         # report (which says "written": false). Errors and signals remove the temporary files.
         with outputs.transaction(commit_on=(CheckFailed,)):
             code = cli.main(args=args, prog_name="espstream", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        print("espstream: error: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Terminated:
-        print("espstream: error: terminated", file=sys.stderr)
-        sys.exit(143)
+        _interrupted(signal.SIGINT)
+    except Terminated as e:
+        _interrupted(e.signum)
     except click.ClickException as e:
         _say(f"error: {e.format_message()}")
         sys.exit(2)
@@ -863,6 +893,8 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # a bug of ours: one line, the traceback behind --debug
+        if _signalled:  # a signal cut an import (or a library's C code) short
+            _interrupted(_signalled[-1])
         if debug:
             raise
         user = as_user_error(e)  # or a library's exception only an input can cause

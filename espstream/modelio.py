@@ -425,9 +425,12 @@ def write_bytes(data: bytes, path: str, binary: bool = True) -> None:
             raise UserError(
                 "refusing to write a binary model to the terminal; use -o FILE or pipe the output"
             )
+        from espstream.outputs import wait_delivered
+
         try:
             out.buffer.write(data)
             out.buffer.flush()
+            wait_delivered(out.fileno(), "stdout")
         except BrokenPipeError:
             _silence_stdout()
             raise UserError("stdout: the reader closed the pipe before the output was "

@@ -12,7 +12,13 @@ Rules:
 4. While a command runs inside `transaction()`, each regular-file output is written to a
    temporary file beside it; the renames happen only when the command ends without error, so
    outputs land together or not at all (a report never says a model was written when it was
-   not). On error, interrupt or SIGTERM every temporary file is removed.
+   not). On error, interrupt or SIGTERM every temporary file is removed: each one is known
+   from the moment it exists (signals are held while it is made and registered, and while the
+   renames run), and `cleanup()` removes whatever is left.
+5. An output that is a pipe (stdout or a FIFO) counts as delivered only once the reader has
+   taken every byte: a reader that closes its end with bytes unread (``| head -c 10``) did not
+   get the model, which is an error. A reader that keeps the pipe open but does not read for
+   `DELIVERY_WAIT` seconds is trusted to read later (the bytes stay in the pipe).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -30,6 +37,24 @@ from espstream.errors import UserError
 STDIO = "-"
 
 _pending: list[tuple[str, str]] | None = None  # (temporary file, target) while in transaction()
+_temps: set[str] = set()  # every temporary file that exists now (rule 4)
+DELIVERY_WAIT = 10.0  # seconds (rule 5)
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT / SIGTERM wait until the block ends (then the handler runs): a temporary file is
+    never made without being registered, nor a set of renames cut half way."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    except (AttributeError, OSError, ValueError):  # not the main thread / no pthreads
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _resolved(path: str) -> Path:
@@ -125,6 +150,8 @@ def write_file(data: bytes, path: str) -> None:
         try:
             with open(path, "wb") as f:
                 f.write(data)
+                f.flush()
+                wait_delivered(f.fileno(), _short(path))
         except BrokenPipeError:
             raise UserError(f"{_short(path)}: the reader closed the pipe before the output was "
                             "written") from None
@@ -133,8 +160,10 @@ def write_file(data: bytes, path: str) -> None:
         return
     target = _resolved(path)  # a symlink's target is replaced, not the link
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=".tmp",
-                                   dir=target.parent)
+        with _signals_held():
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=".tmp",
+                                       dir=target.parent)
+            _temps.add(tmp)
     except OSError as e:
         raise UserError(f"{_short(path)}: cannot write there ({e.strerror})") from None
     try:
@@ -146,7 +175,9 @@ def write_file(data: bytes, path: str) -> None:
         if _pending is not None:
             _pending.append((tmp, str(target)))
             return
-        os.replace(tmp, target)
+        with _signals_held():
+            os.replace(tmp, target)
+            _temps.discard(tmp)
     except OSError as e:
         _unlink(tmp)
         raise UserError(f"{_short(path)}: cannot write ({e.strerror})") from None
@@ -180,29 +211,72 @@ def transaction(commit_on: tuple[type[BaseException], ...] = ()) -> Iterator[Non
 
 def _commit() -> None:
     pending = list(_pending or [])
-    for i, (tmp, target) in enumerate(pending):
-        try:
-            os.replace(tmp, target)
-        except OSError as e:
-            for t, _ in pending[i:]:
-                _unlink(t)
-            raise UserError(f"{_short(target)}: cannot write ({e.strerror})") from None
-    _pending.clear()
-
-
-def _rollback() -> None:
-    for tmp, _ in _pending or []:
-        _unlink(tmp)
-    if _pending is not None:
+    with _signals_held():
+        for i, (tmp, target) in enumerate(pending):
+            try:
+                os.replace(tmp, target)
+                _temps.discard(tmp)
+            except OSError as e:
+                for t, _ in pending[i:]:
+                    _unlink(t)
+                raise UserError(f"{_short(target)}: cannot write ({e.strerror})") from None
         _pending.clear()
 
 
+def _rollback() -> None:
+    with _signals_held():
+        for tmp, _ in _pending or []:
+            _unlink(tmp)
+        if _pending is not None:
+            _pending.clear()
+
+
 def cleanup() -> None:
-    """Remove every pending temporary file (a signal handler's last act)."""
-    _rollback()
+    """Remove every temporary file still there (the CLI's last act, on any ending)."""
+    with _signals_held():
+        for tmp in list(_temps):
+            _unlink(tmp)
+
+
+def wait_delivered(fd: int, label: str, timeout: float | None = None) -> None:
+    """Rule 5 for a pipe `fd` whose last byte was just written (anything else returns at once).
+    Raises UserError when the reader closed its end with bytes unread."""
+    import array
+    import fcntl
+    import select
+    import termios
+    import time
+
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
+        poll = select.poll()
+        poll.register(fd, 0)  # POLLERR (no reader left) is reported whatever is asked
+    except (OSError, ValueError):
+        return
+
+    def unread() -> int:
+        n = array.array("i", [0])
+        fcntl.ioctl(fd, termios.FIONREAD, n)
+        return n[0]
+
+    deadline = time.monotonic() + (DELIVERY_WAIT if timeout is None else timeout)
+    try:
+        while (left := unread()) > 0:
+            if any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(20)):
+                left = unread()
+                if left > 0:
+                    raise UserError(f"{label}: the reader closed the pipe with {left} bytes of "
+                                    "the output unread")
+                return
+            if time.monotonic() > deadline:
+                return
+    except OSError:
+        return
 
 
 def _unlink(path: str) -> None:
+    _temps.discard(path)
     try:
         os.unlink(path)
     except OSError:
