@@ -812,9 +812,14 @@ def _quiet_libraries(debug: bool) -> None:
     warnings.simplefilter("ignore")  # a NumPy RuntimeWarning is not a second line
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127) if c != 9}
+_CONTROL.update({10: "\\n", 13: "\\r"})
+
+
 def _say(text: str) -> None:
-    """One stderr line: newlines from file or tensor names are shown escaped."""
-    text = text.strip().replace("\r", "\\r").replace("\n", "\\n")
+    """One stderr line: newlines and other control characters (a terminal's escape codes) from
+    file or tensor names are shown escaped."""
+    text = text.strip().translate(_CONTROL)
     try:
         print(f"espstream: {text}", file=sys.stderr, flush=True)
     except (OSError, ValueError):

@@ -558,6 +558,11 @@ def verify_espdl_command(
         return
     st = load_graph(streaming, model=names[-1] if names else None, key=key)
     chosen = resolve_pair(off, st, target, (offline, streaming))
+    for g, path in ((off, offline), (st, streaming)):  # a file the simulator cannot run is
+        try:  # refused before anything is printed, as when it is checked alone
+            Simulator(g, target=chosen.target)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
     log.info(f"verify {offline} {streaming}: {chosen.describe()}")
     res = verify_espdl_pair(off, st, data, random, seed, target=chosen.target)
     from espstream.verify import print_result

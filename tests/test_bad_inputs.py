@@ -8,8 +8,12 @@
 3. every input unchanged: the bytes of every file in `tests/bad_inputs/` are the same before and
    after, and no file appears there.
 
-The cases run in parallel subprocesses once per session (each is a fresh `python -m espstream`);
-the parametrized tests then judge each one.
+The cases run once per session, 3 at a time, each in a child forked from one fresh interpreter
+that imported espstream and its libraries (`bad_inputs/forkserver.py`: the CLI's own `main`, as
+`python -m espstream` runs it, without paying the import for each case); under `make test-all`
+(`slow`) every case also runs as a real `python -m espstream` subprocess. Device nodes
+(``{dev}/zero``, ``{dev}/urandom``, ``{dev}/null``) are made with os.mknod in a temporary
+folder, never the real /dev; they must still be the same device nodes afterwards.
 """
 
 from __future__ import annotations
@@ -17,13 +21,17 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
+import stat
+import subprocess
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from cli_util import espstream
+from cli_util import ROOT, espstream
 
 HERE = Path(__file__).resolve().parent / "bad_inputs"
 CASES = json.loads((HERE / "manifest.json").read_text())["cases"]
@@ -36,24 +44,82 @@ def snapshot() -> dict[str, str]:
             for p in sorted(HERE.iterdir()) if p.is_file()}
 
 
-def _subst(text: str | None, out: Path) -> str | None:
-    return None if text is None else text.replace("{in}", str(HERE)).replace("{out}", str(out))
+#: character devices a case may name as {dev}/NAME: (major, minor) as on Linux
+DEVICES = {"zero": (1, 5), "urandom": (1, 9), "null": (1, 3)}
+
+
+def _subst(text: str | None, out: Path, dev: Path | None = None) -> str | None:
+    if text is None:
+        return None
+    text = text.replace("{in}", str(HERE)).replace("{out}", str(out))
+    return text.replace("{dev}", str(dev)) if dev is not None else text
+
+
+def _make_devices(folder: Path) -> str | None:
+    """The DEVICES as nodes in `folder`; the reason they cannot be made, or None."""
+    for name, (major, minor) in DEVICES.items():
+        try:
+            os.mknod(folder / name, stat.S_IFCHR | 0o666, os.makedev(major, minor))
+        except PermissionError:
+            return "os.mknod of a character device needs root"
+    return None
+
+
+def _device_state(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.lstat().st_mode, p.lstat().st_rdev) for p in sorted(folder.iterdir())}
+
+
+def _uses_devices(case) -> bool:
+    return any("{dev}" in a for a in case["args"])
+
+
+class _Proc:
+    def __init__(self, rc: int, stdout: bytes, stderr: bytes) -> None:
+        self.returncode, self.stdout, self.stderr = rc, stdout, stderr
+
+
+def run_forked(commands: list[tuple[str, list[str]]], jobs: int = 3) -> dict[str, _Proc]:
+    """{id: result} of each (id, espstream args), through bad_inputs/forkserver.py."""
+    import base64
+
+    request = "".join(json.dumps({"id": i, "args": a, "cwd": str(ROOT), "timeout": 300}) + "\n"
+                      for i, a in commands)
+    proc = subprocess.run([sys.executable, str(HERE / "forkserver.py"), "--jobs", str(jobs)],
+                          input=request.encode(), capture_output=True, cwd=ROOT, timeout=3600)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    out = {}
+    for line in proc.stdout.decode().splitlines():
+        r = json.loads(line)
+        out[r["id"]] = _Proc(r["rc"], base64.b64decode(r["stdout"]), base64.b64decode(r["stderr"]))
+    assert set(out) == {i for i, _ in commands}
+    return out
+
+
+def _run_cases(runner) -> dict:
+    root = Path(tempfile.mkdtemp(prefix="espstream-bad-"))
+    dev = root / "__devices__"
+    dev.mkdir()
+    no_devices = _make_devices(dev)
+    devices_before = _device_state(dev)
+    before = snapshot()
+    commands, outs = [], {}
+    for case in CASES:
+        out = root / case["id"]
+        out.mkdir()
+        outs[case["id"]] = out
+        if not (no_devices and _uses_devices(case)):
+            commands.append((case["id"], [_subst(a, out, dev) for a in case["args"]]))
+    procs = runner(commands)
+    results = {i: (procs.get(i), out) for i, out in outs.items()}
+    results["__inputs__"] = (before, snapshot())
+    results["__devices__"] = (no_devices, devices_before, _device_state(dev))
+    return results, root
 
 
 @pytest.fixture(scope="module")
 def runs():
-    """Run every case (4 at a time); yields {id: (CompletedProcess, scratch folder)}."""
-    root = Path(tempfile.mkdtemp(prefix="espstream-bad-"))
-    before = snapshot()
-
-    def run(case):
-        out = root / case["id"]
-        out.mkdir()
-        return case["id"], (espstream(*[_subst(a, out) for a in case["args"]], timeout=300), out)
-
-    with ThreadPoolExecutor(4) as pool:
-        results = dict(pool.map(run, CASES))
-    results["__inputs__"] = (before, snapshot())
+    """Run every case; yields {id: (result, scratch folder)}."""
+    results, root = _run_cases(run_forked)
     yield results
     shutil.rmtree(root, ignore_errors=True)
 
@@ -65,26 +131,58 @@ def test_manifest_covers_every_stage():
     for c in CASES:  # every file a case reads exists (a typo would make it a 'no such file')
         for a in c["args"][1:]:
             if a.startswith("{in}/") and "/" not in a[len("{in}/"):] and c["id"] not in (
-                    "optimize_missing_input",):
+                    "optimize_missing_input", "m_optimize_input_name_newline",
+                    "m_calibrate_data_name_escape"):
                 assert (HERE / a[len("{in}/"):]).is_file(), (c["id"], a)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_bad_input(case, runs):
+    judge(case, runs)
+
+
+def judge(case, runs) -> None:
     proc, out = runs[case["id"]]
+    no_devices, dev_before, dev_after = runs["__devices__"]
+    assert dev_after == dev_before  # every device node still the same node
+    if proc is None:
+        pytest.skip(f"{case['id']} needs device nodes: {no_devices}")
     err = proc.stderr.decode()
     assert proc.returncode == case["exit"] == 2, (proc.returncode, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("espstream: error: "), err
+    assert err.count("\n") == 1 and err.endswith("\n"), err  # no blank line either
+    assert "\x1b" not in err and "\r" not in err, err  # no colour codes, no carriage return
     assert case["message"] in lines[0], (case["message"], lines[0])
     assert "Traceback" not in err and "internal error" not in err
     assert proc.stdout == b""  # no model (or part of one) on stdout either
-    output = _subst(case["output"], out)
+    output = _subst(case["output"], out, Path("/nonexistent-devices"))
     if output is not None:
         assert not Path(output).exists()
     assert list(out.iterdir()) == []  # no temporary file, no folder left behind
     before, after = runs["__inputs__"]
     assert after == before  # inputs unchanged, nothing added beside them
+
+
+@pytest.fixture(scope="module")
+def real_runs():
+    """Every case as a real `python -m espstream` subprocess (3 at a time)."""
+    def runner(commands):
+        def one(c):
+            return c[0], espstream(*c[1], timeout=300)
+
+        with ThreadPoolExecutor(3) as pool:
+            return dict(pool.map(one, commands))
+
+    results, root = _run_cases(runner)
+    yield results
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_bad_input_real_process(case, real_runs):
+    judge(case, real_runs)
 
 
 def _load_make():
@@ -94,8 +192,8 @@ def _load_make():
     return mod
 
 
-# Files made by espstream's own stages (and the malformed copies of them) follow those stages'
-# output; the rest are fixed bytes that make.py must reproduce exactly.
+# Files made by espstream's own stages (and the malformed copies of them: espdl_*, m_*) follow
+# those stages' output; the rest are fixed bytes that make.py must reproduce exactly.
 FROM_STAGES = ("tiny.qdq.onnx", "tiny.espdl", "qdq_truncated.onnx", "optimize_espdl_given")
 
 
@@ -107,6 +205,6 @@ def test_make_is_deterministic_and_committed(tmp_path):
     assert set(made) == committed
     assert made["manifest.json"] == (HERE / "manifest.json").read_bytes()
     for name, data in made.items():
-        if name.startswith("espdl_") or name in FROM_STAGES:
+        if name.startswith(("espdl_", "m_")) or name in FROM_STAGES:
             continue
         assert data == (HERE / name).read_bytes(), name
