@@ -17,7 +17,7 @@ import click
 
 from espstream import __version__, log
 from espstream.errors import EspstreamError, UserError
-from espstream.limits import MAX_CHUNK, MAX_RANDOM, MAX_SEED
+from espstream.limits import MAX_CHUNK, MAX_RANDOM, MAX_SEED, check_count
 from espstream.stdio import real_stdout, stdout_reserved_for_output
 
 #: ESP-DL 3.3's target names and 'c' (espstream.targets maps each onto one of three arithmetics)
@@ -26,6 +26,7 @@ TARGET_NAMES = ["esp32p4", "esp32s31", "esp32s3", "esp32", "esp32s2", "esp32c2",
 #: Counts from the command line, bounded (espstream.limits rule 3)
 CHUNK, RANDOM, SEED = (click.IntRange(1, MAX_CHUNK), click.IntRange(1, MAX_RANDOM),
                        click.IntRange(0, MAX_SEED))
+MAX_STAGES = 1024  # parts of a staged deployment (each one file)
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -293,6 +294,10 @@ def calibrate(
 
     if (data is None) == (random_n is None):
         raise UserError("give calibration data with -d/--data PATH, or --random N (not both)")
+    if not 0.0 < percentile <= 100.0:  # (nan too) before any work or warning
+        raise UserError(f"--percentile {percentile}: give a value in (0, 100]")
+    if batch < 1:
+        raise UserError(f"--batch {batch}: give a positive number")
     values = parse_input_values(input_values)
     from espstream.quant.mixed import calibrate_kwargs
 
@@ -410,14 +415,14 @@ def streamify(
     from espstream.stream import overrides as ovr
     from espstream.stream.streamify import parse_axes, print_summary, streamify_model
 
+    if not 1 <= stages <= MAX_STAGES:
+        raise UserError(f"--stages {stages}: give a number of parts between 1 and {MAX_STAGES}")
     modelio.check_output_path(output, input)
     model = modelio.load_model(input)
     ov = ovr.load(overrides) if overrides else None
     if stages != 1:  # staged deployment (espstream/stream/stages.py)
         from espstream.stream.stages import part_paths, print_split, streamify_stages
 
-        if stages < 1:
-            raise UserError(f"--stages {stages}: give a positive number of parts")
         paths = part_paths(output, stages)
         for p in paths:
             modelio.check_output_path(p, input)
@@ -529,7 +534,10 @@ def verify(
         overrides=ovr.load(overrides) if overrides else None,
     )
     if chunks is not None:
-        results = v.verify_chunks(off, v.parse_chunks(chunks), axes=parse_axes(axis), **kw)
+        sizes = v.parse_chunks(chunks)
+        for c in sizes:
+            check_count(c, "--chunks", 1, MAX_CHUNK)
+        results = v.verify_chunks(off, sizes, axes=parse_axes(axis), **kw)
     elif len(parts) > 1:
         from espstream.stream.stages import verify_stages
 
@@ -853,11 +861,34 @@ def _interrupted(signum: int) -> None:
     sys.exit(143 if signum == signal.SIGTERM else 130)
 
 
+def _hold_closed_streams() -> None:
+    """A standard stream closed at start stays closed to Python (stdin: "stdin is closed";
+    stdout: "stdout is closed"), but its descriptor is taken by /dev/null, so that no file
+    opened later gets it and receives what a library writes there; with stderr closed the
+    messages go nowhere (never to stdout)."""
+    import os
+
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+                if null != fd:
+                    os.dup2(null, fd)
+                    os.close(null)
+            except OSError:
+                continue
+            if fd == 2:
+                sys.stderr = open(os.devnull, "w")  # noqa: SIM115
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     from espstream import outputs
 
     debug = "--debug" in args
+    _hold_closed_streams()
     saved = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     _quiet_libraries(debug)
     try:

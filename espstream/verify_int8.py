@@ -558,9 +558,14 @@ def verify_espdl_command(
         return
     st = load_graph(streaming, model=names[-1] if names else None, key=key)
     chosen = resolve_pair(off, st, target, (offline, streaming))
-    for g, path in ((off, offline), (st, streaming)):  # a file the simulator cannot run is
-        try:  # refused before anything is printed, as when it is checked alone
+    # A file that cannot run its own test values (what `verify FILE` alone refuses) is refused
+    # here too, before anything is printed; one without test values that fails over the
+    # chunks fails the check instead (rule 2).
+    for g, path in ((off, offline), (st, streaming)):
+        try:
             Simulator(g, target=chosen.target)
+            if g.test_inputs:
+                check_test_values(g, target=chosen.target)
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
     log.info(f"verify {offline} {streaming}: {chosen.describe()}")

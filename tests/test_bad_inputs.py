@@ -208,3 +208,105 @@ def test_make_is_deterministic_and_committed(tmp_path):
         if name.startswith(("espdl_", "m_")) or name in FROM_STAGES:
             continue
         assert data == (HERE / name).read_bytes(), name
+
+
+# ---- the process: signals, pipes, closed standard streams (real subprocesses) ----------------
+
+
+def _popen(*args: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "espstream", *args], cwd=ROOT,
+                            stderr=subprocess.PIPE, **kw)
+
+
+@pytest.mark.parametrize("sig, code, word", [(15, 143, "terminated"), (2, 130, "interrupted")])
+def test_signal_during_a_write_leaves_no_temporary_file(tmp_path, sig, code, word):
+    """SIGTERM / SIGINT while the model is being written to a pipe nobody reads (the JSON
+    report already in its temporary file): exit 143 / 130, one line, nothing left beside the
+    report's path."""
+    import fcntl
+    import signal as sg
+    import time
+
+    r, w = os.pipe()
+    if hasattr(fcntl, "F_SETPIPE_SZ"):  # a small pipe: the 30 kB model blocks in write()
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    p = _popen("optimize", "models/stream_tcn.onnx", "-q", "--no-check", "--json",
+               str(folder / "r.json"), stdout=w)
+    os.close(w)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(folder.iterdir()) and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.02)
+        assert [f.name.startswith(".r.json.") for f in folder.iterdir()] == [True]
+        time.sleep(0.1)
+        p.send_signal(sg.Signals(sig))
+        err = p.stderr.read()
+        assert p.wait(timeout=60) == code, err
+    finally:
+        os.close(r)
+        if p.poll() is None:
+            p.kill()
+    assert err == f"espstream: error: {word}\n".encode()
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("model", ["tests/bad_inputs/tiny.onnx", "models/stream_tcn.onnx"])
+def test_reader_closing_the_pipe_early_is_an_error(model):
+    """`espstream optimize M | head -c 10`: not delivered, so not exit 0, whether the model
+    fits in the pipe (small) or not."""
+    p = _popen("optimize", model, "-q", "--no-check", stdout=subprocess.PIPE)
+    assert len(os.read(p.stdout.fileno(), 10)) == 10  # unbuffered, as head -c 10 reads
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 2, err
+    assert err.count("\n") == 1 and err.startswith("espstream: error: stdout: the reader "
+                                                   "closed the pipe"), err
+
+
+def test_reader_taking_everything_is_success():
+    p = _popen("optimize", "tests/bad_inputs/tiny.onnx", "-q", "--no-check",
+               stdout=subprocess.PIPE)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and err == b"" and len(out) > 1000
+
+
+def test_fifo_reader_closing_early_is_an_error(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    p = _popen("export", str(HERE / "tiny.qdq.onnx"), "-q", "-o", str(fifo))
+    fd = os.open(fifo, os.O_RDONLY)
+    assert len(os.read(fd, 10)) == 10
+    os.close(fd)
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 2, err
+    assert err.count("\n") == 1 and "the reader closed the pipe" in err, err
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["pipe"]
+
+
+@pytest.mark.parametrize("fd, args, message", [
+    (1, ("optimize", "tests/bad_inputs/tiny.onnx", "-q", "--no-check"),
+     "stdout is closed; give -o FILE"),
+    (0, ("optimize", "-q", "--no-check"), "no ONNX model given: stdin is closed"),
+    (0, ("inspect",), "stdin is closed"),
+])
+def test_closed_standard_stream(fd, args, message):
+    """With stdout closed the model goes nowhere else (not to stderr); with stdin closed the
+    input is missing: exit 2, one line."""
+    proc = subprocess.run([sys.executable, "-m", "espstream", *args], cwd=ROOT,
+                          capture_output=fd != 1, stderr=subprocess.PIPE if fd == 1 else None,
+                          preexec_fn=lambda: os.close(fd), timeout=120)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 2, err
+    assert err == f"espstream: error: {message}\n" or (
+        err.count("\n") == 1 and message in err), err
+
+
+def test_closed_stderr_still_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "espstream", "optimize",
+                           str(HERE / "onnx_truncated.onnx"), "-o", str(tmp_path / "o")],
+                          cwd=ROOT, stdout=subprocess.PIPE, preexec_fn=lambda: os.close(2),
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert list(tmp_path.iterdir()) == []
