@@ -130,7 +130,10 @@ def test_manifest_covers_every_stage():
     assert {c["args"][0] for c in CASES} == STAGES
     for c in CASES:  # every file a case reads exists (a typo would make it a 'no such file')
         for a in c["args"][1:]:
-            if a.startswith("{in}/") and "/" not in a[len("{in}/"):] and c["id"] not in (
+            name = a[len("{in}/"):]
+            if len(name) > 255:  # the too-long-name cases
+                continue
+            if a.startswith("{in}/") and "/" not in name and c["id"] not in (
                     "optimize_missing_input", "m_optimize_input_name_newline",
                     "m_calibrate_data_name_escape"):
                 assert (HERE / a[len("{in}/"):]).is_file(), (c["id"], a)

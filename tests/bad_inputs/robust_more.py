@@ -183,6 +183,18 @@ def _node_named(data: bytes, name: str) -> bytes:
     return m.SerializeToString()
 
 
+def _npy_header(shape) -> bytes:
+    from robust_cases import _npy_header as header
+
+    return header(shape)
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    from robust_cases import _zip as z
+
+    return z(members)
+
+
 def files(valid: dict[str, bytes]) -> dict[str, bytes]:
     from espstream.export import export_model
     from espstream.stream.streamify import streamify_model
@@ -208,6 +220,9 @@ def files(valid: dict[str, bytes]) -> dict[str, bytes]:
     out["m_channels_wrong.onnx"] = _channels_wrong(valid["tiny.onnx"])
     out["m_softmax_named_newline.onnx"] = _node_named(valid["softmax_time.onnx"],
                                                       "soft\nmax\x1b[31m")
+    out["m_npy_negative.npy"] = _npy_header((-1, 4, 16))
+    out["m_npy_negative_inner.npy"] = _npy_header((3, -4, 16))
+    out["m_npz_negative.npz"] = _zip({"x.npy": _npy_header((3, 4, -16))})
     out["m_overrides_newline.json"] = json.dumps(
         {"tensors": {"h\nnext": {"window": 0}}}).encode()
     return out
@@ -329,6 +344,32 @@ def cases() -> list[dict]:
             ("streamify", "streamify {in}/m_channels_wrong.onnx --chunk 2 -o {out}/o",
              "does not run in onnxruntime")):
         out.append(_c(f"{st}_fails_in_onnxruntime", args, msg))
+    # array headers declaring negative dimensions (numpy's OverflowError / ValueError)
+    for name in ("m_npy_negative.npy", "m_npy_negative_inner.npy", "m_npz_negative.npz"):
+        t = name.split(".")[0][2:]
+        out += [
+            _c(f"calibrate_{t}", f"calibrate {{in}}/tiny.onnx -d {{in}}/{name} -o {{out}}/o", name),
+            _c(f"convert_{t}", f"convert {{in}}/tiny.onnx -d {{in}}/{name} -o {{out}}/o", name),
+            _c(f"export_test_data_{t}",
+               f"export {{in}}/tiny.qdq.onnx --test-data {{in}}/{name} -o {{out}}/o", name),
+            _c(f"verify_data_{t}", f"verify {{in}}/tiny.onnx --chunks 1 -d {{in}}/{name}", name,
+               None),
+        ]
+    # input names too long for the file system
+    long = "{in}/" + "y" * 300
+    for st, args, output in (
+            ("optimize", f"optimize {long} -o {{out}}/o", "{out}/o"),
+            ("inspect", f"inspect {long}", None),
+            ("calibrate_data", f"calibrate {{in}}/tiny.onnx -d {long} -o {{out}}/o", "{out}/o"),
+            ("streamify_overrides", f"streamify {{in}}/tiny.qdq.onnx --chunk 2 --overrides {long} "
+             "-o {out}/o", "{out}/o"),
+            ("export_test_data", f"export {{in}}/tiny.qdq.onnx --test-data {long} -o {{out}}/o",
+             "{out}/o"),
+            ("verify", f"verify {long} --chunks 2", None),
+            ("verify_data", f"verify {{in}}/tiny.onnx --chunks 2 -d {long}", None),
+            ("pack", f"pack {long} -o {{out}}/p", "{out}/p"),
+            ("app", f"app {long} -o {{out}}/app --target esp32p4", "{out}/app")):
+        out.append(_c(f"{st}_input_name_too_long", args, "too long", output))
     # names with newlines / escape characters: shown escaped on the one line
     out += [
         _c("optimize_input_name_newline", "optimize {in}/no\nsuch.onnx -o {out}/o",
