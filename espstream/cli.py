@@ -316,16 +316,16 @@ def calibrate(
     if data:
         calib = read_calibration_data(data, inputs, limit=samples, values=values)
     elif stream is not None:
-        warn_random()
         calib = stream_calib.random_sequences(model, stream, n_random, seed)
     else:
         calib = random_data(inputs, n_random, seed, values)
-        warn_random()
     result = calibrate_model(
         model, calib, target=target, bits=int(bits), method=method or DEFAULT_METHOD,
         percentile=percentile, per_channel=per_channel, weight_method=weight_method, batch=batch,
         report_samples=max(report_samples, 0), stream=stream, **ptq, **mixed_kw,
     )
+    if not data:  # once it worked: an error before is its one line alone
+        warn_random()
     print_summary(result)
     modelio.save_model(result.model, output)
     report.write_json(json_path, result.to_json())

@@ -181,22 +181,7 @@ def pack_files(paths: list[str], names: list[str] | None = None, fmt: str = "pdl
     named = list(zip(paths, names or [Path(p).name for p in paths], strict=True))
     named.sort(key=lambda pn: pn[0])  # the packer sorts the paths it is given
     members = [(n, read_bytes(p, ".espdl file")) for p, n in named]
-    for (p, _), (_, data) in zip(named, members, strict=True):
-        _check_member(data, p)
     return pack(members, fmt, version), [n for _, n in named]
-
-
-def _check_member(data: bytes, path: str) -> None:
-    """A plain EDL2 member must read as a model (a package ESP-DL cannot load is not written);
-    encrypted and EDL1 members are packed as they are (no key; no EDL1 reader here)."""
-    from espstream.espdl.reader import read
-
-    if data[:4] != b"EDL2" or data[4:8] != b"\0\0\0\0":
-        return
-    try:
-        read(data)
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
 
 
 # ---- reading -------------------------------------------------------------------------------
