@@ -341,8 +341,13 @@ def cases() -> list[dict]:
             ("optimize", "optimize {in}/m_channels_wrong.onnx -o {out}/o",
              "the input model fails in onnxruntime"),
             ("streamify", "streamify {in}/m_channels_wrong.onnx --chunk 2 -o {out}/o",
-             "does not run in onnxruntime")):
-        out.append(_c(f"{st}_fails_in_onnxruntime", args, msg))
+             "does not run in onnxruntime"),
+            ("verify_chunks", "verify {in}/m_channels_wrong.onnx --chunks 2 --random 1",
+             "does not run in onnxruntime"),
+            ("verify_pair", "verify {in}/m_channels_wrong.onnx {in}/m_stream.onnx --random 1",
+             "onnxruntime cannot run the model on this data")):
+        out.append(_c(f"{st}_fails_in_onnxruntime", args, msg,
+                      None if st.startswith("verify") else "{out}/o"))
     # array headers declaring negative dimensions (numpy's OverflowError / ValueError)
     for name in ("m_npy_negative.npy", "m_npy_negative_inner.npy", "m_npz_negative.npz"):
         t = name.split(".")[0][2:]
