@@ -426,6 +426,7 @@ def streamify(
         paths = part_paths(output, stages)
         for p in paths:
             modelio.check_output_path(p, input)
+            check_report_path(json_path, input, output=p)
         result, split = streamify_stages(model, chunk, stages, axes=parse_axes(axis),
                                          overrides=ov)
         print_summary(result)
@@ -745,6 +746,7 @@ def convert(
                             "file, not stdout")
         modelio.check_output_path(offline_path(output), input,
                                   *(p for p in (data, test_data, overrides) if p))
+        check_report_path(json_path, input, output=offline_path(output))
     if output == "-" and real_stdout().isatty():
         raise UserError("refusing to write a binary model to the terminal; use -o FILE.espdl")
     model = modelio.load_model(input)
@@ -847,6 +849,9 @@ _signalled: list[int] = []  # the signals received: an import they cut short is 
 
 
 def _on_signal(signum: int, frame: Any) -> None:
+    outputs = sys.modules.get("espstream.outputs")
+    if outputs is not None and outputs.defer_signal(signum):
+        return  # raised again once the temporary file is registered / renamed
     _signalled.append(signum)
     raise Terminated(signum)
 

@@ -6,7 +6,9 @@ Rules:
    symlink) is written through, never renamed over; any other non-regular file (block device,
    socket) is refused. Symlinks are followed, so the file renamed over is the link's target.
 2. An output that is one of the command's inputs (same file, or same resolved path) is refused,
-   and so are two outputs of one command naming the same file.
+   and so are two outputs of one command naming the same file: before any work where the
+   command names its outputs (`check_outputs`), and in any case when a second one is written
+   to a file already written inside the same `transaction()`.
 3. A path too long for the file system, or in a folder that does not exist or cannot be written,
    is refused before any work (a probe temporary file is made and removed).
 4. While a command runs inside `transaction()`, each regular-file output is written to a
@@ -39,22 +41,34 @@ STDIO = "-"
 _pending: list[tuple[str, str]] | None = None  # (temporary file, target) while in transaction()
 _temps: set[str] = set()  # every temporary file that exists now (rule 4)
 DELIVERY_WAIT = 10.0  # seconds (rule 5)
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_held = 0  # depth of _signals_held()
+_deferred: list[int] = []  # signals that came while held
 
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
-    """SIGINT / SIGTERM wait until the block ends (then the handler runs): a temporary file is
-    never made without being registered, nor a set of renames cut half way."""
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-    except (AttributeError, OSError, ValueError):  # not the main thread / no pthreads
-        yield
-        return
+    """A signal handler that asks `defer_signal` first waits until the block ends (the signal
+    is raised again then): a temporary file is never made without being registered, nor a set
+    of renames cut half way. (A flag, not a signal mask: any thread may receive the signal.)"""
+    global _held
+    _held += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _held -= 1
+        if _held == 0 and _deferred:
+            signum = _deferred[-1]
+            _deferred.clear()
+            signal.raise_signal(signum)
+
+
+def defer_signal(signum: int) -> bool:
+    """For a signal handler: True, and `signum` kept for the end of the held block, while
+    temporary files are being made, registered or renamed."""
+    if _held:
+        _deferred.append(signum)
+        return True
+    return False
 
 
 def _resolved(path: str) -> Path:
@@ -138,8 +152,9 @@ def check_outputs(outputs: list[str | None], inputs: list[str | None]) -> None:
         check_output(o, *inputs)
         r = _resolved(o)
         if r in seen and not is_write_through(o):
-            raise UserError(f"{_short(o)}: named twice as an output (also {_short(seen[r])}); "
-                            "give each output its own path")
+            also = f" (also as {_short(seen[r])})" if seen[r] != o else ""
+            raise UserError(f"{_short(o)}: named twice as an output{also}; give each output "
+                            "its own path")
         seen[r] = o
 
 
@@ -159,6 +174,9 @@ def write_file(data: bytes, path: str) -> None:
             raise UserError(f"{_short(path)}: cannot write ({e.strerror})") from None
         return
     target = _resolved(path)  # a symlink's target is replaced, not the link
+    if _pending is not None and any(t == str(target) for _, t in _pending):
+        raise UserError(f"{_short(path)}: written twice by one command (two of its outputs "
+                        "name this file); give each output its own path")
     try:
         with _signals_held():
             fd, tmp = tempfile.mkstemp(prefix=f".{target.name[:100]}.", suffix=".tmp",

@@ -112,7 +112,12 @@ def test_signals_held_while_a_temporary_file_is_registered(tmp_path):
     from espstream import outputs
 
     seen = []
-    old = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))
+
+    def handler(s, f):  # as the CLI's
+        if not outputs.defer_signal(s):
+            seen.append(s)
+
+    old = signal.signal(signal.SIGTERM, handler)
     try:
         with outputs._signals_held():
             os.kill(os.getpid(), signal.SIGTERM)
@@ -159,3 +164,13 @@ def test_one_line_escapes_control_characters(capsys):
     _say("error: a\nb\rc\x1b[31md\x7fe\tf")
     err = capsys.readouterr().err
     assert err == "espstream: error: a\\nb\\rc\\x1b[31md\\x7fe\tf\n"
+
+
+def test_a_file_written_twice_in_one_command_is_refused(tmp_path):
+    from espstream import outputs
+
+    with pytest.raises(UserError, match="written twice by one command"):
+        with outputs.transaction():
+            outputs.write_file(b"model", str(tmp_path / "a"))
+            outputs.write_file(b"report", str(tmp_path / "." / "a"))
+    assert list(tmp_path.iterdir()) == []

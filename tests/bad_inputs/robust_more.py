@@ -202,7 +202,8 @@ def files(valid: dict[str, bytes]) -> dict[str, bytes]:
     qdq = onnx.load_from_string(valid["tiny.qdq.onnx"])
     stream = streamify_model(qdq, 2).model.SerializeToString()
     stream_espdl = export_model(onnx.load_from_string(stream), test_random=True).data
-    out = {"m_stream.onnx": stream, "m_stream.espdl": stream_espdl}
+    out = {"m_stream.onnx": stream, "m_stream_1.onnx": valid["tiny.qdq.onnx"],
+           "m_stream.espdl": stream_espdl}
     for key, tag, value, _ in STREAM_FORGERIES:
         out[f"m_stream_{key}_{tag}.onnx"] = _forge_onnx(stream, key, value)
     for key, tag, value, _ in QDQ_FORGERIES:
@@ -390,6 +391,16 @@ def cases() -> list[dict]:
         _c("convert_node_name_newline",
            "convert {in}/m_softmax_named_newline.onnx --random 2 --chunk 2 -o {out}/o",
            "soft\\nmax\\x1b[31m"),
+    ]
+    # outputs a command derives from -o (convert --offline-too, streamify --stages) vs --json
+    out += [
+        _c("convert_json_is_offline_output", "convert {in}/tiny.onnx --random 2 --chunk 2 "
+           "--offline-too -o {out}/o.espdl --json {out}/o.offline.espdl",
+           "named twice as an output", "{out}/o.espdl"),
+        _c("streamify_json_is_a_part", "streamify {in}/tiny.qdq.onnx --chunk 2 --stages 2 "
+           "-o {out}/s.onnx --json {out}/s_0.onnx", "named twice as an output", "{out}/s_0.onnx"),
+        _c("streamify_part_is_input", "streamify {in}/m_stream_1.onnx --chunk 2 --stages 2 "
+           "-o {in}/m_stream.onnx", "the output would overwrite the input", None),
     ]
     # a device node as the output of a command that fails: the node stays a node
     out += [
