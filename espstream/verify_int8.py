@@ -562,14 +562,18 @@ def verify_espdl_command(
     # here too, before anything is printed; one without test values that fails over the
     # chunks fails the check instead (rule 2).
     for g, path in ((off, offline), (st, streaming)):
+        for v in g.inputs:
+            if v.shape is None or not all(isinstance(d, int) for d in v.shape):
+                raise UserError(f"{path}: graph input {v.name!r} has no fixed shape "
+                                f"({v.shape}); ESP-DL runs fixed input shapes")
         try:
             Simulator(g, target=chosen.target)
             if g.test_inputs:
                 check_test_values(g, target=chosen.target)
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
-    log.info(f"verify {offline} {streaming}: {chosen.describe()}")
     res = verify_espdl_pair(off, st, data, random, seed, target=chosen.target)
+    log.info(f"verify {offline} {streaming}: {chosen.describe()}")  # (after the files' checks)
     from espstream.verify import print_result
 
     print_result(res)

@@ -99,12 +99,18 @@ def _s(b: bytes | None, what: str) -> str | None:
 
 
 MAX_WINDOW = 1 << 20  # frames a StreamingCache may keep (espstream.limits.MAX_CHUNK)
+#: string attributes the operators (espstream.ops) read as words
+TEXT_ATTRS = frozenset({"activation", "activations", "auto_pad", "coordinate_transformation_mode",
+                        "direction", "layout", "lut", "mode", "nearest_mode", "quant_type",
+                        "reduction"})
 
 
 def _check_graph(g: IntGraph) -> None:
     """What every reader of the graph relies on (a corrupted word must not reach them):
 
-    1. every node has an output, and no output of a node is unnamed;
+    1. every node has an output, and no output of a node is unnamed; an attribute the
+       operators read as text (`TEXT_ATTRS`) is UTF-8 text (other string attributes may hold
+       bytes, as a custom operator's can);
     2. a StreamingCache has one input and one output, a `window_size` in 1..MAX_WINDOW and a
        `frame_axis` below its input's rank; the frames it keeps hold at most
        `limits.MAX_ARRAY_BYTES` bytes;
@@ -117,6 +123,12 @@ def _check_graph(g: IntGraph) -> None:
         where = f"node '{n.name}' ({n.op_type})"
         if not n.outputs or any(not o for o in n.outputs):
             raise UserError(f"corrupt .espdl graph: {where} has a missing output")
+        for k in TEXT_ATTRS & set(n.attrs):
+            v = n.attrs[k]
+            if isinstance(v, bytes) or (isinstance(v, list) and any(isinstance(x, bytes)
+                                                                    for x in v)):
+                raise UserError(f"corrupt .espdl graph: attribute '{k}' of {where} is not "
+                                "UTF-8 text")
         if n.op_type == "StreamingCache":
             _check_cache(g, n, where)
     for v in g.inputs:

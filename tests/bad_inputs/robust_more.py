@@ -138,6 +138,18 @@ def _no_output(g):
     g.nodes[1].outputs = []
 
 
+def _activation_bytes(g):
+    next(n for n in g.nodes if n.op_type == "Conv").attrs["activation"] = b"\xff\xfe"
+
+
+def _input_no_shape(g):
+    g.inputs[0].shape = None
+
+
+def _input_open_dim(g):
+    g.inputs[0].shape = [1, None, 4]
+
+
 def _huge_input(g):
     g.inputs[0].shape = [2, 1 << 15, 1 << 15]
 
@@ -214,6 +226,8 @@ def files(valid: dict[str, bytes]) -> dict[str, bytes]:
         out[f"m_espdl_{key}_{tag}.espdl"] = _forge_espdl(stream_espdl, key, value)
     for tag, edit in ESPDL_EDITS.items():
         out[f"m_espdl_{tag}.espdl"] = _espdl_edit(stream_espdl, edit[0])
+    for tag, edit in (("input_no_shape", _input_no_shape), ("input_open_dim", _input_open_dim)):
+        out[f"m_espdl_{tag}.espdl"] = _espdl_edit(stream_espdl, edit)
     for where, value, _ in DIMS:
         out[f"m_dims_{where}_{value}.onnx"] = _onnx_dims(valid["tiny.onnx"], where, value)
     out["m_sparse.onnx"] = _sparse(valid["tiny.onnx"])
@@ -235,6 +249,8 @@ ESPDL_EDITS = {
     "window_zero": (_window(0), "window_size 0 is not between 1 and"),
     "frame_axis_99": (_frame_axis, "frame_axis 99 is out of range for its input's rank 3"),
     "node_no_output": (_no_output, "has a missing output"),
+    "activation_not_text": (_activation_bytes, "attribute 'activation' of node 'conv1' (Conv) "
+                            "is not UTF-8 text"),
     "input_2_31": (_huge_input, "graph input 'x': shape (2, 32768, 32768) holds 2147483648"),
 }
 DIMS = [
@@ -308,6 +324,11 @@ def cases() -> list[dict]:
                       f"verify {{in}}/tiny.espdl {{in}}/{name}.espdl --random 1", msg, None))
         out.append(_c(f"verify_offline_half_{name}",
                       f"verify {{in}}/{name}.espdl {{in}}/m_stream.espdl --random 1", msg, None))
+    # (a streaming half without a fixed input shape runs its test values, but not in chunks)
+    for tag in ("input_no_shape", "input_open_dim"):
+        out.append(_c(f"verify_streaming_half_espdl_{tag}",
+                      f"verify {{in}}/tiny.espdl {{in}}/m_espdl_{tag}.espdl --random 1",
+                      "graph input 'x' has no fixed shape", None))
     for where, value, msg in DIMS:
         f = f"{{in}}/m_dims_{where}_{value}.onnx"
         t = f"dims_{where}_{value}".replace("-", "minus")
