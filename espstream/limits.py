@@ -6,7 +6,8 @@ Rules:
    stream (``/dev/zero``, ``/dev/urandom``) is cut there and refused.
 2. An array made from sizes in a file or a flag (an ``.npy`` header, an ``.npz`` member as
    inflated, a tensor's dimensions, a cache window) holds at most `MAX_ELEMENTS` elements and
-   `MAX_ARRAY_BYTES` bytes; every dimension is a non-negative integer below `MAX_DIM`.
+   `MAX_ARRAY_BYTES` bytes; every dimension is a non-negative integer below `MAX_DIM`; a
+   StreamingCache keeps at most `MAX_WINDOW` frames.
 3. Counts given on the command line (--random, --chunk, --samples, --batch, --seed) lie in the
    stated ranges.
 4. JSON is nested at most `MAX_JSON_DEPTH` deep.
@@ -25,6 +26,7 @@ MAX_ELEMENTS = 1 << 30
 MAX_DIM = 1 << 31
 MAX_RANDOM = 1 << 20
 MAX_CHUNK = 1 << 20
+MAX_WINDOW = 1 << 20  # frames a StreamingCache keeps (an .espdl file's or an ONNX model's)
 MAX_SEED = 2**32 - 1
 MAX_JSON_DEPTH = 64
 

@@ -132,7 +132,7 @@ def parse_model(
     bad = _non_utf8_string(model)
     if bad:
         raise UserError(f"{label}: corrupt ONNX model: field {bad} is not valid UTF-8 text")
-    dims = _dims_problem(model)
+    dims = _dims_problem(model) or _cache_problem(model)
     if dims:
         raise UserError(f"{label}: {dims}")
     for t in _graph_tensors(model.graph):
@@ -233,6 +233,27 @@ def _dims_problem(model: onnx.ModelProto) -> str | None:
         if math.prod(t.dims) > MAX_ELEMENTS:
             return (f"initializer {t.name!r} declares dims {list(t.dims)}: over the limit of "
                     f"{MAX_ELEMENTS} elements")
+    return None
+
+
+def _cache_problem(model: onnx.ModelProto) -> str | None:
+    """A StreamingCache node (streamify's) whose window or axis no cache can have: the window
+    is the frames kept (espstream.limits, like an .espdl file's), the axis an array's."""
+    from espstream.limits import MAX_WINDOW
+    from espstream.stream.cache import DOMAIN, OP
+
+    for n in model.graph.node:
+        if n.domain != DOMAIN or n.op_type != OP:
+            continue
+        attrs = {a.name: a for a in n.attribute}
+        w, ax = attrs.get("window_size"), attrs.get("axis")
+        if w is None or w.type != onnx.AttributeProto.INT or not 1 <= w.i <= MAX_WINDOW:
+            shown = w.i if w is not None and w.type == onnx.AttributeProto.INT else None
+            return (f"node {n.name!r} ({OP}): window_size {shown} is not between 1 and "
+                    f"{MAX_WINDOW}")
+        if ax is None or ax.type != onnx.AttributeProto.INT or not 0 <= ax.i < 64:
+            shown = ax.i if ax is not None and ax.type == onnx.AttributeProto.INT else None
+            return f"node {n.name!r} ({OP}): axis {shown} is not between 0 and 63"
     return None
 
 

@@ -30,6 +30,7 @@ from espstream.intgraph import (
     ValueInfo,
     unique_by_name,
 )
+from espstream.limits import MAX_WINDOW
 
 MAGIC = b"EDL2"
 HEADER = struct.Struct("<4sIII")  # magic, mode, payload length, reserved
@@ -98,7 +99,6 @@ def _s(b: bytes | None, what: str) -> str | None:
         raise UserError(f"corrupt .espdl payload: {what} is not UTF-8 text") from None
 
 
-MAX_WINDOW = 1 << 20  # frames a StreamingCache may keep (espstream.limits.MAX_CHUNK)
 #: string attributes the operators (espstream.ops) read as words
 TEXT_ATTRS = frozenset({"activation", "activations", "auto_pad", "coordinate_transformation_mode",
                         "direction", "layout", "lut", "mode", "nearest_mode", "quant_type",

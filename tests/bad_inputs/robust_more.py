@@ -154,6 +154,19 @@ def _huge_input(g):
     g.inputs[0].shape = [2, 1 << 15, 1 << 15]
 
 
+def _onnx_window(data: bytes, name: str, value: int) -> bytes:
+    m = onnx.load_from_string(data)
+    n = next(n for n in m.graph.node if n.op_type == "StreamingCache")
+    next(a for a in n.attribute if a.name == name).i = value
+    return m.SerializeToString()
+
+
+ONNX_WINDOWS = [("window_size", 2**40, "window_size 1099511627776 is not between 1 and"),
+                ("window_size", 2**31, "window_size 2147483648 is not between 1 and"),
+                ("window_size", 0, "window_size 0 is not between 1 and"),
+                ("axis", 99, "axis 99 is not between 0 and 63")]
+
+
 def _onnx_dims(data: bytes, where: str, value: int) -> bytes:
     m = onnx.load_from_string(data)
     if where == "input":
@@ -218,6 +231,8 @@ def files(valid: dict[str, bytes]) -> dict[str, bytes]:
            "m_stream.espdl": stream_espdl}
     for key, tag, value, _ in STREAM_FORGERIES:
         out[f"m_stream_{key}_{tag}.onnx"] = _forge_onnx(stream, key, value)
+    for name, value, _ in ONNX_WINDOWS:
+        out[f"m_stream_{name}_{value}.onnx"] = _onnx_window(stream, name, value)
     for key, tag, value, _ in QDQ_FORGERIES:
         out[f"m_qdq_{key}_{tag}.onnx"] = _forge_onnx(valid["tiny.qdq.onnx"], key, value)
     for key, tag, value, _ in FLOAT_FORGERIES:
@@ -278,6 +293,16 @@ def cases() -> list[dict]:
             _c(f"verify_{t}", f"verify {{in}}/tiny.qdq.onnx {f} --random 1", msg, None),
             _c(f"inspect_{t}", f"inspect {f}", msg, None),
             _c(f"streamify_{t}", f"streamify {f} --chunk 2 -o {{out}}/o", msg),
+        ]
+    for name, value, msg in ONNX_WINDOWS:  # a StreamingCache node's window / axis forged
+        f = f"{{in}}/m_stream_{name}_{value}.onnx"
+        t = f"stream_{name}_{value}"
+        out += [
+            _c(f"export_{t}", f"export {f} -o {{out}}/o", msg),
+            _c(f"verify_{t}", f"verify {{in}}/tiny.qdq.onnx {f} --random 1", msg, None),
+            _c(f"verify_int8_{t}", f"verify {{in}}/tiny.qdq.onnx {f} --random 1 --engine int8",
+               msg, None),
+            _c(f"inspect_{t}", f"inspect {f}", msg, None),
         ]
     for key, tag, _, msg in QDQ_FORGERIES:
         f = f"{{in}}/m_qdq_{key}_{tag}.onnx"
