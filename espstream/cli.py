@@ -624,6 +624,12 @@ def export(
     data = read_test_data(test_data) if test_data else None
     if fmt == "cpp" and not name:
         name = Path(input).stem.split(".")[0] if input != "-" else None
+    if fmt == "cpp":  # the two files it will write, named after the model, checked before work
+        from espstream.export import c_identifier
+
+        cname = c_identifier(name or model.graph.name or "model")
+        for ext in ("hpp", "cpp"):
+            modelio.check_output_path(str(Path(output) / f"{cname}_coefficient.{ext}"), input)
     result = export_model(model, target=target, test_data=data, test_random=test_random,
                           fmt=fmt, name=name, encrypt_key=key)
     if key is not None:

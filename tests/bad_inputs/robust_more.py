@@ -421,6 +421,8 @@ def cases() -> list[dict]:
             ("pack", f"pack {long} -o {{out}}/p", "{out}/p"),
             ("app", f"app {long} -o {{out}}/app --target esp32p4", "{out}/app")):
         out.append(_c(f"{st}_input_name_too_long", args, "too long", output))
+    out.append(_c("export_cpp_name_too_long", "export {in}/tiny.qdq.onnx --format cpp --name "
+                  + "n" * 300 + " -o {out}", "_coefficient.hpp: file name too long", None))
     # names with newlines / escape characters: shown escaped on the one line
     out += [
         _c("optimize_input_name_newline", "optimize {in}/no\nsuch.onnx -o {out}/o",
