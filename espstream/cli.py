@@ -899,6 +899,7 @@ def main(argv: list[str] | None = None) -> None:
     from espstream import outputs
 
     debug = "--debug" in args
+    _signalled.clear()
     _hold_closed_streams()
     saved = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     _quiet_libraries(debug)
