@@ -135,12 +135,14 @@ def check_output(path: str, *inputs: str | None) -> None:
         raise UserError(f"{label}: file name too long")
     # Permissions do not tell (root ignores them; /proc refuses new files even to root): try
     # the temporary file the write will need, now, before any work is done.
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".espstream.", suffix=".tmp", dir=parent)
-    except OSError as e:
-        raise UserError(f"{label}: cannot write in {_short(str(parent))} ({e.strerror})") from None
-    os.close(fd)
-    _unlink(probe)
+    with _signals_held():  # (a signal must not leave the probe behind)
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".espstream.", suffix=".tmp", dir=parent)
+        except OSError as e:
+            raise UserError(f"{label}: cannot write in {_short(str(parent))} "
+                            f"({e.strerror})") from None
+        os.close(fd)
+        _unlink(probe)
 
 
 def check_outputs(outputs: list[str | None], inputs: list[str | None]) -> None:
