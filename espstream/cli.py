@@ -854,10 +854,28 @@ class Terminated(BaseException):
 _signalled: list[int] = []  # the signals received: an import they cut short is not a crash
 
 
+def _importing(frame: Any) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _on_signal(signum: int, frame: Any) -> None:
     outputs = sys.modules.get("espstream.outputs")
     if outputs is not None and outputs.defer_signal(signum):
         return  # raised again once the temporary file is registered / renamed
+    if _importing(frame):
+        # Never inside an import: an extension module cut short half initialised crashes the
+        # interpreter (SIGSEGV seen on SIGTERM during `import onnx`). Asked again shortly.
+        import os
+        import threading
+
+        t = threading.Timer(0.02, os.kill, (os.getpid(), signum))
+        t.daemon = True
+        t.start()
+        return
     _signalled.append(signum)
     raise Terminated(signum)
 
@@ -902,9 +920,11 @@ def main(argv: list[str] | None = None) -> None:
     _signalled.clear()
     _hold_closed_streams()
     saved = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    _quiet_libraries(debug)
     try:
+        _quiet_libraries(debug)
         _run(args, debug)
+    except Terminated as e:  # before or after the command's own handling (an import)
+        _interrupted(e.signum)
     finally:
         for s in saved:  # a late signal must not interrupt the last cleanup with a traceback
             signal.signal(s, signal.SIG_IGN)

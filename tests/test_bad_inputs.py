@@ -316,3 +316,28 @@ def test_closed_stderr_still_exit_2(tmp_path):
                           timeout=120)
     assert proc.returncode == 2 and proc.stdout == b""
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.02 * i for i in range(1, 41)])
+def test_sigterm_at_any_moment(tmp_path, delay):
+    """SIGTERM at any moment of a convert (start-up imports included): killed before the
+    handler exists (-15), or one line and exit 143, or done (0); never a crash, a traceback or
+    a temporary file left."""
+    import signal as sg
+    import time
+
+    p = _popen("convert", "models/stream_tcn.onnx", "--random", "4", "--chunk", "4", "-q",
+               "--verify-samples", "1", "-o", str(tmp_path / "o.espdl"), "--json",
+               str(tmp_path / "o.json"), stdout=subprocess.PIPE)
+    time.sleep(delay)
+    p.send_signal(sg.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode in (-15, 143, 0), err
+    left = sorted(x.name for x in tmp_path.iterdir())
+    if p.returncode == 143:
+        assert err == b"espstream: error: terminated\n" and left == []
+    elif p.returncode == -15:
+        assert err == b"" and left in ([], ["o.espdl", "o.json"])
+    else:
+        assert left == ["o.espdl", "o.json"]
