@@ -546,6 +546,8 @@ def verify_espdl_command(
                 "file is checked against its own test values"
             )
         chosen = resolve(off, target, offline)
+        with log.muted():  # a file that cannot run is refused before any warning about it
+            check_test_values(off, target=chosen.target)
         checks = check_test_values(off, target=chosen.target)
         log.info(f"verify {offline}: {chosen.describe()}")
         print_int_checks(f"verify {offline}: embedded test values (Model::test())", checks)
@@ -567,9 +569,10 @@ def verify_espdl_command(
                 raise UserError(f"{path}: graph input {v.name!r} has no fixed shape "
                                 f"({v.shape}); ESP-DL runs fixed input shapes")
         try:
-            Simulator(g, target=chosen.target)
-            if g.test_inputs:
-                check_test_values(g, target=chosen.target)
+            with log.muted():  # (its warnings come with the real run)
+                Simulator(g, target=chosen.target)
+                if g.test_inputs:
+                    check_test_values(g, target=chosen.target)
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
     res = verify_espdl_pair(off, st, data, random, seed, target=chosen.target)

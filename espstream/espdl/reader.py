@@ -168,6 +168,17 @@ def _rank(v: ValueInfo) -> int | None:
     return None if v.shape is None else len(v.shape)
 
 
+MAX_EXPONENT = 127  # a power-of-two exponent of an int8 / int16 / int32 value: far inside this
+
+
+def _exponents(values: list[int], where: str) -> list[int]:
+    bad = [e for e in values if not -MAX_EXPONENT <= e <= MAX_EXPONENT]
+    if bad:
+        raise UserError(f"corrupt .espdl payload: {where}: exponent {bad[0]} is out of range "
+                        f"(-{MAX_EXPONENT}..{MAX_EXPONENT})")
+    return values
+
+
 def _ints(fn_is_none, fn_as_numpy) -> list[int]:
     return [] if fn_is_none() else [int(x) for x in fn_as_numpy()]
 
@@ -274,7 +285,7 @@ class _Reader:
         return Tensor(
             name=name,
             data=flat.astype(dtype).reshape(dims),  # a native-order copy, independent of buf
-            exponents=_ints(t.ExponentsIsNone, t.ExponentsAsNumpy),
+            exponents=_exponents(_ints(t.ExponentsIsNone, t.ExponentsAsNumpy), where),
             doc_string=_s(t.DocString(), f"{where} doc_string"),
         )
 
@@ -367,7 +378,7 @@ class _Reader:
                         shape.append(None)
         return ValueInfo(
             name=name, dtype=dtype, shape=shape,
-            exponents=_ints(v.ExponentsIsNone, v.ExponentsAsNumpy),
+            exponents=_exponents(_ints(v.ExponentsIsNone, v.ExponentsAsNumpy), where),
             doc_string=_s(v.DocString(), f"{where} doc_string"),
         )
 

@@ -150,6 +150,11 @@ def _input_open_dim(g):
     g.inputs[0].shape = [1, None, 4]
 
 
+def _exponent_huge(g):
+    w = g.initializers["conv1_w"]
+    w.exponents = [2**40] * len(w.exponents)
+
+
 def _huge_input(g):
     g.inputs[0].shape = [2, 1 << 15, 1 << 15]
 
@@ -264,6 +269,8 @@ ESPDL_EDITS = {
     "window_zero": (_window(0), "window_size 0 is not between 1 and"),
     "frame_axis_99": (_frame_axis, "frame_axis 99 is out of range for its input's rank 3"),
     "node_no_output": (_no_output, "has a missing output"),
+    "exponent_2_40": (_exponent_huge, "initializer 'conv1_w': exponent 1099511627776 is out of "
+                      "range (-127..127)"),
     "activation_not_text": (_activation_bytes, "attribute 'activation' of node 'conv1' (Conv) "
                             "is not UTF-8 text"),
     "input_2_31": (_huge_input, "graph input 'x': shape (2, 32768, 32768) holds 2147483648"),
