@@ -90,6 +90,23 @@ READ_OPTIONS = ("input", "inputs", "offline", "streaming", "data", "test_data", 
                 "encrypt_key", "key", "models")
 
 
+def echo_stdout(text: str) -> None:
+    """Text a command gives on stdout (a JSON report, a table): an error when stdout is closed
+    or its reader goes away before taking it all (espstream.outputs rule 5), never silence."""
+    from espstream import outputs
+
+    out = real_stdout()
+    if out is None or getattr(out, "closed", False):
+        raise UserError("stdout is closed; give --json FILE or open stdout")
+    try:
+        out.write(text)
+        out.flush()
+        outputs.wait_delivered(out.fileno(), "stdout")
+    except BrokenPipeError:
+        raise UserError("stdout: the reader closed the pipe before the output was "
+                        "written") from None
+
+
 def check_report_path(path: str | None, *reads: str | None, output: str | None = None) -> None:
     """Before any work: the outputs (-o, --json) are writable, name no input and not each
     other (espstream.outputs)."""
@@ -180,8 +197,7 @@ def optimize(
     from espstream.quant.data import parse_input_values
 
     if list_passes:
-        for p in PASSES:
-            click.echo(f"{p.name:<22} {p.summary}", file=real_stdout())
+        echo_stdout("".join(f"{p.name:<22} {p.summary}\n" for p in PASSES))
         return
     modelio.check_output_path(output, input)
     model = modelio.load_model(input, upgrade_opset=upgrade_opset)
@@ -360,7 +376,7 @@ def inspect(file: str, json_path: str | None, target: str | None, member: str | 
     info = inspection.inspect_bytes(modelio.read_bytes(file), label, target, member, k)
     inspection.print_summary(info)
     if json_path == "-":
-        click.echo(jsonlib.dumps(info, indent=2, default=report._jsonable))
+        echo_stdout(jsonlib.dumps(info, indent=2, default=report._jsonable) + "\n")
     else:
         report.write_json(json_path, info)
 
@@ -381,9 +397,9 @@ def ops_command(json_path: str | None) -> None:
     check_report_path(json_path)
     table = {"operators": registry.table(), "simulated": registry.sim_table()}
     if json_path == "-":
-        click.echo(jsonlib.dumps(table, indent=2))
+        echo_stdout(jsonlib.dumps(table, indent=2) + "\n")
         return
-    click.echo(registry.format_table())
+    echo_stdout(registry.format_table() + "\n")
     report.write_json(json_path, table)
 
 

@@ -296,6 +296,8 @@ def test_fifo_reader_closing_early_is_an_error(tmp_path):
      "stdout is closed; give -o FILE"),
     (0, ("optimize", "-q", "--no-check"), "no ONNX model given: stdin is closed"),
     (0, ("inspect",), "stdin is closed"),
+    (1, ("inspect", "tests/bad_inputs/tiny.espdl", "-q", "--json", "-"), "stdout is closed"),
+    (1, ("ops",), "stdout is closed"),
 ])
 def test_closed_standard_stream(fd, args, message):
     """With stdout closed the model goes nowhere else (not to stderr); with stdin closed the
