@@ -17,7 +17,7 @@ import click
 
 from espstream import __version__, log
 from espstream.errors import EspstreamError, UserError
-from espstream.limits import MAX_CHUNK, MAX_RANDOM, MAX_SEED
+from espstream.limits import MAX_CHUNK, MAX_RANDOM, MAX_SEED, check_count
 from espstream.stdio import real_stdout, stdout_reserved_for_output
 
 #: ESP-DL 3.3's target names and 'c' (espstream.targets maps each onto one of three arithmetics)
@@ -26,6 +26,7 @@ TARGET_NAMES = ["esp32p4", "esp32s31", "esp32s3", "esp32", "esp32s2", "esp32c2",
 #: Counts from the command line, bounded (espstream.limits rule 3)
 CHUNK, RANDOM, SEED = (click.IntRange(1, MAX_CHUNK), click.IntRange(1, MAX_RANDOM),
                        click.IntRange(0, MAX_SEED))
+MAX_STAGES = 1024  # parts of a staged deployment (each one file)
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -87,6 +88,23 @@ def ptq_options(f: Callable[..., Any]) -> Callable[..., Any]:
 #: The options through which a stage reads files: no output may name one of them.
 READ_OPTIONS = ("input", "inputs", "offline", "streaming", "data", "test_data", "overrides",
                 "encrypt_key", "key", "models")
+
+
+def echo_stdout(text: str) -> None:
+    """Text a command gives on stdout (a JSON report, a table): an error when stdout is closed
+    or its reader goes away before taking it all (espstream.outputs rule 5), never silence."""
+    from espstream import outputs
+
+    out = real_stdout()
+    if out is None or getattr(out, "closed", False):
+        raise UserError("stdout is closed; give --json FILE or open stdout")
+    try:
+        out.write(text)
+        out.flush()
+        outputs.wait_delivered(out.fileno(), "stdout")
+    except BrokenPipeError:
+        raise UserError("stdout: the reader closed the pipe before the output was "
+                        "written") from None
 
 
 def check_report_path(path: str | None, *reads: str | None, output: str | None = None) -> None:
@@ -179,8 +197,7 @@ def optimize(
     from espstream.quant.data import parse_input_values
 
     if list_passes:
-        for p in PASSES:
-            click.echo(f"{p.name:<22} {p.summary}", file=real_stdout())
+        echo_stdout("".join(f"{p.name:<22} {p.summary}\n" for p in PASSES))
         return
     modelio.check_output_path(output, input)
     model = modelio.load_model(input, upgrade_opset=upgrade_opset)
@@ -293,6 +310,10 @@ def calibrate(
 
     if (data is None) == (random_n is None):
         raise UserError("give calibration data with -d/--data PATH, or --random N (not both)")
+    if not 0.0 < percentile <= 100.0:  # (nan too) before any work or warning
+        raise UserError(f"--percentile {percentile}: give a value in (0, 100]")
+    if batch < 1:
+        raise UserError(f"--batch {batch}: give a positive number")
     values = parse_input_values(input_values)
     from espstream.quant.mixed import calibrate_kwargs
 
@@ -311,16 +332,16 @@ def calibrate(
     if data:
         calib = read_calibration_data(data, inputs, limit=samples, values=values)
     elif stream is not None:
-        warn_random()
         calib = stream_calib.random_sequences(model, stream, n_random, seed)
     else:
         calib = random_data(inputs, n_random, seed, values)
-        warn_random()
     result = calibrate_model(
         model, calib, target=target, bits=int(bits), method=method or DEFAULT_METHOD,
         percentile=percentile, per_channel=per_channel, weight_method=weight_method, batch=batch,
         report_samples=max(report_samples, 0), stream=stream, **ptq, **mixed_kw,
     )
+    if not data:  # once it worked: an error before is its one line alone
+        warn_random()
     print_summary(result)
     modelio.save_model(result.model, output)
     report.write_json(json_path, result.to_json())
@@ -355,7 +376,7 @@ def inspect(file: str, json_path: str | None, target: str | None, member: str | 
     info = inspection.inspect_bytes(modelio.read_bytes(file), label, target, member, k)
     inspection.print_summary(info)
     if json_path == "-":
-        click.echo(jsonlib.dumps(info, indent=2, default=report._jsonable))
+        echo_stdout(jsonlib.dumps(info, indent=2, default=report._jsonable) + "\n")
     else:
         report.write_json(json_path, info)
 
@@ -376,9 +397,9 @@ def ops_command(json_path: str | None) -> None:
     check_report_path(json_path)
     table = {"operators": registry.table(), "simulated": registry.sim_table()}
     if json_path == "-":
-        click.echo(jsonlib.dumps(table, indent=2))
+        echo_stdout(jsonlib.dumps(table, indent=2) + "\n")
         return
-    click.echo(registry.format_table())
+    echo_stdout(registry.format_table() + "\n")
     report.write_json(json_path, table)
 
 
@@ -410,17 +431,18 @@ def streamify(
     from espstream.stream import overrides as ovr
     from espstream.stream.streamify import parse_axes, print_summary, streamify_model
 
+    if not 1 <= stages <= MAX_STAGES:
+        raise UserError(f"--stages {stages}: give a number of parts between 1 and {MAX_STAGES}")
     modelio.check_output_path(output, input)
     model = modelio.load_model(input)
     ov = ovr.load(overrides) if overrides else None
     if stages != 1:  # staged deployment (espstream/stream/stages.py)
         from espstream.stream.stages import part_paths, print_split, streamify_stages
 
-        if stages < 1:
-            raise UserError(f"--stages {stages}: give a positive number of parts")
         paths = part_paths(output, stages)
         for p in paths:
             modelio.check_output_path(p, input)
+            check_report_path(json_path, input, output=p)
         result, split = streamify_stages(model, chunk, stages, axes=parse_axes(axis),
                                          overrides=ov)
         print_summary(result)
@@ -529,7 +551,10 @@ def verify(
         overrides=ovr.load(overrides) if overrides else None,
     )
     if chunks is not None:
-        results = v.verify_chunks(off, v.parse_chunks(chunks), axes=parse_axes(axis), **kw)
+        sizes = v.parse_chunks(chunks)
+        for c in sizes:
+            check_count(c, "--chunks", 1, MAX_CHUNK)
+        results = v.verify_chunks(off, sizes, axes=parse_axes(axis), **kw)
     elif len(parts) > 1:
         from espstream.stream.stages import verify_stages
 
@@ -615,6 +640,12 @@ def export(
     data = read_test_data(test_data) if test_data else None
     if fmt == "cpp" and not name:
         name = Path(input).stem.split(".")[0] if input != "-" else None
+    if fmt == "cpp":  # the two files it will write, named after the model, checked before work
+        from espstream.export import c_identifier
+
+        cname = c_identifier(name or model.graph.name or "model")
+        for ext in ("hpp", "cpp"):
+            modelio.check_output_path(str(Path(output) / f"{cname}_coefficient.{ext}"), input)
     result = export_model(model, target=target, test_data=data, test_random=test_random,
                           fmt=fmt, name=name, encrypt_key=key)
     if key is not None:
@@ -737,6 +768,7 @@ def convert(
                             "file, not stdout")
         modelio.check_output_path(offline_path(output), input,
                                   *(p for p in (data, test_data, overrides) if p))
+        check_report_path(json_path, input, output=offline_path(output))
     if output == "-" and real_stdout().isatty():
         raise UserError("refusing to write a binary model to the terminal; use -o FILE.espdl")
     model = modelio.load_model(input)
@@ -812,9 +844,14 @@ def _quiet_libraries(debug: bool) -> None:
     warnings.simplefilter("ignore")  # a NumPy RuntimeWarning is not a second line
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(32), 127) if c != 9}
+_CONTROL.update({10: "\\n", 13: "\\r"})
+
+
 def _say(text: str) -> None:
-    """One stderr line: newlines from file or tensor names are shown escaped."""
-    text = text.strip().replace("\r", "\\r").replace("\n", "\\n")
+    """One stderr line: newlines and other control characters (a terminal's escape codes) from
+    file or tensor names are shown escaped."""
+    text = text.strip().translate(_CONTROL)
     try:
         print(f"espstream: {text}", file=sys.stderr, flush=True)
     except (OSError, ValueError):
@@ -822,33 +859,110 @@ def _say(text: str) -> None:
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised so that cleanup runs as for SIGINT."""
+    """SIGTERM or SIGINT, raised so that cleanup runs; not a KeyboardInterrupt, which click
+    would answer with a blank line before our one."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
-def _terminated(signum: int, frame: Any) -> None:
-    raise Terminated
+_signalled: list[int] = []  # the signals received: an import they cut short is not a crash
+
+
+def _importing(frame: Any) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    outputs = sys.modules.get("espstream.outputs")
+    if outputs is not None and outputs.defer_signal(signum):
+        return  # raised again once the temporary file is registered / renamed
+    if _importing(frame):
+        # Never inside an import: an extension module cut short half initialised crashes the
+        # interpreter (SIGSEGV seen on SIGTERM during `import onnx`). Asked again shortly.
+        import os
+        import threading
+
+        t = threading.Timer(0.02, os.kill, (os.getpid(), signum))
+        t.daemon = True
+        t.start()
+        return
+    _signalled.append(signum)
+    raise Terminated(signum)
+
+
+def _interrupted(signum: int) -> None:
+    for s in (signal.SIGTERM, signal.SIGINT):  # a second signal: the same single line
+        signal.signal(s, signal.SIG_IGN)
+    outputs = sys.modules.get("espstream.outputs")
+    if outputs is not None:
+        outputs.cleanup()
+    _say("error: terminated" if signum == signal.SIGTERM else "error: interrupted")
+    sys.exit(143 if signum == signal.SIGTERM else 130)
+
+
+def _hold_closed_streams() -> None:
+    """A standard stream closed at start stays closed to Python (stdin: "stdin is closed";
+    stdout: "stdout is closed"), but its descriptor is taken by /dev/null, so that no file
+    opened later gets it and receives what a library writes there; with stderr closed the
+    messages go nowhere (never to stdout)."""
+    import os
+
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            try:
+                null = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+                if null != fd:
+                    os.dup2(null, fd)
+                    os.close(null)
+            except OSError:
+                continue
+            if fd == 2:
+                sys.stderr = open(os.devnull, "w")  # noqa: SIM115
 
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     from espstream import outputs
+
+    debug = "--debug" in args
+    _signalled.clear()
+    _hold_closed_streams()
+    saved = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        _quiet_libraries(debug)
+        _run(args, debug)
+    except Terminated as e:  # before or after the command's own handling (an import)
+        _interrupted(e.signum)
+    finally:
+        for s in saved:  # a late signal must not interrupt the last cleanup with a traceback
+            signal.signal(s, signal.SIG_IGN)
+        outputs.cleanup()  # whatever ended the command, no temporary file stays
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def _run(args: list[str], debug: bool) -> None:
+    from espstream import outputs
     from espstream.errors import CheckFailed
     from espstream.guard import as_user_error
 
-    debug = "--debug" in args
-    _quiet_libraries(debug)
-    signal.signal(signal.SIGTERM, _terminated)
     try:
         # Every output lands when the command ends, together; a failed check keeps its
         # report (which says "written": false). Errors and signals remove the temporary files.
         with outputs.transaction(commit_on=(CheckFailed,)):
             code = cli.main(args=args, prog_name="espstream", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        print("espstream: error: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Terminated:
-        print("espstream: error: terminated", file=sys.stderr)
-        sys.exit(143)
+        _interrupted(signal.SIGINT)
+    except Terminated as e:
+        _interrupted(e.signum)
     except click.ClickException as e:
         _say(f"error: {e.format_message()}")
         sys.exit(2)
@@ -863,6 +977,8 @@ def main(argv: list[str] | None = None) -> None:
               file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # a bug of ours: one line, the traceback behind --debug
+        if _signalled:  # a signal cut an import (or a library's C code) short
+            _interrupted(_signalled[-1])
         if debug:
             raise
         user = as_user_error(e)  # or a library's exception only an input can cause

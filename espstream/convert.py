@@ -330,20 +330,20 @@ def convert_model(
     opt = clock.run("optimize", lambda: optimize_model(model, input_shapes=input_shapes,
                                                       check_tolerance=check_tolerance,
                                                       input_values=random_values))
+    float_stream = None
+    # What the checks share (VerifyCache): offline analyses (streamify's, reused by verify),
+    # and per engine one runner of each offline model, run once per sample.
+    cache = v.VerifyCache()
+    if chunk is not None:  # an impossible chunk is refused here, before any line is printed
+        float_stream = clock.run("streamify", lambda: streamify_model(
+            opt.model, chunk, axes=axes, overrides=overrides))
+        cache.add_streamify_analysis(opt.model, float_stream, overrides)
     _progress(clock, "optimize", f"{sum(opt.ops_before.values())} -> "
               f"{sum(opt.ops_after.values())} nodes")
     if verbose:
         from espstream.optimize import print_summary
 
         print_summary(opt)
-    float_stream = None
-    # What the checks share (VerifyCache): offline analyses (streamify's, reused by verify),
-    # and per engine one runner of each offline model, run once per sample.
-    cache = v.VerifyCache()
-    if chunk is not None:
-        float_stream = clock.run("streamify", lambda: streamify_model(
-            opt.model, chunk, axes=axes, overrides=overrides))
-        cache.add_streamify_analysis(opt.model, float_stream, overrides)
     inputs = model_inputs(opt.model)
     if isinstance(data, CalibrationData):
         calib = data

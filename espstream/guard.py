@@ -8,11 +8,15 @@ Rules:
    is nested too deep.
 3. An OSError carrying a path (too long a name, no space left, read-only file system) -> its
    reason and the path.
+4. Any other exception, when an ONNX model the command read (`modelio.loaded_models`) does not
+   run in onnxruntime: that model is malformed (onnx.checker passes models whose kernels do
+   not fit their inputs), and the message says which and why.
 Anything else stays an internal error (exit 3): it is a bug of ours.
 """
 
 from __future__ import annotations
 
+import sys
 import zipfile
 import zlib
 
@@ -35,4 +39,19 @@ def as_user_error(e: BaseException) -> UserError | None:
     if isinstance(e, OSError) and e.errno is not None and e.strerror:
         where = f"{_clean(str(e.filename))[:120]}: " if e.filename else ""
         return UserError(f"{where}{e.strerror.lower()}")
+    return _malformed_input()
+
+
+def _malformed_input() -> UserError | None:
+    """Rule 4."""
+    modelio = sys.modules.get("espstream.modelio")  # no model was read if it was never imported
+    if modelio is None:
+        return None
+    for label, model in modelio.loaded_models():
+        from espstream.optimize.check import onnxruntime_failure
+
+        why = onnxruntime_failure(model)
+        if why is not None:
+            return UserError(f"{label}: the model is malformed: it does not run in onnxruntime "
+                             f"({_clean(why)})")
     return None

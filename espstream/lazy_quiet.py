@@ -4,6 +4,7 @@ Rules:
 1. Nothing heavy is imported here: the CLI installs the hook before it knows which command runs.
 2. A module already imported is quieted at once; one imported later is quieted right after its
    own code has run (an import hook on `sys.meta_path` that wraps the module's loader).
+   onnxruntime's sessions are all made at log severity 4, whatever their options ask.
 3. The hook removes itself once both are quieted.
 """
 
@@ -20,6 +21,29 @@ def _quiet(name: str, module: ModuleType) -> None:
         module.logger.G_LOGGER.severity = module.logger.G_LOGGER.ERROR
     elif name == "onnxruntime":
         module.set_default_logger_severity(4)  # errors reach the user as our one line
+        _quiet_sessions(module)
+
+
+def _quiet_sessions(ort: ModuleType) -> None:
+    """A session's own `log_severity_level` (3: errors) overrides the default logger's: each
+    session is made at 4, so that a failing kernel does not print a coloured log line before
+    the one error line (the failure still comes back as an exception)."""
+    base = ort.InferenceSession
+    if getattr(base, "_espstream_quiet", False):
+        return
+
+    class QuietSession(base):  # type: ignore[misc, valid-type]
+        _espstream_quiet = True
+
+        def __init__(self, path_or_bytes, sess_options=None, *args, **kwargs):  # noqa: ANN001
+            if sess_options is None:
+                sess_options = ort.SessionOptions()
+            if sess_options.log_severity_level < 4:
+                sess_options.log_severity_level = 4
+            super().__init__(path_or_bytes, sess_options, *args, **kwargs)
+
+    QuietSession.__name__ = QuietSession.__qualname__ = "InferenceSession"
+    ort.InferenceSession = QuietSession
 
 
 class _Loader(importlib.abc.Loader):

@@ -6,7 +6,8 @@ Rules:
    stream (``/dev/zero``, ``/dev/urandom``) is cut there and refused.
 2. An array made from sizes in a file or a flag (an ``.npy`` header, an ``.npz`` member as
    inflated, a tensor's dimensions, a cache window) holds at most `MAX_ELEMENTS` elements and
-   `MAX_ARRAY_BYTES` bytes; every dimension is a non-negative integer below `MAX_DIM`.
+   `MAX_ARRAY_BYTES` bytes; every dimension is a non-negative integer below `MAX_DIM`; a
+   StreamingCache keeps at most `MAX_WINDOW` frames.
 3. Counts given on the command line (--random, --chunk, --samples, --batch, --seed) lie in the
    stated ranges.
 4. JSON is nested at most `MAX_JSON_DEPTH` deep.
@@ -25,6 +26,7 @@ MAX_ELEMENTS = 1 << 30
 MAX_DIM = 1 << 31
 MAX_RANDOM = 1 << 20
 MAX_CHUNK = 1 << 20
+MAX_WINDOW = 1 << 20  # frames a StreamingCache keeps (an .espdl file's or an ONNX model's)
 MAX_SEED = 2**32 - 1
 MAX_JSON_DEPTH = 64
 
@@ -46,7 +48,10 @@ def check_shape(shape, itemsize: int, what: str) -> None:
             raise UserError(f"{what}: dimension {d} of shape {tuple(dims)} is out of range "
                             f"(0..{MAX_DIM - 1})")
     n = math.prod(dims)
-    if n > MAX_ELEMENTS or n * max(int(itemsize), 1) > MAX_ARRAY_BYTES:
+    if n > MAX_ELEMENTS:
+        raise UserError(f"{what}: shape {tuple(dims)} holds {n} elements, over the limit of "
+                        f"{MAX_ELEMENTS}")
+    if n * max(int(itemsize), 1) > MAX_ARRAY_BYTES:
         raise UserError(f"{what}: shape {tuple(dims)} needs {n * max(itemsize, 1)} bytes, over "
                         f"the limit of {MAX_ARRAY_BYTES} bytes")
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 
 _quiet = False
 
@@ -14,6 +16,18 @@ def set_quiet(quiet: bool) -> None:
 
 def is_quiet() -> bool:
     return _quiet
+
+
+@contextlib.contextmanager
+def muted() -> Iterator[None]:
+    """Nothing printed inside: for a check run first to refuse a bad file before any line, and
+    again (with its warnings) once it is known to pass."""
+    global _quiet
+    saved, _quiet = _quiet, True
+    try:
+        yield
+    finally:
+        _quiet = saved
 
 
 def info(msg: str = "") -> None:

@@ -6,6 +6,7 @@ leaves a partial output behind, and an output that would overwrite the input is 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -124,9 +125,16 @@ def parse_model(
         ) from None
     if not model.HasField("graph") or model.ir_version == 0:
         raise UserError(f"{label}: not an ONNX model (no graph or no IR version)")
+    sparse = _sparse_tensor(model)
+    if sparse:
+        raise UserError(f"{label}: {sparse} is a sparse tensor, which espstream does not read; "
+                        "store it dense (onnx.numpy_helper.to_array of the sparse values)")
     bad = _non_utf8_string(model)
     if bad:
         raise UserError(f"{label}: corrupt ONNX model: field {bad} is not valid UTF-8 text")
+    dims = _dims_problem(model) or _cache_problem(model)
+    if dims:
+        raise UserError(f"{label}: {dims}")
     for t in _graph_tensors(model.graph):
         problem = _tensor_data_problem(t)
         if problem:
@@ -165,11 +173,110 @@ def parse_model(
     except onnx.checker.ValidationError as e:
         first = first_line(e, "invalid model")
         raise UserError(f"{label}: fails onnx.checker: {first}") from None
+    _check_metadata(model, label)
     empty = _empty_list_attribute(model)
     if empty:
         raise UserError(f"{label}: {empty} is declared as a list but holds no values; "
                         "give its values or remove the attribute")
     return model
+
+
+def _sparse_tensor(model: onnx.ModelProto) -> str | None:
+    """The first sparse initializer or sparse Constant anywhere in the model, described."""
+    def graphs(g: onnx.GraphProto):
+        yield g
+        for n in g.node:
+            for a in n.attribute:
+                if a.HasField("g"):
+                    yield from graphs(a.g)
+                for sub in a.graphs:
+                    yield from graphs(sub)
+
+    bodies = [*(("graph", g.node, g.sparse_initializer) for g in graphs(model.graph)),
+              *((f"function {f.name!r}", f.node, ()) for f in model.functions)]
+    for where, nodes, sparse in bodies:
+        for t in sparse:
+            return f"initializer {t.values.name!r}"
+        for n in nodes:
+            for a in n.attribute:
+                if a.HasField("sparse_tensor") or len(a.sparse_tensors):
+                    return f"attribute {a.name!r} of node {n.name!r} ({n.op_type}) in the {where}"
+    return None
+
+
+def _dims_problem(model: onnx.ModelProto) -> str | None:
+    """A declared dimension no array can have (espstream.limits rule 2): below 0 or at least
+    MAX_DIM in a graph input, output, value info or initializer; a graph input or initializer
+    of more than MAX_ELEMENTS elements. None if all are fine."""
+    from espstream.limits import MAX_DIM, MAX_ELEMENTS
+
+    g = model.graph
+    for kind, vis in (("input", g.input), ("output", g.output), ("value info", g.value_info)):
+        for vi in vis:
+            t = vi.type.tensor_type
+            if not (vi.type.HasField("tensor_type") and t.HasField("shape")):
+                continue
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            shown = [d if d is not None else "?" for d in dims]
+            for d in dims:
+                if d is not None and not 0 <= d < MAX_DIM:
+                    return (f"{kind} {vi.name!r} declares dimension {d} (shape {shown}), out of "
+                            f"range (0..{MAX_DIM - 1})")
+            n = math.prod(d for d in dims if d is not None)
+            if kind == "input" and n > MAX_ELEMENTS:
+                return (f"input {vi.name!r} declares shape {shown}: {n} elements, over the "
+                        f"limit of {MAX_ELEMENTS}")
+    for t in g.initializer:
+        if any(not 0 <= d < MAX_DIM for d in t.dims):
+            return (f"initializer {t.name!r} declares dims {list(t.dims)}, out of range "
+                    f"(0..{MAX_DIM - 1})")
+        if math.prod(t.dims) > MAX_ELEMENTS:
+            return (f"initializer {t.name!r} declares dims {list(t.dims)}: over the limit of "
+                    f"{MAX_ELEMENTS} elements")
+    return None
+
+
+def _cache_problem(model: onnx.ModelProto) -> str | None:
+    """A StreamingCache node (streamify's) whose window or axis no cache can have: the window
+    is the frames kept (espstream.limits, like an .espdl file's), the axis an array's."""
+    from espstream.limits import MAX_WINDOW
+    from espstream.stream.cache import DOMAIN, OP
+
+    for n in model.graph.node:
+        if n.domain != DOMAIN or n.op_type != OP:
+            continue
+        attrs = {a.name: a for a in n.attribute}
+        w, ax = attrs.get("window_size"), attrs.get("axis")
+        if w is None or w.type != onnx.AttributeProto.INT or not 1 <= w.i <= MAX_WINDOW:
+            shown = w.i if w is not None and w.type == onnx.AttributeProto.INT else None
+            return (f"node {n.name!r} ({OP}): window_size {shown} is not between 1 and "
+                    f"{MAX_WINDOW}")
+        if ax is None or ax.type != onnx.AttributeProto.INT or not 0 <= ax.i < 64:
+            shown = ax.i if ax is not None and ax.type == onnx.AttributeProto.INT else None
+            return f"node {n.name!r} ({OP}): axis {shown} is not between 0 and 63"
+    return None
+
+
+def _rank(vi: onnx.ValueInfoProto) -> int | None:
+    t = vi.type.tensor_type
+    return len(t.shape.dim) if vi.type.HasField("tensor_type") and t.HasField("shape") else None
+
+
+def _check_metadata(model: onnx.ModelProto, label: str) -> None:
+    """espstream's own metadata holds what espstream writes (espstream.metadata); no key of
+    espstream's twice (readers would disagree on which one counts)."""
+    from espstream import metadata
+
+    meta: dict[str, str] = {}
+    for p in model.metadata_props:
+        if p.key.startswith("espstream.") and p.key in meta:
+            raise UserError(f"{label}: metadata {p.key} is given twice")
+        meta[p.key] = p.value
+    try:
+        metadata.check(meta, {v.name: _rank(v) for v in model.graph.input},
+                       {v.name: _rank(v) for v in model.graph.output})
+    except UserError as e:
+        raise UserError(f"{label}: {e}") from None
 
 
 _LIST_FIELDS = {onnx.AttributeProto.INTS: "ints", onnx.AttributeProto.FLOATS: "floats",
@@ -301,11 +408,23 @@ def _upgrade_opset(model: onnx.ModelProto, opset: int, label: str) -> onnx.Model
     return upgraded
 
 
+#: (label, model) of every model `load_model` read in this process: when a command fails with
+#: an unexpected error, `espstream.guard` asks whether one of them is malformed.
+_loaded: list[tuple[str, onnx.ModelProto]] = []
+
+
 def load_model(path: str, upgrade_opset: bool = False) -> onnx.ModelProto:
     """Load and validate an ONNX model from a path or '-' (stdin); see `parse_model`."""
     data = read_bytes(path, "ONNX model")
     base = None if path == STDIO else str(Path(path).resolve().parent)
-    return parse_model(data, _label(path), base, upgrade_opset)
+    model = parse_model(data, _label(path), base, upgrade_opset)
+    _loaded.append((_label(path), model))
+    return model
+
+
+def loaded_models() -> list[tuple[str, onnx.ModelProto]]:
+    """The models `load_model` read so far, in order."""
+    return list(_loaded)
 
 
 def check_output_path(path: str, *inputs: str | None) -> None:
@@ -327,9 +446,12 @@ def write_bytes(data: bytes, path: str, binary: bool = True) -> None:
             raise UserError(
                 "refusing to write a binary model to the terminal; use -o FILE or pipe the output"
             )
+        from espstream.outputs import wait_delivered
+
         try:
             out.buffer.write(data)
             out.buffer.flush()
+            wait_delivered(out.fileno(), "stdout")
         except BrokenPipeError:
             _silence_stdout()
             raise UserError("stdout: the reader closed the pipe before the output was "

@@ -563,6 +563,8 @@ def verify_espdl_command(
                 "file is checked against its own test values"
             )
         chosen = resolve(off, target, offline)
+        with log.muted():  # a file that cannot run is refused before any warning about it
+            check_test_values(off, target=chosen.target)
         checks = check_test_values(off, target=chosen.target)
         log.info(f"verify {offline}: {chosen.describe()}")
         print_int_checks(f"verify {offline}: embedded test values (Model::test())", checks)
@@ -575,8 +577,23 @@ def verify_espdl_command(
         return
     st = load_graph(streaming, model=names[-1] if names else None, key=key)
     chosen = resolve_pair(off, st, target, (offline, streaming))
-    log.info(f"verify {offline} {streaming}: {chosen.describe()}")
+    # A file that cannot run its own test values (what `verify FILE` alone refuses) is refused
+    # here too, before anything is printed; one without test values that fails over the
+    # chunks fails the check instead (rule 2).
+    for g, path in ((off, offline), (st, streaming)):
+        for v in g.inputs:
+            if v.shape is None or not all(isinstance(d, int) for d in v.shape):
+                raise UserError(f"{path}: graph input {v.name!r} has no fixed shape "
+                                f"({v.shape}); ESP-DL runs fixed input shapes")
+        try:
+            with log.muted():  # (its warnings come with the real run)
+                Simulator(g, target=chosen.target)
+                if g.test_inputs:
+                    check_test_values(g, target=chosen.target)
+        except UserError as e:
+            raise UserError(f"{path}: {e}") from None
     res = verify_espdl_pair(off, st, data, random, seed, target=chosen.target)
+    log.info(f"verify {offline} {streaming}: {chosen.describe()}")  # (after the files' checks)
     from espstream.verify import print_result
 
     print_result(res)

@@ -62,7 +62,8 @@ def load_graph(path: str, model: str | None = None, key: str | bytes | None = No
     from espstream.modelio import read_bytes
 
     k = crypt.read_key(key) if isinstance(key, str) else key
+    data = read_bytes(path, ".espdl file")  # its errors name the path already
     try:
-        return read(read_bytes(path, ".espdl file"), model=model, key=k)
+        return read(data, model=model, key=k)
     except UserError as e:
         raise UserError(f"{path}: {e}") from None

@@ -30,6 +30,7 @@ from espstream.intgraph import (
     ValueInfo,
     unique_by_name,
 )
+from espstream.limits import MAX_WINDOW
 
 MAGIC = b"EDL2"
 HEADER = struct.Struct("<4sIII")  # magic, mode, payload length, reserved
@@ -98,6 +99,86 @@ def _s(b: bytes | None, what: str) -> str | None:
         raise UserError(f"corrupt .espdl payload: {what} is not UTF-8 text") from None
 
 
+#: string attributes the operators (espstream.ops) read as words
+TEXT_ATTRS = frozenset({"activation", "activations", "auto_pad", "coordinate_transformation_mode",
+                        "direction", "layout", "lut", "mode", "nearest_mode", "quant_type",
+                        "reduction"})
+
+
+def _check_graph(g: IntGraph) -> None:
+    """What every reader of the graph relies on (a corrupted word must not reach them):
+
+    1. every node has an output, and no output of a node is unnamed; an attribute the
+       operators read as text (`TEXT_ATTRS`) is UTF-8 text (other string attributes may hold
+       bytes, as a custom operator's can);
+    2. a StreamingCache has one input and one output, a `window_size` in 1..MAX_WINDOW and a
+       `frame_axis` below its input's rank; the frames it keeps hold at most
+       `limits.MAX_ARRAY_BYTES` bytes;
+    3. a graph input's shape holds at most `limits.MAX_ELEMENTS` elements (the simulator
+       allocates it).
+    """
+    from espstream.limits import check_shape
+
+    for n in g.nodes:
+        where = f"node '{n.name}' ({n.op_type})"
+        if not n.outputs or any(not o for o in n.outputs):
+            raise UserError(f"corrupt .espdl graph: {where} has a missing output")
+        for k in TEXT_ATTRS & set(n.attrs):
+            v = n.attrs[k]
+            if isinstance(v, bytes) or (isinstance(v, list) and any(isinstance(x, bytes)
+                                                                    for x in v)):
+                raise UserError(f"corrupt .espdl graph: attribute '{k}' of {where} is not "
+                                "UTF-8 text")
+        if n.op_type == "StreamingCache":
+            _check_cache(g, n, where)
+    for v in g.inputs:
+        if v.shape is not None and all(isinstance(d, int) for d in v.shape):
+            check_shape(v.shape, 1 if v.dtype is None else np.dtype(v.dtype).itemsize,
+                        f"graph input '{v.name}'")
+
+
+def _check_cache(g: IntGraph, n: Node, where: str) -> None:
+    from espstream.limits import check_shape
+
+    if len(n.inputs) != 1 or not n.inputs[0] or len(n.outputs) != 1:
+        raise UserError(f"corrupt .espdl graph: {where} has {len(n.inputs)} input(s) and "
+                        f"{len(n.outputs)} output(s); ESP-DL's takes one and gives one")
+    w, ax = n.attrs.get("window_size"), n.attrs.get("frame_axis")
+    if isinstance(w, bool) or not isinstance(w, int) or not 1 <= w <= MAX_WINDOW:
+        raise UserError(f"{where}: window_size {w!r} is not between 1 and {MAX_WINDOW}")
+    if isinstance(ax, bool) or not isinstance(ax, int) or ax < 0:
+        raise UserError(f"{where}: frame_axis {ax!r} is not a non-negative integer")
+    name = n.inputs[0]
+    if name in g.initializers:
+        shape, itemsize = list(g.initializers[name].data.shape), \
+            g.initializers[name].data.dtype.itemsize
+    else:
+        vi = g.value_infos.get(name) or next((v for v in g.inputs if v.name == name), None)
+        if vi is None or vi.shape is None or not all(isinstance(d, int) for d in vi.shape):
+            return
+        shape = list(vi.shape)
+        itemsize = 1 if vi.dtype is None else np.dtype(vi.dtype).itemsize
+    if ax >= len(shape):
+        raise UserError(f"{where}: frame_axis {ax} is out of range for its input's rank "
+                        f"{len(shape)}")
+    check_shape([w - 1, *shape[ax + 1:]], itemsize, f"{where}: the frames it keeps")
+
+
+def _rank(v: ValueInfo) -> int | None:
+    return None if v.shape is None else len(v.shape)
+
+
+MAX_EXPONENT = 127  # a power-of-two exponent of an int8 / int16 / int32 value: far inside this
+
+
+def _exponents(values: list[int], where: str) -> list[int]:
+    bad = [e for e in values if not -MAX_EXPONENT <= e <= MAX_EXPONENT]
+    if bad:
+        raise UserError(f"corrupt .espdl payload: {where}: exponent {bad[0]} is out of range "
+                        f"(-{MAX_EXPONENT}..{MAX_EXPONENT})")
+    return values
+
+
 def _ints(fn_is_none, fn_as_numpy) -> list[int]:
     return [] if fn_is_none() else [int(x) for x in fn_as_numpy()]
 
@@ -164,6 +245,11 @@ class _Reader:
             graph_doc_string=_s(g.DocString(), "the graph doc_string"),
             layout_targets=allowed,
         )
+        _check_graph(graph)
+        from espstream import metadata
+
+        metadata.check(meta, {v.name: _rank(v) for v in graph.inputs},
+                       {v.name: _rank(v) for v in graph.outputs})
         graph.target = resolved_target(graph)
         return graph
 
@@ -199,7 +285,7 @@ class _Reader:
         return Tensor(
             name=name,
             data=flat.astype(dtype).reshape(dims),  # a native-order copy, independent of buf
-            exponents=_ints(t.ExponentsIsNone, t.ExponentsAsNumpy),
+            exponents=_exponents(_ints(t.ExponentsIsNone, t.ExponentsAsNumpy), where),
             doc_string=_s(t.DocString(), f"{where} doc_string"),
         )
 
@@ -292,7 +378,7 @@ class _Reader:
                         shape.append(None)
         return ValueInfo(
             name=name, dtype=dtype, shape=shape,
-            exponents=_ints(v.ExponentsIsNone, v.ExponentsAsNumpy),
+            exponents=_exponents(_ints(v.ExponentsIsNone, v.ExponentsAsNumpy), where),
             doc_string=_s(v.DocString(), f"{where} doc_string"),
         )
 

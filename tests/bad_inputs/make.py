@@ -581,11 +581,13 @@ def main(folder: Path = HERE) -> None:
     valid = valid_files()
     sys.path.insert(0, str(HERE))
     import robust_cases
+    import robust_more
 
-    files = {**valid, **bad_files(valid), **robust_cases.files(valid)}
+    files = {**valid, **bad_files(valid), **robust_cases.files(valid),
+             **robust_more.files(valid)}
     for name, data in files.items():
         (folder / name).write_bytes(data)
-    cases = CASES + robust_cases.cases()
+    cases = CASES + robust_cases.cases() + robust_more.cases()
     (folder / "manifest.json").write_text(json.dumps({"cases": cases}, indent=1) + "\n")
 
 

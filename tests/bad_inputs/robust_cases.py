@@ -105,7 +105,7 @@ def cases() -> list[dict]:
         ]
         if st != "pack":
             for dev in ("zero", "urandom"):
-                arg = base.replace(inp, f"/dev/{dev}")
+                arg = base.replace(inp, f"{{dev}}/{dev}")
                 out.append(_c(f"{st}_input_dev_{dev}", f"{arg} -o {{out}}/o",
                               "a device or special file"))
     # outputs against the other files a stage reads
@@ -146,7 +146,7 @@ def cases() -> list[dict]:
             _c(f"{st}_json_missing_folder", f"{st} {inp} --json {{out}}/no/j", "does not exist",
                None),
             _c(f"{st}_input_dev_zero",
-               f"{st} /dev/zero" + (" --chunks 1" if st == "verify" else ""),
+               f"{st} {{dev}}/zero" + (" --chunks 1" if st == "verify" else ""),
                "a device or special file", None),
         ]
     # counts out of range
