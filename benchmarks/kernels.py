@@ -26,7 +26,8 @@ Goals: ours at least 20x the NumPy oracle, and ours no slower than 3x the faster
 s8 kernels (ConvInteger s8, QLinearConv s8). Issue 18's goals are reported per shape, not
 judged by the exit code: >= 60% of the vpmaddwd peak, and at least onnxruntime u8's speed
 (on CPUs with AVX512-VNNI / AMX onnxruntime's u8 path uses those, far above the vpmaddwd peak:
-the JSON records the CPU's flags). Each time is the best of `--repeat` rounds; a round calls
+the JSON records the CPU's flags). Each time is the median of `--repeat` rounds (the best is
+kept beside it, with the 1-minute load average before and after each shape); a round calls
 every contender in turn, each for at least `--min-time` seconds (interleaved, so load from
 other processes skews no single contender).
 
@@ -119,17 +120,18 @@ def best_times(
     repeat: int,
     min_time: float,
     slow: frozenset = frozenset(),
-) -> dict:
-    """Best mean seconds per call of each function over `repeat` rounds; a round runs every
-    function in turn for at least `min_time` seconds, so a burst of load on the machine hits
-    all contenders alike instead of one of them."""
+) -> tuple[dict, dict]:
+    """Median and best mean seconds per call of each function over `repeat` rounds; a round
+    runs every function in turn for at least `min_time` seconds (interleaved), so a burst of
+    load on the machine hits all contenders alike instead of one of them. The median is the
+    figure reported (robust to the other processes on a shared machine), the best beside it."""
     calls = {}
     for name, fn in fns.items():
         fn()  # warm up
         t0 = time.perf_counter()
         fn()
         calls[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
-    best = dict.fromkeys(fns, float("inf"))
+    rounds: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(repeat):
         for name, fn in fns.items():
             if name in slow and i >= 2:  # the oracle: two rounds are enough for a ratio
@@ -137,8 +139,10 @@ def best_times(
             t0 = time.perf_counter()
             for _ in range(calls[name]):
                 fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) / calls[name])
-    return best
+            rounds[name].append((time.perf_counter() - t0) / calls[name])
+    median = {k: float(np.median(v)) for k, v in rounds.items()}
+    best = {k: min(v) for k, v in rounds.items()}
+    return median, best
 
 
 def to_nchw(x: np.ndarray) -> np.ndarray:
@@ -222,12 +226,15 @@ def run_case(case: dict, repeat: int, min_time: float, peak: float) -> dict:
             requant = reference.saturate(reference.round_shift(sums, SHIFT, "half_up"), np.int8)
             same_sums = bool(np.array_equal(requant, ours))
         fns[label] = lambda s=sess, f=feed: s.run(None, {"x": f})
-    times = best_times(fns, repeat, min_time, slow=frozenset({"numpy"}))
+    load0 = os.getloadavg()[0]
+    times, best = best_times(fns, repeat, min_time, slow=frozenset({"numpy"}))
 
     ort_s8 = min(times["ort_convinteger_s8"], times["ort_qlinearconv_s8"])
     result = {
         "macs": macs,
         "seconds": times,
+        "seconds_best": best,
+        "load_1min_before_after": [load0, os.getloadavg()[0]],
         "gmac_per_s": {k: macs / v / 1e9 for k, v in times.items()},
         "speedup_vs_numpy": times["numpy"] / times["ours"],
         "time_vs_ort_s8": times["ours"] / ort_s8,
@@ -340,6 +347,7 @@ def main() -> int:
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "int8_dot_flags": cpu_flags(),
+            "ours_uses_avx512_vnni": bool(kernels._int8.has_vnni()),
         },
         "peak": {
             "measured_gmac_per_s": peak,
