@@ -446,6 +446,161 @@ static esp_dw_fn esp_dw_pick(void)
     return esp_dw_plain;
 }
 
+/* ---- Depthwise, AVX-512 VNNI, whole image ------------------------------------------------
+ * Two column taps per vpdpwssd: for a block of 16 channels the int8 input is rebuilt once per
+ * call as int16 pairs P[r][u][c] = (x[r][u - pl][c], x[r][u - pl + dw][c]) (zero outside the
+ * image or the channels), so output column ow's taps (i, 2 jp) and (i, 2 jp + 1) are one
+ * 32-bit lane of P[oh * sh - pt + i * dh][ow * sw + 2 jp * dw] times the packed weight pair
+ * (w[i][2 jp][c], w[i][2 jp + 1][c]) (the odd kernel width's last pair has a zero weight).
+ * Eight output columns share each weight load; the sums are requantized in registers
+ * (esp_rq32_i8's arithmetic: v = acc + add, then >> shift, ties to even when `even`, clamp)
+ * and stored as int8. Integer sums are exact in any order: the bits equal the other paths'.
+ * Weights wq: [ceil(C / 16)][KH][KWp][16] pairs (KWp = ceil(KW / 2)) by esp_dw2_pack; rq:
+ * add, shift, half as three int32 arrays of Cp = 16 ceil(C / 16) (the padding: 0, 1, 1);
+ * pbuf: H * Wp * 16 int32 with Wp = (OW - 1) sw + 2 (KWp - 1) dw + 1. */
+static ptrdiff_t esp_dw2_wp(ptrdiff_t OW, ptrdiff_t sw, ptrdiff_t KW, ptrdiff_t dw)
+{
+    return (OW - 1) * sw + 2 * ((KW + 1) / 2 - 1) * dw + 1;
+}
+
+static void esp_dw2_pack(const int16_t *w, ptrdiff_t KH, ptrdiff_t KW, ptrdiff_t C,
+                         int32_t *wq)
+{
+    ptrdiff_t KWp = (KW + 1) / 2, nb = (C + 15) / 16;
+    for (ptrdiff_t b = 0; b < nb; b++)
+        for (ptrdiff_t i = 0; i < KH; i++)
+            for (ptrdiff_t jp = 0; jp < KWp; jp++)
+                for (ptrdiff_t c = 0; c < 16; c++) {
+                    ptrdiff_t ch = 16 * b + c, j = 2 * jp;
+                    uint16_t lo = 0, hi = 0;
+                    if (ch < C) {
+                        lo = (uint16_t)w[(i * KW + j) * C + ch];
+                        if (j + 1 < KW)
+                            hi = (uint16_t)w[(i * KW + j + 1) * C + ch];
+                    }
+                    wq[((b * KH + i) * KWp + jp) * 16 + c] = (int32_t)((uint32_t)lo
+                                                                       | ((uint32_t)hi << 16));
+                }
+}
+
+#ifdef ESP_VNNI
+#define ESP_DW2_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+/* NP output columns from ow of row oh, channel block with weights wb, into y (row pointer
+ * already at column ow, channel cb); NP is a constant after inlining. */
+#define ESP_DW2_BODY(NP)                                                                       \
+    do {                                                                                       \
+        __m512i acc[NP];                                                                       \
+        for (int p = 0; p < NP; p++)                                                           \
+            acc[p] = _mm512_setzero_si512();                                                   \
+        for (ptrdiff_t i = i0; i < i1; i++) {                                                  \
+            const int32_t *pr = P + ((oh * sh - pt + i * dh) * Wp + ow * sw) * 16;             \
+            const int32_t *wr = wb + i * KWp * 16;                                             \
+            for (ptrdiff_t jp = 0; jp < KWp; jp++) {                                           \
+                __m512i wv = _mm512_loadu_si512((const void *)(wr + 16 * jp));                 \
+                const int32_t *pj = pr + 2 * jp * dw * 16;                                     \
+                for (int p = 0; p < NP; p++)                                                   \
+                    acc[p] = _mm512_dpwssd_epi32(                                              \
+                        acc[p], _mm512_loadu_si512((const void *)(pj + p * sw * 16)), wv);     \
+            }                                                                                  \
+        }                                                                                      \
+        for (int p = 0; p < NP; p++) {                                                         \
+            __m512i v = _mm512_add_epi32(acc[p], va);                                          \
+            __m512i q;                                                                         \
+            if (even) {                                                                        \
+                __m512i odd = _mm512_and_si512(_mm512_srav_epi32(v, vs), one);                 \
+                q = _mm512_srav_epi32(_mm512_add_epi32(_mm512_add_epi32(v, vh1), odd), vs);    \
+            } else {                                                                           \
+                q = _mm512_srav_epi32(v, vs);                                                  \
+            }                                                                                  \
+            q = _mm512_min_epi32(_mm512_max_epi32(q, vlo), vhi);                               \
+            _mm_mask_storeu_epi8((void *)(y + p * C), cm, _mm512_cvtepi32_epi8(q));           \
+        }                                                                                      \
+    } while (0)
+
+ESP_DW2_TARGET static void
+esp_dw2_vnni(const int8_t *x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t C, ptrdiff_t KH, ptrdiff_t KW,
+             ptrdiff_t sh, ptrdiff_t sw, ptrdiff_t dh, ptrdiff_t dw, ptrdiff_t pt, ptrdiff_t pl,
+             ptrdiff_t OH, ptrdiff_t OW, const int32_t *wq, const int32_t *rq, int32_t even,
+             int32_t lo, int32_t hi, int8_t *Y, int32_t *P)
+{
+    ptrdiff_t KWp = (KW + 1) / 2, nb = (C + 15) / 16, Cp = 16 * nb;
+    ptrdiff_t Wp = esp_dw2_wp(OW, sw, KW, dw);
+    const __m512i one = _mm512_set1_epi32(1), m16 = _mm512_set1_epi32(0xFFFF);
+    const __m512i vlo = _mm512_set1_epi32(lo), vhi = _mm512_set1_epi32(hi);
+    for (ptrdiff_t b = 0; b < nb; b++) {
+        ptrdiff_t cb = 16 * b, left = C - cb;
+        __mmask16 cm = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        /* the pairs of this block, row by row (int8 -> int16 by sign extension to int32) */
+        for (ptrdiff_t r = 0; r < H; r++) {
+            const int8_t *xr = x + r * W * C + cb;
+            int32_t *pr = P + r * Wp * 16;
+            for (ptrdiff_t u = 0; u < Wp; u++) {
+                ptrdiff_t a = u - pl, bb = a + dw;
+                __m512i xa = _mm512_setzero_si512(), xb = xa;
+                if (a >= 0 && a < W)
+                    xa = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(cm, xr + a * C));
+                if (bb >= 0 && bb < W)
+                    xb = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(cm, xr + bb * C));
+                _mm512_storeu_si512((void *)(pr + 16 * u),
+                                    _mm512_or_si512(_mm512_and_si512(xa, m16),
+                                                    _mm512_slli_epi32(xb, 16)));
+            }
+        }
+        const int32_t *wb = wq + b * KH * KWp * 16;
+        const __m512i va = _mm512_loadu_si512((const void *)(rq + cb));
+        const __m512i vs = _mm512_loadu_si512((const void *)(rq + Cp + cb));
+        const __m512i vh1 = _mm512_sub_epi32(_mm512_loadu_si512((const void *)(rq + 2 * Cp + cb)),
+                                             one);
+        for (ptrdiff_t oh = 0; oh < OH; oh++) {
+            /* the kernel rows inside the image */
+            ptrdiff_t i0 = 0, i1 = KH;
+            while (i0 < KH && oh * sh - pt + i0 * dh < 0)
+                i0++;
+            while (i1 > i0 && oh * sh - pt + (i1 - 1) * dh >= H)
+                i1--;
+            /* columns in ng groups of near-equal size (at most 8: the accumulators), so
+             * every group has several independent vpdpwssd chains (a lone column would wait
+             * on the latency) */
+            int8_t *y = Y + oh * OW * C + cb;
+            ptrdiff_t ng = (OW + 7) / 8, ow = 0;
+            for (ptrdiff_t g = 0; g < ng; g++) {
+                ptrdiff_t n = (OW - ow) / (ng - g);
+                switch (n) {
+                case 8: ESP_DW2_BODY(8); break;
+                case 7: ESP_DW2_BODY(7); break;
+                case 6: ESP_DW2_BODY(6); break;
+                case 5: ESP_DW2_BODY(5); break;
+                case 4: ESP_DW2_BODY(4); break;
+                case 3: ESP_DW2_BODY(3); break;
+                case 2: ESP_DW2_BODY(2); break;
+                default: ESP_DW2_BODY(1); break;
+                }
+                ow += n;
+                y += n * C;
+            }
+        }
+    }
+}
+#endif
+
+/* The whole-image depthwise loop where this CPU has AVX-512 VNNI (and VL), else NULL. */
+typedef void (*esp_dw2_fn)(const int8_t *, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                           ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                           ptrdiff_t, ptrdiff_t, ptrdiff_t, const int32_t *, const int32_t *,
+                           int32_t, int32_t, int32_t, int8_t *, int32_t *);
+
+static esp_dw2_fn esp_dw2_pick(void)
+{
+#ifdef ESP_VNNI
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+        return esp_dw2_vnni;
+#endif
+    return NULL;
+}
+
 /* ---- Elementwise (flat arrays) -----------------------------------------------------------
  * Saturating add / sub of int8 (sums in int16) or int16 (sums in int32): exact, then clipped.
  * Requantize of int8 / int16 data with one shift s in [-15, 30]: every intermediate of

@@ -72,6 +72,17 @@ cdef extern from "_hot.h" nogil:
                                  ptrdiff_t nr, int32_t* y0, int32_t* y1, int32_t* y2,
                                  int32_t* y3)
     esp_vnni_fn esp_vnni_pick()
+    # Depthwise int8, whole image: two column taps per vpdpwssd lane, requantized in
+    # registers (AVX-512 VNNI; NULL without it).
+    ctypedef void (*esp_dw2_fn)(const int8_t* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t C,
+                                ptrdiff_t KH, ptrdiff_t KW, ptrdiff_t sh, ptrdiff_t sw,
+                                ptrdiff_t dh, ptrdiff_t dw, ptrdiff_t pt, ptrdiff_t pl,
+                                ptrdiff_t OH, ptrdiff_t OW, const int32_t* wq,
+                                const int32_t* rq, int32_t even, int32_t lo, int32_t hi,
+                                int8_t* Y, int32_t* P)
+    esp_dw2_fn esp_dw2_pick()
+    ptrdiff_t esp_dw2_wp(ptrdiff_t OW, ptrdiff_t sw, ptrdiff_t KW, ptrdiff_t dw)
+    void esp_dw2_pack(const int16_t* w, ptrdiff_t KH, ptrdiff_t KW, ptrdiff_t C, int32_t* wq)
     # GRU / LSTM time loop (recurrent.py's rnn_forward in C).
     ctypedef struct esp_rnn_args:
         int lstm, dirs, p4, pie_w, pie_r
@@ -117,13 +128,15 @@ cdef extern from "_hot.h" nogil:
 cdef esp_bcast_fn _bcast = esp_bcast_pick()  # AVX2, SSE2 or plain C, once per process
 cdef esp_dw_fn _dw = esp_dw_pick()  # AVX2 or plain C
 cdef esp_vnni_fn _vnni = esp_vnni_pick()  # AVX-512 VNNI or NULL (then _bcast)
+cdef esp_dw2_fn _dw2 = esp_dw2_pick()  # AVX-512 VNNI depthwise or NULL (then _dw per pixel)
 
 
 def set_no_vnni(bint off):
     """Turn the AVX-512 VNNI conv loop off (True) or pick by CPU again (False): lets the tests
-    check the AVX2 broadcast form on a CPU that has VNNI."""
-    global _vnni
+    check the AVX2 broadcast form (and the per-pixel depthwise loop) on a CPU that has VNNI."""
+    global _vnni, _dw2
     _vnni = NULL if off else esp_vnni_pick()
+    _dw2 = NULL if off else esp_dw2_pick()
 
 
 def has_vnni():
@@ -545,6 +558,8 @@ cdef class Conv:
     cdef const int16_t* w
     cdef int16_t* wpk
     cdef int16_t* wdw
+    cdef int32_t* wq2
+    cdef int32_t* rq2
     cdef int64_t* add
     cdef int64_t* shf
     cdef int32_t* add32
@@ -556,6 +571,8 @@ cdef class Conv:
     def __cinit__(self):
         self.wpk = NULL
         self.wdw = NULL
+        self.wq2 = NULL
+        self.rq2 = NULL
         self.add = NULL
 
     def __init__(self, w16, const int64_t[::1] bias, const int64_t[::1] shift, tuple in_hw,
@@ -564,7 +581,7 @@ cdef class Conv:
                  Py_ssize_t pt, Py_ssize_t pl, int mode, bint relu, bint depthwise, bint int8,
                  Py_ssize_t data_c=-1):
         cdef const int16_t[:, ::1] wv = w16
-        cdef Py_ssize_t c, cout = bias.shape[0], K = wv.shape[1]
+        cdef Py_ssize_t c, nb, cout = bias.shape[0], K = wv.shape[1]
         cdef int64_t s, amax = 0
         self.w16 = w16  # kept alive: self.w points into it
         self.w = &wv[0, 0] if wv.shape[0] * wv.shape[1] else NULL
@@ -631,6 +648,18 @@ cdef class Conv:
             if self.wdw == NULL:
                 raise MemoryError()
             esp_dw_pack(self.w, KH * KW, C, self.wdw)
+            if self.add32 != NULL and cout == C:
+                # the whole-image loop's tap pairs and padded per-channel constants
+                nb = (C + 15) // 16
+                self.wq2 = <int32_t*>malloc(nb * KH * ((KW + 1) // 2) * 16 * sizeof(int32_t))
+                self.rq2 = <int32_t*>malloc(3 * 16 * nb * sizeof(int32_t))
+                if self.wq2 == NULL or self.rq2 == NULL:
+                    raise MemoryError()
+                esp_dw2_pack(self.w, KH, KW, C, self.wq2)
+                for c in range(16 * nb):
+                    self.rq2[c] = self.add32[c] if c < C else 0
+                    self.rq2[16 * nb + c] = self.add32[cout + c] if c < C else 1
+                    self.rq2[32 * nb + c] = self.add32[2 * cout + c] if c < C else 1
         if int8 and not depthwise and groups == 1 and C % 2 == 0 and K > 0 and cout > 0:
             self.cp = (cout + ESP_BC_BLOCK - 1) // ESP_BC_BLOCK * ESP_BC_BLOCK
             self.wpk = <int16_t*>malloc(K * self.cp * sizeof(int16_t))
@@ -641,6 +670,8 @@ cdef class Conv:
     def __dealloc__(self):
         free(self.wpk)
         free(self.wdw)
+        free(self.wq2)
+        free(self.rq2)
         free(self.add)
 
     def __call__(self, x):
@@ -648,7 +679,23 @@ cdef class Conv:
         cdef cnp.ndarray xa = <cnp.ndarray>x
         cdef cnp.ndarray y = np.empty(self.out_shape, self.out_dtype)
         cdef Py_ssize_t n = self.H * self.W * self.C, i, c, px, C = self.C, Cd = self.Cd
+        cdef esp_dw2_fn dw2 = _dw2
+        cdef int32_t* pairs
         if self.OH == 0 or self.OW == 0 or self.cout == 0 or self.C == 0:
+            return y
+        if dw2 != NULL and self.wq2 != NULL and Cd == C:
+            # depthwise int8: no widened copy, the loop builds its pairs block by block
+            pairs = <int32_t*>malloc(
+                (self.H * esp_dw2_wp(self.OW, self.sw, self.KW, self.dw) * 16 + 1)
+                * sizeof(int32_t))
+            if pairs == NULL:
+                raise MemoryError()
+            with nogil:
+                dw2(<const int8_t*>cnp.PyArray_DATA(xa), self.H, self.W, C, self.KH, self.KW,
+                    self.sh, self.sw, self.dh, self.dw, self.pt, self.pl, self.OH, self.OW,
+                    self.wq2, self.rq2, self.kind == RQ_EVEN, <int32_t>self.lo,
+                    <int32_t>self.hi, <int8_t*>cnp.PyArray_DATA(y), pairs)
+            free(pairs)
             return y
         cdef int16_t* x16 = <int16_t*>malloc((n + 1) * sizeof(int16_t))
         cdef void* acc = malloc(self.nacc * (4 if self.is8 else 8))
