@@ -72,8 +72,8 @@ cdef extern from "_hot.h" nogil:
                                  ptrdiff_t nr, int32_t* y0, int32_t* y1, int32_t* y2,
                                  int32_t* y3)
     esp_vnni_fn esp_vnni_pick()
-    # Depthwise int8, whole image: two column taps per vpdpwssd lane, requantized in
-    # registers (AVX-512 VNNI; NULL without it).
+    # Depthwise int8, whole image: two column taps per vpdpwssd lane, 32-channel blocks,
+    # requantized in registers (AVX-512 VNNI; NULL without it).
     ctypedef void (*esp_dw2_fn)(const int8_t* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t C,
                                 ptrdiff_t KH, ptrdiff_t KW, ptrdiff_t sh, ptrdiff_t sw,
                                 ptrdiff_t dh, ptrdiff_t dw, ptrdiff_t pt, ptrdiff_t pl,
@@ -82,6 +82,7 @@ cdef extern from "_hot.h" nogil:
                                 int8_t* Y, int32_t* P)
     esp_dw2_fn esp_dw2_pick()
     ptrdiff_t esp_dw2_wp(ptrdiff_t OW, ptrdiff_t sw, ptrdiff_t KW, ptrdiff_t dw)
+    ptrdiff_t esp_dw2_ch(ptrdiff_t k)
     void esp_dw2_pack(const int16_t* w, ptrdiff_t KH, ptrdiff_t KW, ptrdiff_t C, int32_t* wq)
     # GRU / LSTM time loop (recurrent.py's rnn_forward in C).
     ctypedef struct esp_rnn_args:
@@ -581,7 +582,7 @@ cdef class Conv:
                  Py_ssize_t pt, Py_ssize_t pl, int mode, bint relu, bint depthwise, bint int8,
                  Py_ssize_t data_c=-1):
         cdef const int16_t[:, ::1] wv = w16
-        cdef Py_ssize_t c, nb, cout = bias.shape[0], K = wv.shape[1]
+        cdef Py_ssize_t c, k, nb, cout = bias.shape[0], K = wv.shape[1]
         cdef int64_t s, amax = 0
         self.w16 = w16  # kept alive: self.w points into it
         self.w = &wv[0, 0] if wv.shape[0] * wv.shape[1] else NULL
@@ -650,16 +651,18 @@ cdef class Conv:
             esp_dw_pack(self.w, KH * KW, C, self.wdw)
             if self.add32 != NULL and cout == C:
                 # the whole-image loop's tap pairs and padded per-channel constants
-                nb = (C + 15) // 16
-                self.wq2 = <int32_t*>malloc(nb * KH * ((KW + 1) // 2) * 16 * sizeof(int32_t))
-                self.rq2 = <int32_t*>malloc(3 * 16 * nb * sizeof(int32_t))
+                # (32-channel blocks, channels in the loop's lane order esp_dw2_ch)
+                nb = (C + 31) // 32
+                self.wq2 = <int32_t*>malloc(nb * KH * ((KW + 1) // 2) * 32 * sizeof(int32_t))
+                self.rq2 = <int32_t*>malloc(3 * 32 * nb * sizeof(int32_t))
                 if self.wq2 == NULL or self.rq2 == NULL:
                     raise MemoryError()
                 esp_dw2_pack(self.w, KH, KW, C, self.wq2)
-                for c in range(16 * nb):
-                    self.rq2[c] = self.add32[c] if c < C else 0
-                    self.rq2[16 * nb + c] = self.add32[cout + c] if c < C else 1
-                    self.rq2[32 * nb + c] = self.add32[2 * cout + c] if c < C else 1
+                for k in range(32 * nb):
+                    c = k // 32 * 32 + esp_dw2_ch(k % 32)
+                    self.rq2[k] = self.add32[c] if c < C else 0
+                    self.rq2[32 * nb + k] = self.add32[cout + c] if c < C else 1
+                    self.rq2[64 * nb + k] = self.add32[2 * cout + c] if c < C else 1
         if int8 and not depthwise and groups == 1 and C % 2 == 0 and K > 0 and cout > 0:
             self.cp = (cout + ESP_BC_BLOCK - 1) // ESP_BC_BLOCK * ESP_BC_BLOCK
             self.wpk = <int16_t*>malloc(K * self.cp * sizeof(int16_t))
@@ -686,7 +689,8 @@ cdef class Conv:
         if dw2 != NULL and self.wq2 != NULL and Cd == C:
             # depthwise int8: no widened copy, the loop builds its pairs block by block
             pairs = <int32_t*>malloc(
-                (self.H * esp_dw2_wp(self.OW, self.sw, self.KW, self.dw) * 16 + 1)
+                (((self.KH - 1) * self.dh + 1) * esp_dw2_wp(self.OW, self.sw, self.KW, self.dw)
+                 * 32 + 1)
                 * sizeof(int32_t))
             if pairs == NULL:
                 raise MemoryError()
