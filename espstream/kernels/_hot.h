@@ -464,6 +464,8 @@ static esp_dw_fn esp_dw_pick(void)
  * add, shift, half as three int32 arrays of Cp = 32 ceil(C / 32), same order (padding: 0, 1,
  * 1); pbuf: R * Wp * 32 int32 with R = (KH - 1) dh + 1 (the rows one output row reads) and
  * Wp = (OW - 1) sw + 2 (KWp - 1) dw + 1. */
+#define ESP_DW2_TAPS 64  /* at most KH * ceil(KW / 2) tap pairs (the caller checks) */
+
 static ptrdiff_t esp_dw2_wp(ptrdiff_t OW, ptrdiff_t sw, ptrdiff_t KW, ptrdiff_t dw)
 {
     return (OW - 1) * sw + 2 * ((KW + 1) / 2 - 1) * dw + 1;
@@ -498,6 +500,14 @@ static void esp_dw2_pack(const int16_t *w, ptrdiff_t KH, ptrdiff_t KW, ptrdiff_t
 #ifdef ESP_VNNI
 #define ESP_DW2_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
+/* acc + the pairs' products, in place: GCC's intrinsic copies each accumulator in and out of
+ * another register around every vpdpwssd in these loops (two extra moves per product) */
+ESP_DW2_TARGET static inline __m512i esp_dpw(__m512i acc, __m512i a, __m512i b)
+{
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+}
+
 /* NP output columns from ow of row oh for one 32-channel block (weights wb) into y (already
  * at column ow, channel cb); NP is a constant after inlining. */
 #define ESP_DW2_BODY(NP)                                                                       \
@@ -507,21 +517,15 @@ static void esp_dw2_pack(const int16_t *w, ptrdiff_t KH, ptrdiff_t KW, ptrdiff_t
             a0[p] = va0;                                                                       \
             a1[p] = va1;                                                                       \
         }                                                                                      \
-        for (ptrdiff_t i = i0; i < i1; i++) {                                                  \
-            const int32_t *pr = P + (((oh * sh - pt + i * dh) % R) * Wp + ow * sw) * 32;       \
-            const int32_t *wr = wb + i * KWp * 32;                                             \
-            for (ptrdiff_t jp = 0; jp < KWp; jp++) {                                           \
-                __m512i w0 = _mm512_loadu_si512((const void *)(wr + 32 * jp));                 \
-                __m512i w1 = _mm512_loadu_si512((const void *)(wr + 32 * jp + 16));            \
-                const int32_t *pj = pr + 2 * jp * dw * 32;                                     \
-                for (int p = 0; p < NP; p++) {                                                 \
-                    const int32_t *q = pj + p * sw * 32;                                       \
-                    a0[p] = _mm512_dpwssd_epi32(a0[p], _mm512_loadu_si512((const void *)q),    \
-                                                w0);                                           \
-                    a1[p] = _mm512_dpwssd_epi32(a1[p],                                         \
-                                                _mm512_loadu_si512((const void *)(q + 16)),    \
-                                                w1);                                           \
-                }                                                                              \
+        const int32_t *pc = P + ow * sw * 32;                                                  \
+        for (ptrdiff_t t = 0; t < nt; t++) {                                                   \
+            __m512i w0 = _mm512_loadu_si512((const void *)(wb + woff[t]));                     \
+            __m512i w1 = _mm512_loadu_si512((const void *)(wb + woff[t] + 16));                \
+            const int32_t *pj = pc + poff[t];                                                  \
+            for (int p = 0; p < NP; p++) {                                                     \
+                const int32_t *q = pj + p * sw * 32;                                           \
+                a0[p] = esp_dpw(a0[p], _mm512_loadu_si512((const void *)q), w0);               \
+                a1[p] = esp_dpw(a1[p], _mm512_loadu_si512((const void *)(q + 16)), w1);        \
             }                                                                                  \
         }                                                                                      \
         for (int p = 0; p < NP; p++) {                                                         \
@@ -602,6 +606,13 @@ esp_dw2_vnni(const int8_t *x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t C, ptrdiff_t K
             /* columns in ng groups of near-equal size (at most 8: the accumulators), so
              * every group has several independent vpdpwssd chains (a lone column would wait
              * on the latency) */
+            /* the taps of this output row: ring row and column pair, weight pair */
+            ptrdiff_t nt = 0, poff[ESP_DW2_TAPS], woff[ESP_DW2_TAPS];
+            for (ptrdiff_t i = i0; i < i1; i++)
+                for (ptrdiff_t jp = 0; jp < KWp; jp++, nt++) {
+                    poff[nt] = (((oh * sh - pt + i * dh) % R) * Wp + 2 * jp * dw) * 32;
+                    woff[nt] = (i * KWp + jp) * 32;
+                }
             int8_t *y = Y + oh * OW * C + cb;
             ptrdiff_t ng = (OW + 7) / 8, ow = 0;
             for (ptrdiff_t g = 0; g < ng; g++) {

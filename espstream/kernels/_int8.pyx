@@ -81,6 +81,7 @@ cdef extern from "_hot.h" nogil:
                                 const int32_t* rq, int32_t even, int32_t lo, int32_t hi,
                                 int8_t* Y, int32_t* P)
     esp_dw2_fn esp_dw2_pick()
+    enum: ESP_DW2_TAPS
     ptrdiff_t esp_dw2_wp(ptrdiff_t OW, ptrdiff_t sw, ptrdiff_t KW, ptrdiff_t dw)
     ptrdiff_t esp_dw2_ch(ptrdiff_t k)
     void esp_dw2_pack(const int16_t* w, ptrdiff_t KH, ptrdiff_t KW, ptrdiff_t C, int32_t* wq)
@@ -649,7 +650,7 @@ cdef class Conv:
             if self.wdw == NULL:
                 raise MemoryError()
             esp_dw_pack(self.w, KH * KW, C, self.wdw)
-            if self.add32 != NULL and cout == C:
+            if self.add32 != NULL and cout == C and KH * ((KW + 1) // 2) <= ESP_DW2_TAPS:
                 # the whole-image loop's tap pairs and padded per-channel constants
                 # (32-channel blocks, channels in the loop's lane order esp_dw2_ch)
                 nb = (C + 31) // 32
