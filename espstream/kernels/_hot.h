@@ -1102,6 +1102,33 @@ __attribute__((target("avx2"))) static int32_t esp_madd_probe_avx2(int64_t n)
 }
 #endif
 
+/* The same with AVX-512 VNNI: n rounds of 10 independent vpdpwssd on zmm (32 MACs each), the
+ * instruction the VNNI conv loops run; 0 where it is not compiled in or the CPU lacks it. */
+#ifdef ESP_VNNI
+ESP_DW2_TARGET static int32_t esp_dpwssd_probe_512(int64_t n)
+{
+    __m512i w = _mm512_set1_epi16(3), a[10];
+    for (int k = 0; k < 10; k++)
+        a[k] = _mm512_set1_epi32(k + 1);
+    for (int64_t i = 0; i < n; i++)
+        for (int k = 0; k < 10; k++)
+            a[k] = esp_dpw(a[k], w, w);
+    for (int k = 1; k < 10; k++)
+        a[0] = _mm512_add_epi32(a[0], a[k]);
+    return _mm512_reduce_add_epi32(a[0]) | 1;
+}
+#endif
+
+static int32_t esp_dpwssd_probe(int64_t n)
+{
+#ifdef ESP_VNNI
+    if (esp_dw2_pick() != NULL)
+        return esp_dpwssd_probe_512(n);
+#endif
+    (void)n;
+    return 0;
+}
+
 static int32_t esp_madd_probe(int64_t n)
 {
 #ifdef ESP_BC_X86

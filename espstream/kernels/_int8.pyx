@@ -59,6 +59,7 @@ cdef extern from "_hot.h" nogil:
                         int16_t* wp)
     esp_bcast_fn esp_bcast_pick()
     int32_t esp_madd_probe(int64_t n)
+    int32_t esp_dpwssd_probe(int64_t n)
     # Depthwise int32 sums of one pixel: AVX2 (even / odd packed weights) or plain C.
     ctypedef void (*esp_dw_fn)(const int16_t* X, const int16_t* w, const int16_t* wp,
                                ptrdiff_t T, const ptrdiff_t* xo, const ptrdiff_t* wo,
@@ -910,6 +911,15 @@ def madd_probe(int64_t n):
     cdef int32_t r
     with nogil:
         r = esp_madd_probe(n)
+    return r
+
+
+def dpwssd_probe(int64_t n):
+    """n rounds of 10 independent AVX-512 vpdpwssd (32 MACs each): the VNNI peak for
+    benchmarks/kernels.py. Returns a checksum (0 without AVX-512 VNNI)."""
+    cdef int32_t r
+    with nogil:
+        r = esp_dpwssd_probe(n)
     return r
 
 
