@@ -18,7 +18,9 @@ packed in input-channel pairs and every output channel of up to four pixels is s
 vector lanes (AVX-512 VNNI `_vnni`, else two pixels with AVX2 / SSE2 `_bcast`); interior columns
 reuse one row's taps. Otherwise four output channels share each input load (8 dot products per
 pass). Depthwise convs (groups == C_in == C_out) take weights as `[kH * kW, C]` and loop over
-channels. Requantization: int8 sums with every shift in [1, 31] (per channel or not, either
+channels; int8 ones with the int32 requantize and AVX-512 VNNI run `esp_dw2_vnni` instead (the
+whole image from the int8 data, no widened copy: two column taps per int16 pair, 32 channels
+and up to 8 output columns at once, requantized in registers). Requantization: int8 sums with every shift in [1, 31] (per channel or not, either
 rounding) in one vectorised int32 pass per pixel (`esp_rq32_i8`), the half-up constant folded
 into the bias; the general int64 path otherwise.
 
