@@ -659,8 +659,9 @@ def test_depthwise_vnni_whole_image_matches_reference(seed, c, kernel, width, di
     """int8 depthwise: the AVX-512 VNNI whole-image loop (two column taps per int16 pair,
     16-channel blocks with a masked remainder, 1-8 columns per group, requantized in
     registers) and the per-pixel loop it replaces (forced by set_no_vnni), against the oracle:
-    even and odd kernel widths, dilation and stride, pads past the input, relu, half-even,
-    per-channel shifts, widths around the 8-column group."""
+    even and odd kernel widths, dilation and stride in both axes (rows read dh apart through
+    the loop's ring of input rows), pads past the input, relu, half-even, per-channel shifts,
+    widths around the 8-column group."""
     from espstream.kernels import _int8
 
     rng = np.random.default_rng(seed)
@@ -671,11 +672,16 @@ def test_depthwise_vnni_whole_image_matches_reference(seed, c, kernel, width, di
     bias = rng.integers(-(2**15), 2**15, c).astype(np.int32)
     shift = int(rng.integers(1, 20)) if seed % 2 else rng.integers(1, 20, c)
     nd = len(kernel)
-    # column pads from 0 to past the kernel, at least what the dilated window needs to fit
+    # pads from 0 to past the kernel, at least what the dilated window needs to fit; rows
+    # dilated and strided too (the loop's ring of input rows: rows read dh apart)
     need = max(0, dilation * (kernel[-1] - 1) + 1 - width)
     pl, pr = need + int(rng.integers(0, kernel[-1] + 1)), int(rng.integers(0, kernel[-1] + 1))
-    kw = dict(groups=c, dilation=dilation if nd == 1 else (1, dilation), stride=stride,
-              pads=(pl, pr) if nd == 1 else (kernel[0] // 2, kernel[0] - 1, pl, pr),
+    dil_h, st_h = 1 + seed % 3, 1 + (seed // 3) % 3
+    need_h = max(0, dil_h * (kernel[0] - 1) + 1 - shape[0])
+    pt, pb = need_h + int(rng.integers(0, kernel[0] + 1)), int(rng.integers(0, kernel[0] + 1))
+    kw = dict(groups=c, dilation=dilation if nd == 1 else (dil_h, dilation),
+              stride=stride if nd == 1 else (st_h, stride),
+              pads=(pl, pr) if nd == 1 else (pt, pb, pl, pr),
               shift=shift, rounding=("half_up", "half_even")[(seed // 2) % 2],
               relu=bool(seed % 5 == 0))
     want = ref.conv(x, w, bias, **kw)

@@ -586,7 +586,9 @@ esp_dw2_vnni(const int8_t *x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t C, ptrdiff_t K
             /* the pairs of the rows this output row reads, built once each (input rows in
              * increasing order) into a ring of R rows that stays in the L1 cache: int8 ->
              * int16, interleaved with the column dw further (zero outside the image) */
-            ptrdiff_t r = oh * sh - pt + i0 * dh, rhi = oh * sh - pt + (i1 - 1) * dh;
+            /* every row of the ring's span [rhi - R + 1, rhi] not built yet (the rows read
+             * are dh apart: a row skipped by one output row may be read by the next) */
+            ptrdiff_t rhi = oh * sh - pt + (i1 - 1) * dh, r = rhi - R + 1;
             for (r = r > built ? r : built; i0 < i1 && r <= rhi; r++) {
                 const int8_t *xr = x + r * W * C + cb;
                 int32_t *pr = P + (r % R) * Wp * 32;
