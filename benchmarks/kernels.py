@@ -10,8 +10,10 @@ nominal MACs (outputs x kernel taps x C_in/groups) for every implementation alik
 
 Peak: every int8 MAC here is one lane of an AVX2 vpmaddwd (16 MACs per instruction). The peak
 is measured in the same process by `_int8.madd_probe` (10 independent vpmaddwd chains, no
-loads), best of 5 runs; "% peak" is our GMAC/s over it. Issue 18 quoted ~78 GMAC/s
-per core; the JSON also gives the percentage of that figure.
+loads), best of 5 runs, before and after the shapes (the better of the two: the machine is
+shared); "% peak" is our GMAC/s over it. Issue 18 quoted ~78 GMAC/s per core; the JSON also
+gives the percentage of that figure, and of the AVX-512 VNNI peak (`_int8.dpwssd_probe`: zmm
+vpdpwssd, 32 MACs per instruction) where the CPU has it, as our VNNI loops then run that.
 
 Contenders, all on one thread and the same data:
 - `ours`: `espstream.kernels.conv_prepared(w, ...)` called on the data, as the simulator calls
@@ -26,7 +28,8 @@ Goals: ours at least 20x the NumPy oracle, and ours no slower than 3x the faster
 s8 kernels (ConvInteger s8, QLinearConv s8). Issue 18's goals are reported per shape, not
 judged by the exit code: >= 60% of the vpmaddwd peak, and at least onnxruntime u8's speed
 (on CPUs with AVX512-VNNI / AMX onnxruntime's u8 path uses those, far above the vpmaddwd peak:
-the JSON records the CPU's flags). Each time is the best of `--repeat` rounds; a round calls
+the JSON records the CPU's flags). Each time is the median of `--repeat` rounds (the best is
+kept beside it, with the 1-minute load average before and after each shape); a round calls
 every contender in turn, each for at least `--min-time` seconds (interleaved, so load from
 other processes skews no single contender).
 
@@ -79,18 +82,20 @@ def cpu_flags() -> list[str]:
     )
 
 
-def measure_peak(rounds: int = 5, n: int = 5_000_000) -> float:
-    """Best GMAC/s of `_int8.madd_probe` (10 vpmaddwd of 16 MACs per round); 0 without AVX2."""
+def measure_peak(rounds: int = 5, n: int = 5_000_000, vnni: bool = False) -> float:
+    """Best GMAC/s of `_int8.madd_probe` (10 vpmaddwd of 16 MACs per round; 0 without AVX2)
+    or, with `vnni`, of `_int8.dpwssd_probe` (10 zmm vpdpwssd of 32 MACs; 0 without VNNI)."""
     from espstream.kernels import _int8
 
+    probe, macs = (_int8.dpwssd_probe, 32) if vnni else (_int8.madd_probe, 16)
     best = 0.0
     for _ in range(rounds):
         t0 = time.perf_counter()
-        check = _int8.madd_probe(n)
+        check = probe(n)
         dt = time.perf_counter() - t0
         if check == 0:
             return 0.0
-        best = max(best, n * 10 * 16 / dt / 1e9)
+        best = max(best, n * 10 * macs / dt / 1e9)
     return best
 
 
@@ -119,17 +124,18 @@ def best_times(
     repeat: int,
     min_time: float,
     slow: frozenset = frozenset(),
-) -> dict:
-    """Best mean seconds per call of each function over `repeat` rounds; a round runs every
-    function in turn for at least `min_time` seconds, so a burst of load on the machine hits
-    all contenders alike instead of one of them."""
+) -> tuple[dict, dict]:
+    """Median and best mean seconds per call of each function over `repeat` rounds; a round
+    runs every function in turn for at least `min_time` seconds (interleaved), so a burst of
+    load on the machine hits all contenders alike instead of one of them. The median is the
+    figure reported (robust to the other processes on a shared machine), the best beside it."""
     calls = {}
     for name, fn in fns.items():
         fn()  # warm up
         t0 = time.perf_counter()
         fn()
         calls[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-7)))
-    best = dict.fromkeys(fns, float("inf"))
+    rounds: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(repeat):
         for name, fn in fns.items():
             if name in slow and i >= 2:  # the oracle: two rounds are enough for a ratio
@@ -137,8 +143,10 @@ def best_times(
             t0 = time.perf_counter()
             for _ in range(calls[name]):
                 fn()
-            best[name] = min(best[name], (time.perf_counter() - t0) / calls[name])
-    return best
+            rounds[name].append((time.perf_counter() - t0) / calls[name])
+    median = {k: float(np.median(v)) for k, v in rounds.items()}
+    best = {k: min(v) for k, v in rounds.items()}
+    return median, best
 
 
 def to_nchw(x: np.ndarray) -> np.ndarray:
@@ -195,7 +203,7 @@ def ort_session(op: str, case: dict, act: np.dtype) -> tuple[ort.InferenceSessio
     return sess, x
 
 
-def run_case(case: dict, repeat: int, min_time: float, peak: float) -> dict:
+def run_case(case: dict, repeat: int, min_time: float) -> dict:
     x, w, groups, pads, macs = case["x"], case["w"], case["groups"], case["pads"], case["macs"]
     args = dict(groups=groups, pads=pads, shift=SHIFT, rounding="half_up")
     ours = kernels.conv(x, w, **args)
@@ -222,12 +230,15 @@ def run_case(case: dict, repeat: int, min_time: float, peak: float) -> dict:
             requant = reference.saturate(reference.round_shift(sums, SHIFT, "half_up"), np.int8)
             same_sums = bool(np.array_equal(requant, ours))
         fns[label] = lambda s=sess, f=feed: s.run(None, {"x": f})
-    times = best_times(fns, repeat, min_time, slow=frozenset({"numpy"}))
+    load0 = os.getloadavg()[0]
+    times, best = best_times(fns, repeat, min_time, slow=frozenset({"numpy"}))
 
     ort_s8 = min(times["ort_convinteger_s8"], times["ort_qlinearconv_s8"])
     result = {
         "macs": macs,
         "seconds": times,
+        "seconds_best": best,
+        "load_1min_before_after": [load0, os.getloadavg()[0]],
         "gmac_per_s": {k: macs / v / 1e9 for k, v in times.items()},
         "speedup_vs_numpy": times["numpy"] / times["ours"],
         "time_vs_ort_s8": times["ours"] / ort_s8,
@@ -235,8 +246,6 @@ def run_case(case: dict, repeat: int, min_time: float, peak: float) -> dict:
         "speed_vs_ort_s8": ort_s8 / times["ours"],
         "speed_vs_ort_u8": times["ort_qlinearconv_u8"] / times["ours"],
         "prepared_speedup": times["ours_unprepared"] / times["ours"],
-        "fraction_of_measured_peak": (macs / times["ours"] / 1e9 / peak) if peak else None,
-        "fraction_of_78_gmac": macs / times["ours"] / 1e9 / ISSUE_PEAK_GMAC,
         "bit_exact_vs_reference": exact,
         "same_sums_as_convinteger": same_sums,
     }
@@ -244,12 +253,21 @@ def run_case(case: dict, repeat: int, min_time: float, peak: float) -> dict:
         f">= {GOAL_VS_NUMPY:g}x numpy": result["speedup_vs_numpy"] >= GOAL_VS_NUMPY,
         f"<= {GOAL_VS_ORT:g}x onnxruntime s8 time": result["time_vs_ort_s8"] <= GOAL_VS_ORT,
     }
-    frac = result["fraction_of_measured_peak"]
+    return result
+
+
+def add_peak_fractions(result: dict, peak: float, vnni_peak: float) -> None:
+    """Our GMAC/s as fractions of the peaks (measured before and after all shapes, the better
+    run of each) and issue 18's goals per shape."""
+    gmac = result["gmac_per_s"]["ours"]
+    frac = gmac / peak if peak else None
+    result["fraction_of_measured_peak"] = frac
+    result["fraction_of_78_gmac"] = gmac / ISSUE_PEAK_GMAC
+    result["fraction_of_measured_vnni_peak"] = gmac / vnni_peak if vnni_peak else None
     result["issue18_goals"] = {
         f">= {GOAL_PEAK:.0%} of the measured vpmaddwd peak": frac is not None and frac >= GOAL_PEAK,
         ">= onnxruntime u8 speed": result["speed_vs_ort_u8"] >= 1.0,
     }
-    return result
 
 
 def headline(results: dict) -> dict:
@@ -286,15 +304,23 @@ def main() -> int:
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    peak = measure_peak()
+    # the peaks before and after the shapes, the better of the two (the machine is shared)
+    peaks = [measure_peak()]
+    vnni_peaks = [measure_peak(vnni=True)]
     print(
-        f"measured vpmaddwd peak: {peak:.1f} GMAC/s (issue 18: ~{ISSUE_PEAK_GMAC:g})",
+        f"measured vpmaddwd peak: {peaks[0]:.1f} GMAC/s (issue 18: ~{ISSUE_PEAK_GMAC:g}), "
+        f"zmm vpdpwssd: {vnni_peaks[0]:.1f}",
         file=sys.stderr,
     )
     results = {}
     for case in shapes(rng):
         print(f"running {case['name']} ...", file=sys.stderr, flush=True)
-        results[case["name"]] = run_case(case, args.repeat, args.min_time, peak)
+        results[case["name"]] = run_case(case, args.repeat, args.min_time)
+    peaks.append(measure_peak())
+    vnni_peaks.append(measure_peak(vnni=True))
+    peak, vnni_peak = max(peaks), max(vnni_peaks)
+    for r in results.values():
+        add_peak_fractions(r, peak, vnni_peak)
 
     cols = [
         "ours",
@@ -340,12 +366,18 @@ def main() -> int:
             "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "int8_dot_flags": cpu_flags(),
+            "ours_uses_avx512_vnni": bool(kernels._int8.has_vnni()),
         },
         "peak": {
             "measured_gmac_per_s": peak,
             "how": "best of 5 runs of _int8.madd_probe: 10 independent AVX2 vpmaddwd (16 MACs) "
             "chains, no memory operands",
             "issue18_stated_gmac_per_s": ISSUE_PEAK_GMAC,
+            "measured_runs_gmac_per_s": peaks,
+            "vnni_measured_gmac_per_s": vnni_peak,
+            "vnni_runs_gmac_per_s": vnni_peaks,
+            "vnni_how": "best of 5 runs of _int8.dpwssd_probe: 10 independent AVX-512 zmm "
+            "vpdpwssd (32 MACs) chains (0: no VNNI)",
         },
         "settings": {
             "repeat": args.repeat,

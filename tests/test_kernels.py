@@ -647,6 +647,57 @@ def test_depthwise_paths_match_reference(seed, c, kernel, width, dtype, plain, p
 @settings(max_examples=80, deadline=None)
 @given(
     st.integers(0, 2**32 - 1),
+    st.sampled_from([1, 3, 15, 16, 17, 31, 32, 33, 64, 80]),
+    st.sampled_from([(3,), (1,), (2,), (5,), (3, 3), (2, 3), (3, 4), (5, 5)]),
+    st.integers(1, 21),
+    st.integers(1, 3),
+    st.integers(1, 2),
+    st.booleans(),
+)
+def test_depthwise_vnni_whole_image_matches_reference(seed, c, kernel, width, dilation, stride,
+                                                      no_vnni):
+    """int8 depthwise: the AVX-512 VNNI whole-image loop (two column taps per int16 pair,
+    16-channel blocks with a masked remainder, 1-8 columns per group, requantized in
+    registers) and the per-pixel loop it replaces (forced by set_no_vnni), against the oracle:
+    even and odd kernel widths, dilation and stride in both axes (rows read dh apart through
+    the loop's ring of input rows), pads past the input, relu, half-even, per-channel shifts,
+    widths around the 8-column group."""
+    from espstream.kernels import _int8
+
+    rng = np.random.default_rng(seed)
+    style = ("full", "small", "extreme")[seed % 3]
+    shape = (width, c) if len(kernel) == 1 else (1 + seed % 7, width, c)
+    x = _data(rng, shape, np.int8, style)
+    w = _data(rng, (c, *kernel, 1), np.int8, style)
+    bias = rng.integers(-(2**15), 2**15, c).astype(np.int32)
+    shift = int(rng.integers(1, 20)) if seed % 2 else rng.integers(1, 20, c)
+    nd = len(kernel)
+    # pads from 0 to past the kernel, at least what the dilated window needs to fit; rows
+    # dilated and strided too (the loop's ring of input rows: rows read dh apart)
+    need = max(0, dilation * (kernel[-1] - 1) + 1 - width)
+    pl, pr = need + int(rng.integers(0, kernel[-1] + 1)), int(rng.integers(0, kernel[-1] + 1))
+    dil_h, st_h = 1 + seed % 3, 1 + (seed // 3) % 3
+    need_h = max(0, dil_h * (kernel[0] - 1) + 1 - shape[0])
+    pt, pb = need_h + int(rng.integers(0, kernel[0] + 1)), int(rng.integers(0, kernel[0] + 1))
+    kw = dict(groups=c, dilation=dilation if nd == 1 else (dil_h, dilation),
+              stride=stride if nd == 1 else (st_h, stride),
+              pads=(pl, pr) if nd == 1 else (pt, pb, pl, pr),
+              shift=shift, rounding=("half_up", "half_even")[(seed // 2) % 2],
+              relu=bool(seed % 5 == 0))
+    want = ref.conv(x, w, bias, **kw)
+    _int8.set_no_vnni(no_vnni)
+    try:
+        prepared = fast.conv_prepared(w, bias, **kw)
+        got = [fast.conv(x, w, bias, **kw), prepared(x), prepared(x)]
+    finally:
+        _int8.set_no_vnni(False)
+    for g in got:
+        _assert_same(g, want)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
     st.sampled_from([1, 2, 3, 4, 6, 39, 40, 128]),
     st.integers(1, 140),
     st.sampled_from([(1,), (3,), (5,), (3, 3), (1, 2)]),

@@ -446,6 +446,214 @@ static esp_dw_fn esp_dw_pick(void)
     return esp_dw_plain;
 }
 
+/* ---- Depthwise, AVX-512 VNNI, whole image ------------------------------------------------
+ * Two column taps per vpdpwssd: for a block of 32 channels each input row is rebuilt once per
+ * call (as output rows need it) as int16 pairs P[r][u][c] = (x[r][u - pl][c], x[r][u - pl + dw][c]) (zero outside the
+ * image or the channels), so output column ow's taps (i, 2 jp) and (i, 2 jp + 1) are one
+ * 32-bit lane of P[oh * sh - pt + i * dh][ow * sw + 2 jp * dw] times the packed weight pair
+ * (w[i][2 jp][c], w[i][2 jp + 1][c]) (the odd kernel width's last pair has a zero weight).
+ * The pairs come from vpunpck{l,h}wd of two sign-extended columns, which interleave within
+ * 128-bit lanes: a block is two registers ("halves" h = 0, 1) whose int32 lane l holds channel
+ * esp_dw2_ch(h, l) = 8 (l / 4) + 4 h + l % 4; weights and constants are packed in that order,
+ * and two vpunpck{l,h}dq put the int8 results back in channel order. Up to eight output
+ * columns share each weight load; accumulators start at the bias (add), are shifted in
+ * registers (esp_rq32_i8's arithmetic: >> shift, ties to even when `even`), clamped by the
+ * saturating int32 -> int8 narrowing (and lo), and stored as int8. Integer sums are exact in
+ * any order: the bits equal the other paths'.
+ * Weights wq: [ceil(C / 32)][KH][KWp][2][16] pairs (KWp = ceil(KW / 2)) by esp_dw2_pack; rq:
+ * add, shift, half as three int32 arrays of Cp = 32 ceil(C / 32), same order (padding: 0, 1,
+ * 1); pbuf: R * Wp * 32 int32 with R = (KH - 1) dh + 1 (the rows one output row reads) and
+ * Wp = (OW - 1) sw + 2 (KWp - 1) dw + 1. */
+#define ESP_DW2_TAPS 64  /* at most KH * ceil(KW / 2) tap pairs (the caller checks) */
+
+static ptrdiff_t esp_dw2_wp(ptrdiff_t OW, ptrdiff_t sw, ptrdiff_t KW, ptrdiff_t dw)
+{
+    return (OW - 1) * sw + 2 * ((KW + 1) / 2 - 1) * dw + 1;
+}
+
+static inline ptrdiff_t esp_dw2_ch(ptrdiff_t k)  /* k = 16 h + l within a block */
+{
+    ptrdiff_t h = k / 16, l = k % 16;
+    return 8 * (l / 4) + 4 * h + l % 4;
+}
+
+static void esp_dw2_pack(const int16_t *w, ptrdiff_t KH, ptrdiff_t KW, ptrdiff_t C,
+                         int32_t *wq)
+{
+    ptrdiff_t KWp = (KW + 1) / 2, nb = (C + 31) / 32;
+    for (ptrdiff_t b = 0; b < nb; b++)
+        for (ptrdiff_t i = 0; i < KH; i++)
+            for (ptrdiff_t jp = 0; jp < KWp; jp++)
+                for (ptrdiff_t k = 0; k < 32; k++) {
+                    ptrdiff_t ch = 32 * b + esp_dw2_ch(k), j = 2 * jp;
+                    uint16_t lo = 0, hi = 0;
+                    if (ch < C) {
+                        lo = (uint16_t)w[(i * KW + j) * C + ch];
+                        if (j + 1 < KW)
+                            hi = (uint16_t)w[(i * KW + j + 1) * C + ch];
+                    }
+                    wq[((b * KH + i) * KWp + jp) * 32 + k] = (int32_t)((uint32_t)lo
+                                                                       | ((uint32_t)hi << 16));
+                }
+}
+
+#ifdef ESP_VNNI
+#define ESP_DW2_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+/* acc + the pairs' products, in place: GCC's intrinsic copies each accumulator in and out of
+ * another register around every vpdpwssd in these loops (two extra moves per product) */
+ESP_DW2_TARGET static inline __m512i esp_dpw(__m512i acc, __m512i a, __m512i b)
+{
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+}
+
+/* NP output columns from ow of row oh for one 32-channel block (weights wb) into y (already
+ * at column ow, channel cb); NP is a constant after inlining. */
+#define ESP_DW2_BODY(NP)                                                                       \
+    do {                                                                                       \
+        __m512i a0[NP], a1[NP];                                                                \
+        for (int p = 0; p < NP; p++) {                                                         \
+            a0[p] = va0;                                                                       \
+            a1[p] = va1;                                                                       \
+        }                                                                                      \
+        const int32_t *pc = P + ow * sw * 32;                                                  \
+        for (ptrdiff_t t = 0; t < nt; t++) {                                                   \
+            __m512i w0 = _mm512_loadu_si512((const void *)(wb + woff[t]));                     \
+            __m512i w1 = _mm512_loadu_si512((const void *)(wb + woff[t] + 16));                \
+            const int32_t *pj = pc + poff[t];                                                  \
+            for (int p = 0; p < NP; p++) {                                                     \
+                const int32_t *q = pj + p * sw * 32;                                           \
+                a0[p] = esp_dpw(a0[p], _mm512_loadu_si512((const void *)q), w0);               \
+                a1[p] = esp_dpw(a1[p], _mm512_loadu_si512((const void *)(q + 16)), w1);        \
+            }                                                                                  \
+        }                                                                                      \
+        for (int p = 0; p < NP; p++) {                                                         \
+            __m512i q0, q1;                                                                    \
+            if (even) {                                                                        \
+                __m512i o0 = _mm512_and_si512(_mm512_srav_epi32(a0[p], vs0), one);             \
+                __m512i o1 = _mm512_and_si512(_mm512_srav_epi32(a1[p], vs1), one);             \
+                q0 = _mm512_srav_epi32(_mm512_add_epi32(_mm512_add_epi32(a0[p], vh0), o0),     \
+                                       vs0);                                                   \
+                q1 = _mm512_srav_epi32(_mm512_add_epi32(_mm512_add_epi32(a1[p], vh1), o1),     \
+                                       vs1);                                                   \
+            } else {                                                                           \
+                q0 = _mm512_srav_epi32(a0[p], vs0);                                            \
+                q1 = _mm512_srav_epi32(a1[p], vs1);                                            \
+            }                                                                                  \
+            __m128i l8 = _mm512_cvtsepi32_epi8(q0), h8 = _mm512_cvtsepi32_epi8(q1);            \
+            __m256i o = _mm256_inserti128_si256(                                               \
+                _mm256_castsi128_si256(_mm_unpacklo_epi32(l8, h8)),                            \
+                _mm_unpackhi_epi32(l8, h8), 1);                                                \
+            if (relu)                                                                          \
+                o = _mm256_max_epi8(o, vlo);                                                   \
+            _mm256_mask_storeu_epi8((void *)(y + p * C), cm, o);                               \
+        }                                                                                      \
+    } while (0)
+
+ESP_DW2_TARGET static void
+esp_dw2_vnni(const int8_t *x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t C, ptrdiff_t KH, ptrdiff_t KW,
+             ptrdiff_t sh, ptrdiff_t sw, ptrdiff_t dh, ptrdiff_t dw, ptrdiff_t pt, ptrdiff_t pl,
+             ptrdiff_t OH, ptrdiff_t OW, const int32_t *wq, const int32_t *rq, int32_t even,
+             int32_t lo, int32_t hi, int8_t *Y, int32_t *P)
+{
+    /* int8 output: hi is 127 (the narrowing's own bound), lo -128 or above (ReLU: 0) */
+    ptrdiff_t KWp = (KW + 1) / 2, nb = (C + 31) / 32, Cp = 32 * nb;
+    ptrdiff_t Wp = esp_dw2_wp(OW, sw, KW, dw), R = (KH - 1) * dh + 1;
+    int relu = lo > -128;
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m256i vlo = _mm256_set1_epi8((char)(lo < -128 ? -128 : lo));
+    (void)hi;
+    for (ptrdiff_t b = 0; b < nb; b++) {
+        ptrdiff_t cb = 32 * b, left = C - cb, built = 0;
+        __mmask32 cm = left >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << left) - 1);
+        const int32_t *wb = wq + b * KH * KWp * 32;
+        const __m512i va0 = _mm512_loadu_si512((const void *)(rq + cb));
+        const __m512i va1 = _mm512_loadu_si512((const void *)(rq + cb + 16));
+        const __m512i vs0 = _mm512_loadu_si512((const void *)(rq + Cp + cb));
+        const __m512i vs1 = _mm512_loadu_si512((const void *)(rq + Cp + cb + 16));
+        const __m512i vh0 = _mm512_sub_epi32(
+            _mm512_loadu_si512((const void *)(rq + 2 * Cp + cb)), one);
+        const __m512i vh1 = _mm512_sub_epi32(
+            _mm512_loadu_si512((const void *)(rq + 2 * Cp + cb + 16)), one);
+        for (ptrdiff_t oh = 0; oh < OH; oh++) {
+            /* the kernel rows inside the image */
+            ptrdiff_t i0 = 0, i1 = KH;
+            while (i0 < KH && oh * sh - pt + i0 * dh < 0)
+                i0++;
+            while (i1 > i0 && oh * sh - pt + (i1 - 1) * dh >= H)
+                i1--;
+            /* the pairs of the rows this output row reads, built once each (input rows in
+             * increasing order) into a ring of R rows that stays in the L1 cache: int8 ->
+             * int16, interleaved with the column dw further (zero outside the image) */
+            /* every row of the ring's span [rhi - R + 1, rhi] not built yet (the rows read
+             * are dh apart: a row skipped by one output row may be read by the next) */
+            ptrdiff_t rhi = oh * sh - pt + (i1 - 1) * dh, r = rhi - R + 1;
+            for (r = r > built ? r : built; i0 < i1 && r <= rhi; r++) {
+                const int8_t *xr = x + r * W * C + cb;
+                int32_t *pr = P + (r % R) * Wp * 32;
+                for (ptrdiff_t u = 0; u < Wp; u++) {
+                    ptrdiff_t a = u - pl, a2 = a + dw;
+                    __m512i xa = _mm512_setzero_si512(), xb = xa;
+                    if (a >= 0 && a < W)
+                        xa = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(cm, xr + a * C));
+                    if (a2 >= 0 && a2 < W)
+                        xb = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(cm, xr + a2 * C));
+                    _mm512_storeu_si512((void *)(pr + 32 * u), _mm512_unpacklo_epi16(xa, xb));
+                    _mm512_storeu_si512((void *)(pr + 32 * u + 16),
+                                        _mm512_unpackhi_epi16(xa, xb));
+                }
+                built = r + 1;
+            }
+            /* columns in ng groups of near-equal size (at most 8: the accumulators), so
+             * every group has several independent vpdpwssd chains (a lone column would wait
+             * on the latency) */
+            /* the taps of this output row: ring row and column pair, weight pair */
+            ptrdiff_t nt = 0, poff[ESP_DW2_TAPS], woff[ESP_DW2_TAPS];
+            for (ptrdiff_t i = i0; i < i1; i++)
+                for (ptrdiff_t jp = 0; jp < KWp; jp++, nt++) {
+                    poff[nt] = (((oh * sh - pt + i * dh) % R) * Wp + 2 * jp * dw) * 32;
+                    woff[nt] = (i * KWp + jp) * 32;
+                }
+            int8_t *y = Y + oh * OW * C + cb;
+            ptrdiff_t ng = (OW + 7) / 8, ow = 0;
+            for (ptrdiff_t g = 0; g < ng; g++) {
+                ptrdiff_t n = (OW - ow) / (ng - g);
+                switch (n) {
+                case 8: ESP_DW2_BODY(8); break;
+                case 7: ESP_DW2_BODY(7); break;
+                case 6: ESP_DW2_BODY(6); break;
+                case 5: ESP_DW2_BODY(5); break;
+                case 4: ESP_DW2_BODY(4); break;
+                case 3: ESP_DW2_BODY(3); break;
+                case 2: ESP_DW2_BODY(2); break;
+                default: ESP_DW2_BODY(1); break;
+                }
+                ow += n;
+                y += n * C;
+            }
+        }
+    }
+}
+#endif
+
+/* The whole-image depthwise loop where this CPU has AVX-512 VNNI (and VL), else NULL. */
+typedef void (*esp_dw2_fn)(const int8_t *, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                           ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t,
+                           ptrdiff_t, ptrdiff_t, ptrdiff_t, const int32_t *, const int32_t *,
+                           int32_t, int32_t, int32_t, int8_t *, int32_t *);
+
+static esp_dw2_fn esp_dw2_pick(void)
+{
+#ifdef ESP_VNNI
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+        return esp_dw2_vnni;
+#endif
+    return NULL;
+}
+
 /* ---- Elementwise (flat arrays) -----------------------------------------------------------
  * Saturating add / sub of int8 (sums in int16) or int16 (sums in int32): exact, then clipped.
  * Requantize of int8 / int16 data with one shift s in [-15, 30]: every intermediate of
@@ -895,6 +1103,33 @@ __attribute__((target("avx2"))) static int32_t esp_madd_probe_avx2(int64_t n)
     return _mm256_extract_epi32(a0, 0) | 1;
 }
 #endif
+
+/* The same with AVX-512 VNNI: n rounds of 10 independent vpdpwssd on zmm (32 MACs each), the
+ * instruction the VNNI conv loops run; 0 where it is not compiled in or the CPU lacks it. */
+#ifdef ESP_VNNI
+ESP_DW2_TARGET static int32_t esp_dpwssd_probe_512(int64_t n)
+{
+    __m512i w = _mm512_set1_epi16(3), a[10];
+    for (int k = 0; k < 10; k++)
+        a[k] = _mm512_set1_epi32(k + 1);
+    for (int64_t i = 0; i < n; i++)
+        for (int k = 0; k < 10; k++)
+            a[k] = esp_dpw(a[k], w, w);
+    for (int k = 1; k < 10; k++)
+        a[0] = _mm512_add_epi32(a[0], a[k]);
+    return _mm512_reduce_add_epi32(a[0]) | 1;
+}
+#endif
+
+static int32_t esp_dpwssd_probe(int64_t n)
+{
+#ifdef ESP_VNNI
+    if (esp_dw2_pick() != NULL)
+        return esp_dpwssd_probe_512(n);
+#endif
+    (void)n;
+    return 0;
+}
 
 static int32_t esp_madd_probe(int64_t n)
 {

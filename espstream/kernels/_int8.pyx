@@ -18,7 +18,9 @@ packed in input-channel pairs and every output channel of up to four pixels is s
 vector lanes (AVX-512 VNNI `_vnni`, else two pixels with AVX2 / SSE2 `_bcast`); interior columns
 reuse one row's taps. Otherwise four output channels share each input load (8 dot products per
 pass). Depthwise convs (groups == C_in == C_out) take weights as `[kH * kW, C]` and loop over
-channels. Requantization: int8 sums with every shift in [1, 31] (per channel or not, either
+channels; int8 ones with the int32 requantize and AVX-512 VNNI run `esp_dw2_vnni` instead (the
+whole image from the int8 data, no widened copy: two column taps per int16 pair, 32 channels
+and up to 8 output columns at once, requantized in registers). Requantization: int8 sums with every shift in [1, 31] (per channel or not, either
 rounding) in one vectorised int32 pass per pixel (`esp_rq32_i8`), the half-up constant folded
 into the bias; the general int64 path otherwise.
 
@@ -59,6 +61,7 @@ cdef extern from "_hot.h" nogil:
                         int16_t* wp)
     esp_bcast_fn esp_bcast_pick()
     int32_t esp_madd_probe(int64_t n)
+    int32_t esp_dpwssd_probe(int64_t n)
     # Depthwise int32 sums of one pixel: AVX2 (even / odd packed weights) or plain C.
     ctypedef void (*esp_dw_fn)(const int16_t* X, const int16_t* w, const int16_t* wp,
                                ptrdiff_t T, const ptrdiff_t* xo, const ptrdiff_t* wo,
@@ -72,6 +75,19 @@ cdef extern from "_hot.h" nogil:
                                  ptrdiff_t nr, int32_t* y0, int32_t* y1, int32_t* y2,
                                  int32_t* y3)
     esp_vnni_fn esp_vnni_pick()
+    # Depthwise int8, whole image: two column taps per vpdpwssd lane, 32-channel blocks,
+    # requantized in registers (AVX-512 VNNI; NULL without it).
+    ctypedef void (*esp_dw2_fn)(const int8_t* x, ptrdiff_t H, ptrdiff_t W, ptrdiff_t C,
+                                ptrdiff_t KH, ptrdiff_t KW, ptrdiff_t sh, ptrdiff_t sw,
+                                ptrdiff_t dh, ptrdiff_t dw, ptrdiff_t pt, ptrdiff_t pl,
+                                ptrdiff_t OH, ptrdiff_t OW, const int32_t* wq,
+                                const int32_t* rq, int32_t even, int32_t lo, int32_t hi,
+                                int8_t* Y, int32_t* P)
+    esp_dw2_fn esp_dw2_pick()
+    enum: ESP_DW2_TAPS
+    ptrdiff_t esp_dw2_wp(ptrdiff_t OW, ptrdiff_t sw, ptrdiff_t KW, ptrdiff_t dw)
+    ptrdiff_t esp_dw2_ch(ptrdiff_t k)
+    void esp_dw2_pack(const int16_t* w, ptrdiff_t KH, ptrdiff_t KW, ptrdiff_t C, int32_t* wq)
     # GRU / LSTM time loop (recurrent.py's rnn_forward in C).
     ctypedef struct esp_rnn_args:
         int lstm, dirs, p4, pie_w, pie_r
@@ -117,13 +133,15 @@ cdef extern from "_hot.h" nogil:
 cdef esp_bcast_fn _bcast = esp_bcast_pick()  # AVX2, SSE2 or plain C, once per process
 cdef esp_dw_fn _dw = esp_dw_pick()  # AVX2 or plain C
 cdef esp_vnni_fn _vnni = esp_vnni_pick()  # AVX-512 VNNI or NULL (then _bcast)
+cdef esp_dw2_fn _dw2 = esp_dw2_pick()  # AVX-512 VNNI depthwise or NULL (then _dw per pixel)
 
 
 def set_no_vnni(bint off):
     """Turn the AVX-512 VNNI conv loop off (True) or pick by CPU again (False): lets the tests
-    check the AVX2 broadcast form on a CPU that has VNNI."""
-    global _vnni
+    check the AVX2 broadcast form (and the per-pixel depthwise loop) on a CPU that has VNNI."""
+    global _vnni, _dw2
     _vnni = NULL if off else esp_vnni_pick()
+    _dw2 = NULL if off else esp_dw2_pick()
 
 
 def has_vnni():
@@ -545,6 +563,8 @@ cdef class Conv:
     cdef const int16_t* w
     cdef int16_t* wpk
     cdef int16_t* wdw
+    cdef int32_t* wq2
+    cdef int32_t* rq2
     cdef int64_t* add
     cdef int64_t* shf
     cdef int32_t* add32
@@ -556,6 +576,8 @@ cdef class Conv:
     def __cinit__(self):
         self.wpk = NULL
         self.wdw = NULL
+        self.wq2 = NULL
+        self.rq2 = NULL
         self.add = NULL
 
     def __init__(self, w16, const int64_t[::1] bias, const int64_t[::1] shift, tuple in_hw,
@@ -564,7 +586,7 @@ cdef class Conv:
                  Py_ssize_t pt, Py_ssize_t pl, int mode, bint relu, bint depthwise, bint int8,
                  Py_ssize_t data_c=-1):
         cdef const int16_t[:, ::1] wv = w16
-        cdef Py_ssize_t c, cout = bias.shape[0], K = wv.shape[1]
+        cdef Py_ssize_t c, k, nb, cout = bias.shape[0], K = wv.shape[1]
         cdef int64_t s, amax = 0
         self.w16 = w16  # kept alive: self.w points into it
         self.w = &wv[0, 0] if wv.shape[0] * wv.shape[1] else NULL
@@ -631,6 +653,20 @@ cdef class Conv:
             if self.wdw == NULL:
                 raise MemoryError()
             esp_dw_pack(self.w, KH * KW, C, self.wdw)
+            if self.add32 != NULL and cout == C and KH * ((KW + 1) // 2) <= ESP_DW2_TAPS:
+                # the whole-image loop's tap pairs and padded per-channel constants
+                # (32-channel blocks, channels in the loop's lane order esp_dw2_ch)
+                nb = (C + 31) // 32
+                self.wq2 = <int32_t*>malloc(nb * KH * ((KW + 1) // 2) * 32 * sizeof(int32_t))
+                self.rq2 = <int32_t*>malloc(3 * 32 * nb * sizeof(int32_t))
+                if self.wq2 == NULL or self.rq2 == NULL:
+                    raise MemoryError()
+                esp_dw2_pack(self.w, KH, KW, C, self.wq2)
+                for k in range(32 * nb):
+                    c = k // 32 * 32 + esp_dw2_ch(k % 32)
+                    self.rq2[k] = self.add32[c] if c < C else 0
+                    self.rq2[32 * nb + k] = self.add32[cout + c] if c < C else 1
+                    self.rq2[64 * nb + k] = self.add32[2 * cout + c] if c < C else 1
         if int8 and not depthwise and groups == 1 and C % 2 == 0 and K > 0 and cout > 0:
             self.cp = (cout + ESP_BC_BLOCK - 1) // ESP_BC_BLOCK * ESP_BC_BLOCK
             self.wpk = <int16_t*>malloc(K * self.cp * sizeof(int16_t))
@@ -641,6 +677,8 @@ cdef class Conv:
     def __dealloc__(self):
         free(self.wpk)
         free(self.wdw)
+        free(self.wq2)
+        free(self.rq2)
         free(self.add)
 
     def __call__(self, x):
@@ -648,7 +686,24 @@ cdef class Conv:
         cdef cnp.ndarray xa = <cnp.ndarray>x
         cdef cnp.ndarray y = np.empty(self.out_shape, self.out_dtype)
         cdef Py_ssize_t n = self.H * self.W * self.C, i, c, px, C = self.C, Cd = self.Cd
+        cdef esp_dw2_fn dw2 = _dw2
+        cdef int32_t* pairs
         if self.OH == 0 or self.OW == 0 or self.cout == 0 or self.C == 0:
+            return y
+        if dw2 != NULL and self.wq2 != NULL and Cd == C:
+            # depthwise int8: no widened copy, the loop builds its pairs block by block
+            pairs = <int32_t*>malloc(
+                (((self.KH - 1) * self.dh + 1) * esp_dw2_wp(self.OW, self.sw, self.KW, self.dw)
+                 * 32 + 1)
+                * sizeof(int32_t))
+            if pairs == NULL:
+                raise MemoryError()
+            with nogil:
+                dw2(<const int8_t*>cnp.PyArray_DATA(xa), self.H, self.W, C, self.KH, self.KW,
+                    self.sh, self.sw, self.dh, self.dw, self.pt, self.pl, self.OH, self.OW,
+                    self.wq2, self.rq2, self.kind == RQ_EVEN, <int32_t>self.lo,
+                    <int32_t>self.hi, <int8_t*>cnp.PyArray_DATA(y), pairs)
+            free(pairs)
             return y
         cdef int16_t* x16 = <int16_t*>malloc((n + 1) * sizeof(int16_t))
         cdef void* acc = malloc(self.nacc * (4 if self.is8 else 8))
@@ -858,6 +913,15 @@ def madd_probe(int64_t n):
     cdef int32_t r
     with nogil:
         r = esp_madd_probe(n)
+    return r
+
+
+def dpwssd_probe(int64_t n):
+    """n rounds of 10 independent AVX-512 vpdpwssd (32 MACs each): the VNNI peak for
+    benchmarks/kernels.py. Returns a checksum (0 without AVX-512 VNNI)."""
+    cdef int32_t r
+    with nogil:
+        r = esp_dpwssd_probe(n)
     return r
 
 
