@@ -873,9 +873,10 @@ __all__ = [
 
 
 def parse_chunks(text: str) -> list[int]:
-    """`--chunks 1,2,4` -> [1, 2, 4]."""
+    """`--chunks 1,2,4` -> [1, 2, 4]; an empty entry (`1,,2`, a trailing comma) is an error,
+    not skipped, since it is most likely a size the user meant to give."""
     try:
-        chunks = [int(v) for v in text.split(",") if v.strip()]
+        chunks = [int(v) for v in text.split(",")]
     except ValueError:
         chunks = []
     if not chunks or any(c < 1 for c in chunks):

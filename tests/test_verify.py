@@ -334,3 +334,17 @@ def test_float32_noise_on_bundled_models_passes_and_stays_within_the_rule():
     assert rounding_depth(q, "y")[1] == 1  # the one LSTM
     assert y["atol"] == pytest.approx(2 * step + 1e-6)
     assert step < y["max_abs_error"] <= 2 * step
+
+
+@pytest.mark.parametrize("text", ["1,,2", "1,2,", ",4", "", "0,2", "a", "2.5"])
+def test_parse_chunks_refuses_empty_and_bad_entries(text):
+    from espstream.verify import parse_chunks
+
+    with pytest.raises(UserError, match="expected positive frame counts"):
+        parse_chunks(text)
+
+
+def test_parse_chunks_reads_sizes_with_spaces():
+    from espstream.verify import parse_chunks
+
+    assert parse_chunks("1, 2 ,4") == [1, 2, 4]
