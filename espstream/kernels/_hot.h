@@ -1074,6 +1074,69 @@ static void esp_rnn(const esp_rnn_args *a, const int64_t *x, const int64_t *h0,
         }
     }
 }
+
+/* ---- LayerNormalization rows (espstream/ops/norm.py's layernorm_kernel, in C) -------------
+ * Same float32 operations in the same order as the NumPy kernel (its module rule 1), inside
+ * the no-contraction region above and never cloned: the int sum in int64 then wrapped to
+ * int32, mean = float32(sum / n in double), the squared differences added left to right, the
+ * Newton square root iterated until two iterates differ by at most 1e-5. sv / bv: [n] float32
+ * scale and bias already times 2**e_s / 2**e_b (ones / zeros when absent). Returns the number
+ * of rows with a NaN result (the caller then runs the NumPy kernel: NaN -> int is its cast's
+ * business, not ours). */
+static float esp_sqrt_newton(float x)
+{
+    ESP_NO_CONTRACT
+    if (x == 0.0f)
+        return 0.0f;
+    float r = x, d;
+    do {
+        float nr = (r + x / r) * 0.5f;
+        d = fabsf(nr - r);
+        r = nr;
+    } while (d > 1e-5f);
+    return r;
+}
+
+#define ESP_LAYERNORM(NAME, T)                                                                 \
+    static ptrdiff_t NAME(const T *x, T *y, ptrdiff_t rows, ptrdiff_t n, const float *sv,     \
+                          const float *bv, float s_in, float s_in2, float fn, float eps,     \
+                          float s_out, int even, int32_t lo, int32_t hi)                      \
+    {                                                                                          \
+        ESP_NO_CONTRACT                                                                        \
+        ptrdiff_t bad = 0;                                                                     \
+        for (ptrdiff_t i = 0; i < rows; i++, x += n, y += n) {                                 \
+            int64_t s = 0;                                                                     \
+            for (ptrdiff_t j = 0; j < n; j++)                                                  \
+                s += x[j];                                                                     \
+            int32_t s32 = (int32_t)(uint32_t)(uint64_t)s;                                      \
+            float mean = (float)((double)s32 * 1.0 / (double)n);                               \
+            float var = 0.0f;                                                                  \
+            for (ptrdiff_t j = 0; j < n; j++) {                                                \
+                float d = (float)x[j] - mean;                                                  \
+                float d2 = d * d;                                                              \
+                var = j ? var + d2 : d2;                                                       \
+            }                                                                                  \
+            mean = mean * s_in;                                                                \
+            var = var * s_in2;                                                                 \
+            var = var / fn;                                                                    \
+            float inv = 1.0f / esp_sqrt_newton(var + eps);                                     \
+            int nan = 0;                                                                       \
+            for (ptrdiff_t j = 0; j < n; j++) {                                                \
+                float xv = (float)x[j] * s_in;                                                 \
+                float nm = (xv - mean) * inv;                                                  \
+                float res = nm * sv[j];                                                        \
+                res = res + bv[j];                                                             \
+                float v = res * s_out;                                                         \
+                float r = even ? esp_rintf(v) : esp_floorf(v + 0.5f);                          \
+                nan |= r != r;                                                                 \
+                y[j] = (T)(r < (float)lo ? lo : (r > (float)hi ? hi : (int32_t)r));            \
+            }                                                                                  \
+            bad += nan;                                                                        \
+        }                                                                                      \
+        return bad;                                                                            \
+    }
+ESP_LAYERNORM(esp_layernorm_i8, int8_t)
+ESP_LAYERNORM(esp_layernorm_i16, int16_t)
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif

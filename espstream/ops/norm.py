@@ -115,6 +115,40 @@ def layernorm_kernel(q: np.ndarray, scale: np.ndarray | None, e_s: int, bias: np
     return saturate(y, q.dtype).reshape(q.shape)
 
 
+def layernorm_fast(q: np.ndarray, scale: np.ndarray | None, e_s: int, bias: np.ndarray | None,
+                   e_b: int, axis: int, epsilon: float, e_in: int, e_out: int,
+                   rounding: str) -> np.ndarray:
+    """`layernorm_kernel` bit for bit, its rows in one C loop (`_int8.layernorm`, the same
+    float32 operations in the same order, no contraction). The NumPy kernel runs instead
+    where C would differ or not apply: no elements, an epsilon below 0 (the Newton root of a
+    negative need not end), a scale / bias that does not match the row, or a NaN result."""
+    from espstream.kernels import _int8
+
+    x = _rows(q, axis)
+    n = x.shape[1]
+    eps = np.float32(epsilon)
+    consts = []
+    for c, e, fill in ((scale, e_s, 1.0), (bias, e_b, 0.0)):
+        if c is None:
+            consts.append(np.full(n, fill, np.float32))
+            continue
+        c = c.reshape(-1)
+        if c.size not in (1, n):
+            consts = []
+            break
+        v = (c.astype(np.float32) * _f(e)).astype(np.float32)
+        consts.append(np.ascontiguousarray(np.broadcast_to(v, (n,))))
+    if q.dtype not in (np.int8, np.int16) or x.size == 0 or not eps >= 0 or not consts:
+        return layernorm_kernel(q, scale, e_s, bias, e_b, axis, epsilon, e_in, e_out, rounding)
+    s_in = _f(e_in)
+    y = _int8.layernorm(np.ascontiguousarray(x), consts[0], consts[1], s_in,
+                        np.float32(s_in * s_in), np.float32(n), eps, _f(-e_out),
+                        rounding != "half_up")  # round_f32: else rint
+    if y is None:
+        return layernorm_kernel(q, scale, e_s, bias, e_b, axis, epsilon, e_in, e_out, rounding)
+    return y.reshape(q.shape)
+
+
 def rmsnorm_kernel(q: np.ndarray, scale: np.ndarray, axis: int, epsilon: float, e_in: int,
                    e_out: int, rounding: str) -> np.ndarray:
     """ESP-DL's quantized RMSNormalization (module rule 2), vectorized over rows."""
@@ -291,10 +325,13 @@ def sim_layernorm(sim: Simulator, node: Node) -> Fn:
         else:
             consts.append((None, 0))
     (s, e_s), (b, e_b) = consts
+    from espstream import kernels as fast
+
+    kernel = layernorm_fast if sim.kernels is fast else layernorm_kernel  # reference: NumPy
 
     def fn(args: list) -> list:
         _int_input(node.op_type, args[0])
-        return [layernorm_kernel(args[0], s, e_s, b, e_b, axis, eps, e_in, e_out, sim.rounding)]
+        return [kernel(args[0], s, e_s, b, e_b, axis, eps, e_in, e_out, sim.rounding)]
 
     return fn
 
