@@ -25,7 +25,8 @@ rounding) in one vectorised int32 pass per pixel (`esp_rq32_i8`), the half-up co
 into the bias; the general int64 path otherwise.
 
 Also here: pools, RequantizeLinear and saturating Add / Sub in one pass, StreamingCache's step
-(three memcpy's) and the GRU / LSTM time loop (`Rnn`; its rules: espstream/ops/recurrent.py).
+(three memcpy's), the GRU / LSTM time loop (`Rnn`; its rules: espstream/ops/recurrent.py)
+and LayerNormalization's rows (`layernorm`; its rules: espstream/ops/norm.py).
 """
 
 from libc.stddef cimport ptrdiff_t

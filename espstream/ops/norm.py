@@ -23,6 +23,10 @@ dl_module_lp_normalization.hpp, dl_base_norm.cpp: the C path), as simulated here
    of q^2); the input exponent cancels; each value q * inv * 2^-e_out, rounded; an all-zero
    row gives zeros.
 4. Rounding is the target's (floorf(x + 0.5) or rint on esp32p4), then saturation.
+
+The kernels are NumPy (`layernorm_kernel` and the others: the obviously-right form); with the
+fast kernels the simulator's LayerNormalization runs the same float32 steps in one C loop
+(`layernorm_prepared`, tested bit for bit against `layernorm_kernel`).
 """
 
 from __future__ import annotations
