@@ -1074,6 +1074,109 @@ static void esp_rnn(const esp_rnn_args *a, const int64_t *x, const int64_t *h0,
         }
     }
 }
+
+/* ---- LayerNormalization rows (espstream/ops/norm.py's layernorm_kernel, in C) -------------
+ * Same float32 operations in the same order as the NumPy kernel (its module rule 1), inside
+ * the no-contraction region above and never cloned: the int sum in int64 then wrapped to
+ * int32, mean = float32(sum / n in double), the squared differences added left to right, the
+ * Newton square root iterated until two iterates differ by at most 1e-5. Up to ESP_LN_ROWS
+ * rows go at once, each row's sums still strictly in order (independent chains the CPU
+ * overlaps; nothing is reassociated). sv / bv: [n] float32 scale and bias already times
+ * 2**e_s / 2**e_b (ones / zeros when absent). Rounding without range branches: (v + 1.5 *
+ * 2**23) - 1.5 * 2**23 is rint for |v| < 2**22, and beyond it keeps v's sign and a magnitude
+ * past any int16 bound, so the saturated result is rint's. Returns the number of rows with a
+ * NaN result (the caller then runs the NumPy kernel: NaN -> int is its cast's business). */
+#define ESP_LN_ROWS 8
+
+static inline void esp_ln_rows_stats(ptrdiff_t B, float s_in, float s_in2, float fn, float eps,
+                                     float *mean, const float *var, float *inv)
+{
+    ESP_NO_CONTRACT
+    float r[ESP_LN_ROWS], x[ESP_LN_ROWS];
+    int live[ESP_LN_ROWS], any = 0;
+    for (ptrdiff_t b = 0; b < B; b++) {
+        mean[b] = mean[b] * s_in;
+        float v = var[b] * s_in2;
+        v = v / fn;
+        x[b] = r[b] = v + eps;
+        live[b] = x[b] != 0.0f;  /* sqrt_newton(0) = 0 */
+        any |= live[b];
+    }
+    while (any) {  /* every row on its own iteration count, in lockstep */
+        any = 0;
+        for (ptrdiff_t b = 0; b < B; b++) {
+            if (!live[b])
+                continue;
+            float nr = (r[b] + x[b] / r[b]) * 0.5f;
+            live[b] = fabsf(nr - r[b]) > 1e-5f;
+            r[b] = nr;
+            any |= live[b];
+        }
+    }
+    for (ptrdiff_t b = 0; b < B; b++)
+        inv[b] = 1.0f / (x[b] == 0.0f ? 0.0f : r[b]);
+}
+
+#define ESP_LAYERNORM(NAME, T)                                                                 \
+    static ptrdiff_t NAME(const T *x, T *y, ptrdiff_t rows, ptrdiff_t n, const float *sv,     \
+                          const float *bv, float s_in, float s_in2, float fn, float eps,     \
+                          float s_out, int even, int32_t lo, int32_t hi)                      \
+    {                                                                                          \
+        ESP_NO_CONTRACT                                                                        \
+        ptrdiff_t bad = 0;                                                                     \
+        const float magic = 12582912.0f, flo = (float)lo, fhi = (float)hi;                     \
+        for (ptrdiff_t i0 = 0; i0 < rows; i0 += ESP_LN_ROWS) {                                 \
+            ptrdiff_t B = rows - i0 < ESP_LN_ROWS ? rows - i0 : ESP_LN_ROWS;                   \
+            const T *xb = x + i0 * n;                                                          \
+            float mean[ESP_LN_ROWS], var[ESP_LN_ROWS], inv[ESP_LN_ROWS];                       \
+            for (ptrdiff_t b = 0; b < B; b++) {                                                \
+                int64_t s = 0;                                                                 \
+                for (ptrdiff_t j = 0; j < n; j++)                                              \
+                    s += xb[b * n + j];                                                        \
+                int32_t s32 = (int32_t)(uint32_t)(uint64_t)s;                                  \
+                mean[b] = (float)((double)s32 * 1.0 / (double)n);                              \
+                var[b] = 0.0f;                                                                 \
+            }                                                                                  \
+            for (ptrdiff_t j = 0; j < n; j++)                                                  \
+                for (ptrdiff_t b = 0; b < B; b++) {                                            \
+                    float d = (float)xb[b * n + j] - mean[b];                                  \
+                    var[b] = var[b] + d * d;                                                   \
+                }                                                                              \
+            esp_ln_rows_stats(B, s_in, s_in2, fn, eps, mean, var, inv);               \
+            for (ptrdiff_t b = 0; b < B; b++) {                                                \
+                const T *xr = xb + b * n;                                                      \
+                T *yr = y + (i0 + b) * n;                                                      \
+                float m = mean[b], iv = inv[b];                                                \
+                int nan = 0;                                                                   \
+                if (even) {                                                                    \
+                    for (ptrdiff_t j = 0; j < n; j++) {                                        \
+                        float nm = ((float)xr[j] * s_in - m) * iv;                             \
+                        float v = (nm * sv[j] + bv[j]) * s_out;                                \
+                        float r = (v + magic) - magic;                                         \
+                        nan |= r != r;                                                         \
+                        r = r < flo ? flo : r;                                                 \
+                        r = r > fhi ? fhi : r;                                                 \
+                        yr[j] = (T)(int32_t)r;                                                 \
+                    }                                                                          \
+                } else {                                                                       \
+                    for (ptrdiff_t j = 0; j < n; j++) {                                        \
+                        float nm = ((float)xr[j] * s_in - m) * iv;                             \
+                        float v = (nm * sv[j] + bv[j]) * s_out + 0.5f;                         \
+                        float r = (v + magic) - magic;                                         \
+                        r = r > v ? r - 1.0f : r;                                              \
+                        nan |= r != r;                                                         \
+                        r = r < flo ? flo : r;                                                 \
+                        r = r > fhi ? fhi : r;                                                 \
+                        yr[j] = (T)(int32_t)r;                                                 \
+                    }                                                                          \
+                }                                                                              \
+                bad += nan;                                                                    \
+            }                                                                                  \
+        }                                                                                      \
+        return bad;                                                                            \
+    }
+ESP_LAYERNORM(esp_layernorm_i8, int8_t)
+ESP_LAYERNORM(esp_layernorm_i16, int16_t)
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif

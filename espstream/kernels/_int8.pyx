@@ -25,7 +25,8 @@ rounding) in one vectorised int32 pass per pixel (`esp_rq32_i8`), the half-up co
 into the bias; the general int64 path otherwise.
 
 Also here: pools, RequantizeLinear and saturating Add / Sub in one pass, StreamingCache's step
-(three memcpy's) and the GRU / LSTM time loop (`Rnn`; its rules: espstream/ops/recurrent.py).
+(three memcpy's), the GRU / LSTM time loop (`Rnn`; its rules: espstream/ops/recurrent.py)
+and LayerNormalization's rows (`layernorm`; its rules: espstream/ops/norm.py).
 """
 
 from libc.stddef cimport ptrdiff_t
@@ -125,6 +126,15 @@ cdef extern from "_hot.h" nogil:
                        int32_t lo, int32_t hi)
     void esp_rq_i16_i16(const int16_t* x, int16_t* y, ptrdiff_t n, int32_t s, int even,
                         int32_t lo, int32_t hi)
+    # LayerNormalization rows (norm.py's layernorm_kernel in C); returns rows with a NaN.
+    ptrdiff_t esp_layernorm_i8(const int8_t* x, int8_t* y, ptrdiff_t rows, ptrdiff_t n,
+                               const float* sv, const float* bv, float s_in, float s_in2,
+                               float fn, float eps, float s_out, int even, int32_t lo,
+                               int32_t hi)
+    ptrdiff_t esp_layernorm_i16(const int16_t* x, int16_t* y, ptrdiff_t rows, ptrdiff_t n,
+                                const float* sv, const float* bv, float s_in, float s_in2,
+                                float fn, float eps, float s_out, int even, int32_t lo,
+                                int32_t hi)
     void esp_dw_plain(const int16_t* X, const int16_t* w, const int16_t* wp, ptrdiff_t T,
                       const ptrdiff_t* xo, const ptrdiff_t* wo, ptrdiff_t nt, ptrdiff_t C,
                       int32_t* acc)
@@ -963,6 +973,28 @@ def requantize_narrow(cnp.ndarray x, int32_t shift, bint even, bint out8):
         else:
             esp_rq_i16_i16(<const int16_t*>px, <int16_t*>py, n, shift, even, -32768, 32767)
     return y
+
+
+def layernorm(cnp.ndarray x, cnp.ndarray sv, cnp.ndarray bv, float s_in, float s_in2,
+              float fn, float eps, float s_out, bint even):
+    """LayerNormalization of the rows of a C-contiguous 2-D int8 or int16 array x [rows, n]
+    with C-contiguous float32 sv, bv [n] (the caller checks; norm.py's `layernorm_fast`): a new
+    array of x's shape and type, or None when a result is NaN (the caller runs NumPy then)."""
+    cdef cnp.ndarray y = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), cnp.PyArray_TYPE(x), 0)
+    cdef ptrdiff_t rows = cnp.PyArray_DIMS(x)[0], n = cnp.PyArray_DIMS(x)[1], bad
+    cdef bint in8 = cnp.PyArray_TYPE(x) == cnp.NPY_INT8
+    cdef void* px = cnp.PyArray_DATA(x)
+    cdef void* py = cnp.PyArray_DATA(y)
+    cdef const float* ps = <const float*>cnp.PyArray_DATA(sv)
+    cdef const float* pb = <const float*>cnp.PyArray_DATA(bv)
+    with nogil:
+        if in8:
+            bad = esp_layernorm_i8(<const int8_t*>px, <int8_t*>py, rows, n, ps, pb, s_in, s_in2,
+                                   fn, eps, s_out, even, -128, 127)
+        else:
+            bad = esp_layernorm_i16(<const int16_t*>px, <int16_t*>py, rows, n, ps, pb, s_in,
+                                    s_in2, fn, eps, s_out, even, -32768, 32767)
+    return None if bad else y
 
 
 def cache_step(cnp.ndarray kept, cnp.ndarray x, tuple out_shape):

@@ -23,9 +23,15 @@ dl_module_lp_normalization.hpp, dl_base_norm.cpp: the C path), as simulated here
    of q^2); the input exponent cancels; each value q * inv * 2^-e_out, rounded; an all-zero
    row gives zeros.
 4. Rounding is the target's (floorf(x + 0.5) or rint on esp32p4), then saturation.
+
+The kernels are NumPy (`layernorm_kernel` and the others: the obviously-right form); with the
+fast kernels the simulator's LayerNormalization runs the same float32 steps in one C loop
+(`layernorm_prepared`, tested bit for bit against `layernorm_kernel`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -113,6 +119,64 @@ def layernorm_kernel(q: np.ndarray, scale: np.ndarray | None, e_s: int, bias: np
     res = ((norm * sv).astype(np.float32) + bv).astype(np.float32)
     y = round_f32((res * _f(-e_out)).astype(np.float32), rounding)
     return saturate(y, q.dtype).reshape(q.shape)
+
+
+def layernorm_prepared(scale: np.ndarray | None, e_s: int, bias: np.ndarray | None, e_b: int,
+                       axis: int, epsilon: float, e_in: int, e_out: int,
+                       rounding: str) -> Callable[[np.ndarray], np.ndarray]:
+    """`layernorm_kernel` with every argument but the data fixed, bit for bit: its rows in one
+    C loop (`_int8.layernorm`, the same float32 operations in the same order, no contraction),
+    the scaled scale / bias and float constants derived once per input shape (a simulator
+    calls it once per chunk). The NumPy kernel runs instead where C would differ or not apply:
+    no elements, an epsilon below 0 (the Newton root of a negative need not end), a scale /
+    bias that does not match the row (NumPy raises), or a NaN result (NumPy's cast decides)."""
+    from espstream.kernels import _int8
+
+    eps = np.float32(epsilon)
+    s_in = _f(e_in)
+    fixed = (s_in, np.float32(s_in * s_in))
+    tail = (eps, _f(-e_out), rounding != "half_up")  # round_f32: rint unless half_up
+    plans: dict[tuple, tuple | None] = {}
+
+    def numpy(q: np.ndarray) -> np.ndarray:
+        return layernorm_kernel(q, scale, e_s, bias, e_b, axis, epsilon, e_in, e_out, rounding)
+
+    def plan(q: np.ndarray) -> tuple | None:
+        rows = _rows(q, axis).shape
+        n = rows[1]
+        if q.dtype not in (np.int8, np.int16) or q.size == 0 or not eps >= 0:
+            return None
+        consts = []
+        for c, e, fill in ((scale, e_s, 1.0), (bias, e_b, 0.0)):
+            if c is None:
+                consts.append(np.full(n, fill, np.float32))
+                continue
+            c = c.reshape(-1)
+            if c.size not in (1, n):
+                return None
+            v = (c.astype(np.float32) * _f(e)).astype(np.float32)
+            consts.append(np.ascontiguousarray(np.broadcast_to(v, (n,))))
+        return (rows, *consts, *fixed, np.float32(n), *tail)
+
+    def run(q: np.ndarray) -> np.ndarray:
+        key = (q.shape, q.dtype)
+        try:
+            p = plans[key]
+        except KeyError:
+            p = plans[key] = plan(q)
+        if p is None:
+            return numpy(q)
+        y = _int8.layernorm(np.ascontiguousarray(q).reshape(p[0]), *p[1:])
+        return numpy(q) if y is None else y.reshape(q.shape)
+
+    return run
+
+
+def layernorm_fast(q: np.ndarray, scale: np.ndarray | None, e_s: int, bias: np.ndarray | None,
+                   e_b: int, axis: int, epsilon: float, e_in: int, e_out: int,
+                   rounding: str) -> np.ndarray:
+    """`layernorm_kernel` in C, bit for bit (`layernorm_prepared` for one call)."""
+    return layernorm_prepared(scale, e_s, bias, e_b, axis, epsilon, e_in, e_out, rounding)(q)
 
 
 def rmsnorm_kernel(q: np.ndarray, scale: np.ndarray, axis: int, epsilon: float, e_in: int,
@@ -291,10 +355,17 @@ def sim_layernorm(sim: Simulator, node: Node) -> Fn:
         else:
             consts.append((None, 0))
     (s, e_s), (b, e_b) = consts
+    from espstream import kernels as fast
+
+    if sim.kernels is fast:
+        kernel = layernorm_prepared(s, e_s, b, e_b, axis, eps, e_in, e_out, sim.rounding)
+    else:  # the reference kernels: NumPy
+        def kernel(q: np.ndarray) -> np.ndarray:
+            return layernorm_kernel(q, s, e_s, b, e_b, axis, eps, e_in, e_out, sim.rounding)
 
     def fn(args: list) -> list:
         _int_input(node.op_type, args[0])
-        return [layernorm_kernel(args[0], s, e_s, b, e_b, axis, eps, e_in, e_out, sim.rounding)]
+        return [kernel(args[0])]
 
     return fn
 
