@@ -280,6 +280,22 @@ cdef inline void _rq32_row(const acc_t* acc, const int32_t* add32, int32_t even,
         esp_rq32_i8(acc, add32, even, lo, hi, y, n)
 
 
+cdef inline void _rq_pixels(const acc_t* qa, Py_ssize_t npix, Py_ssize_t cout,
+                            const int32_t* add32, int32_t s32, int32_t lo32, int32_t hi32,
+                            const int64_t* add, const int64_t* shift, int kind, int mode,
+                            int64_t lo, int64_t hi, data_t* yp) noexcept nogil:
+    """Requantize `npix` pixels of sums (rows of `cout` at qa) into yp: the vectorised int32
+    row where its constants exist (add32), else channel by channel."""
+    cdef Py_ssize_t p, co
+    for p in range(npix):
+        if add32 != NULL:
+            _rq32_row(qa + p * cout, add32, s32, lo32, hi32, yp + p * cout, cout)
+        else:
+            for co in range(cout):
+                yp[p * cout + co] = <data_t>rq(qa[p * cout + co] + add[co], shift[co], kind,
+                                               mode, lo, hi)
+
+
 cdef inline bint _same_runs(Py_ssize_t nr, Py_ssize_t nr2, Py_ssize_t step, Py_ssize_t* rx,
                             Py_ssize_t* rw, Py_ssize_t* rn, Py_ssize_t* rx2, Py_ssize_t* rw2,
                             Py_ssize_t* rn2) noexcept nogil:
@@ -360,13 +376,8 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
                     vnni(X + (ow - ow_lo) * step, step, npix, wpk, cout, cp,
                          <const ptrdiff_t*>rx3, <const ptrdiff_t*>rw3, <const ptrdiff_t*>rn3,
                          nr3, qa, qa + cout, qa + 2 * cout, qa + 3 * cout)
-                    for p in range(npix):
-                        if add32 != NULL:
-                            _rq32_row(qa + p * cout, add32, s32, lo32, hi32, yp + p * cout, cout)
-                        else:
-                            for co in range(cout):
-                                yp[p * cout + co] = <data_t>rq(qa[p * cout + co] + add[co],
-                                                               shift[co], kind, mode, lo, hi)
+                    _rq_pixels(qa, npix, cout, add32, s32, lo32, hi32, add, shift, kind, mode,
+                               lo, hi, yp)
                     ow += npix
                     continue
             nr = _taps(oh * sh - pt, ow * sw - pl, H, W, C, KH, KW, dh, dw, cig, rx, rw, rn)
@@ -384,13 +395,8 @@ cdef void _conv_general(const int16_t* X, Py_ssize_t H, Py_ssize_t W, Py_ssize_t
                     vnni(X, step, npix, wpk, cout, cp, <const ptrdiff_t*>rx,
                          <const ptrdiff_t*>rw, <const ptrdiff_t*>rn, nr, qa, qa + cout,
                          qa + 2 * cout, qa + 3 * cout)
-                    for p in range(npix):
-                        if add32 != NULL:
-                            _rq32_row(qa + p * cout, add32, s32, lo32, hi32, yp + p * cout, cout)
-                        else:
-                            for co in range(cout):
-                                yp[p * cout + co] = <data_t>rq(qa[p * cout + co] + add[co],
-                                                               shift[co], kind, mode, lo, hi)
+                    _rq_pixels(qa, npix, cout, add32, s32, lo32, hi32, add, shift, kind, mode,
+                               lo, hi, yp)
                     ow += npix
                     continue
                 if wpk != NULL:
