@@ -234,6 +234,24 @@ def test_optimize_check_feeds_the_given_input_value(tmp_path):
                                 "m=3"), "no input 'm'")
 
 
+def test_declared_empty_input_is_one_line_that_says_how_to_fix_it(tmp_path):
+    # a graph input declaring dimension 0 cannot run in onnxruntime at any other size: one
+    # error naming --input-shape, not a warning followed by onnxruntime's refusal
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], {"x": [1, 4, 0]},
+                       {"y": None})
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_param = "T"
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    before = src.read_bytes()
+    r = espstream("optimize", src, "-o", tmp_path / "o.onnx")
+    assert_user_error(r, "input 'x' declares dimension 0 (shape [1, 4, 0])")
+    assert "--input-shape x:1,4,N" in r.stderr.decode()
+    assert src.read_bytes() == before and not (tmp_path / "o.onnx").exists()
+    fixed = espstream("optimize", src, "--input-shape", "x:1,4,8", "-o", tmp_path / "o.onnx",
+                      "-q")
+    assert fixed.returncode == 0, fixed.stderr.decode()
+
+
 # ---- an axis override on a graph output, after calibration (openWakeWord's embedding) ------
 
 

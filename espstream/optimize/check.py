@@ -168,6 +168,11 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0,
     elem = {vi.name: vi.type.tensor_type.elem_type for vi in model.graph.input}
     feeds = {}
     for name, dims in input_shapes(model).items():
+        if 0 in dims:  # declared empty: onnxruntime refuses any other size, so say it once
+            raise UserError(f"input {name!r} declares dimension 0 (shape {dims}): no data can "
+                            f"be fed to it; give its size with --input-shape {name}:"
+                            + ",".join(str(d) if isinstance(d, int) and d > 0 else "N"
+                                       for d in dims))
         shape = [d if isinstance(d, int) and d > 0 else (1 if i == 0 else DEFAULT_DIM)
                  for i, d in enumerate(dims)]
         if shape != dims:
