@@ -329,33 +329,25 @@ def _same_flat(a: np.ndarray, b: np.ndarray) -> bool:
             and b.flags.c_contiguous)
 
 
+def _addsub(a: np.ndarray, b: np.ndarray, subtract: bool) -> np.ndarray:
+    a, b = _operands(a, b, "sub" if subtract else "add")
+    if _same_flat(a, b):  # same-shape operands: one pass in C
+        return _int8.addsub(a, b, subtract)
+    wide = _SUM_TYPE.get(a.dtype)
+    if wide is None:
+        return (_ref.sub if subtract else _ref.add)(a, b)
+    return _saturate((np.subtract if subtract else np.add)(a, b, dtype=wide), a.dtype)
+
+
 def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Saturating integer Add (see `reference.add`): the sum in int16 / int32, clipped in place
     (same-shape operands: one pass in C)."""
-    if type(a) is np.ndarray and type(b) is np.ndarray and a.dtype == b.dtype \
-            and _same_flat(a, b):  # the common case first, without conversions
-        return _int8.addsub(a, b, False)
-    a, b = _operands(a, b, "add")
-    if _same_flat(a, b):
-        return _int8.addsub(a, b, False)
-    wide = _SUM_TYPE.get(a.dtype)
-    if wide is None:
-        return _ref.add(a, b)
-    return _saturate(np.add(a, b, dtype=wide), a.dtype)
+    return _addsub(a, b, False)
 
 
 def sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Saturating integer Sub (see `reference.sub`)."""
-    if type(a) is np.ndarray and type(b) is np.ndarray and a.dtype == b.dtype \
-            and _same_flat(a, b):
-        return _int8.addsub(a, b, True)
-    a, b = _operands(a, b, "sub")
-    if _same_flat(a, b):
-        return _int8.addsub(a, b, True)
-    wide = _SUM_TYPE.get(a.dtype)
-    if wide is None:
-        return _ref.sub(a, b)
-    return _saturate(np.subtract(a, b, dtype=wide), a.dtype)
+    return _addsub(a, b, True)
 
 
 def mul(

@@ -126,19 +126,10 @@ def sim_avgpool(sim: Simulator, node: Node) -> Fn:
 
         return gfn
     kernel, stride, dilation, pads = _pool_params(sim, node)
-    prepare = getattr(k, "avgpool_prepared", None)
-    if prepare is not None:  # the window checked once per input shape, not on every call
-        run = prepare(kernel, stride=stride, dilation=dilation, pads=pads, e_in=e_in,
-                      e_out=e_out, rounding=rounding)
-        return lambda args: [run(args[0])]
-
-    def fn(args: list) -> list:
-        return [
-            k.avgpool(args[0], kernel, stride=stride, dilation=dilation, pads=pads,
-                      e_in=e_in, e_out=e_out, rounding=rounding)
-        ]  # fmt: skip
-
-    return fn
+    # the window checked once per input shape, not on every call
+    run = k.avgpool_prepared(kernel, stride=stride, dilation=dilation, pads=pads, e_in=e_in,
+                             e_out=e_out, rounding=rounding)
+    return lambda args: [run(args[0])]
 
 
 def sim_maxpool(sim: Simulator, node: Node) -> Fn:
@@ -147,13 +138,8 @@ def sim_maxpool(sim: Simulator, node: Node) -> Fn:
     if node.op_type == "GlobalMaxPool":
         return lambda args: [k.maxpool(args[0], list(args[0].shape[1:-1]))]
     kernel, stride, dilation, pads = _pool_params(sim, node)
-    prepare = getattr(k, "maxpool_prepared", None)
-    if prepare is not None:
-        run = prepare(kernel, stride=stride, dilation=dilation, pads=pads)
-        return lambda args: [run(args[0])]
-    return lambda args: [
-        k.maxpool(args[0], kernel, stride=stride, dilation=dilation, pads=pads)
-    ]
+    run = k.maxpool_prepared(kernel, stride=stride, dilation=dilation, pads=pads)
+    return lambda args: [run(args[0])]
 
 
 _WINDOW = "window: cache of kernel - 1 frames"

@@ -15,7 +15,6 @@ from onnx import helper, numpy_helper
 
 from espstream.errors import UserError
 from espstream.intgraph import Node
-from espstream.kernels import reference
 from espstream.lower import Act, Lowerer, QConst, base_name, perm_of
 from espstream.ops.registry import (
     ESPPPQ_FIXTURE,
@@ -125,8 +124,7 @@ def sim_streaming_cache(sim: Simulator, node: Node) -> Fn:
     sim.same_exponent(node)
     key, caches = node.name, sim.cache_state
     caches[key] = None  # None: all zeros, allocated on the first call (as the runtime does)
-    # kernels.cache_step: three memcpy's (its twin, reference.cache_step, concatenates)
-    step = getattr(sim.kernels, "cache_step", None) or reference.cache_step
+    step = sim.kernels.cache_step  # the fast one: three memcpy's; reference: a concatenate
 
     def fn(args: list) -> list:
         out, caches[key] = step(caches[key], args[0], window, axis)
